@@ -1,1 +1,545 @@
-//! placeholder
+//! `tern-tests`: the harness every multi-node scenario builds on.
+//!
+//! - [`TestNode`]: a node in this process, in its own temporary directory, on loopback with
+//!   OS-chosen ports and mDNS off; stopped when dropped.
+//! - [`TestDaemon`]: a real `tern daemon` process, likewise isolated; killed when dropped,
+//!   so a failing test never leaves a process behind.
+//!
+//! Waiting is always on an event or a condition with a deadline, never a bare sleep.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use tern_node::{
+    Config, DataDir, Identity, Node, NodeHandle, NodeOptions,
+    api::client::ApiClient,
+    events::{Event, EventKind, Subscription},
+};
+
+/// The default deadline of every wait in the harness.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Installs a test log subscriber once (RUST_LOG controls it; output is captured per test).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tern_node=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A node running in this process.
+pub struct TestNode {
+    pub name: String,
+    pub handle: NodeHandle,
+    pub events: Subscription,
+    dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// Starts a loopback node named `name`.
+    pub async fn spawn(name: &str) -> Self {
+        Self::spawn_with(name, |_| {}).await
+    }
+
+    /// Starts a loopback node after letting `tweak` adjust its configuration.
+    pub async fn spawn_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        init_logs();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-test-{name}-"))
+            .tempdir()
+            .unwrap();
+        let data_dir = DataDir::new(dir.path().join("node"));
+        Identity::create(&data_dir).unwrap();
+        let mut config = Config::loopback();
+        tweak(&mut config);
+        Self::start_in(name, dir, data_dir, config).await
+    }
+
+    async fn start_in(
+        name: &str,
+        dir: tempfile::TempDir,
+        data_dir: DataDir,
+        config: Config,
+    ) -> Self {
+        let handle = Node::start(NodeOptions { data_dir, config })
+            .await
+            .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+        let events = handle.subscribe(None).unwrap();
+        Self {
+            name: name.into(),
+            handle,
+            events,
+            dir,
+        }
+    }
+
+    /// Stops the node and starts it again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.handle.shutdown().await.unwrap();
+        let handle = Node::start(NodeOptions {
+            data_dir: self.data_dir(),
+            config: Config::loopback(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{} did not restart: {e}", self.name));
+        self.events = handle.subscribe(None).unwrap();
+        self.handle = handle;
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> DataDir {
+        DataDir::new(self.dir.path().join("node"))
+    }
+
+    /// A dialable `/ip4/127.0.0.1/tcp/<port>/p2p/<id>` address of this node.
+    pub async fn tcp_addr(&self) -> tern_node::Multiaddr {
+        let addrs = self.handle.listen_addrs().await.unwrap();
+        addrs
+            .into_iter()
+            .find(|a| a.to_string().contains("/tcp/"))
+            .expect("node listens on TCP")
+            .with(tern_node::net::p2p(self.handle.peer_id()))
+    }
+
+    /// Waits for an event matching `pick`, up to [`WAIT`].
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, self.events.live.recv()).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => panic!("{}: event stream failed: {e}", self.name),
+                Err(_) => panic!("{}: no {what} within {WAIT:?}", self.name),
+            };
+            if let Some(v) = pick(&event) {
+                return v;
+            }
+        }
+    }
+
+    /// Waits until this node is connected to `peer`.
+    pub async fn wait_connected(&mut self, peer: &tern_node::PeerId) {
+        let want = peer.to_string();
+        if self
+            .handle
+            .status()
+            .await
+            .unwrap()
+            .connected_peers
+            .contains(&want)
+        {
+            return;
+        }
+        self.wait_for("connection", |e| match &e.kind {
+            EventKind::PeerConnected { peer_id, .. } if *peer_id == want => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Shuts the node down (also done, without waiting, on drop).
+    pub async fn stop(self) {
+        self.handle.shutdown().await.unwrap();
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.handle.request_shutdown();
+    }
+}
+
+/// Polls `cond` until it returns `Some`, up to `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// The `tern` binary under test: `$TERN_BIN`, or `target/<profile>/tern` next to this test.
+pub fn tern_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TERN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test binary>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("tern");
+    assert!(
+        bin.exists(),
+        "the tern binary is missing at {}; build it with `cargo build -p tern-cli` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A data directory for `tern` processes, removed when dropped.
+pub struct TernDir {
+    pub name: String,
+    dir: tempfile::TempDir,
+    /// Run every `tern` command inside this network namespace (mDNS tests).
+    netns: Option<String>,
+}
+
+impl TernDir {
+    /// A fresh, uninitialized directory.
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-proc-{name}-"))
+            .tempdir()
+            .unwrap();
+        Self {
+            name: name.into(),
+            dir,
+            netns: None,
+        }
+    }
+
+    /// Runs this directory's `tern` commands inside network namespace `ns`.
+    pub fn in_netns(mut self, ns: &NetNs) -> Self {
+        self.netns = Some(ns.name.clone());
+        self
+    }
+
+    /// A directory on which `tern init` already ran.
+    pub fn initialized(name: &str) -> Self {
+        Self::new(name).init()
+    }
+
+    /// Runs `tern init` on this directory.
+    pub fn init(self) -> Self {
+        let name = self.name.clone();
+        let d = self;
+        let out = d.tern(&["init", "--name", &name]);
+        assert!(out.status.success(), "tern init failed: {}", stderr(&out));
+        d
+    }
+
+    /// The data directory path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Where a daemon started in this directory logs (outside the data directory).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// A `tern` command with `--data-dir` set.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = match &self.netns {
+            None => Command::new(tern_bin()),
+            Some(ns) => {
+                // `ip netns exec` execs the program, so the child's pid is tern's pid.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tern_bin());
+                c
+            }
+        };
+        c.arg("--data-dir").arg(self.path()).args(args);
+        c.env_remove("TERN_DATA_DIR");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `tern <args>` to completion.
+    pub fn tern(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs `tern --json <args>`, asserts success, parses stdout as one JSON value.
+    pub fn tern_json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.tern(&full);
+        assert!(
+            out.status.success(),
+            "tern {args:?} failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "tern {args:?} printed no single JSON value ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+/// A running `tern daemon`.
+pub struct TestDaemon {
+    pub dir: TernDir,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Initializes a directory and starts a daemon on loopback without mDNS.
+    pub async fn start(name: &str) -> Self {
+        Self::start_in(TernDir::initialized(name), &["--no-mdns"]).await
+    }
+
+    /// Starts `tern daemon <extra>` in `dir`, listening on loopback, and waits for its API.
+    pub async fn start_in(dir: TernDir, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "daemon",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn_raw(dir, &args).await
+    }
+
+    /// Starts `tern <args>` (a daemon command line) and waits until `api.json` names it.
+    pub async fn spawn_raw(dir: TernDir, args: &[&str]) -> Self {
+        let mut cmd = dir.command(args);
+        // stderr goes to a file: a pipe nobody reads would block a chatty daemon.
+        let log = std::fs::File::create(dir.log_path()).unwrap();
+        cmd.stdout(Stdio::null()).stderr(log);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        let child = cmd.spawn().unwrap();
+        let mut d = Self {
+            dir,
+            child: Some(child),
+        };
+        d.wait_api_ready().await;
+        d
+    }
+
+    async fn wait_api_ready(&mut self) {
+        let pid = self.pid();
+        let data_dir = DataDir::new(self.dir.path());
+        let name = self.dir.name.clone();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            if let Some(file) = tern_node::api::read_api_file(&data_dir)
+                && file.pid == pid
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let err = self.take_stderr();
+                panic!("daemon {name} exited early ({status}): {err}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon {name}: API not ready within {WAIT:?}"
+            );
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// A typed API client.
+    pub async fn client(&self) -> ApiClient {
+        ApiClient::connect(&DataDir::new(self.dir.path()))
+            .await
+            .unwrap()
+    }
+
+    /// `tern --json <args>` against this daemon.
+    pub fn tern_json(&self, args: &[&str]) -> Value {
+        self.dir.tern_json(args)
+    }
+
+    /// `tern <args>` against this daemon.
+    pub fn tern(&self, args: &[&str]) -> Output {
+        self.dir.tern(args)
+    }
+
+    /// The peer id, from `tern id --json`.
+    pub fn peer_id(&self) -> String {
+        self.tern_json(&["id"])["peer_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A dialable TCP multiaddr with `/p2p/`, from `tern status --json`.
+    pub fn tcp_addr(&self) -> String {
+        let status = self.tern_json(&["status"]);
+        let addr = status["listen_addrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .expect("daemon listens on TCP")
+            .to_string();
+        format!("{addr}/p2p/{}", status["peer_id"].as_str().unwrap())
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon {} did not exit within {timeout:?}",
+                self.dir.name
+            );
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// What the daemon wrote on stderr so far.
+    pub fn take_stderr(&mut self) -> String {
+        std::fs::read_to_string(self.dir.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the daemon with SIGKILL and returns its directory (to restart on it).
+    pub fn kill9(mut self) -> TernDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::mem::replace(&mut self.dir, TernDir::new("moved"))
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// stderr of a finished command as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A throwaway network namespace with a multicast-capable veth pair (10.77.0.1 and
+/// 10.77.0.2), for the mDNS test. Nothing in it reaches any real network.
+/// Deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+    /// The IPv4 address of the namespace's interface.
+    pub addr: String,
+}
+
+impl NetNs {
+    /// Creates the namespace, or says why it cannot (not root, no `ip`, no netns support).
+    pub fn create() -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("creating a network namespace needs root".into());
+        }
+        let name = format!("tern-mdns-{}-{}", std::process::id(), rand_suffix());
+        let ns = Self {
+            name,
+            addr: "10.77.0.1".into(),
+        };
+        ns.ip(&["netns", "add", &ns.name])?;
+        ns.ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        // A veth pair inside the namespace: multicast sent on one end arrives on the other.
+        ns.ip(&[
+            "-n", &ns.name, "link", "add", "tern0", "type", "veth", "peer", "name", "tern1",
+        ])?;
+        ns.ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "10.77.0.1/24",
+            "dev",
+            "tern0",
+        ])?;
+        ns.ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "10.77.0.2/24",
+            "dev",
+            "tern1",
+        ])?;
+        ns.ip(&["-n", &ns.name, "link", "set", "tern0", "up"])?;
+        ns.ip(&["-n", &ns.name, "link", "set", "tern1", "up"])?;
+        Ok(ns)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run `ip` (iproute2 missing?): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`ip {}` failed: {}",
+                args.join(" "),
+                stderr(&out).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}

@@ -1,0 +1,183 @@
+//! The typed client of the local API, used by the `tern` CLI and the tests.
+//!
+//! It finds the daemon through `<data-dir>/api.json`, sends the bearer token on the WebSocket
+//! handshake, and turns "no file" or "connection refused" into [`ClientError::NoDaemon`] with
+//! the message users see: "no Tern daemon is running for <dir>; start one with `tern daemon`".
+
+use std::{path::PathBuf, time::Duration};
+
+use jsonrpsee::{
+    core::{
+        ClientError as RpcClientError,
+        client::{ClientT, Subscription, SubscriptionClientT},
+        params::ObjectParams,
+    },
+    ws_client::{WsClient, WsClientBuilder},
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{
+    data_dir::DataDir,
+    events::Event,
+    net::PeerInfo,
+    node::{NodeInfo, NodeStatus},
+};
+
+/// How long a single call may take before the client gives up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon runs for this data directory.
+    #[error("no Tern daemon is running for {}; start one with `tern daemon`", dir.display())]
+    NoDaemon {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// The daemon refused the token or origin.
+    #[error("the daemon refused the connection: {0}")]
+    Refused(String),
+    /// The daemon answered with a JSON-RPC error.
+    #[error("{message}")]
+    Rpc {
+        /// The JSON-RPC error code (see `api::codes`).
+        code: i32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Any other transport problem.
+    #[error("API connection failed: {0}")]
+    Transport(String),
+    /// The daemon's answer did not have the expected shape.
+    #[error("unexpected answer from the daemon: {0}")]
+    Decode(String),
+}
+
+impl From<RpcClientError> for ClientError {
+    fn from(e: RpcClientError) -> Self {
+        match e {
+            RpcClientError::Call(obj) => ClientError::Rpc {
+                code: obj.code(),
+                message: obj.message().to_string(),
+            },
+            RpcClientError::ParseError(e) => ClientError::Decode(e.to_string()),
+            other => ClientError::Transport(other.to_string()),
+        }
+    }
+}
+
+/// A connection to a daemon's API.
+#[derive(Debug)]
+pub struct ApiClient {
+    client: WsClient,
+}
+
+impl ApiClient {
+    /// Connects to the daemon that serves `dir`.
+    pub async fn connect(dir: &DataDir) -> Result<Self, ClientError> {
+        let no_daemon = || ClientError::NoDaemon {
+            dir: dir.root().to_owned(),
+        };
+        let file = super::read_api_file(dir).ok_or_else(no_daemon)?;
+        match Self::connect_with(&file.url, &file.token).await {
+            Err(ClientError::Transport(msg)) if looks_refused(&msg) => Err(no_daemon()),
+            other => other,
+        }
+    }
+
+    /// Connects to `url` with `token` (tests use this to try bad tokens).
+    pub async fn connect_with(url: &str, token: &str) -> Result<Self, ClientError> {
+        let mut headers = http::HeaderMap::new();
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Refused("token is not a valid header value".into()))?;
+        headers.insert(http::header::AUTHORIZATION, value);
+        let client = WsClientBuilder::default()
+            .set_headers(headers)
+            .request_timeout(REQUEST_TIMEOUT)
+            .connection_timeout(Duration::from_secs(5))
+            .build(url)
+            .await
+            .map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("401") || msg.contains("403") {
+                    ClientError::Refused(msg)
+                } else {
+                    ClientError::Transport(msg)
+                }
+            })?;
+        Ok(Self { client })
+    }
+
+    /// Calls any method with named params; returns the raw JSON result.
+    pub async fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        self.call_typed(method, params).await
+    }
+
+    async fn call_typed<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<T, ClientError> {
+        let mut obj = ObjectParams::new();
+        if let Value::Object(map) = params {
+            for (k, v) in map {
+                obj.insert(&k, v)
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
+            }
+        }
+        Ok(self.client.request(method, obj).await?)
+    }
+
+    /// `info`.
+    pub async fn info(&self) -> Result<NodeInfo, ClientError> {
+        self.call_typed("info", Value::Null).await
+    }
+
+    /// `status`.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        self.call_typed("status", Value::Null).await
+    }
+
+    /// `peers`.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        self.call_typed("peers", Value::Null).await
+    }
+
+    /// `dial`; returns the peer id.
+    pub async fn dial(&self, address: &str) -> Result<String, ClientError> {
+        let v: Value = self
+            .call_typed("dial", serde_json::json!({ "address": address }))
+            .await?;
+        v.get("peer_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ClientError::Decode("dial result without peer_id".into()))
+    }
+
+    /// `shutdown`.
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        let _: Value = self.call_typed("shutdown", Value::Null).await?;
+        Ok(())
+    }
+
+    /// Subscribes to events after `since`.
+    pub async fn subscribe(&self, since: Option<u64>) -> Result<Subscription<Event>, ClientError> {
+        let mut obj = ObjectParams::new();
+        if let Some(since) = since {
+            obj.insert("since", since)
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+        }
+        Ok(self
+            .client
+            .subscribe("subscribe", obj, "unsubscribe")
+            .await?)
+    }
+}
+
+fn looks_refused(msg: &str) -> bool {
+    let m = msg.to_lowercase();
+    m.contains("refused") || m.contains("connection reset") || m.contains("not connected")
+}

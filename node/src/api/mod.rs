@@ -1,0 +1,314 @@
+//! The local API (the gateway): JSON-RPC 2.0 over WebSocket on a loopback address, guarded
+//! by a bearer token, serving a [`NodeHandle`].
+//!
+//! The node never imports this module; whoever runs the daemon starts the node first, then
+//! [`serve`] on its handle. While the server runs, `<data-dir>/api.json` (mode 0600) holds
+//! `{"url","token","pid"}`; [`ApiServer::stop`] removes it. Every method is listed in
+//! docs/API.md with its params, result and error codes ([`codes`]).
+
+mod auth;
+pub mod client;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use jsonrpsee::{
+    PendingSubscriptionSink, RpcModule, SubscriptionMessage,
+    server::{Server, ServerConfig, ServerHandle},
+    types::{ErrorObjectOwned, Params},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::{
+    data_dir::{DataDir, write_private},
+    node::{NodeError, NodeHandle},
+};
+
+/// Application error codes of the API (JSON-RPC reserves -32768..-32000).
+pub mod codes {
+    /// The node is shutting down.
+    pub const SHUTTING_DOWN: i32 = 1001;
+    /// A peer or relay could not be reached.
+    pub const UNREACHABLE: i32 = 1002;
+    /// The database failed (for example a full disk).
+    pub const STORAGE: i32 = 1003;
+    /// Any other node failure.
+    pub const NODE: i32 = 1004;
+    /// A subscriber fell too far behind; resubscribe with `since`.
+    pub const LAGGED: i32 = 1005;
+}
+
+/// Most simultaneous API connections.
+pub const MAX_API_CONNECTIONS: u32 = 64;
+
+/// Errors starting or stopping the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The bind address is not loopback.
+    #[error("the API must bind a loopback address, not {0}")]
+    NotLoopback(SocketAddr),
+    /// Binding or serving failed.
+    #[error("cannot start the API on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `api.json` could not be written.
+    #[error("cannot write {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The contents of `api.json`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiFile {
+    /// WebSocket URL of the API.
+    pub url: String,
+    /// Bearer token.
+    pub token: String,
+    /// pid of the daemon.
+    pub pid: u32,
+}
+
+impl std::fmt::Debug for ApiFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiFile")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    handle: ServerHandle,
+    api_path: PathBuf,
+    url: String,
+}
+
+impl ApiServer {
+    /// The WebSocket URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops serving and removes `api.json`.
+    pub async fn stop(self) {
+        let _ = self.handle.stop();
+        self.handle.stopped().await;
+        remove_api_file(&self.api_path);
+    }
+}
+
+fn remove_api_file(path: &PathBuf) {
+    // Only remove the file if it still describes this process.
+    let ours = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ApiFile>(&b).ok())
+        .is_some_and(|f| f.pid == std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Starts the API for `node` on `bind` and writes `api.json`.
+pub async fn serve(node: NodeHandle, bind: SocketAddr) -> Result<ApiServer, ApiError> {
+    if !bind.ip().is_loopback() {
+        return Err(ApiError::NotLoopback(bind));
+    }
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|source| ApiError::Bind { addr: bind, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ApiError::Bind { addr: bind, source })?;
+    drop(listener);
+    let token = random_token();
+    let middleware = tower::ServiceBuilder::new().layer(auth::AuthLayer::new(&token, local.port()));
+    let server = Server::builder()
+        .set_config(
+            ServerConfig::builder()
+                .max_connections(MAX_API_CONNECTIONS)
+                .build(),
+        )
+        .set_http_middleware(middleware)
+        .build(local)
+        .await
+        .map_err(|source| ApiError::Bind {
+            addr: local,
+            source,
+        })?;
+    let data_dir = node.data_dir().clone();
+    let module = rpc_module(node);
+    let handle = server.start(module);
+    let url = format!("ws://{local}");
+    let api_path = data_dir.api_path();
+    let file = ApiFile {
+        url: url.clone(),
+        token,
+        pid: std::process::id(),
+    };
+    let json = serde_json::to_vec_pretty(&file).expect("ApiFile serializes");
+    if let Err(source) = write_private(&api_path, &json, 0o600) {
+        let _ = handle.stop();
+        return Err(ApiError::File {
+            path: api_path,
+            source,
+        });
+    }
+    tracing::info!(%url, "local API listening");
+    Ok(ApiServer {
+        handle,
+        api_path,
+        url,
+    })
+}
+
+/// Reads `api.json` of a data directory.
+pub fn read_api_file(dir: &DataDir) -> Option<ApiFile> {
+    let bytes = std::fs::read(dir.api_path()).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+/// Parses named params (an object), or a single positional object; `null`/absent when `T`
+/// allows it.
+fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned> {
+    match params.parse::<T>() {
+        Ok(v) => Ok(v),
+        Err(e) => params.one::<T>().map_err(|_| e),
+    }
+}
+
+fn node_error(e: NodeError) -> ErrorObjectOwned {
+    use crate::net::NetError;
+    let code = match &e {
+        NodeError::ShuttingDown | NodeError::Net(NetError::ActorGone) => codes::SHUTTING_DOWN,
+        NodeError::Net(NetError::Dial { .. } | NetError::DialTimeout { .. }) => codes::UNREACHABLE,
+        NodeError::Store(_) => codes::STORAGE,
+        _ => codes::NODE,
+    };
+    ErrorObjectOwned::owned(code, e.to_string(), None::<()>)
+}
+
+/// Params of `dial`.
+#[derive(Debug, Deserialize)]
+struct DialParams {
+    address: String,
+}
+
+/// Params of `subscribe`.
+#[derive(Debug, Default, Deserialize)]
+struct SubscribeParams {
+    since: Option<u64>,
+}
+
+fn rpc_module(node: NodeHandle) -> RpcModule<NodeHandle> {
+    let mut m = RpcModule::new(node);
+    m.register_async_method("info", |_, node, _| async move {
+        node.info().await.map_err(node_error)
+    })
+    .expect("unique method name");
+    m.register_async_method("status", |_, node, _| async move {
+        node.status().await.map_err(node_error)
+    })
+    .expect("unique method name");
+    m.register_async_method("peers", |_, node, _| async move {
+        node.peers().await.map_err(node_error)
+    })
+    .expect("unique method name");
+    m.register_async_method("dial", |params, node, _| async move {
+        let p: DialParams = parse(&params)?;
+        let address = p.address.parse().map_err(|e| {
+            ErrorObjectOwned::owned(
+                jsonrpsee::types::error::INVALID_PARAMS_CODE,
+                format!("invalid multiaddr {:?}: {e}", p.address),
+                None::<()>,
+            )
+        })?;
+        let peer = node.dial(address).await.map_err(node_error)?;
+        Ok::<_, ErrorObjectOwned>(serde_json::json!({ "peer_id": peer.to_string() }))
+    })
+    .expect("unique method name");
+    m.register_method("shutdown", |_, node, _| {
+        let node = node.clone();
+        // Reply first, then stop: the daemon's main loop notices and shuts down.
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            node.request_shutdown();
+        });
+        serde_json::json!({ "stopping": true })
+    })
+    .expect("unique method name");
+    m.register_subscription("subscribe", "event", "unsubscribe", subscribe)
+        .expect("unique method name");
+    m
+}
+
+fn to_message(event: &crate::events::Event) -> Result<SubscriptionMessage, serde_json::Error> {
+    Ok(serde_json::value::to_raw_value(event)?.into())
+}
+
+async fn subscribe(
+    params: Params<'static>,
+    pending: PendingSubscriptionSink,
+    node: std::sync::Arc<NodeHandle>,
+    _: jsonrpsee::Extensions,
+) -> jsonrpsee::core::SubscriptionResult {
+    let p: Option<SubscribeParams> = match parse(&params) {
+        Ok(p) => p,
+        Err(e) => {
+            pending.reject(e).await;
+            return Ok(());
+        }
+    };
+    let since = p.unwrap_or_default().since;
+    let sub = match node.subscribe(since) {
+        Ok(s) => s,
+        Err(e) => {
+            pending.reject(node_error(e)).await;
+            return Ok(());
+        }
+    };
+    let sink = pending.accept().await?;
+    let mut last = since.unwrap_or(0);
+    for event in sub.backlog {
+        last = event.seq;
+        sink.send(to_message(&event)?).await?;
+    }
+    let mut live = sub.live;
+    loop {
+        tokio::select! {
+            _ = sink.closed() => return Ok(()),
+            _ = node.closed() => return Ok(()),
+            event = live.recv() => match event {
+                Ok(event) if event.seq <= last => continue,
+                Ok(event) => {
+                    last = event.seq;
+                    sink.send(to_message(&event)?).await?;
+                }
+                Err(RecvError::Lagged(_)) => {
+                    return Err(format!(
+                        "subscriber lagged (code {}); resubscribe with since={last}",
+                        codes::LAGGED
+                    )
+                    .into());
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            },
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Node configuration: `<data-dir>/config.toml`, its documented defaults, and the
+//! command-line overrides that win over it.
+//!
+//! Precedence, highest first: command-line flags ([`Overrides`]), `config.toml`, the
+//! defaults below. Unknown keys in `config.toml` are an error, never silently ignored, so a
+//! typo cannot quietly turn a setting off.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, with line and column where known.
+        message: String,
+    },
+    /// The file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The settings of one node, as stored in `config.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Your display name, shown to contacts. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Addresses the node listens on for peers.
+    /// Default: every interface, an OS-chosen TCP port and an OS-chosen QUIC port.
+    pub listen: Vec<Multiaddr>,
+    /// Relay / bootstrap nodes to connect to at start, each ending in `/p2p/<peer id>`.
+    /// Default: none.
+    pub relays: Vec<Multiaddr>,
+    /// Whether to discover peers on the local network with mDNS. Default: `true`.
+    pub mdns: bool,
+    /// Where the local JSON-RPC API listens. Must be a loopback address.
+    /// Default: `127.0.0.1:0` (port chosen by the OS, published in `api.json`).
+    pub api_bind: SocketAddr,
+    /// Most simultaneously established peer connections. Default: 256.
+    pub max_connections: u32,
+    /// Most established connections to one peer. Default: 4.
+    pub max_connections_per_peer: u32,
+    /// Seconds an idle connection stays open. Default: 60.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: None,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+            ],
+            relays: Vec::new(),
+            mdns: true,
+            api_bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            max_connections: 256,
+            max_connections_per_peer: 4,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+/// Command-line values that override `config.toml`. `None` / empty means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen MA` (repeatable): replaces the configured listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// `--relay MA` (repeatable): replaces the configured relays.
+    pub relays: Vec<Multiaddr>,
+    /// `--no-mdns`: turns mDNS off.
+    pub no_mdns: bool,
+    /// `--api MA`: the API bind address.
+    pub api_bind: Option<SocketAddr>,
+}
+
+impl Config {
+    /// The file name of the config inside a data directory.
+    pub const FILE_NAME: &'static str = "config.toml";
+
+    /// Loads `path`, or the defaults when the file does not exist.
+    pub fn load_or_default(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses TOML text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks the values; `source` names where they came from in the error.
+    pub fn validate(&self, source: &Path) -> Result<(), ConfigError> {
+        let path = source;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if !self.api_bind.ip().is_loopback() {
+            return Err(invalid(format!(
+                "api_bind {} is not a loopback address; the local API is never exposed to the network",
+                self.api_bind
+            )));
+        }
+        for relay in &self.relays {
+            if !relay
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            {
+                return Err(invalid(format!(
+                    "relay address {relay} must end in /p2p/<peer id>"
+                )));
+            }
+        }
+        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
+            return Err(invalid("connection limits must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Writes the config with a commented header to `path` (used by `tern init`).
+    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        let body = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let text = format!("{}\n{body}", Self::HEADER);
+        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    const HEADER: &'static str = "\
+# Tern node configuration. Command-line flags override these values.
+# name:          your display name, shown to contacts (default: none)
+# listen:        peer listen addresses (default: all interfaces, OS-chosen TCP and QUIC ports)
+# relays:        relay/bootstrap multiaddrs ending in /p2p/<peer id> (default: none)
+# mdns:          discover peers on the local network (default: true)
+# api_bind:      local JSON-RPC API address, loopback only (default: 127.0.0.1:0)
+# max_connections / max_connections_per_peer: connection limits (default: 256 / 4)
+# idle_timeout_secs: how long an idle connection stays open (default: 60)
+";
+
+    /// A loopback-only configuration with mDNS off: OS-chosen TCP and QUIC ports on
+    /// 127.0.0.1. Used by `tern demo` and the tests.
+    pub fn loopback() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+            ],
+            mdns: false,
+            ..Self::default()
+        }
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if !overrides.listen.is_empty() {
+            self.listen = overrides.listen.clone();
+        }
+        if !overrides.relays.is_empty() {
+            self.relays = overrides.relays.clone();
+        }
+        if overrides.no_mdns {
+            self.mdns = false;
+        }
+        if let Some(api) = overrides.api_bind {
+            self.api_bind = api;
+        }
+    }
+
+    /// The idle connection timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse(Path::new("c.toml"), "").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_the_file() {
+        let err = Config::parse(Path::new("/x/config.toml"), "mnds = false\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/x/config.toml"), "{msg}");
+        assert!(msg.contains("mnds"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = Config::parse(Path::new("c.toml"), "mdns = \"yes\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }));
+    }
+
+    #[test]
+    fn api_must_be_loopback() {
+        let err = Config::parse(Path::new("c.toml"), "api_bind = \"0.0.0.0:5000\"\n").unwrap_err();
+        assert!(err.to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn relay_needs_peer_id() {
+        let err = Config::parse(Path::new("c.toml"), "relays = [\"/ip4/127.0.0.1/tcp/1\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("/p2p/"), "{err}");
+    }
+
+    #[test]
+    fn precedence_flags_over_file_over_defaults() {
+        let mut c = Config::parse(
+            Path::new("c.toml"),
+            "mdns = true\nlisten = [\"/ip4/127.0.0.1/tcp/4001\"]\nmax_connections = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_connections, 10, "file wins over default");
+        assert_eq!(c.max_connections_per_peer, 4, "default kept");
+        c.apply(&Overrides {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            no_mdns: true,
+            ..Default::default()
+        });
+        assert!(!c.mdns, "flag wins over file");
+        assert_eq!(
+            c.listen,
+            vec!["/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()]
+        );
+        assert!(c.relays.is_empty());
+    }
+
+    #[test]
+    fn written_config_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let c = Config {
+            mdns: false,
+            ..Config::default()
+        };
+        c.write(&path).unwrap();
+        assert_eq!(Config::load_or_default(&path).unwrap(), c);
+    }
+}

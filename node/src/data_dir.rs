@@ -1,0 +1,220 @@
+//! The node's data directory: where each file lives, its permissions, and the exclusive
+//! lock that keeps a second daemon off the same directory.
+//!
+//! Layout of `<data-dir>` (mode 0700):
+//! - `identity.key` (0600): the one ed25519 seed, see [`crate::identity`];
+//! - `config.toml`: see [`crate::config`];
+//! - `db/`: the sled database, see [`crate::store`];
+//! - `daemon.lock`: held with an exclusive OS file lock while a node runs; holds its pid;
+//! - `api.json` (0600): `{"url","token","pid"}` of the running daemon's local API.
+//!
+//! The lock is taken before the database is opened, so a second process gets the clear
+//! "a Tern daemon already uses <dir> (pid N)" instead of a sled lock error.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+/// Errors about the data directory itself.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// Another process holds the directory's lock.
+    #[error("a Tern daemon already uses {dir} (pid {pid})")]
+    InUse {
+        /// The contested directory.
+        dir: PathBuf,
+        /// The pid recorded by the holder, or `?` when unreadable.
+        pid: String,
+    },
+    /// The directory or one of its files could not be created or accessed.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No identity exists yet.
+    #[error("no Tern identity in {dir}; create one with `tern init`")]
+    NotInitialized {
+        /// The directory without identity.
+        dir: PathBuf,
+    },
+}
+
+/// The paths of one node's data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Uses `root` as the data directory (nothing is created yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The OS default: `$XDG_DATA_HOME/tern` on Linux and the platform equivalent elsewhere.
+    pub fn os_default() -> Option<Self> {
+        directories::ProjectDirs::from("org", "Tern", "tern").map(|d| Self::new(d.data_dir()))
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `identity.key`.
+    pub fn identity_path(&self) -> PathBuf {
+        self.root.join("identity.key")
+    }
+
+    /// `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join(crate::config::Config::FILE_NAME)
+    }
+
+    /// `db/`.
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("db")
+    }
+
+    /// `api.json`.
+    pub fn api_path(&self) -> PathBuf {
+        self.root.join("api.json")
+    }
+
+    /// `daemon.lock`.
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join("daemon.lock")
+    }
+
+    /// Creates the directory (and parents) with mode 0700 if missing, and tightens the mode
+    /// of an existing one.
+    pub fn create(&self) -> Result<(), DataDirError> {
+        let io = |source| DataDirError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.root).map_err(io)?;
+        set_mode(&self.root, 0o700).map_err(io)
+    }
+
+    /// Takes the exclusive lock, or says which pid holds it.
+    pub fn lock(&self) -> Result<DataDirLock, DataDirError> {
+        self.create()?;
+        let path = self.lock_path();
+        let io = |source| DataDirError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(DataDirError::InUse {
+                    dir: self.root.clone(),
+                    pid: if pid.is_empty() {
+                        "?".into()
+                    } else {
+                        pid.into()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Holds the data directory's exclusive lock; released when dropped or when the process dies.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename) with the given Unix mode.
+pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode);
+        }
+        let mut f = opts.open(&tmp)?;
+        set_mode(&tmp, mode)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Sets Unix permission bits (no-op elsewhere).
+pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_names_the_holder_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("node"));
+        let _held = dir.lock().unwrap();
+        let err = dir.lock().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("(pid {})", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.starts_with("a Tern daemon already uses"), "{msg}");
+    }
+
+    #[test]
+    fn lock_is_released_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        drop(dir.lock().unwrap());
+        dir.lock().unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("d"));
+        dir.create().unwrap();
+        let mode = std::fs::metadata(dir.root()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}

@@ -1,0 +1,241 @@
+//! The node's event stream: every observable change gets a monotonically increasing `seq`,
+//! is kept in the `events` table (so a client can resume with `since`, even across daemon
+//! restarts) and is broadcast to live subscribers.
+//!
+//! Invariants: `seq` strictly increases and is never reused (the counter is restored from the
+//! last stored event); [`EventBus::subscribe`] returns the backlog after `since` and a live
+//! receiver with no gap and no duplicate between the two. The log keeps the newest
+//! [`EVENT_LOG_CAP`] events.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::store::{Store, StoreError, Table};
+
+/// How many events the log keeps for resuming.
+pub const EVENT_LOG_CAP: usize = 10_000;
+/// Live subscriber buffer; a subscriber that lags more is told to resume with `since`.
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+/// One event, as delivered to API subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the node's event log; strictly increasing.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch when the event happened.
+    pub timestamp: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened. Serialized with a `type` tag in camelCase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum EventKind {
+    /// The node listens on a new address.
+    Listening {
+        /// The address.
+        address: String,
+    },
+    /// A connection to a peer was established (first connection to that peer).
+    PeerConnected {
+        /// The peer.
+        peer_id: String,
+        /// The remote address of the connection.
+        address: String,
+    },
+    /// The last connection to a peer closed.
+    PeerDisconnected {
+        /// The peer.
+        peer_id: String,
+    },
+    /// mDNS found a peer on the local network.
+    PeerDiscovered {
+        /// The peer.
+        peer_id: String,
+        /// Its advertised addresses.
+        addresses: Vec<String>,
+    },
+    /// A ping round trip to a peer succeeded.
+    Ping {
+        /// The peer.
+        peer_id: String,
+        /// Round-trip time in milliseconds.
+        rtt_ms: f64,
+    },
+    /// A configured relay could not be reached (the node keeps retrying).
+    RelayUnreachable {
+        /// The relay address.
+        address: String,
+        /// Why.
+        error: String,
+    },
+    /// The node is shutting down.
+    ShuttingDown,
+}
+
+struct Inner {
+    next_seq: u64,
+    log: Table<String>,
+    tx: broadcast::Sender<Event>,
+}
+
+/// Cheap handle to the event log and broadcast.
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus").finish_non_exhaustive()
+    }
+}
+
+/// A subscription: the stored backlog after `since`, then live events.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Events after `since` that were already in the log, oldest first.
+    pub backlog: Vec<Event>,
+    /// Live events, all with `seq` greater than the backlog's.
+    pub live: broadcast::Receiver<Event>,
+}
+
+impl EventBus {
+    /// Opens the log in `store` and restores the counter.
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        let log: Table<String> = store.table("events")?;
+        let next_seq = match log.last()? {
+            Some((k, _)) => seq_of(&k).map_or(1, |s| s + 1),
+            None => 1,
+        };
+        let (tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner { next_seq, log, tx })),
+        })
+    }
+
+    /// Records and broadcasts an event; returns it with its `seq`.
+    pub fn publish(&self, kind: EventKind) -> Event {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let event = Event {
+            seq: inner.next_seq,
+            timestamp: now_ms(),
+            kind,
+        };
+        inner.next_seq += 1;
+        match serde_json::to_string(&event) {
+            Ok(json) => {
+                if let Err(e) = inner.log.insert(&event.seq.to_be_bytes(), &json) {
+                    tracing::warn!(error = %e, "could not store event; live subscribers still get it");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "event does not serialize"),
+        }
+        if inner.log.len() > EVENT_LOG_CAP + EVENT_LOG_CAP / 10 {
+            let excess = inner.log.len() - EVENT_LOG_CAP;
+            let _ = inner.log.remove_first(excess);
+        }
+        let _ = inner.tx.send(event.clone());
+        event
+    }
+
+    /// Subscribes, returning stored events with `seq > since` and a live receiver.
+    pub fn subscribe(&self, since: Option<u64>) -> Result<Subscription, StoreError> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let live = inner.tx.subscribe();
+        let backlog = match since {
+            None => Vec::new(),
+            Some(since) => {
+                let from = since.saturating_add(1).to_be_bytes();
+                inner
+                    .log
+                    .scan_from(&from, EVENT_LOG_CAP)?
+                    .into_iter()
+                    .filter_map(|(_, json)| serde_json::from_str(&json).ok())
+                    .collect()
+            }
+        };
+        Ok(Subscription { backlog, live })
+    }
+
+    /// The seq the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_seq
+    }
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connected(n: u32) -> EventKind {
+        EventKind::PeerConnected {
+            peer_id: format!("p{n}"),
+            address: "/ip4/127.0.0.1/tcp/1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn seq_increases_and_resume_has_no_gap() {
+        let store = Store::temporary().unwrap();
+        let bus = EventBus::open(&store).unwrap();
+        for n in 0..5 {
+            bus.publish(connected(n));
+        }
+        let mut sub = bus.subscribe(Some(2)).unwrap();
+        let seqs: Vec<u64> = sub.backlog.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+        bus.publish(connected(9));
+        assert_eq!(sub.live.recv().await.unwrap().seq, 6);
+    }
+
+    #[test]
+    fn counter_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let bus = EventBus::open(&store).unwrap();
+            bus.publish(EventKind::ShuttingDown);
+            bus.publish(EventKind::ShuttingDown);
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let bus = EventBus::open(&store).unwrap();
+        assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 3);
+    }
+
+    #[test]
+    fn json_shape_is_tagged_camel_case() {
+        let e = Event {
+            seq: 7,
+            timestamp: 1,
+            kind: EventKind::PeerDisconnected {
+                peer_id: "x".into(),
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "peerDisconnected");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["peer_id"], "x");
+    }
+}

@@ -1,0 +1,631 @@
+//! The network layer: exactly one task owns the libp2p [`Swarm`]; everyone else holds a
+//! cheap [`NetHandle`] and talks to it with commands carrying a `oneshot` reply.
+//!
+//! The actor loop is one `select!` over shutdown, commands, swarm events and a maintenance
+//! timer; each branch calls one `handle_*` method. A dropped actor surfaces as
+//! [`NetError::ActorGone`], never a panic.
+
+mod behaviour;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use behaviour::{Behaviour, BehaviourEvent};
+pub use behaviour::{BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, PING_INTERVAL};
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm,
+    core::ConnectedPoint,
+    identify, kad, mdns,
+    multiaddr::Protocol,
+    ping,
+    swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    events::{EventBus, EventKind},
+    identity::Identity,
+};
+
+/// Capacity of the command channel into the swarm actor.
+pub const COMMAND_CHANNEL_CAPACITY: usize = 256;
+/// How long a dial may take before it is reported as failed.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long start-up waits for listeners to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Relay reconnection backoff bounds.
+const RELAY_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often the maintenance branch runs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The swarm task is gone (the node is shutting down or crashed).
+    #[error("the network task is not running (node shutting down?)")]
+    ActorGone,
+    /// The swarm could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {address}: {message}")]
+    Listen {
+        /// The address.
+        address: Multiaddr,
+        /// Why.
+        message: String,
+    },
+    /// A dial failed.
+    #[error("cannot reach {address}: {message}")]
+    Dial {
+        /// The address dialed.
+        address: Multiaddr,
+        /// Why.
+        message: String,
+    },
+    /// A dial did not complete in time.
+    #[error("cannot reach {address}: no answer within {secs} s")]
+    DialTimeout {
+        /// The address dialed.
+        address: Multiaddr,
+        /// The timeout.
+        secs: u64,
+    },
+}
+
+/// A connected peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer id.
+    pub peer_id: String,
+    /// Remote addresses of the open connections.
+    pub addrs: Vec<String>,
+    /// Last ping round trip in milliseconds, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+/// The state of one configured relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// The relay's multiaddr (with `/p2p/`).
+    pub address: String,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// The last dial error, while not connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A snapshot of the network state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetStatus {
+    /// Addresses the node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub connected_peers: Vec<String>,
+    /// Configured relays.
+    pub relays: Vec<RelayStatus>,
+}
+
+enum Command {
+    Dial {
+        address: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Status {
+        reply: oneshot::Sender<NetStatus>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// Cheap, cloneable handle to the swarm actor.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NetHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NetError::ActorGone)?;
+        rx.await.map_err(|_| NetError::ActorGone)
+    }
+
+    /// Connects to `address` (with or without `/p2p/<id>`); returns the remote peer id.
+    pub async fn dial(&self, address: Multiaddr) -> Result<PeerId, NetError> {
+        let addr = address.clone();
+        match tokio::time::timeout(
+            DIAL_TIMEOUT,
+            self.call(|reply| Command::Dial { address, reply }),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => Err(NetError::DialTimeout {
+                address: addr,
+                secs: DIAL_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    /// The connected peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.call(|reply| Command::Peers { reply }).await
+    }
+
+    /// Listen addresses, connected peers, relays.
+    pub async fn status(&self) -> Result<NetStatus, NetError> {
+        self.call(|reply| Command::Status { reply }).await
+    }
+
+    /// The current listen addresses.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(|reply| Command::ListenAddrs { reply }).await
+    }
+}
+
+struct RelayState {
+    address: Multiaddr,
+    peer_id: Option<PeerId>,
+    connected: bool,
+    dialing: Option<ConnectionId>,
+    last_error: Option<String>,
+    next_attempt: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// The actor that owns the swarm.
+struct NetActor {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: EventBus,
+    shutdown: CancellationToken,
+    pending_dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>,
+    connections: HashMap<PeerId, HashMap<ConnectionId, Multiaddr>>,
+    rtt: HashMap<PeerId, Duration>,
+    relays: Vec<RelayState>,
+}
+
+/// Builds the swarm, binds every listen address, waits until they report addresses, then
+/// spawns the actor. Returns the handle and the actor's join handle.
+pub async fn spawn(
+    identity: &Identity,
+    config: &Config,
+    events: EventBus,
+    shutdown: CancellationToken,
+) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
+    let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config)?;
+    let mut listeners = HashSet::new();
+    for address in &config.listen {
+        let id = swarm
+            .listen_on(address.clone())
+            .map_err(|e| NetError::Listen {
+                address: address.clone(),
+                message: e.to_string(),
+            })?;
+        listeners.insert(id);
+    }
+    // Poll until every listener has an address, so callers see real ports.
+    let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
+    let mut early = Vec::new();
+    while !listeners.is_empty() {
+        let next = tokio::time::timeout_at(deadline, swarm.select_next_some()).await;
+        match next {
+            Err(_) => break,
+            Ok(SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            }) => {
+                listeners.remove(&listener_id);
+                events.publish(EventKind::Listening {
+                    address: address.to_string(),
+                });
+            }
+            Ok(SwarmEvent::ListenerError { error, .. }) => {
+                tracing::warn!(%error, "listener error during start-up");
+            }
+            Ok(SwarmEvent::ListenerClosed {
+                addresses, reason, ..
+            }) => {
+                let address = addresses.first().cloned().unwrap_or_else(Multiaddr::empty);
+                return Err(NetError::Listen {
+                    address,
+                    message: match reason {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "listener closed".into(),
+                    },
+                });
+            }
+            Ok(other) => early.push(other),
+        }
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+    let now = tokio::time::Instant::now();
+    let relays = config
+        .relays
+        .iter()
+        .map(|address| RelayState {
+            address: address.clone(),
+            peer_id: peer_id_of(address),
+            connected: false,
+            dialing: None,
+            last_error: None,
+            next_attempt: now,
+            backoff: RELAY_BACKOFF_MIN,
+        })
+        .collect();
+    let mut actor = NetActor {
+        swarm,
+        commands: rx,
+        events,
+        shutdown,
+        pending_dials: HashMap::new(),
+        connections: HashMap::new(),
+        rtt: HashMap::new(),
+        relays,
+    };
+    for event in early {
+        actor.handle_swarm_event(event);
+    }
+    let task = tokio::spawn(actor.run());
+    Ok((NetHandle { tx }, task))
+}
+
+/// The `/p2p/<id>` component of an address, if any.
+pub fn peer_id_of(address: &Multiaddr) -> Option<PeerId> {
+    address.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+fn without_p2p(address: &Multiaddr) -> Multiaddr {
+    address
+        .iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+impl NetActor {
+    async fn run(mut self) {
+        let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                _ = maintenance.tick() => self.handle_maintenance(),
+            }
+        }
+        for (_, (address, reply)) in self.pending_dials.drain() {
+            let _ = reply.send(Err(NetError::Dial {
+                address,
+                message: "node shutting down".into(),
+            }));
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { address, reply } => self.handle_dial(address, reply),
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peer_infos());
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    fn handle_dial(
+        &mut self,
+        address: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    ) {
+        let target = peer_id_of(&address);
+        if let Some(peer) = target {
+            if peer == *self.swarm.local_peer_id() {
+                let _ = reply.send(Err(NetError::Dial {
+                    address,
+                    message: "that is this node's own address".into(),
+                }));
+                return;
+            }
+            if self.swarm.is_connected(&peer) {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+        }
+        let opts = match target {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(vec![without_p2p(&address)])
+                .condition(PeerCondition::Always)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(address.clone()).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, (address, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NetError::Dial {
+                    address,
+                    message: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => self.on_connected(peer_id, connection_id, &endpoint, num_established.get()),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => self.on_closed(peer_id, connection_id, num_established),
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => self.on_dial_error(connection_id, error.to_string()),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.events.publish(EventKind::Listening {
+                    address: address.to_string(),
+                });
+            }
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
+            other => tracing::trace!(?other, "swarm event"),
+        }
+    }
+
+    fn on_connected(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint, n: u32) {
+        let remote = endpoint.get_remote_address().clone();
+        self.connections
+            .entry(peer)
+            .or_default()
+            .insert(id, remote.clone());
+        if let Some((_, reply)) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Ok(peer));
+        }
+        for relay in &mut self.relays {
+            if relay.peer_id == Some(peer) {
+                relay.connected = true;
+                relay.dialing = None;
+                relay.last_error = None;
+                relay.backoff = RELAY_BACKOFF_MIN;
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, without_p2p(&relay.address));
+            }
+        }
+        if n == 1 {
+            tracing::info!(peer = %short(&peer), %remote, "peer connected");
+            self.events.publish(EventKind::PeerConnected {
+                peer_id: peer.to_string(),
+                address: remote.to_string(),
+            });
+        }
+    }
+
+    fn on_closed(&mut self, peer: PeerId, id: ConnectionId, remaining: u32) {
+        if let Some(conns) = self.connections.get_mut(&peer) {
+            conns.remove(&id);
+            if conns.is_empty() {
+                self.connections.remove(&peer);
+            }
+        }
+        if remaining == 0 {
+            self.rtt.remove(&peer);
+            let now = tokio::time::Instant::now();
+            for relay in &mut self.relays {
+                if relay.peer_id == Some(peer) {
+                    relay.connected = false;
+                    relay.next_attempt = now + relay.backoff;
+                }
+            }
+            tracing::info!(peer = %short(&peer), "peer disconnected");
+            self.events.publish(EventKind::PeerDisconnected {
+                peer_id: peer.to_string(),
+            });
+        }
+    }
+
+    fn on_dial_error(&mut self, id: ConnectionId, message: String) {
+        if let Some((address, reply)) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Err(NetError::Dial {
+                address,
+                message: message.clone(),
+            }));
+        }
+        let now = tokio::time::Instant::now();
+        for relay in &mut self.relays {
+            if relay.dialing == Some(id) {
+                relay.dialing = None;
+                relay.last_error = Some(message.clone());
+                relay.next_attempt = now + relay.backoff;
+                relay.backoff = (relay.backoff * 2).min(RELAY_BACKOFF_MAX);
+                tracing::warn!(relay = %relay.address, error = %message, "relay unreachable; will retry");
+                self.events.publish(EventKind::RelayUnreachable {
+                    address: relay.address.to_string(),
+                    error: message.clone(),
+                });
+            }
+        }
+    }
+
+    fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                self.rtt.insert(peer, rtt);
+                self.events.publish(EventKind::Ping {
+                    peer_id: peer.to_string(),
+                    rtt_ms: rtt.as_secs_f64() * 1000.0,
+                });
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Err(e),
+                ..
+            }) => tracing::debug!(peer = %short(&peer), error = %e, "ping failed"),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),
+            BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                tracing::debug!(peer = %short(&peer), "DHT routing updated");
+            }
+            other => tracing::trace!(?other, "behaviour event"),
+        }
+    }
+
+    fn on_mdns_discovered(&mut self, found: Vec<(PeerId, Multiaddr)>) {
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in found {
+            by_peer.entry(peer).or_default().push(addr);
+        }
+        for (peer, addrs) in by_peer {
+            self.events.publish(EventKind::PeerDiscovered {
+                peer_id: peer.to_string(),
+                addresses: addrs.iter().map(ToString::to_string).collect(),
+            });
+            if !self.swarm.is_connected(&peer) {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(peer = %short(&peer), error = %e, "mDNS dial not started");
+                }
+            }
+        }
+    }
+
+    fn handle_maintenance(&mut self) {
+        let now = tokio::time::Instant::now();
+        for i in 0..self.relays.len() {
+            let relay = &self.relays[i];
+            if relay.connected || relay.dialing.is_some() || relay.next_attempt > now {
+                continue;
+            }
+            let Some(peer) = relay.peer_id else { continue };
+            if self.swarm.is_connected(&peer) {
+                self.relays[i].connected = true;
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![without_p2p(&relay.address)])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let id = opts.connection_id();
+            let relay = &mut self.relays[i];
+            match self.swarm.dial(opts) {
+                Ok(()) => relay.dialing = Some(id),
+                Err(e) => {
+                    relay.last_error = Some(e.to_string());
+                    relay.next_attempt = now + relay.backoff;
+                    relay.backoff = (relay.backoff * 2).min(RELAY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let mut out: Vec<PeerInfo> = self
+            .connections
+            .iter()
+            .map(|(peer, conns)| {
+                let mut addrs: Vec<String> = conns.values().map(ToString::to_string).collect();
+                addrs.sort();
+                addrs.dedup();
+                PeerInfo {
+                    peer_id: peer.to_string(),
+                    addrs,
+                    rtt_ms: self.rtt.get(peer).map(|d| d.as_secs_f64() * 1000.0),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    fn status(&self) -> NetStatus {
+        let mut connected_peers: Vec<String> =
+            self.connections.keys().map(ToString::to_string).collect();
+        connected_peers.sort();
+        NetStatus {
+            listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
+            connected_peers,
+            relays: self
+                .relays
+                .iter()
+                .map(|r| RelayStatus {
+                    address: r.address.to_string(),
+                    connected: r.connected,
+                    last_error: if r.connected {
+                        None
+                    } else {
+                        r.last_error.clone()
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The short form of a peer id for logs.
+pub fn short(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}
+
+/// The `/p2p/<peer>` multiaddr component, for building dialable addresses.
+pub fn p2p(peer: PeerId) -> Protocol<'static> {
+    Protocol::P2p(peer)
+}

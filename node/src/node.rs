@@ -1,0 +1,314 @@
+//! Starting a node and the [`NodeHandle`] through which the API, the CLI and the tests use it.
+//!
+//! Start order: take the data-directory lock (so a second daemon fails before touching the
+//! database), load the identity, open the store and the event log, then spawn the network
+//! actor. Shutdown reverses it: cancel every task, wait for them, flush the store, release
+//! the lock. [`NodeHandle`] is a cheap clone; every method is typed and async.
+
+use std::sync::{Arc, Mutex};
+
+use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Config, ConfigError},
+    data_dir::{DataDir, DataDirError, DataDirLock},
+    events::{EventBus, EventKind, Subscription},
+    identity::{Identity, IdentityError},
+    net::{self, NetError, NetHandle, PeerInfo, RelayStatus},
+    store::{Store, StoreError},
+    ticket::ContactTicket,
+};
+
+/// Errors starting or using a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory is locked or inaccessible.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The identity is missing or corrupt.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The node is shutting down and takes no new work.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// What a node is started with.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Its data directory (must hold an identity).
+    pub data_dir: DataDir,
+    /// The effective configuration (file merged with flags).
+    pub config: Config,
+}
+
+impl NodeOptions {
+    /// Loads `config.toml` from `data_dir` (defaults when absent).
+    pub fn load(data_dir: DataDir) -> Result<Self, NodeError> {
+        let config = Config::load_or_default(&data_dir.config_path())?;
+        Ok(Self { data_dir, config })
+    }
+}
+
+/// Who this node is, for `tern id` and the `info` method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// iroh endpoint id (same key).
+    pub endpoint_id: String,
+    /// Contact ticket with the current addresses.
+    pub ticket: String,
+    /// Tern version.
+    pub version: String,
+    /// The data directory.
+    pub data_dir: String,
+}
+
+/// The daemon state for `tern status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Addresses the node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub connected_peers: Vec<String>,
+    /// Configured relays and whether they are connected.
+    pub relays: Vec<RelayStatus>,
+    /// Messages waiting in the outbox (no messaging capability yet: always the true count, 0).
+    pub outbox: u64,
+}
+
+struct Inner {
+    identity: Identity,
+    data_dir: DataDir,
+    net: NetHandle,
+    shutdown: CancellationToken,
+    tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Held while running; taken (and so closed) by `shutdown`, so that a stopped node
+    /// releases its database and data directory even while stale handles linger.
+    resources: Mutex<Option<Resources>>,
+}
+
+struct Resources {
+    store: Store,
+    events: EventBus,
+    lock: DataDirLock,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.inner.identity.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Entry point.
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// Starts a node; returns once it listens.
+    pub async fn start(options: NodeOptions) -> Result<NodeHandle, NodeError> {
+        let NodeOptions { data_dir, config } = options;
+        config.validate(&data_dir.config_path())?;
+        let lock = data_dir.lock()?;
+        let identity = Identity::load(&data_dir)?;
+        let store = Store::open(&data_dir.db_path())?;
+        let events = EventBus::open(&store)?;
+        let shutdown = CancellationToken::new();
+        let (net, net_task) =
+            net::spawn(&identity, &config, events.clone(), shutdown.child_token()).await?;
+        tracing::info!(peer_id = %identity.peer_id(), dir = %data_dir.root().display(), "node started");
+        Ok(NodeHandle {
+            inner: Arc::new(Inner {
+                identity,
+                data_dir,
+                net,
+                shutdown,
+                tasks: tokio::sync::Mutex::new(vec![net_task]),
+                resources: Mutex::new(Some(Resources {
+                    store,
+                    events,
+                    lock,
+                })),
+            }),
+        })
+    }
+}
+
+impl NodeHandle {
+    fn check_running(&self) -> Result<(), NodeError> {
+        if self.inner.shutdown.is_cancelled() {
+            Err(NodeError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.identity.peer_id()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.inner.data_dir
+    }
+
+    fn resources<T>(&self, f: impl FnOnce(&Resources) -> T) -> Result<T, NodeError> {
+        let guard = self
+            .inner
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(f).ok_or(NodeError::ShuttingDown)
+    }
+
+    /// The event bus (for capabilities and the API).
+    pub fn events(&self) -> Result<EventBus, NodeError> {
+        self.resources(|r| r.events.clone())
+    }
+
+    /// The store (for capabilities).
+    pub fn store(&self) -> Result<Store, NodeError> {
+        self.resources(|r| r.store.clone())
+    }
+
+    /// Identity, ids and a fresh contact ticket.
+    pub async fn info(&self) -> Result<NodeInfo, NodeError> {
+        let ticket = self.ticket().await?;
+        Ok(NodeInfo {
+            peer_id: self.peer_id().to_string(),
+            endpoint_id: self.inner.identity.endpoint_id().to_string(),
+            ticket: ticket.encode(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            data_dir: self.inner.data_dir.root().display().to_string(),
+        })
+    }
+
+    /// The contact ticket with the node's dialable addresses.
+    pub async fn ticket(&self) -> Result<ContactTicket, NodeError> {
+        let addrs = self
+            .inner
+            .net
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .filter(is_dialable)
+            .collect();
+        Ok(ContactTicket {
+            peer_id: self.peer_id(),
+            addrs,
+        })
+    }
+
+    /// Listen addresses, peers, relays and outbox size.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let net = self.inner.net.status().await?;
+        Ok(NodeStatus {
+            peer_id: self.peer_id().to_string(),
+            listen_addrs: net.listen_addrs,
+            connected_peers: net.connected_peers,
+            relays: net.relays,
+            outbox: 0,
+        })
+    }
+
+    /// Connected peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        Ok(self.inner.net.peers().await?)
+    }
+
+    /// Connects to a peer.
+    pub async fn dial(&self, address: Multiaddr) -> Result<PeerId, NodeError> {
+        self.check_running()?;
+        Ok(self.inner.net.dial(address).await?)
+    }
+
+    /// The listen addresses.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        Ok(self.inner.net.listen_addrs().await?)
+    }
+
+    /// Subscribes to events after `since` (all live events when `None`).
+    pub fn subscribe(&self, since: Option<u64>) -> Result<Subscription, NodeError> {
+        Ok(self.events()?.subscribe(since)?)
+    }
+
+    /// Asks the node to stop; [`NodeHandle::closed`] resolves, the owner then calls
+    /// [`NodeHandle::shutdown`].
+    pub fn request_shutdown(&self) {
+        if !self.inner.shutdown.is_cancelled()
+            && let Ok(events) = self.events()
+        {
+            events.publish(EventKind::ShuttingDown);
+        }
+        self.inner.shutdown.cancel();
+    }
+
+    /// Resolves when shutdown was requested.
+    pub async fn closed(&self) {
+        self.inner.shutdown.cancelled().await;
+    }
+
+    /// Stops every task, flushes the database and releases the data-directory lock.
+    /// Idempotent; returns when everything is down.
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        self.request_shutdown();
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().await);
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "a node task ended abnormally");
+            }
+        }
+        let resources = self
+            .inner
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Resources {
+            store,
+            events,
+            lock,
+        }) = resources
+        {
+            drop(events);
+            store.flush().await?;
+            // Close the database before releasing the directory lock.
+            drop(store);
+            drop(lock);
+            tracing::info!("node stopped");
+        }
+        Ok(())
+    }
+}
+
+/// Whether an address is worth putting in a ticket (not `0.0.0.0`/`::`, not relayed-through-nothing).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    addr.iter().all(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_unspecified(),
+        _ => true,
+    })
+}

@@ -1,0 +1,304 @@
+//! The node's persistent store: one sled database behind a narrow, typed interface.
+//!
+//! Everything above this module sees [`Store`] and [`Table`], never sled itself, so the engine
+//! can be swapped without touching protocol code. Invariants:
+//! - the `meta` tree holds `schema_version`; opening a database written by a newer Tern fails,
+//!   an older one is migrated step by step before anything else reads it;
+//! - values are versioned postcard (or raw bytes) chosen by the caller of [`Table`];
+//! - nothing is acknowledged to anyone before [`Store::flush`] returned: sled writes are
+//!   durable only after a flush.
+
+use std::{marker::PhantomData, path::Path};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+const META_TREE: &str = "meta";
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an error (I/O, full disk, corruption).
+    #[error("database error: {0}")]
+    Db(#[from] sled::Error),
+    /// The database was written by a newer Tern.
+    #[error("database schema {found} is newer than this Tern supports ({supported}); upgrade Tern")]
+    NewerSchema {
+        /// The schema found on disk.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// A stored value does not decode.
+    #[error("corrupt value in table {table}: {message}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// Decoder message.
+        message: String,
+    },
+    /// A transaction was aborted by its closure.
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+}
+
+/// The database. Cheap to clone (sled handles are reference counted).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let store = Self { db };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// A throwaway in-memory database (tests and benchmarks).
+    pub fn temporary() -> Result<Self, StoreError> {
+        let store = Self {
+            db: sled::Config::new().temporary(true).open()?,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let meta = self.db.open_tree(META_TREE)?;
+        let found = match meta.get(SCHEMA_KEY)? {
+            None => 0,
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    table: META_TREE,
+                    message: "schema_version is not 4 bytes".into(),
+                })?;
+                u32::from_be_bytes(bytes)
+            }
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        // Migration steps run in order; version 0 (a fresh database) -> 1 needs no data change.
+        if found < SCHEMA_VERSION {
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            meta.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version on disk.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        let meta = self.db.open_tree(META_TREE)?;
+        Ok(meta
+            .get(SCHEMA_KEY)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// A typed table (a sled tree) named `name`.
+    pub fn table<V>(&self, name: &'static str) -> Result<Table<V>, StoreError> {
+        Ok(Table {
+            name,
+            tree: self.db.open_tree(name)?,
+            _v: PhantomData,
+        })
+    }
+
+    /// Makes every write so far durable. Call before acknowledging anything.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush_async().await?)
+    }
+
+    /// Blocking flush, for shutdown paths outside async code.
+    pub fn flush_blocking(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush()?)
+    }
+
+    /// Bytes used on disk (approximate).
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// A typed view of one tree: byte keys, values encoded with postcard.
+pub struct Table<V> {
+    name: &'static str,
+    tree: sled::Tree,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for Table<V> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            tree: self.tree.clone(),
+            _v: PhantomData,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Table<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("name", &self.name).finish()
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    fn decode(&self, bytes: &[u8]) -> Result<V, StoreError> {
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+            table: self.name,
+            message: e.to_string(),
+        })
+    }
+
+    fn encode(&self, value: &V) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value).map_err(|e| StoreError::Corrupt {
+            table: self.name,
+            message: e.to_string(),
+        })
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<V>, StoreError> {
+        self.tree.get(key)?.map(|v| self.decode(&v)).transpose()
+    }
+
+    /// Stores `value` under `key` (durable only after [`Store::flush`]).
+    pub fn insert(&self, key: &[u8], value: &V) -> Result<(), StoreError> {
+        let bytes = self.encode(value)?;
+        self.tree.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub fn remove(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.remove(key)?.is_some())
+    }
+
+    /// Whether `key` exists.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Number of entries (walks the tree).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Entries with keys `>= from`, in key order, at most `limit`.
+    pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.range(from..).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// The last entry in key order.
+    pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
+        self.tree
+            .last()?
+            .map(|(k, v)| Ok((k.to_vec(), self.decode(&v)?)))
+            .transpose()
+    }
+
+    /// Removes the first `n` entries in key order; returns how many were removed.
+    pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        while removed < n {
+            match self.tree.pop_min()? {
+                Some(_) => removed += 1,
+                None => break,
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_is_written_and_newer_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+            let meta = s.db.open_tree(META_TREE).unwrap();
+            meta.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+            s.flush_blocking().unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::NewerSchema { found: 99, .. }) => {}
+            other => panic!("expected NewerSchema, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn typed_table_round_trip_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<(String, u64)> = s.table("things").unwrap();
+            t.insert(b"a", &("x".into(), 1)).unwrap();
+            t.insert(b"b", &("y".into(), 2)).unwrap();
+            s.flush().await.unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let t: Table<(String, u64)> = s.table("things").unwrap();
+        assert_eq!(t.get(b"a").unwrap(), Some(("x".into(), 1)));
+        assert_eq!(t.scan_from(b"b", 10).unwrap().len(), 1);
+        assert_eq!(t.last().unwrap().unwrap().0, b"b".to_vec());
+        assert_eq!(t.remove_first(1).unwrap(), 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_value_is_a_typed_error() {
+        let s = Store::temporary().unwrap();
+        let raw: Table<Vec<u8>> = s.table("t").unwrap();
+        raw.insert(b"k", &vec![]).unwrap();
+        let typed: Table<(u64, String, [u8; 32])> = s.table("t").unwrap();
+        assert!(matches!(
+            typed.get(b"k"),
+            Err(StoreError::Corrupt { table: "t", .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! Contact tickets: one copy-pasteable string that carries everything needed to reach a
+//! node (its peer id and dialable addresses; later versions add keys and relays).
+//!
+//! Text form: `tern1` followed by lowercase unpadded base32 of
+//! `version (1 byte) || postcard(body) || BLAKE3(version || body)[..4]`.
+//! The checksum catches copy-paste damage; the version lets newer nodes keep reading old
+//! tickets. Decoding caps the input length before allocating.
+
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+const PREFIX: &str = "tern1";
+const VERSION: u8 = 1;
+/// The longest ticket text accepted (a ticket with many addresses stays far below).
+pub const MAX_TICKET_LEN: usize = 16 * 1024;
+
+/// Why a ticket string was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TicketError {
+    /// It does not start with `tern1`.
+    #[error("not a Tern ticket (it must start with `{PREFIX}`)")]
+    Prefix,
+    /// Longer than [`MAX_TICKET_LEN`].
+    #[error("ticket too long: {len} characters, at most {MAX_TICKET_LEN}")]
+    TooLong {
+        /// The length found.
+        len: usize,
+    },
+    /// Not valid base32 or too short.
+    #[error("ticket is damaged (altered or cut while copying?): {0}")]
+    Encoding(String),
+    /// The checksum does not match: the text was altered or truncated.
+    #[error("ticket checksum mismatch: the ticket was altered or cut while copying")]
+    Checksum,
+    /// Made by a newer Tern.
+    #[error("ticket version {0} is not supported by this Tern (supports {VERSION})")]
+    Version(u8),
+}
+
+/// What a ticket carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactTicket {
+    /// The node's libp2p peer id (its ed25519 identity).
+    pub peer_id: PeerId,
+    /// Addresses the node can be dialed at (without the `/p2p/` suffix).
+    pub addrs: Vec<Multiaddr>,
+}
+
+impl ContactTicket {
+    /// Encodes to the `tern1…` text form.
+    pub fn encode(&self) -> String {
+        let mut bytes = vec![VERSION];
+        bytes.extend(postcard::to_stdvec(self).expect("ticket fields always serialize"));
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        format!(
+            "{PREFIX}{}",
+            data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
+        )
+    }
+
+    /// Decodes the text form, checking length, checksum and version.
+    pub fn decode(text: &str) -> Result<Self, TicketError> {
+        let text = text.trim();
+        if text.len() > MAX_TICKET_LEN {
+            return Err(TicketError::TooLong { len: text.len() });
+        }
+        let body = text.strip_prefix(PREFIX).ok_or(TicketError::Prefix)?;
+        let bytes = data_encoding::BASE32_NOPAD
+            .decode(body.to_uppercase().as_bytes())
+            .map_err(|e| TicketError::Encoding(e.to_string()))?;
+        if bytes.len() < 1 + 4 {
+            return Err(TicketError::Encoding("too short".into()));
+        }
+        let (payload, sum) = bytes.split_at(bytes.len() - 4);
+        if checksum(payload) != sum {
+            return Err(TicketError::Checksum);
+        }
+        if payload[0] != VERSION {
+            return Err(TicketError::Version(payload[0]));
+        }
+        postcard::from_bytes(&payload[1..]).map_err(|e| TicketError::Encoding(e.to_string()))
+    }
+}
+
+fn checksum(bytes: &[u8]) -> [u8; 4] {
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..4]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    fn sample() -> ContactTicket {
+        ContactTicket {
+            peer_id: Identity::from_seed([1u8; 32]).peer_id(),
+            addrs: vec![
+                "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
+                "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = sample();
+        let text = t.encode();
+        assert!(text.starts_with("tern1"));
+        assert!(text.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(ContactTicket::decode(&text).unwrap(), t);
+        assert_eq!(ContactTicket::decode(&format!("  {text}\n")).unwrap(), t);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let text = sample().encode();
+        for cut in 1..8 {
+            let err = ContactTicket::decode(&text[..text.len() - cut]).unwrap_err();
+            assert!(
+                matches!(err, TicketError::Checksum | TicketError::Encoding(_)),
+                "cut {cut}: {err:?}"
+            );
+        }
+        let mut chars: Vec<char> = text.chars().collect();
+        let i = chars.len() / 2;
+        chars[i] = if chars[i] == 'a' { 'b' } else { 'a' };
+        let altered: String = chars.into_iter().collect();
+        assert!(ContactTicket::decode(&altered).is_err());
+        assert_eq!(
+            ContactTicket::decode("hello").unwrap_err(),
+            TicketError::Prefix
+        );
+        assert!(matches!(
+            ContactTicket::decode("tern1!!!"),
+            Err(TicketError::Encoding(_))
+        ));
+        let long = format!("tern1{}", "a".repeat(MAX_TICKET_LEN));
+        assert!(matches!(
+            ContactTicket::decode(&long),
+            Err(TicketError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn future_version_is_refused() {
+        let mut bytes = vec![9u8];
+        bytes.extend(postcard::to_stdvec(&sample()).unwrap());
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        let text = format!(
+            "tern1{}",
+            data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
+        );
+        assert_eq!(
+            ContactTicket::decode(&text).unwrap_err(),
+            TicketError::Version(9)
+        );
+    }
+}
