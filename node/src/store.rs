@@ -11,6 +11,10 @@
 use std::{marker::PhantomData, path::Path};
 
 use serde::{Serialize, de::DeserializeOwned};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+    UnabortableTransactionError,
+};
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -132,9 +136,107 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
+    /// Runs `f` atomically over `tables`: either every write in it lands or none does.
+    /// `f` may be re-run on conflict, so it must not have side effects outside `tx`.
+    pub fn transaction<R>(
+        &self,
+        tables: &[&dyn AnyTable],
+        f: impl Fn(&Tx<'_>) -> Result<R, TxError>,
+    ) -> Result<R, StoreError> {
+        let trees: Vec<sled::Tree> = tables.iter().map(|t| t.tree().clone()).collect();
+        let names: Vec<&'static str> = tables.iter().map(|t| t.name()).collect();
+        let result = trees.as_slice().transaction(|views: &Vec<TransactionalTree>| {
+            let tx = Tx {
+                views: views.as_slice(),
+                names: &names,
+            };
+            f(&tx).map_err(|e| e.0)
+        });
+        match result {
+            Ok(r) => Ok(r),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Db(e)),
+        }
+    }
+
     /// Bytes used on disk (approximate).
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Any table, for naming the tables a transaction touches.
+pub trait AnyTable {
+    /// The table's name.
+    fn name(&self) -> &'static str;
+    /// The sled tree behind it.
+    fn tree(&self) -> &sled::Tree;
+}
+
+impl<V> AnyTable for Table<V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+}
+
+/// An error inside a transaction: a storage error, a conflict (sled retries) or an abort.
+#[derive(Debug)]
+pub struct TxError(ConflictableTransactionError<StoreError>);
+
+impl TxError {
+    /// Aborts the transaction with `error`; nothing it wrote lands.
+    pub fn abort(error: StoreError) -> Self {
+        Self(ConflictableTransactionError::Abort(error))
+    }
+}
+
+impl From<UnabortableTransactionError> for TxError {
+    fn from(e: UnabortableTransactionError) -> Self {
+        Self(e.into())
+    }
+}
+
+/// The view of the tables inside [`Store::transaction`].
+pub struct Tx<'a> {
+    views: &'a [TransactionalTree],
+    names: &'a [&'static str],
+}
+
+impl Tx<'_> {
+    fn view<V>(&self, table: &Table<V>) -> Result<&TransactionalTree, TxError> {
+        self.names
+            .iter()
+            .position(|n| *n == table.name)
+            .map(|i| &self.views[i])
+            .ok_or_else(|| {
+                TxError::abort(StoreError::Aborted(format!(
+                    "table {} is not part of this transaction",
+                    table.name
+                )))
+            })
+    }
+
+    /// Reads `key` of `table`.
+    pub fn get<V: Serialize + DeserializeOwned>(&self, table: &Table<V>, key: &[u8]) -> Result<Option<V>, TxError> {
+        match self.view(table)?.get(key)? {
+            None => Ok(None),
+            Some(bytes) => table.decode(&bytes).map(Some).map_err(TxError::abort),
+        }
+    }
+
+    /// Writes `value` under `key` of `table`.
+    pub fn insert<V: Serialize + DeserializeOwned>(&self, table: &Table<V>, key: &[u8], value: &V) -> Result<(), TxError> {
+        let bytes = table.encode(value).map_err(TxError::abort)?;
+        self.view(table)?.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Removes `key` of `table`; returns whether it existed.
+    pub fn remove<V>(&self, table: &Table<V>, key: &[u8]) -> Result<bool, TxError> {
+        Ok(self.view(table)?.remove(key)?.is_some())
     }
 }
 
@@ -288,6 +390,32 @@ mod tests {
         assert_eq!(t.last().unwrap().unwrap().0, b"b".to_vec());
         assert_eq!(t.remove_first(1).unwrap(), 1);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn transaction_is_all_or_nothing() {
+        let s = Store::temporary().unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        let b: Table<String> = s.table("b").unwrap();
+        s.transaction(&[&a, &b], |tx| {
+            tx.insert(&a, b"k", &1)?;
+            tx.insert(&b, b"k", &"one".to_string())?;
+            Ok(())
+        })
+        .unwrap();
+        let err = s
+            .transaction(&[&a, &b], |tx| {
+                tx.insert(&a, b"k", &2)?;
+                tx.remove(&b, b"k")?;
+                Err::<(), _>(TxError::abort(StoreError::Aborted("no".into())))
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Aborted(_)));
+        assert_eq!(a.get(b"k").unwrap(), Some(1), "nothing of the aborted tx landed");
+        assert_eq!(b.get(b"k").unwrap(), Some("one".to_string()));
+        // A table outside the transaction is refused.
+        let c: Table<u32> = s.table("c").unwrap();
+        assert!(s.transaction(&[&a], |tx| tx.insert(&c, b"k", &1)).is_err());
     }
 
     #[test]

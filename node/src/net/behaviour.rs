@@ -17,6 +17,12 @@ use crate::config::Config;
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1.0.0");
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/tern/id/1.0.0";
+/// One-to-one message delivery.
+pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/msg/1");
+/// How long a `/tern/msg/1` request may wait for its response.
+pub const MSG_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent `/tern/msg/1` streams per connection.
+pub const MSG_MAX_STREAMS: usize = 512;
 /// How often connected peers are pinged.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -33,6 +39,8 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     /// LAN discovery, switched by `config.mdns`.
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    /// `/tern/msg/1`: envelopes in, durable-store acknowledgements out.
+    pub(crate) msg: request_response::Behaviour<FrameCodec>,
 }
 
 /// Errors building the swarm.
@@ -105,6 +113,16 @@ pub(crate) fn build_swarm(
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
                 kad,
                 mdns: Toggle::from(mdns),
+                msg: request_response::Behaviour::with_codec(
+                    FrameCodec {
+                        max_request: wire::MAX_REQUEST_FRAME,
+                        max_response: wire::MAX_RESPONSE_FRAME,
+                    },
+                    [(MSG_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(MSG_REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(MSG_MAX_STREAMS),
+                ),
             }
         })
         .map_err(|e| BuildError::Transport {

@@ -6,6 +6,7 @@
 //! [`NetError::ActorGone`], never a panic.
 
 mod behaviour;
+mod frame;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -13,18 +14,19 @@ use std::{
 };
 
 use behaviour::{Behaviour, BehaviourEvent};
-pub use behaviour::{BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, PING_INTERVAL};
+pub use behaviour::{BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MSG_PROTOCOL, PING_INTERVAL};
+pub use frame::FrameCodec;
 use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm,
     core::ConnectedPoint,
     identify, kad, mdns,
     multiaddr::Protocol,
-    ping,
+    ping, request_response,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -37,6 +39,8 @@ use crate::{
 pub const COMMAND_CHANNEL_CAPACITY: usize = 256;
 /// How long a dial may take before it is reported as failed.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Capacity of the internal network-event broadcast.
+pub const NET_EVENT_CAPACITY: usize = 1024;
 /// How long start-up waits for listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Relay reconnection backoff bounds.
@@ -67,6 +71,14 @@ pub enum NetError {
     Dial {
         /// The address dialed.
         address: Multiaddr,
+        /// Why.
+        message: String,
+    },
+    /// A request to a peer failed (dial failure, timeout, closed connection, ...).
+    #[error("request to {peer} failed: {message}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
         /// Why.
         message: String,
     },
@@ -115,7 +127,52 @@ pub struct NetStatus {
     pub relays: Vec<RelayStatus>,
 }
 
+/// A network happening that capabilities react to (not shown to users).
+#[derive(Debug, Clone)]
+pub enum NetEvent {
+    /// The first connection to a peer opened.
+    Connected(PeerId),
+    /// The last connection to a peer closed.
+    Disconnected(PeerId),
+    /// A peer told us its listen addresses (identify).
+    Identified {
+        /// The peer.
+        peer: PeerId,
+        /// Its listen addresses.
+        listen_addrs: Vec<Multiaddr>,
+    },
+}
+
+/// An inbound `/tern/msg/1` request, handed to the messaging capability. Answer it with
+/// [`NetHandle::respond`]; dropping it makes the sender see a failed request and retry.
+#[derive(Debug)]
+pub struct InboundRequest {
+    /// The authenticated peer (noise) that sent it.
+    pub peer: PeerId,
+    /// The raw frame.
+    pub bytes: Vec<u8>,
+    /// Where the response goes.
+    pub channel: request_response::ResponseChannel<Vec<u8>>,
+}
+
 enum Command {
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
+    },
+    Respond {
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        bytes: Vec<u8>,
+    },
+    IsConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
     Dial {
         address: Multiaddr,
         reply: oneshot::Sender<Result<PeerId, NetError>>,
@@ -135,6 +192,7 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
+    net_events: broadcast::Sender<NetEvent>,
 }
 
 impl NetHandle {
@@ -181,6 +239,44 @@ impl NetHandle {
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         self.call(|reply| Command::ListenAddrs { reply }).await
     }
+
+    /// Sends a `/tern/msg/1` request (dialing `addrs` if not connected) and waits for the
+    /// response frame.
+    pub async fn request(&self, peer: PeerId, addrs: Vec<Multiaddr>, bytes: Vec<u8>) -> Result<Vec<u8>, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            addrs,
+            bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, channel: request_response::ResponseChannel<Vec<u8>>, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Respond { channel, bytes })
+            .await
+            .map_err(|_| NetError::ActorGone)
+    }
+
+    /// Whether a connection to `peer` is open.
+    pub async fn is_connected(&self, peer: PeerId) -> Result<bool, NetError> {
+        self.call(|reply| Command::IsConnected { peer, reply }).await
+    }
+
+    /// Closes every connection to `peer`.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Disconnect { peer })
+            .await
+            .map_err(|_| NetError::ActorGone)
+    }
+
+    /// Subscribes to internal network events.
+    pub fn net_events(&self) -> broadcast::Receiver<NetEvent> {
+        self.net_events.subscribe()
+    }
 }
 
 struct RelayState {
@@ -203,6 +299,9 @@ struct NetActor {
     connections: HashMap<PeerId, HashMap<ConnectionId, Multiaddr>>,
     rtt: HashMap<PeerId, Duration>,
     relays: Vec<RelayState>,
+    inbound: mpsc::Sender<InboundRequest>,
+    pending_requests: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
+    net_events: broadcast::Sender<NetEvent>,
 }
 
 /// Builds the swarm, binds every listen address, waits until they report addresses, then
@@ -212,6 +311,7 @@ pub async fn spawn(
     config: &Config,
     events: EventBus,
     shutdown: CancellationToken,
+    inbound: mpsc::Sender<InboundRequest>,
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
     let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config)?;
     let mut listeners = HashSet::new();
@@ -259,6 +359,7 @@ pub async fn spawn(
         }
     }
     let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+    let (net_events, _) = broadcast::channel(NET_EVENT_CAPACITY);
     let now = tokio::time::Instant::now();
     let relays = config
         .relays
@@ -282,12 +383,15 @@ pub async fn spawn(
         connections: HashMap::new(),
         rtt: HashMap::new(),
         relays,
+        inbound,
+        pending_requests: HashMap::new(),
+        net_events: net_events.clone(),
     };
     for event in early {
         actor.handle_swarm_event(event);
     }
     let task = tokio::spawn(actor.run());
-    Ok((NetHandle { tx }, task))
+    Ok((NetHandle { tx, net_events }, task))
 }
 
 /// The `/p2p/<id>` component of an address, if any.
@@ -327,6 +431,9 @@ impl NetActor {
                 message: "node shutting down".into(),
             }));
         }
+        for (_, reply) in self.pending_requests.drain() {
+            let _ = reply.send(Err(NetError::ActorGone));
+        }
         tracing::debug!("network task stopped");
     }
 
@@ -342,6 +449,77 @@ impl NetActor {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Request {
+                peer,
+                addrs,
+                bytes,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .msg
+                    .send_request_with_addresses(&peer, bytes, addrs);
+                self.pending_requests.insert(id, reply);
+            }
+            Command::Respond { channel, bytes } => {
+                if self.swarm.behaviour_mut().msg.send_response(channel, bytes).is_err() {
+                    tracing::debug!("response not sent: the requester went away");
+                }
+            }
+            Command::IsConnected { peer, reply } => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn handle_msg_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message: Message::Request { request, channel, .. },
+                ..
+            } => {
+                let item = InboundRequest {
+                    peer,
+                    bytes: request,
+                    channel,
+                };
+                if let Err(e) = self.inbound.try_send(item) {
+                    // Overloaded or shutting down: dropping the channel tells the sender
+                    // to retry later.
+                    tracing::debug!(peer = %short(&peer), "inbound request dropped: {e}");
+                }
+            }
+            Event::Message {
+                message: Message::Response { request_id, response },
+                ..
+            } => {
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        message: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(peer = %short(&peer), %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
         }
     }
 
@@ -437,6 +615,7 @@ impl NetActor {
             }
         }
         if n == 1 {
+            let _ = self.net_events.send(NetEvent::Connected(peer));
             tracing::info!(peer = %short(&peer), %remote, "peer connected");
             self.events.publish(EventKind::PeerConnected {
                 peer_id: peer.to_string(),
@@ -461,6 +640,7 @@ impl NetActor {
                     relay.next_attempt = now + relay.backoff;
                 }
             }
+            let _ = self.net_events.send(NetEvent::Disconnected(peer));
             tracing::info!(peer = %short(&peer), "peer disconnected");
             self.events.publish(EventKind::PeerDisconnected {
                 peer_id: peer.to_string(),
@@ -511,11 +691,19 @@ impl NetActor {
             }) => tracing::debug!(peer = %short(&peer), error = %e, "ping failed"),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocols.contains(&KAD_PROTOCOL) {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    for addr in &info.listen_addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
                     }
                 }
+                let _ = self.net_events.send(NetEvent::Identified {
+                    peer: peer_id,
+                    listen_addrs: info.listen_addrs,
+                });
             }
+            BehaviourEvent::Msg(event) => self.handle_msg_event(event),
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {

@@ -1,0 +1,137 @@
+//! Contacts: who a node talks to, the keys it trusts for them, and the safety number two
+//! people compare to verify each other.
+
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::IdentityPublic;
+
+/// Longest contact name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A stored contact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    /// Local name, unique on this node.
+    pub name: String,
+    /// The contact's peer id.
+    pub peer_id: PeerId,
+    /// The contact's verified identity keys (ed25519 + signed X25519).
+    pub identity: IdentityPublic,
+    /// The prekey bundle from the contact's ticket, used to start a session.
+    pub bundle: Option<Vec<u8>>,
+    /// Addresses the contact was last seen at.
+    pub addrs: Vec<Multiaddr>,
+    /// Blocked contacts' envelopes are dropped.
+    pub blocked: bool,
+    /// Added from an incoming message rather than by ticket.
+    pub auto_added: bool,
+    /// The display name the contact announced, if any.
+    pub announced_name: Option<String>,
+    /// When added, ms since the epoch.
+    pub added_at: u64,
+}
+
+/// A contact as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactView {
+    /// Local name.
+    pub name: String,
+    /// Peer id.
+    pub peer_id: String,
+    /// Whether blocked.
+    pub blocked: bool,
+    /// Added from an incoming message (a message request) rather than by ticket.
+    pub auto_added: bool,
+    /// The name the contact announced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announced_name: Option<String>,
+    /// Known addresses.
+    pub addrs: Vec<String>,
+    /// When added, ms since the epoch.
+    pub added_at: u64,
+    /// The safety number (compare it with the contact's to verify each other).
+    pub safety_number: String,
+}
+
+impl Contact {
+    /// The API view; `own` is this node's identity for the safety number.
+    pub fn view(&self, own: &IdentityPublic) -> ContactView {
+        ContactView {
+            name: self.name.clone(),
+            peer_id: self.peer_id.to_string(),
+            blocked: self.blocked,
+            auto_added: self.auto_added,
+            announced_name: self.announced_name.clone(),
+            addrs: self.addrs.iter().map(ToString::to_string).collect(),
+            added_at: self.added_at,
+            safety_number: safety_number(own, &self.identity),
+        }
+    }
+
+    /// The contact's ed25519 key (the storage key of everything about it).
+    pub fn key(&self) -> [u8; 32] {
+        *self.identity.ed25519()
+    }
+}
+
+/// Checks a contact name: 1..=64 characters, no control characters, not all digits-looking
+/// ambiguity with hex ids is allowed; leading/trailing space is not.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
+        return Err(format!("a contact name has 1 to {MAX_NAME_LEN} characters"));
+    }
+    if name.trim() != name || name.chars().any(char::is_control) {
+        return Err("a contact name has no leading/trailing spaces or control characters".into());
+    }
+    Ok(())
+}
+
+/// The safety number of two identities: 60 digits in 12 groups of 5, the same on both sides.
+pub fn safety_number(a: &IdentityPublic, b: &IdentityPublic) -> String {
+    let mut keys = [a.to_bytes(), b.to_bytes()];
+    keys.sort();
+    let mut hasher = blake3::Hasher::new_derive_key("tern safety number v1");
+    for k in &keys {
+        // Only the keys, not the signature bytes, define the identity.
+        hasher.update(&k[..64]);
+    }
+    let mut out = [0u8; 60];
+    hasher.finalize_xof().fill(&mut out);
+    out.chunks(5)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[3..].copy_from_slice(c);
+            format!("{:05}", u64::from_be_bytes(b) % 100_000)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::IdentityKeys;
+
+    #[test]
+    fn safety_number_is_symmetric_and_key_bound() {
+        let a = IdentityKeys::from_seed(&[1; 32]).unwrap();
+        let b = IdentityKeys::from_seed(&[2; 32]).unwrap();
+        let c = IdentityKeys::from_seed(&[3; 32]).unwrap();
+        let ab = safety_number(a.public(), b.public());
+        assert_eq!(ab, safety_number(b.public(), a.public()));
+        assert_ne!(ab, safety_number(a.public(), c.public()));
+        assert_eq!(ab.len(), 12 * 5 + 11);
+        assert!(ab.split(' ').all(|g| g.len() == 5 && g.chars().all(|c| c.is_ascii_digit())));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("bob").is_ok());
+        assert!(validate_name("Bob Smith").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(" bob").is_err());
+        assert!(validate_name("b\nob").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+}

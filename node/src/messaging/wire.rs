@@ -1,0 +1,357 @@
+//! Wire types of one-to-one messaging: message ids, the envelope carried by `/tern/msg/1`
+//! (and, later, by relays), the request/response frames, and the encrypted content.
+//!
+//! Everything is postcard with an explicit version byte first, so a newer Tern can keep
+//! reading older frames. Decoders never trust lengths: the frame codec caps the frame size
+//! before allocation, and these types re-check the limits that matter (text size).
+//! The formats are documented in docs/PROTOCOL.md.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest text message, in bytes of UTF-8.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Largest `/tern/msg/1` request frame (a 64 KiB text plus encryption and envelope overhead).
+pub const MAX_REQUEST_FRAME: usize = 96 * 1024;
+/// Largest `/tern/msg/1` response frame.
+pub const MAX_RESPONSE_FRAME: usize = 1024;
+/// Version byte of [`Envelope`], [`Request`], [`Response`] and [`Plaintext`].
+pub const WIRE_VERSION: u8 = 1;
+
+/// Errors decoding wire data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The bytes are not a valid frame of this kind.
+    #[error("malformed {what}: {message}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// Decoder message.
+        message: String,
+    },
+    /// Made by a newer Tern.
+    #[error("unsupported {what} version {got} (this Tern speaks {WIRE_VERSION})")]
+    Version {
+        /// What was being decoded.
+        what: &'static str,
+        /// The version found.
+        got: u8,
+    },
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION];
+    out.extend(postcard::to_stdvec(value).expect("wire types always serialize"));
+    out
+}
+
+fn decode<'a, T: Deserialize<'a>>(what: &'static str, bytes: &'a [u8]) -> Result<T, WireError> {
+    match bytes.split_first() {
+        None => Err(WireError::Malformed {
+            what,
+            message: "empty".into(),
+        }),
+        Some((&WIRE_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| WireError::Malformed {
+            what,
+            message: e.to_string(),
+        }),
+        Some((&got, _)) => Err(WireError::Version { what, got }),
+    }
+}
+
+/// A message id: 6 bytes of milliseconds since the epoch, a 2-byte counter and 8 random
+/// bytes. Ids from one sender sort in the order they were made.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MsgId(pub [u8; 16]);
+
+impl MsgId {
+    /// The milliseconds part.
+    pub fn millis(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b[2..].copy_from_slice(&self.0[..6]);
+        u64::from_be_bytes(b)
+    }
+
+    /// Lowercase hex (32 characters), as shown to users and the API.
+    pub fn to_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+
+    /// Parses the hex form.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Debug for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MsgId({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Makes strictly increasing [`MsgId`]s for one node.
+#[derive(Debug, Default)]
+pub struct MsgIdGen {
+    last_ms: u64,
+    counter: u16,
+}
+
+impl MsgIdGen {
+    /// The next id at wall-clock `now_ms`, with `random` filling the tail.
+    pub fn next(&mut self, now_ms: u64, random: [u8; 8]) -> MsgId {
+        let ms = now_ms.max(self.last_ms);
+        if ms == self.last_ms {
+            if self.counter == u16::MAX {
+                // 65,536 ids in one millisecond: borrow the next millisecond.
+                self.last_ms += 1;
+                self.counter = 0;
+            } else {
+                self.counter += 1;
+            }
+        } else {
+            self.last_ms = ms;
+            self.counter = 0;
+        }
+        let mut id = [0u8; 16];
+        id[..6].copy_from_slice(&self.last_ms.to_be_bytes()[2..]);
+        id[6..8].copy_from_slice(&self.counter.to_be_bytes());
+        id[8..].copy_from_slice(&random);
+        MsgId(id)
+    }
+}
+
+/// What travels between nodes (and through relays): an id, the two ends, and the
+/// end-to-end ciphertext. Only the recipient can read `ciphertext`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique id; the recipient deduplicates on it.
+    pub id: MsgId,
+    /// The sender's ed25519 public key (its peer id's key).
+    pub sender: [u8; 32],
+    /// The recipient's ed25519 public key.
+    pub recipient: [u8; 32],
+    /// A `crypto::session::Message` encoding.
+    pub ciphertext: Vec<u8>,
+}
+
+impl Envelope {
+    /// The associated data bound into the ciphertext: a label, the id and both ends, so
+    /// nobody can move a ciphertext under another id or between conversations.
+    pub fn associated_data(id: &MsgId, sender: &[u8; 32], recipient: &[u8; 32]) -> Vec<u8> {
+        let mut ad = Vec::with_capacity(16 + 16 + 64);
+        ad.extend_from_slice(b"tern/msg/1 env\0");
+        ad.extend_from_slice(&id.0);
+        ad.extend_from_slice(sender);
+        ad.extend_from_slice(recipient);
+        ad
+    }
+
+    /// Encodes with the version byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes and checks the version.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode("envelope", bytes)
+    }
+}
+
+/// A `/tern/msg/1` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Store this envelope (a message, receipt or profile) durably, then answer.
+    Deliver(Envelope),
+    /// An ephemeral envelope (typing): process if possible, never store, never retry.
+    Ephemeral(Envelope),
+}
+
+impl Request {
+    /// Encodes with the version byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes and checks the version.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode("request", bytes)
+    }
+}
+
+/// Why a recipient refused an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The request did not decode.
+    Malformed,
+    /// The envelope was addressed to someone else, or its sender is not the connection's peer.
+    WrongParty,
+    /// The ciphertext did not decrypt (no session, bad tag, unknown prekey).
+    Undecryptable,
+    /// Too many envelopes from this peer; try later.
+    RateLimited,
+    /// The recipient could not store it (for example a full disk); try later.
+    Unavailable,
+}
+
+impl RejectReason {
+    /// Whether the sender should retry later (the same envelope may succeed).
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::RateLimited | Self::Unavailable)
+    }
+}
+
+/// A `/tern/msg/1` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Durably stored (or already stored before: duplicates are acknowledged again).
+    Stored(MsgId),
+    /// Processed without storing (ephemeral).
+    Seen(MsgId),
+    /// Refused.
+    Rejected(MsgId, RejectReason),
+}
+
+impl Response {
+    /// Encodes with the version byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes and checks the version.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode("response", bytes)
+    }
+}
+
+/// Receipt kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiptKind {
+    /// The recipient's node stored the message.
+    Delivered,
+    /// The recipient's user saw the message.
+    Read,
+}
+
+/// What is inside the ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// A text message.
+    Text {
+        /// The text (at most [`MAX_TEXT_BYTES`]).
+        text: String,
+        /// Sender's wall clock, ms since the epoch.
+        sent_at: u64,
+    },
+    /// Receipts for earlier messages.
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The messages.
+        ids: Vec<MsgId>,
+    },
+    /// Typing state (ephemeral).
+    Typing {
+        /// Whether the sender is typing.
+        typing: bool,
+    },
+    /// The sender's display name and addresses, sent when a session starts.
+    Profile {
+        /// Display name.
+        name: Option<String>,
+        /// Dialable multiaddrs (binary form).
+        addrs: Vec<Vec<u8>>,
+    },
+}
+
+/// The plaintext of an envelope: versioned [`Content`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plaintext(pub Content);
+
+impl Plaintext {
+    /// Encodes with the version byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(&self.0)
+    }
+
+    /// Decodes, checking the version and the text limit.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        let content: Content = decode("plaintext", bytes)?;
+        if let Content::Text { text, .. } = &content
+            && text.len() > MAX_TEXT_BYTES
+        {
+            return Err(WireError::Malformed {
+                what: "plaintext",
+                message: format!("text of {} bytes exceeds {MAX_TEXT_BYTES}", text.len()),
+            });
+        }
+        Ok(Self(content))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_strictly_increasing_even_within_a_millisecond() {
+        let mut g = MsgIdGen::default();
+        let mut prev = g.next(1_000, [0xff; 8]);
+        for i in 0..70_000u64 {
+            // The clock even goes backwards once.
+            let now = if i == 500 { 10 } else { 1_000 + i / 1000 };
+            let id = g.next(now, [(i % 256) as u8; 8]);
+            assert!(id > prev, "{i}");
+            prev = id;
+        }
+        assert_eq!(MsgId::from_hex(&prev.to_hex()), Some(prev));
+        assert_eq!(g.next(5_000_000, [0; 8]).millis(), 5_000_000);
+    }
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let env = Envelope {
+            id: MsgId([7; 16]),
+            sender: [1; 32],
+            recipient: [2; 32],
+            ciphertext: vec![9; 40],
+        };
+        let req = Request::Deliver(env.clone());
+        assert_eq!(Request::from_bytes(&req.to_bytes()).unwrap(), req);
+        assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+        let resp = Response::Rejected(MsgId([1; 16]), RejectReason::RateLimited);
+        assert_eq!(Response::from_bytes(&resp.to_bytes()).unwrap(), resp);
+
+        assert!(matches!(
+            Request::from_bytes(&[]),
+            Err(WireError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Request::from_bytes(&[9, 0, 0]),
+            Err(WireError::Version { got: 9, .. })
+        ));
+        assert!(Request::from_bytes(&[1, 200, 1, 2, 3]).is_err());
+        let mut truncated = req.to_bytes();
+        truncated.truncate(truncated.len() - 5);
+        assert!(Request::from_bytes(&truncated).is_err());
+    }
+
+    #[test]
+    fn oversize_text_is_refused_on_decode() {
+        let big = Plaintext(Content::Text {
+            text: "x".repeat(MAX_TEXT_BYTES + 1),
+            sent_at: 0,
+        });
+        assert!(Plaintext::from_bytes(&big.to_bytes()).is_err());
+        let ok = Plaintext(Content::Text {
+            text: "x".repeat(MAX_TEXT_BYTES),
+            sent_at: 0,
+        });
+        assert_eq!(Plaintext::from_bytes(&ok.to_bytes()).unwrap(), ok);
+    }
+}
