@@ -5,6 +5,9 @@
 //! `TERN_REGENERATE_CORPUS=1 cargo test -p tern-node --test crypto_fuzz_corpus`
 //! rewrites the seeds (valid encodings plus truncated and mangled variants).
 
+// Test/bench code: panicking on unexpected errors is the point.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +32,9 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let without_opk = prekeys.bundle(&bob, None).unwrap();
     let mut a = Session::initiate(&mut rng, &alice, &with_opk).unwrap();
     let first = a.encrypt(&mut rng, b"first", b"").unwrap();
-    let Message::PreKey(pk) = &first else { panic!() };
+    let Message::PreKey(pk) = &first else {
+        panic!()
+    };
     let (mut b, _) = Session::accept(&bob, &mut prekeys, pk, b"").unwrap();
     let reply = b.encrypt(&mut rng, b"reply", b"").unwrap();
     a.decrypt(&reply, b"").unwrap();
@@ -40,7 +45,10 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let group_msg = out.encrypt(b"group").unwrap();
     let mut store = SenderKeyStore::new();
     store.add(&dist).unwrap();
-    let inbound = store.get(&[1; 32], 1, alice.public().ed25519()).unwrap().clone();
+    let inbound = store
+        .get(&[1; 32], 1, alice.public().ed25519())
+        .unwrap()
+        .clone();
 
     let key = media::MediaKey::generate(&mut rng);
     let stream_key = media_stream_key();
@@ -49,15 +57,52 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
 
     let truncate = |v: &[u8]| v[..v.len() / 2].to_vec();
     vec![
-        ("prekey_bundle", vec![with_opk.to_bytes(), without_opk.to_bytes(), truncate(&with_opk.to_bytes())]),
-        ("message", vec![first.to_bytes(), reply.to_bytes(), normal.to_bytes(), truncate(&first.to_bytes())]),
-        ("session_decrypt", vec![first.to_bytes(), normal.to_bytes(), vec![1; 57]]),
-        ("group_message", vec![group_msg.to_bytes(), truncate(&group_msg.to_bytes())]),
-        ("sender_key_distribution", vec![dist.to_bytes().to_vec(), truncate(&dist.to_bytes())]),
+        (
+            "prekey_bundle",
+            vec![
+                with_opk.to_bytes(),
+                without_opk.to_bytes(),
+                truncate(&with_opk.to_bytes()),
+            ],
+        ),
+        (
+            "message",
+            vec![
+                first.to_bytes(),
+                reply.to_bytes(),
+                normal.to_bytes(),
+                truncate(&first.to_bytes()),
+            ],
+        ),
+        (
+            "session_decrypt",
+            vec![first.to_bytes(), normal.to_bytes(), vec![1; 57]],
+        ),
+        (
+            "group_message",
+            vec![group_msg.to_bytes(), truncate(&group_msg.to_bytes())],
+        ),
+        (
+            "sender_key_distribution",
+            vec![dist.to_bytes().to_vec(), truncate(&dist.to_bytes())],
+        ),
         ("media_key", vec![key.to_bytes().to_vec(), vec![0x30; 3]]),
-        ("media_stream", vec![stream.clone(), long_stream, truncate(&stream), Vec::new()]),
-        ("session_state", vec![a.to_bytes().unwrap().to_vec(), b.to_bytes().unwrap().to_vec(), vec![b'S', 1, 0]]),
-        ("prekeys_state", vec![prekeys.to_bytes().unwrap().to_vec(), vec![b'P', 1]]),
+        (
+            "media_stream",
+            vec![stream.clone(), long_stream, truncate(&stream), Vec::new()],
+        ),
+        (
+            "session_state",
+            vec![
+                a.to_bytes().unwrap().to_vec(),
+                b.to_bytes().unwrap().to_vec(),
+                vec![b'S', 1, 0],
+            ],
+        ),
+        (
+            "prekeys_state",
+            vec![prekeys.to_bytes().unwrap().to_vec(), vec![b'P', 1]],
+        ),
         (
             "sender_key_state",
             vec![

@@ -7,6 +7,9 @@
 //! media stream. Any change to a label, KDF, encoding or cipher fails here.
 //! Regenerate only for a deliberate, versioned format change.
 
+// Test/bench code: panicking on unexpected errors is the point.
+#![allow(clippy::unwrap_used)]
+
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde_json::{Value, json};
@@ -14,11 +17,14 @@ use sha2::{Digest, Sha256};
 use tern_node::crypto::kdf::{self, AeadKey};
 use tern_node::crypto::media::{self, CHUNK_SIZE, MediaKey};
 use tern_node::crypto::{
-    IdentityKeys, LocalPrekeys, Message, OutboundSenderKey, SenderKeyDistribution, SenderKeyStore, Session,
+    IdentityKeys, LocalPrekeys, Message, OutboundSenderKey, SenderKeyDistribution, SenderKeyStore,
+    Session,
 };
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed))
+        .collect()
 }
 
 fn arr(len_seed: u8) -> [u8; 32] {
@@ -26,9 +32,16 @@ fn arr(len_seed: u8) -> [u8; 32] {
 }
 
 fn check(name: &str, committed: &str, computed: Value) {
-    let path = format!("{}/src/crypto/vectors/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/src/crypto/vectors/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     if std::env::var_os("TERN_REGENERATE_VECTORS").is_some() {
-        std::fs::write(&path, serde_json::to_string_pretty(&computed).unwrap() + "\n").unwrap();
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&computed).unwrap() + "\n",
+        )
+        .unwrap();
         return;
     }
     let committed: Value = serde_json::from_str(committed).unwrap();
@@ -58,7 +71,11 @@ fn kdf_vectors() {
         "message_keys": { "mk": hex::encode(arr(7)), "key": hex::encode(msg.key_bytes()), "nonce": hex::encode(msg.nonce_bytes()) },
         "sender_key_message_keys": { "mk": hex::encode(arr(7)), "key": hex::encode(group.key_bytes()), "nonce": hex::encode(group.nonce_bytes()) },
     });
-    check("kdf", include_str!("../src/crypto/vectors/kdf.json"), computed);
+    check(
+        "kdf",
+        include_str!("../src/crypto/vectors/kdf.json"),
+        computed,
+    );
 }
 
 #[test]
@@ -73,10 +90,14 @@ fn session_vector() {
     let mut transcript = Vec::new();
 
     let m1 = a.encrypt(&mut rng, b"Hello Bob", b"kat").unwrap();
-    let Message::PreKey(first) = &m1 else { panic!() };
+    let Message::PreKey(first) = &m1 else {
+        panic!()
+    };
     let (mut b, pt) = Session::accept(&bob, &mut prekeys, first, b"kat").unwrap();
     assert_eq!(pt, b"Hello Bob");
-    transcript.push(json!({ "from": "alice", "plaintext": "Hello Bob", "bytes": hex::encode(m1.to_bytes()) }));
+    transcript.push(
+        json!({ "from": "alice", "plaintext": "Hello Bob", "bytes": hex::encode(m1.to_bytes()) }),
+    );
 
     let script: [(&str, &str); 4] = [
         ("bob", "Hi Alice"),
@@ -85,10 +106,18 @@ fn session_vector() {
         ("bob", "Fine, thanks"),
     ];
     for (from, text) in script {
-        let (s, r) = if from == "alice" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let (s, r) = if from == "alice" {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
         let m = s.encrypt(&mut rng, text.as_bytes(), b"kat").unwrap();
         let bytes = m.to_bytes();
-        assert_eq!(r.decrypt(&Message::from_bytes(&bytes).unwrap(), b"kat").unwrap(), text.as_bytes());
+        assert_eq!(
+            r.decrypt(&Message::from_bytes(&bytes).unwrap(), b"kat")
+                .unwrap(),
+            text.as_bytes()
+        );
         transcript.push(json!({ "from": from, "plaintext": text, "bytes": hex::encode(bytes) }));
     }
     let computed = json!({
@@ -99,7 +128,11 @@ fn session_vector() {
         "bundle": hex::encode(bundle.to_bytes()),
         "messages": transcript,
     });
-    check("session", include_str!("../src/crypto/vectors/session.json"), computed);
+    check(
+        "session",
+        include_str!("../src/crypto/vectors/session.json"),
+        computed,
+    );
 }
 
 #[test]
@@ -108,7 +141,9 @@ fn sender_key_vector() {
     let mut out = OutboundSenderKey::new(&mut rng, [0x11; 32], 1, [0x22; 32]);
     let dist = out.distribution().to_bytes();
     let mut store = SenderKeyStore::new();
-    store.add(&SenderKeyDistribution::from_bytes(&dist).unwrap()).unwrap();
+    store
+        .add(&SenderKeyDistribution::from_bytes(&dist).unwrap())
+        .unwrap();
     let mut messages = Vec::new();
     for text in ["first", "second", "third"] {
         let m = out.encrypt(text.as_bytes()).unwrap();
@@ -120,7 +155,11 @@ fn sender_key_vector() {
         "distribution": hex::encode(&*dist),
         "messages": messages,
     });
-    check("sender_key", include_str!("../src/crypto/vectors/sender_key.json"), computed);
+    check(
+        "sender_key",
+        include_str!("../src/crypto/vectors/sender_key.json"),
+        computed,
+    );
 }
 
 #[test]
@@ -141,5 +180,9 @@ fn media_vector() {
         "large_ciphertext_sha256": hex::encode(Sha256::digest(&large)),
         "large_ciphertext_tail": hex::encode(&large[large.len() - 64..]),
     });
-    check("media", include_str!("../src/crypto/vectors/media.json"), computed);
+    check(
+        "media",
+        include_str!("../src/crypto/vectors/media.json"),
+        computed,
+    );
 }

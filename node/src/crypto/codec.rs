@@ -129,7 +129,8 @@ pub(crate) fn encode_state<T: Serialize>(
     out.push(kind);
     out.push(version);
     let buf = std::mem::take(&mut *out);
-    *out = postcard::to_extend(value, buf).map_err(|e| CryptoError::malformed(what, e.to_string()))?;
+    *out =
+        postcard::to_extend(value, buf).map_err(|e| CryptoError::malformed(what, e.to_string()))?;
     Ok(out)
 }
 
@@ -151,7 +152,10 @@ pub(crate) fn decode_state<T: DeserializeOwned>(
     let mut r = Reader::new(bytes, what);
     let got_kind = r.u8()?;
     if got_kind != kind {
-        return Err(CryptoError::malformed(what, format!("wrong state kind {got_kind:#04x}")));
+        return Err(CryptoError::malformed(
+            what,
+            format!("wrong state kind {got_kind:#04x}"),
+        ));
     }
     r.tag(version)?;
     let (value, rest) = postcard::take_from_bytes::<T>(r.rest())

@@ -17,9 +17,12 @@ use super::sender_keys::{
 };
 use super::session::{Message, Session};
 
+/// A fuzz entry point.
+pub type FuzzTarget = fn(&[u8]);
+
 /// Every target: (name, function). The name is the fuzz target and corpus
 /// directory name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("prekey_bundle", prekey_bundle),
     ("message", message),
     ("session_decrypt", session_decrypt),
@@ -54,11 +57,16 @@ pub fn session_decrypt(data: &[u8]) {
         return;
     };
     let mut rng = StdRng::seed_from_u64(7);
-    let (Ok(alice), Ok(bob)) = (IdentityKeys::generate(&mut rng), IdentityKeys::generate(&mut rng)) else {
+    let (Ok(alice), Ok(bob)) = (
+        IdentityKeys::generate(&mut rng),
+        IdentityKeys::generate(&mut rng),
+    ) else {
         return;
     };
     let mut prekeys = LocalPrekeys::new(&mut rng, 0);
-    let Ok(bundle) = prekeys.bundle(&bob, None) else { return };
+    let Ok(bundle) = prekeys.bundle(&bob, None) else {
+        return;
+    };
     let Ok(mut session) = Session::initiate(&mut rng, &alice, &bundle) else {
         return;
     };
@@ -71,13 +79,21 @@ pub fn session_decrypt(data: &[u8]) {
     for s in [&mut session, &mut bob_session] {
         let before = s.to_bytes().map(|b| b.to_vec());
         if s.decrypt(&m, b"").is_err() {
-            assert_eq!(before, s.to_bytes().map(|b| b.to_vec()), "failed decrypt changed state");
+            assert_eq!(
+                before,
+                s.to_bytes().map(|b| b.to_vec()),
+                "failed decrypt changed state"
+            );
         }
     }
     if let Message::PreKey(p) = &m {
         let before = prekeys.to_bytes().map(|b| b.to_vec());
         if Session::accept(&bob, &mut prekeys, p, b"").is_err() {
-            assert_eq!(before, prekeys.to_bytes().map(|b| b.to_vec()), "failed accept changed prekeys");
+            assert_eq!(
+                before,
+                prekeys.to_bytes().map(|b| b.to_vec()),
+                "failed accept changed prekeys"
+            );
         }
     }
 }
@@ -131,7 +147,10 @@ pub fn session_state(data: &[u8]) {
     if let Ok(s) = Session::from_bytes(data)
         && let Ok(bytes) = s.to_bytes()
     {
-        assert!(Session::from_bytes(&bytes).is_ok(), "session state does not round-trip");
+        assert!(
+            Session::from_bytes(&bytes).is_ok(),
+            "session state does not round-trip"
+        );
     }
 }
 
@@ -140,7 +159,10 @@ pub fn prekeys_state(data: &[u8]) {
     if let Ok(p) = LocalPrekeys::from_bytes(data)
         && let Ok(bytes) = p.to_bytes()
     {
-        assert!(LocalPrekeys::from_bytes(&bytes).is_ok(), "prekey state does not round-trip");
+        assert!(
+            LocalPrekeys::from_bytes(&bytes).is_ok(),
+            "prekey state does not round-trip"
+        );
     }
 }
 

@@ -53,6 +53,9 @@ pub const CHAIN_KEY_SEED: u8 = 0x02;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Two 32-byte secrets returned by a KDF step, wiped on drop.
+pub type KeyPair32 = (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>);
+
 fn hkdf<const N: usize>(
     salt: Option<&[u8]>,
     ikm: &[u8],
@@ -86,10 +89,7 @@ pub fn x3dh(dh_concat: &[u8]) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
 }
 
 /// `KDF_RK(rk, dh_out)`: returns `(new root key, new chain key)`.
-pub fn kdf_rk(
-    root_key: &[u8; 32],
-    dh_out: &[u8; 32],
-) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+pub fn kdf_rk(root_key: &[u8; 32], dh_out: &[u8; 32]) -> Result<KeyPair32, CryptoError> {
     let okm = hkdf::<64>(Some(root_key), dh_out, LABEL_ROOT)?;
     let mut rk = Zeroizing::new([0u8; 32]);
     let mut ck = Zeroizing::new([0u8; 32]);
@@ -99,9 +99,7 @@ pub fn kdf_rk(
 }
 
 /// `KDF_CK(ck)`: returns `(next chain key, message key)`.
-pub fn kdf_ck(
-    chain_key: &[u8; 32],
-) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+pub fn kdf_ck(chain_key: &[u8; 32]) -> Result<KeyPair32, CryptoError> {
     let mk = hmac(chain_key, MESSAGE_KEY_SEED)?;
     let next = hmac(chain_key, CHAIN_KEY_SEED)?;
     Ok((next, mk))
@@ -170,7 +168,12 @@ impl AeadKey {
         let (body, tag) = ciphertext.split_at(body_len);
         let cipher = ChaCha20Poly1305::new((&self.key).into());
         let mut buf = body.to_vec();
-        match cipher.decrypt_in_place_detached((&self.nonce).into(), associated_data, &mut buf, tag.into()) {
+        match cipher.decrypt_in_place_detached(
+            (&self.nonce).into(),
+            associated_data,
+            &mut buf,
+            tag.into(),
+        ) {
             Ok(()) => Ok(buf),
             Err(_) => {
                 buf.zeroize();

@@ -218,7 +218,10 @@ impl IdentityKeys {
 #[cfg(test)]
 impl IdentityKeys {
     pub(crate) fn test_secrets(&self) -> Vec<Vec<u8>> {
-        vec![self.signing.to_bytes().to_vec(), self.x25519.as_bytes().to_vec()]
+        vec![
+            self.signing.to_bytes().to_vec(),
+            self.x25519.as_bytes().to_vec(),
+        ]
     }
 }
 
@@ -329,7 +332,12 @@ impl PrekeyBundle {
                 check_x25519_public(&key, "one-time prekey")?;
                 Some((id, key))
             }
-            _ => return Err(CryptoError::malformed("prekey bundle", "invalid presence flag")),
+            _ => {
+                return Err(CryptoError::malformed(
+                    "prekey bundle",
+                    "invalid presence flag",
+                ));
+            }
         };
         r.finish()?;
         Ok(Self {
@@ -348,7 +356,10 @@ impl fmt::Debug for PrekeyBundle {
             .field("identity", &self.identity)
             .field("signed_prekey_id", &self.signed_prekey_id)
             .field("signed_prekey", &Hex(&self.signed_prekey))
-            .field("one_time_prekey_id", &self.one_time_prekey.as_ref().map(|(id, _)| *id))
+            .field(
+                "one_time_prekey_id",
+                &self.one_time_prekey.as_ref().map(|(id, _)| *id),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -421,7 +432,9 @@ impl LocalPrekeys {
             .current
             .id
             .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "signed prekey id" })?;
+            .ok_or(CryptoError::CounterExhausted {
+                what: "signed prekey id",
+            })?;
         let new = SignedPrekeyRecord {
             id,
             secret: Secret32::random(rng),
@@ -465,7 +478,9 @@ impl LocalPrekeys {
         let last = u32::try_from(count)
             .ok()
             .and_then(|c| self.next_one_time_id.checked_add(c))
-            .ok_or(CryptoError::CounterExhausted { what: "one-time prekey id" })?;
+            .ok_or(CryptoError::CounterExhausted {
+                what: "one-time prekey id",
+            })?;
         let ids: Vec<u32> = (self.next_one_time_id..last).collect();
         for id in &ids {
             self.one_time.insert(*id, Secret32::random(rng));
@@ -537,20 +552,47 @@ impl LocalPrekeys {
 
     /// Versioned persistent encoding (`'P' || 0x01 || postcard`), wiped on drop.
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        encode_state(PREKEYS_STATE_KIND, PREKEYS_STATE_VERSION, "prekey state", self)
+        encode_state(
+            PREKEYS_STATE_KIND,
+            PREKEYS_STATE_VERSION,
+            "prekey state",
+            self,
+        )
     }
 
     /// Decodes [`Self::to_bytes`] output, checking kind, version and invariants.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let state: Self = decode_state(PREKEYS_STATE_KIND, PREKEYS_STATE_VERSION, "prekey state", bytes)?;
+        let state: Self = decode_state(
+            PREKEYS_STATE_KIND,
+            PREKEYS_STATE_VERSION,
+            "prekey state",
+            bytes,
+        )?;
         if state.one_time.len() > MAX_ONE_TIME_PREKEYS {
-            return Err(CryptoError::malformed("prekey state", "one-time prekey pool too large"));
+            return Err(CryptoError::malformed(
+                "prekey state",
+                "one-time prekey pool too large",
+            ));
         }
-        if state.one_time.keys().any(|id| *id >= state.next_one_time_id) {
-            return Err(CryptoError::malformed("prekey state", "one-time prekey id beyond counter"));
+        if state
+            .one_time
+            .keys()
+            .any(|id| *id >= state.next_one_time_id)
+        {
+            return Err(CryptoError::malformed(
+                "prekey state",
+                "one-time prekey id beyond counter",
+            ));
         }
-        if state.previous.as_ref().is_some_and(|p| p.record.id == state.current.id) {
-            return Err(CryptoError::malformed("prekey state", "duplicate signed prekey id"));
+        if state
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.record.id == state.current.id)
+        {
+            return Err(CryptoError::malformed(
+                "prekey state",
+                "duplicate signed prekey id",
+            ));
         }
         Ok(state)
     }
@@ -560,7 +602,11 @@ impl LocalPrekeys {
 impl LocalPrekeys {
     pub(crate) fn test_secrets(&self) -> Vec<Vec<u8>> {
         let mut out = vec![self.current.secret.as_bytes().to_vec()];
-        out.extend(self.previous.iter().map(|p| p.record.secret.as_bytes().to_vec()));
+        out.extend(
+            self.previous
+                .iter()
+                .map(|p| p.record.secret.as_bytes().to_vec()),
+        );
         out.extend(self.one_time.values().map(|s| s.as_bytes().to_vec()));
         out
     }
@@ -570,7 +616,10 @@ impl fmt::Debug for LocalPrekeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalPrekeys")
             .field("signed_prekey_id", &self.current.id)
-            .field("previous_signed_prekey_id", &self.previous_signed_prekey_id())
+            .field(
+                "previous_signed_prekey_id",
+                &self.previous_signed_prekey_id(),
+            )
             .field("one_time_prekeys", &self.one_time.len())
             .field("secrets", &"<redacted>")
             .finish()

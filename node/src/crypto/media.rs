@@ -167,7 +167,9 @@ impl StreamCore {
         self.counter = self
             .counter
             .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "media chunk" })?;
+            .ok_or(CryptoError::CounterExhausted {
+                what: "media chunk",
+            })?;
         Ok(())
     }
 
@@ -175,12 +177,17 @@ impl StreamCore {
     fn seal(&mut self, chunk: &[u8], last: bool, out: &mut Vec<u8>) -> Result<(), CryptoError> {
         if !last && self.counter == u32::MAX {
             self.phase = Phase::Failed;
-            return Err(CryptoError::CounterExhausted { what: "media chunk" });
+            return Err(CryptoError::CounterExhausted {
+                what: "media chunk",
+            });
         }
         let nonce = self.nonce(self.counter, last);
         let start = out.len();
         out.extend_from_slice(chunk);
-        match self.cipher.encrypt_in_place_detached(&nonce, &[], &mut out[start..]) {
+        match self
+            .cipher
+            .encrypt_in_place_detached(&nonce, &[], &mut out[start..])
+        {
             Ok(tag) => {
                 out.extend_from_slice(&tag);
                 self.advance(last)
@@ -199,8 +206,17 @@ impl StreamCore {
 
     /// Opens `sealed` (chunk || tag) as chunk number `counter`, appending the
     /// plaintext to `out`. Does not change the phase or counter.
-    fn open_at(&self, sealed: &[u8], counter: u32, last: bool, out: &mut Vec<u8>) -> Result<(), CryptoError> {
-        let body_len = sealed.len().checked_sub(TAG_LEN).ok_or(CryptoError::Truncated)?;
+    fn open_at(
+        &self,
+        sealed: &[u8],
+        counter: u32,
+        last: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        let body_len = sealed
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(CryptoError::Truncated)?;
         let (body, tag) = sealed.split_at(body_len);
         let start = out.len();
         out.extend_from_slice(body);
@@ -220,7 +236,9 @@ impl StreamCore {
     fn open(&mut self, sealed: &[u8], last: bool, out: &mut Vec<u8>) -> Result<(), CryptoError> {
         if !last && self.counter == u32::MAX {
             self.phase = Phase::Failed;
-            return Err(CryptoError::CounterExhausted { what: "media chunk" });
+            return Err(CryptoError::CounterExhausted {
+                what: "media chunk",
+            });
         }
         match self.open_at(sealed, self.counter, last, out) {
             Ok(()) => self.advance(last),
@@ -230,7 +248,10 @@ impl StreamCore {
                 // tail (the real final chunk followed by more data) and a
                 // truncated stream (a middle chunk presented as the last).
                 let mut scratch = Vec::new();
-                if self.open_at(sealed, self.counter, !last, &mut scratch).is_ok() {
+                if self
+                    .open_at(sealed, self.counter, !last, &mut scratch)
+                    .is_ok()
+                {
                     scratch.zeroize();
                     return Err(if last {
                         CryptoError::Truncated

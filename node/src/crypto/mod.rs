@@ -6,15 +6,15 @@
 //! the network only ever see the encodings produced here; keys exist only on
 //! user devices.
 //!
-//! * [`keys`]: [`IdentityKeys`] (one 32-byte ed25519 seed backs the whole
+//! * [`keys`] - [`IdentityKeys`] (one 32-byte ed25519 seed backs the whole
 //!   identity), [`LocalPrekeys`] (signed prekey rotation, one-time prekey
 //!   pool) and the public [`PrekeyBundle`].
-//! * [`session`]: [`Session`] = X3DH setup ([`PreKeyMessage`]) + Double
+//! * [`session`] - [`Session`] = X3DH setup ([`PreKeyMessage`]) + Double
 //!   Ratchet ([`ratchet::RatchetMessage`]), both carried by [`Message`].
-//! * [`sender_keys`]: group messaging with per-member signed chains.
-//! * [`media`]: chunked ChaCha20-Poly1305 STREAM for attachments.
-//! * [`kdf`]: every KDF, label and AEAD key expansion.
-//! * [`error`]: [`CryptoError`].
+//! * [`sender_keys`] - group messaging with per-member signed chains.
+//! * [`media`] - chunked ChaCha20-Poly1305 STREAM for attachments.
+//! * [`kdf`] - every KDF, label and AEAD key expansion.
+//! * [`error`] - [`CryptoError`].
 //!
 //! Invariants shared by all submodules: failed operations leave state
 //! unchanged (decryption is transactional); decoders check lengths before
@@ -33,10 +33,10 @@ pub mod keys;
 pub mod media;
 pub mod ratchet;
 mod secret;
-#[cfg(test)]
-mod tests;
 pub mod sender_keys;
 pub mod session;
+#[cfg(test)]
+mod tests;
 mod x3dh;
 
 pub use error::CryptoError;

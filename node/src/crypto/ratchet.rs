@@ -298,7 +298,9 @@ impl DoubleRatchet {
         let next_index = chain
             .index
             .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "sending chain" })?;
+            .ok_or(CryptoError::CounterExhausted {
+                what: "sending chain",
+            })?;
         let header = Header {
             ratchet_key: ours.public,
             previous_chain_length: self.previous_sending_length,
@@ -346,7 +348,12 @@ impl DoubleRatchet {
         let (new_root, mut chain) = if ratchet_step {
             if let (Some(current), Some(their)) = (self.receiving.as_ref(), self.their_ratchet) {
                 let mut current = current.clone();
-                skip_keys(&mut current, their, header.previous_chain_length, &mut new_skipped)?;
+                skip_keys(
+                    &mut current,
+                    their,
+                    header.previous_chain_length,
+                    &mut new_skipped,
+                )?;
             }
             let ours = self.our_ratchet.as_ref().ok_or(CryptoError::InvalidState {
                 reason: "no local ratchet key",
@@ -374,8 +381,15 @@ impl DoubleRatchet {
         let next_index = header
             .index
             .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "receiving chain" })?;
-        skip_keys(&mut chain, header.ratchet_key, header.index, &mut new_skipped)?;
+            .ok_or(CryptoError::CounterExhausted {
+                what: "receiving chain",
+            })?;
+        skip_keys(
+            &mut chain,
+            header.ratchet_key,
+            header.index,
+            &mut new_skipped,
+        )?;
         let (next, mk) = kdf::kdf_ck(chain.key.as_bytes())?;
         let plaintext = AeadKey::expand(&mk, LABEL_MESSAGE_KEYS)?.open(&ad, &message.ciphertext)?;
 
@@ -407,10 +421,16 @@ impl DoubleRatchet {
             return Err(CryptoError::malformed(WHAT, "too many skipped keys"));
         }
         if self.sending.is_some() && self.our_ratchet.is_none() {
-            return Err(CryptoError::malformed(WHAT, "sending chain without ratchet key"));
+            return Err(CryptoError::malformed(
+                WHAT,
+                "sending chain without ratchet key",
+            ));
         }
         if self.receiving.is_some() && self.their_ratchet.is_none() {
-            return Err(CryptoError::malformed(WHAT, "receiving chain without remote key"));
+            return Err(CryptoError::malformed(
+                WHAT,
+                "receiving chain without remote key",
+            ));
         }
         if let Some(pair) = &self.our_ratchet {
             pair.check(WHAT)?;
@@ -423,10 +443,18 @@ impl DoubleRatchet {
 impl DoubleRatchet {
     pub(crate) fn test_secrets(&self) -> Vec<Vec<u8>> {
         let mut out = vec![self.root_key.as_bytes().to_vec()];
-        out.extend(self.our_ratchet.iter().map(|p| p.secret.as_bytes().to_vec()));
+        out.extend(
+            self.our_ratchet
+                .iter()
+                .map(|p| p.secret.as_bytes().to_vec()),
+        );
         out.extend(self.sending.iter().map(|c| c.key.as_bytes().to_vec()));
         out.extend(self.receiving.iter().map(|c| c.key.as_bytes().to_vec()));
-        out.extend(self.skipped.iter().map(|k| k.message_key.as_bytes().to_vec()));
+        out.extend(
+            self.skipped
+                .iter()
+                .map(|k| k.message_key.as_bytes().to_vec()),
+        );
         out
     }
 }
@@ -434,8 +462,14 @@ impl DoubleRatchet {
 impl fmt::Debug for DoubleRatchet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DoubleRatchet")
-            .field("our_ratchet", &self.our_ratchet.as_ref().map(|p| Hex(&p.public)))
-            .field("their_ratchet", &self.their_ratchet.as_ref().map(|k| Hex(k)))
+            .field(
+                "our_ratchet",
+                &self.our_ratchet.as_ref().map(|p| Hex(&p.public)),
+            )
+            .field(
+                "their_ratchet",
+                &self.their_ratchet.as_ref().map(|k| Hex(k)),
+            )
             .field("sent", &self.sending.as_ref().map(|c| c.index))
             .field("received", &self.receiving.as_ref().map(|c| c.index))
             .field("previous_sending_length", &self.previous_sending_length)

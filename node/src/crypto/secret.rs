@@ -92,7 +92,10 @@ impl RatchetKeyPair {
         if self.secret.x25519_public() == self.public {
             Ok(())
         } else {
-            Err(CryptoError::malformed(what, "ratchet public key does not match its secret"))
+            Err(CryptoError::malformed(
+                what,
+                "ratchet public key does not match its secret",
+            ))
         }
     }
 }
@@ -129,7 +132,8 @@ pub(crate) fn x25519(
 /// (the X3DH ephemeral key) would go unnoticed.
 pub(crate) fn check_x25519_public(bytes: &[u8; 32], what: &'static str) -> Result<(), CryptoError> {
     let top_bit = bytes[31] & 0x80 != 0;
-    let at_least_p = bytes[31] == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed;
+    let at_least_p =
+        bytes[31] == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed;
     if top_bit || at_least_p {
         return Err(CryptoError::InvalidPublicKey { what });
     }

@@ -58,7 +58,12 @@ const STATE_VERSION: u8 = 1;
 /// Identifies one sender key: group, epoch, sender.
 type SenderKeyId = ([u8; 32], u64, [u8; 32]);
 
-fn group_header(group_id: &[u8; 32], epoch: u64, sender: &[u8; 32], iteration: u32) -> [u8; GroupMessage::HEADER_LEN] {
+fn group_header(
+    group_id: &[u8; 32],
+    epoch: u64,
+    sender: &[u8; 32],
+    iteration: u32,
+) -> [u8; GroupMessage::HEADER_LEN] {
     let mut h = [0u8; GroupMessage::HEADER_LEN];
     h[0] = GROUP_MESSAGE_VERSION;
     h[1..33].copy_from_slice(group_id);
@@ -296,7 +301,12 @@ pub struct OutboundSenderKey {
 impl OutboundSenderKey {
     /// A fresh sender key for `sender` (our ed25519 identity key) in
     /// `group_id` at `epoch`, starting at iteration 0.
-    pub fn new<R: CryptoRng + RngCore>(rng: &mut R, group_id: [u8; 32], epoch: u64, sender: [u8; 32]) -> Self {
+    pub fn new<R: CryptoRng + RngCore>(
+        rng: &mut R,
+        group_id: [u8; 32],
+        epoch: u64,
+        sender: [u8; 32],
+    ) -> Self {
         let chain_key = Secret32::random(rng);
         let seed = Secret32::random(rng);
         Self {
@@ -337,14 +347,21 @@ impl OutboundSenderKey {
                 got: plaintext.len(),
             });
         }
-        let next_iteration = self
-            .iteration
-            .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "sender key chain" })?;
+        let next_iteration =
+            self.iteration
+                .checked_add(1)
+                .ok_or(CryptoError::CounterExhausted {
+                    what: "sender key chain",
+                })?;
         let header = group_header(&self.group_id, self.epoch, &self.sender, self.iteration);
         let (next, mk) = kdf::kdf_ck(self.chain_key.as_bytes())?;
-        let ciphertext = AeadKey::expand(&mk, LABEL_SENDER_KEY_MESSAGE)?.seal(&header, plaintext)?;
-        let signature = sign(&self.signing, kdf::SIGN_GROUP_MESSAGE, &[&header, &ciphertext]);
+        let ciphertext =
+            AeadKey::expand(&mk, LABEL_SENDER_KEY_MESSAGE)?.seal(&header, plaintext)?;
+        let signature = sign(
+            &self.signing,
+            kdf::SIGN_GROUP_MESSAGE,
+            &[&header, &ciphertext],
+        );
         let message = GroupMessage {
             group_id: self.group_id,
             epoch: self.epoch,
@@ -360,19 +377,32 @@ impl OutboundSenderKey {
 
     /// Versioned persistent encoding (`'O' || 0x01 || postcard`), wiped on drop.
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        encode_state(OUTBOUND_STATE_KIND, STATE_VERSION, "outbound sender key", self)
+        encode_state(
+            OUTBOUND_STATE_KIND,
+            STATE_VERSION,
+            "outbound sender key",
+            self,
+        )
     }
 
     /// Decodes [`Self::to_bytes`] output.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        decode_state(OUTBOUND_STATE_KIND, STATE_VERSION, "outbound sender key", bytes)
+        decode_state(
+            OUTBOUND_STATE_KIND,
+            STATE_VERSION,
+            "outbound sender key",
+            bytes,
+        )
     }
 }
 
 #[cfg(test)]
 impl OutboundSenderKey {
     pub(crate) fn test_secrets(&self) -> Vec<Vec<u8>> {
-        vec![self.chain_key.as_bytes().to_vec(), self.signing.to_bytes().to_vec()]
+        vec![
+            self.chain_key.as_bytes().to_vec(),
+            self.signing.to_bytes().to_vec(),
+        ]
     }
 }
 
@@ -383,7 +413,10 @@ impl fmt::Debug for OutboundSenderKey {
             .field("epoch", &self.epoch)
             .field("sender", &Hex(&self.sender))
             .field("iteration", &self.iteration)
-            .field("signing_public", &Hex(&self.signing.verifying_key().to_bytes()))
+            .field(
+                "signing_public",
+                &Hex(&self.signing.verifying_key().to_bytes()),
+            )
             .field("secrets", &"<redacted>")
             .finish()
     }
@@ -410,8 +443,10 @@ pub struct InboundSenderKey {
 impl InboundSenderKey {
     /// Builds the receiving state from a distribution.
     pub fn from_distribution(distribution: &SenderKeyDistribution) -> Result<Self, CryptoError> {
-        VerifyingKey::from_bytes(&distribution.signing_public).map_err(|_| CryptoError::InvalidPublicKey {
-            what: "group signing key",
+        VerifyingKey::from_bytes(&distribution.signing_public).map_err(|_| {
+            CryptoError::InvalidPublicKey {
+                what: "group signing key",
+            }
         })?;
         Ok(Self {
             group_id: distribution.group_id,
@@ -451,15 +486,21 @@ impl InboundSenderKey {
             return Err(CryptoError::GroupMismatch { field: "sender" });
         }
         let header = message.header();
-        let key = VerifyingKey::from_bytes(&self.signing_public).map_err(|_| CryptoError::InvalidPublicKey {
-            what: "group signing key",
+        let key = VerifyingKey::from_bytes(&self.signing_public).map_err(|_| {
+            CryptoError::InvalidPublicKey {
+                what: "group signing key",
+            }
         })?;
-        let mut signed = Vec::with_capacity(kdf::SIGN_GROUP_MESSAGE.len() + header.len() + message.ciphertext.len());
+        let mut signed = Vec::with_capacity(
+            kdf::SIGN_GROUP_MESSAGE.len() + header.len() + message.ciphertext.len(),
+        );
         signed.extend_from_slice(kdf::SIGN_GROUP_MESSAGE);
         signed.extend_from_slice(&header);
         signed.extend_from_slice(&message.ciphertext);
         key.verify_strict(&signed, &Signature::from_bytes(&message.signature))
-            .map_err(|_| CryptoError::InvalidSignature { what: "group message" })?;
+            .map_err(|_| CryptoError::InvalidSignature {
+                what: "group message",
+            })?;
 
         if message.iteration < self.iteration {
             let pos = self
@@ -487,10 +528,13 @@ impl InboundSenderKey {
                 max: MAX_GROUP_FORWARD,
             });
         }
-        let next_iteration = message
-            .iteration
-            .checked_add(1)
-            .ok_or(CryptoError::CounterExhausted { what: "sender key chain" })?;
+        let next_iteration =
+            message
+                .iteration
+                .checked_add(1)
+                .ok_or(CryptoError::CounterExhausted {
+                    what: "sender key chain",
+                })?;
         let mut chain_key = self.chain_key.clone();
         let mut new_skipped = Vec::new();
         for iteration in self.iteration..message.iteration {
@@ -502,7 +546,8 @@ impl InboundSenderKey {
             chain_key = Secret32::copy_from(&next);
         }
         let (next, mk) = kdf::kdf_ck(chain_key.as_bytes())?;
-        let plaintext = AeadKey::expand(&mk, LABEL_SENDER_KEY_MESSAGE)?.open(&header, &message.ciphertext)?;
+        let plaintext =
+            AeadKey::expand(&mk, LABEL_SENDER_KEY_MESSAGE)?.open(&header, &message.ciphertext)?;
 
         // Commit.
         self.chain_key = Secret32::copy_from(&next);
@@ -516,22 +561,37 @@ impl InboundSenderKey {
 
     fn check(&self) -> Result<(), CryptoError> {
         if self.skipped.len() > MAX_GROUP_SKIPPED_KEYS {
-            return Err(CryptoError::malformed("inbound sender key", "too many skipped keys"));
+            return Err(CryptoError::malformed(
+                "inbound sender key",
+                "too many skipped keys",
+            ));
         }
-        VerifyingKey::from_bytes(&self.signing_public).map_err(|_| CryptoError::InvalidPublicKey {
-            what: "group signing key",
+        VerifyingKey::from_bytes(&self.signing_public).map_err(|_| {
+            CryptoError::InvalidPublicKey {
+                what: "group signing key",
+            }
         })?;
         Ok(())
     }
 
     /// Versioned persistent encoding (`'I' || 0x01 || postcard`), wiped on drop.
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        encode_state(INBOUND_STATE_KIND, STATE_VERSION, "inbound sender key", self)
+        encode_state(
+            INBOUND_STATE_KIND,
+            STATE_VERSION,
+            "inbound sender key",
+            self,
+        )
     }
 
     /// Decodes [`Self::to_bytes`] output, checking invariants.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let key: Self = decode_state(INBOUND_STATE_KIND, STATE_VERSION, "inbound sender key", bytes)?;
+        let key: Self = decode_state(
+            INBOUND_STATE_KIND,
+            STATE_VERSION,
+            "inbound sender key",
+            bytes,
+        )?;
         key.check()?;
         Ok(key)
     }
@@ -541,7 +601,11 @@ impl InboundSenderKey {
 impl InboundSenderKey {
     pub(crate) fn test_secrets(&self) -> Vec<Vec<u8>> {
         let mut out = vec![self.chain_key.as_bytes().to_vec()];
-        out.extend(self.skipped.iter().map(|k| k.message_key.as_bytes().to_vec()));
+        out.extend(
+            self.skipped
+                .iter()
+                .map(|k| k.message_key.as_bytes().to_vec()),
+        );
         out
     }
 }
@@ -602,7 +666,12 @@ impl SenderKeyStore {
     }
 
     /// The sender key for (group, epoch, sender), if known.
-    pub fn get(&self, group_id: &[u8; 32], epoch: u64, sender: &[u8; 32]) -> Option<&InboundSenderKey> {
+    pub fn get(
+        &self,
+        group_id: &[u8; 32],
+        epoch: u64,
+        sender: &[u8; 32],
+    ) -> Option<&InboundSenderKey> {
         self.keys.get(&(*group_id, epoch, *sender))
     }
 
@@ -610,7 +679,8 @@ impl SenderKeyStore {
     /// (after a membership change). Returns how many were removed.
     pub fn remove_epochs_before(&mut self, group_id: &[u8; 32], epoch: u64) -> usize {
         let before = self.keys.len();
-        self.keys.retain(|(g, e, _), _| g != group_id || *e >= epoch);
+        self.keys
+            .retain(|(g, e, _), _| g != group_id || *e >= epoch);
         before - self.keys.len()
     }
 
@@ -640,11 +710,17 @@ impl SenderKeyStore {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
         let store: Self = decode_state(STORE_STATE_KIND, STATE_VERSION, "sender key store", bytes)?;
         if store.keys.len() > MAX_SENDER_KEYS {
-            return Err(CryptoError::malformed("sender key store", "too many sender keys"));
+            return Err(CryptoError::malformed(
+                "sender key store",
+                "too many sender keys",
+            ));
         }
         for (id, key) in &store.keys {
             if *id != key.id() {
-                return Err(CryptoError::malformed("sender key store", "key id mismatch"));
+                return Err(CryptoError::malformed(
+                    "sender key store",
+                    "key id mismatch",
+                ));
             }
             key.check()?;
         }

@@ -161,7 +161,9 @@ impl Message {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
         match bytes.first() {
             Some(&PREKEY_MESSAGE_VERSION) => PreKeyMessage::from_bytes(bytes).map(Self::PreKey),
-            Some(&super::ratchet::MESSAGE_VERSION) => RatchetMessage::from_bytes(bytes).map(Self::Normal),
+            Some(&super::ratchet::MESSAGE_VERSION) => {
+                RatchetMessage::from_bytes(bytes).map(Self::Normal)
+            }
             Some(&got) => Err(CryptoError::UnsupportedVersion {
                 what: "message",
                 expected: super::ratchet::MESSAGE_VERSION,
@@ -305,7 +307,11 @@ impl Session {
     /// session is unchanged. A [`Message::PreKey`] is accepted only by the
     /// responder session it created (same identity and ephemeral key);
     /// otherwise [`CryptoError::SessionMismatch`].
-    pub fn decrypt(&mut self, message: &Message, associated_data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn decrypt(
+        &mut self,
+        message: &Message,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         match message {
             Message::Normal(m) => {
                 let plaintext = self.ratchet.decrypt(m, associated_data)?;
@@ -359,12 +365,22 @@ impl Session {
 
     /// Versioned persistent encoding (`'S' || 0x01 || postcard`), wiped on drop.
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        encode_state(SESSION_STATE_KIND, SESSION_STATE_VERSION, "session state", self)
+        encode_state(
+            SESSION_STATE_KIND,
+            SESSION_STATE_VERSION,
+            "session state",
+            self,
+        )
     }
 
     /// Decodes [`Self::to_bytes`] output, checking kind, version and invariants.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let session: Self = decode_state(SESSION_STATE_KIND, SESSION_STATE_VERSION, "session state", bytes)?;
+        let session: Self = decode_state(
+            SESSION_STATE_KIND,
+            SESSION_STATE_VERSION,
+            "session state",
+            bytes,
+        )?;
         session.ratchet.check()?;
         Ok(session)
     }

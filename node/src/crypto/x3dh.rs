@@ -85,8 +85,16 @@ pub(crate) fn respond(
 ) -> Result<X3dhOutput, CryptoError> {
     their_identity.verify()?;
     let mut dh = Zeroizing::new(Vec::with_capacity(4 * 32));
-    dh.extend_from_slice(&*x25519(signed_prekey, their_identity.x25519(), "identity X25519 key")?);
-    dh.extend_from_slice(&*x25519(ours.x25519_secret(), their_ephemeral, "ephemeral key")?);
+    dh.extend_from_slice(&*x25519(
+        signed_prekey,
+        their_identity.x25519(),
+        "identity X25519 key",
+    )?);
+    dh.extend_from_slice(&*x25519(
+        ours.x25519_secret(),
+        their_ephemeral,
+        "ephemeral key",
+    )?);
     dh.extend_from_slice(&*x25519(signed_prekey, their_ephemeral, "ephemeral key")?);
     if let Some(opk) = one_time_prekey {
         dh.extend_from_slice(&*x25519(opk, their_ephemeral, "ephemeral key")?);

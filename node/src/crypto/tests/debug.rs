@@ -55,5 +55,8 @@ fn debug_never_prints_secrets() {
     check(&MediaDecryptor::new(&key), &key.test_secrets());
 
     let aead = AeadKey::expand(&[9; 32], LABEL_MESSAGE_KEYS).unwrap();
-    check(&aead, &[aead.key_bytes().to_vec(), aead.nonce_bytes().to_vec()]);
+    check(
+        &aead,
+        &[aead.key_bytes().to_vec(), aead.nonce_bytes().to_vec()],
+    );
 }

@@ -69,12 +69,18 @@ pub(crate) fn snapshot(s: &Session) -> Vec<u8> {
 
 /// Asserts that `debug` contains none of the renderings of `secret`.
 pub(crate) fn assert_redacted(debug: &str, secret: &[u8]) {
-    assert!(!secret.iter().all(|b| *b == 0), "test secret must not be all zero");
+    assert!(
+        !secret.iter().all(|b| *b == 0),
+        "test secret must not be all zero"
+    );
     let lower = hex::encode(secret);
     let upper = hex::encode_upper(secret);
     let decimal = format!("{:?}", &secret[..8]);
     let decimal = decimal.trim_end_matches(']');
     for needle in [&lower[..16], &upper[..16], decimal] {
-        assert!(!debug.contains(needle), "secret leaked in Debug output: {debug}");
+        assert!(
+            !debug.contains(needle),
+            "secret leaked in Debug output: {debug}"
+        );
     }
 }

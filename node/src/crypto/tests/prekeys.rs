@@ -15,15 +15,23 @@ fn pool_generation_and_consumption() {
     assert_eq!(ids, vec![1, 2, 3, 4, 5]);
     assert_eq!(p.generate_one_time_prekeys(&mut r, 2).unwrap(), vec![6, 7]);
     p.consume_one_time_prekey(3).unwrap();
-    assert_eq!(p.consume_one_time_prekey(3).unwrap_err(), CryptoError::UnknownOneTimePrekey { id: 3 });
+    assert_eq!(
+        p.consume_one_time_prekey(3).unwrap_err(),
+        CryptoError::UnknownOneTimePrekey { id: 3 }
+    );
     assert_eq!(p.one_time_prekey_count(), 6);
-    assert_eq!(p.bundle(&id, Some(3)).unwrap_err(), CryptoError::UnknownOneTimePrekey { id: 3 });
+    assert_eq!(
+        p.bundle(&id, Some(3)).unwrap_err(),
+        CryptoError::UnknownOneTimePrekey { id: 3 }
+    );
     let b = p.bundle(&id, Some(4)).unwrap();
     assert_eq!(b.one_time_prekey().map(|(i, _)| i), Some(4));
     b.verify().unwrap();
     // Pool cap: fails without changes.
     let before = p.to_bytes().unwrap().to_vec();
-    let err = p.generate_one_time_prekeys(&mut r, MAX_ONE_TIME_PREKEYS).unwrap_err();
+    let err = p
+        .generate_one_time_prekeys(&mut r, MAX_ONE_TIME_PREKEYS)
+        .unwrap_err();
     assert!(matches!(err, CryptoError::TooManyPrekeys { .. }));
     assert_eq!(p.to_bytes().unwrap().to_vec(), before);
 }
@@ -54,9 +62,15 @@ fn persistence_round_trip_and_validation() {
     assert_eq!(&bytes[..2], &[b'P', 1]);
     let q = LocalPrekeys::from_bytes(&bytes).unwrap();
     assert_eq!(q.to_bytes().unwrap(), bytes);
-    assert_eq!(q.bundle(&id, Some(2)).unwrap(), p.bundle(&id, Some(2)).unwrap());
+    assert_eq!(
+        q.bundle(&id, Some(2)).unwrap(),
+        p.bundle(&id, Some(2)).unwrap()
+    );
     let mut v = bytes.to_vec();
     v[1] = 0;
-    assert!(matches!(LocalPrekeys::from_bytes(&v), Err(CryptoError::UnsupportedVersion { .. })));
+    assert!(matches!(
+        LocalPrekeys::from_bytes(&v),
+        Err(CryptoError::UnsupportedVersion { .. })
+    ));
     assert!(LocalPrekeys::from_bytes(&bytes[..bytes.len() - 3]).is_err());
 }

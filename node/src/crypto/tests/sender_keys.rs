@@ -33,7 +33,10 @@ fn in_order_round_trip_and_wire_format() {
         let m = out.encrypt(format!("hello {i}").as_bytes()).unwrap();
         assert_eq!(m.iteration(), i);
         let m = GroupMessage::from_bytes(&m.to_bytes()).unwrap();
-        assert_eq!(store.decrypt(&m).unwrap(), format!("hello {i}").into_bytes());
+        assert_eq!(
+            store.decrypt(&m).unwrap(),
+            format!("hello {i}").into_bytes()
+        );
     }
     // Persistence of all three state types.
     let out2 = OutboundSenderKey::from_bytes(&out.to_bytes().unwrap()).unwrap();
@@ -52,7 +55,10 @@ fn replay_rejected_and_state_unchanged() {
     let m = out.encrypt(b"x").unwrap();
     store.decrypt(&m).unwrap();
     let before = state(&store);
-    assert_eq!(store.decrypt(&m).unwrap_err(), CryptoError::DuplicateMessage { index: 0 });
+    assert_eq!(
+        store.decrypt(&m).unwrap_err(),
+        CryptoError::DuplicateMessage { index: 0 }
+    );
     assert_eq!(state(&store), before);
     // A re-sent distribution cannot rewind the chain.
     assert!(!store.add(&out.distribution()).unwrap());
@@ -66,8 +72,14 @@ fn late_joiner_cannot_read_earlier_messages() {
     let early = out.encrypt(b"before join").unwrap();
     let mut store = SenderKeyStore::new();
     store.add(&out.distribution()).unwrap();
-    assert!(matches!(store.decrypt(&early).unwrap_err(), CryptoError::DuplicateMessage { index: 0 }));
-    assert_eq!(store.decrypt(&out.encrypt(b"after").unwrap()).unwrap(), b"after");
+    assert!(matches!(
+        store.decrypt(&early).unwrap_err(),
+        CryptoError::DuplicateMessage { index: 0 }
+    ));
+    assert_eq!(
+        store.decrypt(&out.encrypt(b"after").unwrap()).unwrap(),
+        b"after"
+    );
 }
 
 #[test]
@@ -80,7 +92,10 @@ fn forward_bound_and_skipped_cap() {
     let before = state(&store);
     assert!(matches!(
         store.decrypt(msgs.last().unwrap()).unwrap_err(),
-        CryptoError::TooFarAhead { max: MAX_GROUP_FORWARD, .. }
+        CryptoError::TooFarAhead {
+            max: MAX_GROUP_FORWARD,
+            ..
+        }
     ));
     assert_eq!(state(&store), before);
     // Exactly MAX_GROUP_FORWARD ahead is fine and stores that many keys.
@@ -121,20 +136,35 @@ fn forged_and_foreign_messages_rejected() {
     let mut r = rng(6);
     let mut mallory = OutboundSenderKey::new(&mut r, GROUP, 3, ALICE);
     let forged = mallory.encrypt(b"forged").unwrap();
-    assert_eq!(store.decrypt(&forged).unwrap_err(), CryptoError::InvalidSignature { what: "group message" });
+    assert_eq!(
+        store.decrypt(&forged).unwrap_err(),
+        CryptoError::InvalidSignature {
+            what: "group message"
+        }
+    );
 
     // Unknown sender / group / epoch.
     let mut bob = OutboundSenderKey::new(&mut r, GROUP, 3, [0xB0; 32]);
-    assert_eq!(store.decrypt(&bob.encrypt(b"x").unwrap()).unwrap_err(), CryptoError::UnknownSender);
+    assert_eq!(
+        store.decrypt(&bob.encrypt(b"x").unwrap()).unwrap_err(),
+        CryptoError::UnknownSender
+    );
     let mut other_epoch = OutboundSenderKey::new(&mut r, GROUP, 4, ALICE);
-    assert_eq!(store.decrypt(&other_epoch.encrypt(b"x").unwrap()).unwrap_err(), CryptoError::UnknownSender);
+    assert_eq!(
+        store
+            .decrypt(&other_epoch.encrypt(b"x").unwrap())
+            .unwrap_err(),
+        CryptoError::UnknownSender
+    );
     let mut inbound = store.get(&GROUP, 3, &ALICE).unwrap().clone();
     assert_eq!(
         inbound.decrypt(&bob.encrypt(b"x").unwrap()).unwrap_err(),
         CryptoError::GroupMismatch { field: "sender" }
     );
     assert_eq!(
-        inbound.decrypt(&other_epoch.encrypt(b"x").unwrap()).unwrap_err(),
+        inbound
+            .decrypt(&other_epoch.encrypt(b"x").unwrap())
+            .unwrap_err(),
         CryptoError::GroupMismatch { field: "epoch" }
     );
     assert_eq!(state(&store), before);
@@ -145,15 +175,24 @@ fn forged_and_foreign_messages_rejected() {
 fn decoders_reject_bad_input() {
     let (mut out, _) = setup(7);
     let d = out.distribution().to_bytes();
-    assert!(matches!(SenderKeyDistribution::from_bytes(&d[..d.len() - 1]), Err(CryptoError::InvalidLength { .. })));
+    assert!(matches!(
+        SenderKeyDistribution::from_bytes(&d[..d.len() - 1]),
+        Err(CryptoError::InvalidLength { .. })
+    ));
     let mut v = d.to_vec();
     v[0] = 0x21;
-    assert!(matches!(SenderKeyDistribution::from_bytes(&v), Err(CryptoError::UnsupportedVersion { .. })));
+    assert!(matches!(
+        SenderKeyDistribution::from_bytes(&v),
+        Err(CryptoError::UnsupportedVersion { .. })
+    ));
     let m = out.encrypt(b"").unwrap().to_bytes();
     assert_eq!(m.len(), GroupMessage::MIN_LEN);
     assert!(GroupMessage::from_bytes(&m[..m.len() - 1]).is_err());
     let huge = vec![0x21u8; GroupMessage::MAX_LEN + 1];
-    assert!(matches!(GroupMessage::from_bytes(&huge), Err(CryptoError::TooLarge { .. })));
+    assert!(matches!(
+        GroupMessage::from_bytes(&huge),
+        Err(CryptoError::TooLarge { .. })
+    ));
     assert!(OutboundSenderKey::from_bytes(&[b'O', 9]).is_err());
     assert!(SenderKeyStore::from_bytes(&[b'I', 1]).is_err());
 }
@@ -163,9 +202,13 @@ fn store_epoch_management() {
     let mut r = rng(8);
     let mut store = SenderKeyStore::new();
     for epoch in 1..=3 {
-        store.add(&OutboundSenderKey::new(&mut r, GROUP, epoch, ALICE).distribution()).unwrap();
+        store
+            .add(&OutboundSenderKey::new(&mut r, GROUP, epoch, ALICE).distribution())
+            .unwrap();
     }
-    store.add(&OutboundSenderKey::new(&mut r, [9; 32], 1, ALICE).distribution()).unwrap();
+    store
+        .add(&OutboundSenderKey::new(&mut r, [9; 32], 1, ALICE).distribution())
+        .unwrap();
     assert_eq!(store.len(), 4);
     assert_eq!(store.remove_epochs_before(&GROUP, 3), 2);
     assert_eq!(store.remove_group(&[9; 32]), 1);

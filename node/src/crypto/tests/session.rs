@@ -23,12 +23,18 @@ fn full_conversation_with_one_time_prekey() {
     assert_eq!(m1.one_time_prekey_id(), Some(opk));
     let (mut bob, pt) = Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"ad").unwrap();
     assert_eq!(pt, b"hi bob");
-    assert!(!p.bob_prekeys.one_time_prekey_ids().contains(&opk), "OPK consumed");
+    assert!(
+        !p.bob_prekeys.one_time_prekey_ids().contains(&opk),
+        "OPK consumed"
+    );
     assert_eq!(bob.remote_identity(), p.alice.public());
     assert_eq!(p.alice_session.remote_identity(), p.bob.public());
 
     // Alice keeps sending prekey messages until she hears back.
-    let m2 = p.alice_session.encrypt(&mut r, b"still there?", b"ad").unwrap();
+    let m2 = p
+        .alice_session
+        .encrypt(&mut r, b"still there?", b"ad")
+        .unwrap();
     assert!(matches!(m2, Message::PreKey(_)));
     assert_eq!(bob.decrypt(&m2, b"ad").unwrap(), b"still there?");
 
@@ -68,7 +74,10 @@ fn one_time_prekey_is_single_use() {
     let m1 = prekey(p.alice_session.encrypt(&mut r, b"x", b"").unwrap());
     Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"").unwrap();
     let err = Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"").unwrap_err();
-    assert_eq!(err, CryptoError::UnknownOneTimePrekey { id: p.opk.unwrap() });
+    assert_eq!(
+        err,
+        CryptoError::UnknownOneTimePrekey { id: p.opk.unwrap() }
+    );
 }
 
 #[test]
@@ -90,7 +99,11 @@ fn one_time_prekey_not_consumed_on_failed_decrypt() {
         CryptoError::DecryptionFailed
     );
     assert_eq!(p.bob_prekeys.to_bytes().unwrap().to_vec(), before);
-    assert!(p.bob_prekeys.one_time_prekey_ids().contains(&p.opk.unwrap()));
+    assert!(
+        p.bob_prekeys
+            .one_time_prekey_ids()
+            .contains(&p.opk.unwrap())
+    );
     // The genuine message still works afterwards.
     Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"ad").unwrap();
 }
@@ -108,7 +121,10 @@ fn tampered_x3dh_header_fields_fail() {
             let mut b = bytes.clone();
             b[byte] ^= 1 << bit;
             if let Ok(m) = PreKeyMessage::from_bytes(&b) {
-                assert!(Session::accept(&p.bob, &mut p.bob_prekeys, &m, b"").is_err(), "byte {byte} bit {bit}");
+                assert!(
+                    Session::accept(&p.bob, &mut p.bob_prekeys, &m, b"").is_err(),
+                    "byte {byte} bit {bit}"
+                );
             }
         }
     }
@@ -119,7 +135,11 @@ fn tampered_x3dh_header_fields_fail() {
 fn unknown_prekey_ids_rejected() {
     let mut r = rng(7);
     let mut p = pair(&mut r, true);
-    let m1 = p.alice_session.encrypt(&mut r, b"x", b"").unwrap().to_bytes();
+    let m1 = p
+        .alice_session
+        .encrypt(&mut r, b"x", b"")
+        .unwrap()
+        .to_bytes();
     // Patch the signed prekey id (offset 1 + 128 + 32).
     let mut b = m1.clone();
     b[161..165].copy_from_slice(&77u32.to_be_bytes());
@@ -147,9 +167,15 @@ fn previous_signed_prekey_usable_during_grace_period() {
     assert_eq!(p.bob_prekeys.previous_signed_prekey_id(), Some(old_id));
     let m1 = prekey(p.alice_session.encrypt(&mut r, b"old bundle", b"").unwrap());
     assert_eq!(m1.signed_prekey_id(), old_id);
-    assert!(!p.bob_prekeys.prune(2_000 + crate::crypto::keys::SIGNED_PREKEY_GRACE_SECS - 1));
+    assert!(
+        !p.bob_prekeys
+            .prune(2_000 + crate::crypto::keys::SIGNED_PREKEY_GRACE_SECS - 1)
+    );
     Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"").unwrap();
-    assert!(p.bob_prekeys.prune(2_000 + crate::crypto::keys::SIGNED_PREKEY_GRACE_SECS));
+    assert!(
+        p.bob_prekeys
+            .prune(2_000 + crate::crypto::keys::SIGNED_PREKEY_GRACE_SECS)
+    );
     assert_eq!(
         Session::accept(&p.bob, &mut p.bob_prekeys, &m1, b"").unwrap_err(),
         CryptoError::UnknownSignedPrekey { id: old_id }
@@ -159,7 +185,12 @@ fn previous_signed_prekey_usable_during_grace_period() {
     assert_eq!(bundle.signed_prekey_id(), new_id);
     let mut s = Session::initiate(&mut r, &p.alice, &bundle).unwrap();
     let m = prekey(s.encrypt(&mut r, b"new", b"").unwrap());
-    assert_eq!(Session::accept(&p.bob, &mut p.bob_prekeys, &m, b"").unwrap().1, b"new");
+    assert_eq!(
+        Session::accept(&p.bob, &mut p.bob_prekeys, &m, b"")
+            .unwrap()
+            .1,
+        b"new"
+    );
 }
 
 #[test]
@@ -174,7 +205,10 @@ fn bundle_signatures_verified() {
     let bytes = bundle.to_bytes();
     assert_eq!(bytes.len(), PrekeyBundle::LEN_WITH_ONE_TIME);
     assert_eq!(PrekeyBundle::from_bytes(&bytes).unwrap(), bundle);
-    assert_eq!(prekeys.bundle(&bob, None).unwrap().to_bytes().len(), PrekeyBundle::LEN_WITHOUT_ONE_TIME);
+    assert_eq!(
+        prekeys.bundle(&bob, None).unwrap().to_bytes().len(),
+        PrekeyBundle::LEN_WITHOUT_ONE_TIME
+    );
     // Any flipped bit in the signed parts breaks verification (the OPK is
     // unsigned by design, as in X3DH).
     for byte in 1..PrekeyBundle::LEN_WITHOUT_ONE_TIME - 1 {
@@ -182,7 +216,10 @@ fn bundle_signatures_verified() {
         b[byte] ^= 0x10;
         let tampered = PrekeyBundle::from_bytes(&b).unwrap();
         assert!(tampered.verify().is_err(), "byte {byte}");
-        assert!(Session::initiate(&mut r, &alice, &tampered).is_err(), "byte {byte}");
+        assert!(
+            Session::initiate(&mut r, &alice, &tampered).is_err(),
+            "byte {byte}"
+        );
     }
     // Signed by someone else: Mallory's identity with Bob's prekeys.
     let mallory = IdentityKeys::generate(&mut r).unwrap();
@@ -190,18 +227,30 @@ fn bundle_signatures_verified() {
     b[1..129].copy_from_slice(&mallory.public().to_bytes());
     assert_eq!(
         PrekeyBundle::from_bytes(&b).unwrap().verify().unwrap_err(),
-        CryptoError::InvalidSignature { what: "signed prekey" }
+        CryptoError::InvalidSignature {
+            what: "signed prekey"
+        }
     );
     // Truncated / oversized / wrong version.
-    assert!(matches!(PrekeyBundle::from_bytes(&bytes[..100]), Err(CryptoError::InvalidLength { .. })));
+    assert!(matches!(
+        PrekeyBundle::from_bytes(&bytes[..100]),
+        Err(CryptoError::InvalidLength { .. })
+    ));
     let mut long = bytes.clone();
     long.push(0);
-    assert!(matches!(PrekeyBundle::from_bytes(&long), Err(CryptoError::InvalidLength { .. })));
+    assert!(matches!(
+        PrekeyBundle::from_bytes(&long),
+        Err(CryptoError::InvalidLength { .. })
+    ));
     let mut v = bytes.clone();
     v[0] = 0x11;
     assert_eq!(
         PrekeyBundle::from_bytes(&v).unwrap_err(),
-        CryptoError::UnsupportedVersion { what: "prekey bundle", expected: 0x10, got: 0x11 }
+        CryptoError::UnsupportedVersion {
+            what: "prekey bundle",
+            expected: 0x10,
+            got: 0x11
+        }
     );
 }
 
@@ -219,7 +268,9 @@ fn initiator_identity_binding_is_checked() {
     let m = PreKeyMessage::from_bytes(&b).unwrap();
     assert_eq!(
         Session::accept(&p.bob, &mut p.bob_prekeys, &m, b"").unwrap_err(),
-        CryptoError::InvalidSignature { what: "identity X25519 key" }
+        CryptoError::InvalidSignature {
+            what: "identity X25519 key"
+        }
     );
 }
 
@@ -232,7 +283,10 @@ fn failed_decrypt_leaves_state_unchanged() {
     let mut alice = p.alice_session;
     let reply = bob.encrypt(&mut r, b"reply", b"").unwrap();
     let before = snapshot(&alice);
-    assert_eq!(alice.decrypt(&reply, b"wrong ad").unwrap_err(), CryptoError::DecryptionFailed);
+    assert_eq!(
+        alice.decrypt(&reply, b"wrong ad").unwrap_err(),
+        CryptoError::DecryptionFailed
+    );
     assert_eq!(snapshot(&alice), before);
     assert!(alice.awaiting_reply());
     assert_eq!(alice.decrypt(&reply, b"").unwrap(), b"reply");
@@ -246,7 +300,10 @@ fn replay_rejected() {
     let m = alice.encrypt(&mut r, b"once", b"").unwrap();
     assert_eq!(bob.decrypt(&m, b"").unwrap(), b"once");
     let before = snapshot(&bob);
-    assert!(matches!(bob.decrypt(&m, b"").unwrap_err(), CryptoError::DuplicateMessage { .. }));
+    assert!(matches!(
+        bob.decrypt(&m, b"").unwrap_err(),
+        CryptoError::DuplicateMessage { .. }
+    ));
     assert_eq!(snapshot(&bob), before);
     // Replay of a skipped-then-used key.
     let a = alice.encrypt(&mut r, b"a", b"").unwrap();
@@ -268,7 +325,10 @@ fn max_skip_enforced() {
     }
     let too_far = last.unwrap();
     let before = snapshot(&bob);
-    assert!(matches!(bob.decrypt(&too_far, b"").unwrap_err(), CryptoError::TooFarAhead { max: MAX_SKIP, .. }));
+    assert!(matches!(
+        bob.decrypt(&too_far, b"").unwrap_err(),
+        CryptoError::TooFarAhead { max: MAX_SKIP, .. }
+    ));
     assert_eq!(snapshot(&bob), before);
 
     // Exactly MAX_SKIP ahead works.
@@ -317,7 +377,12 @@ fn skipped_key_cap_evicts_oldest() {
     }
     assert_eq!(bob.skipped_message_keys(), MAX_SKIPPED_KEYS);
     // The oldest skipped key was evicted.
-    assert!(matches!(bob.decrypt(&first_gap.unwrap(), b"").unwrap_err(), CryptoError::DecryptionFailed | CryptoError::DuplicateMessage { .. } | CryptoError::TooFarAhead { .. }));
+    assert!(matches!(
+        bob.decrypt(&first_gap.unwrap(), b"").unwrap_err(),
+        CryptoError::DecryptionFailed
+            | CryptoError::DuplicateMessage { .. }
+            | CryptoError::TooFarAhead { .. }
+    ));
 }
 
 #[test]
@@ -327,7 +392,10 @@ fn prekey_message_on_wrong_session_mismatch() {
     let m1 = p.alice_session.encrypt(&mut r, b"x", b"").unwrap();
     // An initiator never accepts prekey messages.
     let before = snapshot(&p.alice_session);
-    assert_eq!(p.alice_session.decrypt(&m1, b"").unwrap_err(), CryptoError::SessionMismatch);
+    assert_eq!(
+        p.alice_session.decrypt(&m1, b"").unwrap_err(),
+        CryptoError::SessionMismatch
+    );
     assert_eq!(snapshot(&p.alice_session), before);
     // A responder session created by another initial message.
     let bundle = p.bob_prekeys.bundle(&p.bob, None).unwrap();
@@ -338,7 +406,10 @@ fn prekey_message_on_wrong_session_mismatch() {
         Message::PreKey(p) => p,
         Message::Normal(_) => unreachable!(),
     }));
-    assert_eq!(bob.decrypt(&m1, b"").unwrap_err(), CryptoError::SessionMismatch);
+    assert_eq!(
+        bob.decrypt(&m1, b"").unwrap_err(),
+        CryptoError::SessionMismatch
+    );
 }
 
 #[test]
@@ -350,15 +421,27 @@ fn decoders_reject_bad_lengths() {
         assert!(Message::from_bytes(&m[..len.min(m.len())]).is_err());
     }
     let huge = vec![1u8; RatchetMessage::MAX_LEN + 1];
-    assert!(matches!(RatchetMessage::from_bytes(&huge), Err(CryptoError::TooLarge { .. })));
+    assert!(matches!(
+        RatchetMessage::from_bytes(&huge),
+        Err(CryptoError::TooLarge { .. })
+    ));
     let mut huge = vec![2u8; PreKeyMessage::MAX_LEN + 1];
     huge[0] = 2;
-    assert!(matches!(PreKeyMessage::from_bytes(&huge), Err(CryptoError::TooLarge { .. })));
-    assert!(matches!(Message::from_bytes(&[9, 1, 2]), Err(CryptoError::UnsupportedVersion { got: 9, .. })));
+    assert!(matches!(
+        PreKeyMessage::from_bytes(&huge),
+        Err(CryptoError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        Message::from_bytes(&[9, 1, 2]),
+        Err(CryptoError::UnsupportedVersion { got: 9, .. })
+    ));
     assert!(Message::from_bytes(&[]).is_err());
     let big = vec![0u8; MAX_PLAINTEXT_LEN + 1];
     let before = snapshot(&alice);
-    assert!(matches!(alice.encrypt(&mut r, &big, b""), Err(CryptoError::TooLarge { .. })));
+    assert!(matches!(
+        alice.encrypt(&mut r, &big, b""),
+        Err(CryptoError::TooLarge { .. })
+    ));
     assert_eq!(snapshot(&alice), before);
     // The largest plaintext fits the decoder cap.
     let max = alice.encrypt(&mut r, &big[1..], b"").unwrap().to_bytes();
@@ -370,11 +453,21 @@ fn decoders_reject_bad_lengths() {
 fn non_canonical_optional_id_rejected() {
     let mut r = rng(18);
     let mut p = pair(&mut r, false);
-    let mut b = p.alice_session.encrypt(&mut r, b"x", b"").unwrap().to_bytes();
+    let mut b = p
+        .alice_session
+        .encrypt(&mut r, b"x", b"")
+        .unwrap()
+        .to_bytes();
     b[169] = 1; // flag 0 with non-zero id
-    assert!(matches!(PreKeyMessage::from_bytes(&b), Err(CryptoError::Malformed { .. })));
+    assert!(matches!(
+        PreKeyMessage::from_bytes(&b),
+        Err(CryptoError::Malformed { .. })
+    ));
     b[165] = 2; // invalid flag
-    assert!(matches!(PreKeyMessage::from_bytes(&b), Err(CryptoError::Malformed { .. })));
+    assert!(matches!(
+        PreKeyMessage::from_bytes(&b),
+        Err(CryptoError::Malformed { .. })
+    ));
 }
 
 #[test]
@@ -392,13 +485,23 @@ fn state_persistence_round_trip() {
     v[1] = 2;
     assert_eq!(
         Session::from_bytes(&v).unwrap_err(),
-        CryptoError::UnsupportedVersion { what: "session state", expected: 1, got: 2 }
+        CryptoError::UnsupportedVersion {
+            what: "session state",
+            expected: 1,
+            got: 2
+        }
     );
     let mut v = bytes.to_vec();
     v.push(0);
-    assert!(matches!(Session::from_bytes(&v), Err(CryptoError::Malformed { .. })));
+    assert!(matches!(
+        Session::from_bytes(&v),
+        Err(CryptoError::Malformed { .. })
+    ));
     assert!(Session::from_bytes(&bytes[..bytes.len() - 1]).is_err());
-    assert!(LocalPrekeys::from_bytes(&bytes).is_err(), "kind byte checked");
+    assert!(
+        LocalPrekeys::from_bytes(&bytes).is_err(),
+        "kind byte checked"
+    );
 }
 
 #[test]
@@ -410,7 +513,9 @@ fn identity_from_seed_is_deterministic() {
     assert_eq!(*a.seed(), seed);
     assert_eq!(
         a.public().ed25519(),
-        &ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes()
+        &ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes()
     );
     a.public().verify().unwrap();
     assert_ne!(a.public().x25519(), a.public().ed25519());
