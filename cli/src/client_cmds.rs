@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use serde_json::json;
 use tern_node::{
-    Config, ContactTicket, Identity,
+    Config, Identity,
     api::client::{ApiClient, ClientError},
     events::{Event, EventKind},
 };
@@ -31,11 +31,7 @@ pub(crate) fn init(g: &Globals, name: Option<String>) -> anyhow::Result<()> {
             config_path.display()
         );
     }
-    let ticket = ContactTicket {
-        peer_id: identity.peer_id(),
-        addrs: Vec::new(),
-    }
-    .encode();
+    let ticket = tern_node::offline_ticket(&g.dir)?.encode();
     g.out.emit(
         &json!({ "peer_id": identity.peer_id().to_string(), "ticket": ticket }),
         || {
@@ -57,11 +53,8 @@ pub(crate) async fn id(g: &Globals, qr: bool) -> anyhow::Result<()> {
         }
         Err(ClientError::NoDaemon { .. }) => {
             let identity = Identity::load(&g.dir)?;
+            let ticket = tern_node::offline_ticket(&g.dir)?;
             eprintln!("note: no daemon is running, so this ticket carries no addresses yet");
-            let ticket = ContactTicket {
-                peer_id: identity.peer_id(),
-                addrs: Vec::new(),
-            };
             (
                 identity.peer_id().to_string(),
                 identity.endpoint_id().to_string(),
@@ -197,6 +190,32 @@ pub(crate) fn describe(kind: &EventKind) -> String {
         EventKind::Ping { peer_id, rtt_ms } => format!("ping {peer_id}: {rtt_ms:.2} ms"),
         EventKind::RelayUnreachable { address, error } => {
             format!("relay {address} unreachable: {error}")
+        }
+        EventKind::ContactAdded {
+            name,
+            peer_id,
+            auto_added,
+        } => {
+            if *auto_added {
+                format!("message request from {peer_id}, added as contact {name}")
+            } else {
+                format!("contact {name} added ({peer_id})")
+            }
+        }
+        EventKind::Message { from, text, id, .. } => format!("message {id} from {from}: {text}"),
+        EventKind::Receipt { id, to, state, .. } => format!("message {id} to {to}: {state}"),
+        EventKind::Typing { from, typing, .. } => {
+            format!(
+                "{from} {}",
+                if *typing {
+                    "is typing"
+                } else {
+                    "stopped typing"
+                }
+            )
+        }
+        EventKind::MessageFailed { id, to, reason, .. } => {
+            format!("message {id} to {to} failed: {reason}")
         }
         EventKind::ShuttingDown => "node shutting down".into(),
     }

@@ -4,9 +4,11 @@
 //! lives in `tern-node` and in the sibling modules. Exit codes: 0 success, 1 failure (one
 //! line on stderr), 2 usage error (clap's own exit code).
 
+mod chat;
 mod client_cmds;
 mod daemon;
 mod demo;
+mod msg_cmds;
 mod output;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -58,6 +60,42 @@ enum Command {
         /// Resume after this event sequence number.
         #[arg(long)]
         since: Option<u64>,
+    },
+    /// Manage contacts.
+    #[command(subcommand)]
+    Contact(msg_cmds::ContactCmd),
+    /// Send a text message (TEXT `-` reads it from stdin).
+    Send {
+        /// The contact's name.
+        name: String,
+        /// The text, or `-` for stdin.
+        text: String,
+        /// Wait until the message is delivered or read.
+        #[arg(long, value_enum)]
+        wait: Option<msg_cmds::WaitFor>,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 60, requires = "wait")]
+        timeout: u64,
+    },
+    /// Show a conversation.
+    History {
+        /// The contact's name.
+        name: String,
+        /// How many of the newest messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// List conversations with unread counts.
+    Conversations,
+    /// Mark a conversation read (sends read receipts).
+    Read {
+        /// The contact's name.
+        name: String,
+    },
+    /// Chat interactively with a contact.
+    Chat {
+        /// The contact's name.
+        name: String,
     },
     /// Ask the running daemon to stop.
     Stop,
@@ -122,6 +160,17 @@ async fn run(command: Command, g: Globals) -> anyhow::Result<()> {
         Command::Peers => client_cmds::peers(&g).await,
         Command::Dial { address } => client_cmds::dial(&g, &address).await,
         Command::Events { since } => client_cmds::events(&g, since).await,
+        Command::Contact(cmd) => msg_cmds::contact(&g, cmd).await,
+        Command::Send {
+            name,
+            text,
+            wait,
+            timeout,
+        } => msg_cmds::send(&g, &name, &text, wait, timeout).await,
+        Command::History { name, limit } => msg_cmds::history(&g, &name, limit).await,
+        Command::Conversations => msg_cmds::conversations(&g).await,
+        Command::Read { name } => msg_cmds::read(&g, &name).await,
+        Command::Chat { name } => chat::run(&g, &name).await,
         Command::Stop => client_cmds::stop(&g).await,
         Command::Demo => demo::run(&g).await,
     }

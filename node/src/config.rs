@@ -67,6 +67,13 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Seconds an idle connection stays open. Default: 60.
     pub idle_timeout_secs: u64,
+    /// Seconds an accepted message may wait for delivery before it fails. Default: 604800
+    /// (7 days).
+    pub message_ttl_secs: u64,
+    /// Inbound envelopes per second accepted from one peer. Default: 20000.
+    pub inbound_rate: u32,
+    /// Inbound envelope burst accepted from one peer. Default: 40000.
+    pub inbound_burst: u32,
 }
 
 impl Default for Config {
@@ -87,6 +94,9 @@ impl Default for Config {
             max_connections: 256,
             max_connections_per_peer: 4,
             idle_timeout_secs: 60,
+            message_ttl_secs: 7 * 24 * 3600,
+            inbound_rate: 20_000,
+            inbound_burst: 40_000,
         }
     }
 }
@@ -153,6 +163,11 @@ impl Config {
                 )));
             }
         }
+        if self.message_ttl_secs == 0 || self.inbound_rate == 0 || self.inbound_burst == 0 {
+            return Err(invalid(
+                "message_ttl_secs, inbound_rate and inbound_burst must be at least 1".into(),
+            ));
+        }
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return Err(invalid("connection limits must be at least 1".into()));
         }
@@ -181,6 +196,8 @@ impl Config {
 # api_bind:      local JSON-RPC API address, loopback only (default: 127.0.0.1:0)
 # max_connections / max_connections_per_peer: connection limits (default: 256 / 4)
 # idle_timeout_secs: how long an idle connection stays open (default: 60)
+# message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800)
+# inbound_rate / inbound_burst: envelopes per second / burst accepted from one peer (default: 20000 / 40000)
 ";
 
     /// A loopback-only configuration with mDNS off: OS-chosen TCP and QUIC ports on

@@ -73,6 +73,59 @@ pub enum EventKind {
         /// Why.
         error: String,
     },
+    /// A contact was added (by ticket, or from a stranger's first message).
+    ContactAdded {
+        /// Its local name.
+        name: String,
+        /// Its peer id.
+        peer_id: String,
+        /// Added from an incoming message (a message request).
+        auto_added: bool,
+    },
+    /// A message arrived (it is durably stored).
+    Message {
+        /// Message id (hex).
+        id: String,
+        /// Sender's peer id.
+        peer_id: String,
+        /// Sender's contact name.
+        from: String,
+        /// The text.
+        text: String,
+        /// Sender's timestamp, ms since the epoch.
+        timestamp: u64,
+    },
+    /// An outgoing message moved on: `sent`, `delivered` or `read`.
+    Receipt {
+        /// Message id (hex).
+        id: String,
+        /// Recipient's peer id.
+        peer_id: String,
+        /// Recipient's contact name.
+        to: String,
+        /// The new state.
+        state: String,
+    },
+    /// A contact started or stopped typing.
+    Typing {
+        /// The contact's peer id.
+        peer_id: String,
+        /// The contact's name.
+        from: String,
+        /// Typing or not.
+        typing: bool,
+    },
+    /// An outgoing message cannot be delivered.
+    MessageFailed {
+        /// Message id (hex).
+        id: String,
+        /// Recipient's peer id.
+        peer_id: String,
+        /// Recipient's contact name.
+        to: String,
+        /// Why.
+        reason: String,
+    },
     /// The node is shutting down.
     ShuttingDown,
 }

@@ -170,6 +170,11 @@ impl Identity {
         &self.keypair
     }
 
+    /// The raw seed, for deriving the other long-term keys (crypto layer only).
+    pub(crate) fn seed(&self) -> &[u8; 32] {
+        &self.seed
+    }
+
     /// The ed25519 signing key for Tern-level signatures.
     pub fn signing_key(&self) -> ed25519_dalek::SigningKey {
         ed25519_dalek::SigningKey::from_bytes(&self.seed)

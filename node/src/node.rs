@@ -16,6 +16,10 @@ use crate::{
     data_dir::{DataDir, DataDirError, DataDirLock},
     events::{EventBus, EventKind, Subscription},
     identity::{Identity, IdentityError},
+    messaging::{
+        self, Conversation, HistoryItem, MessagingConfig, MessagingError, MessagingHandle,
+        contacts::ContactView, db::MessagingDb, wire::MsgId,
+    },
     net::{self, NetError, NetHandle, PeerInfo, RelayStatus},
     store::{Store, StoreError},
     ticket::ContactTicket,
@@ -39,6 +43,9 @@ pub enum NodeError {
     /// The network failed.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// A messaging operation failed.
+    #[error(transparent)]
+    Messaging(#[from] MessagingError),
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -87,14 +94,18 @@ pub struct NodeStatus {
     pub connected_peers: Vec<String>,
     /// Configured relays and whether they are connected.
     pub relays: Vec<RelayStatus>,
-    /// Messages waiting in the outbox (no messaging capability yet: always the true count, 0).
+    /// Envelopes waiting in the outbox (messages, receipts) until a recipient acknowledges.
     pub outbox: u64,
+    /// Inbound envelopes refused since start, by reason (malformed, rate_limited, ...).
+    pub rejected: std::collections::BTreeMap<String, u64>,
 }
 
 struct Inner {
     identity: Identity,
     data_dir: DataDir,
+    name: Option<String>,
     net: NetHandle,
+    messaging: MessagingHandle,
     shutdown: CancellationToken,
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Held while running; taken (and so closed) by `shutdown`, so that a stopped node
@@ -136,16 +147,42 @@ impl Node {
         let store = Store::open(&data_dir.db_path())?;
         let events = EventBus::open(&store)?;
         let shutdown = CancellationToken::new();
-        let (net, net_task) =
-            net::spawn(&identity, &config, events.clone(), shutdown.child_token()).await?;
+        let (inbound_tx, inbound_rx) =
+            tokio::sync::mpsc::channel(messaging::INBOUND_CHANNEL_CAPACITY);
+        let (net, net_task) = net::spawn(
+            &identity,
+            &config,
+            events.clone(),
+            shutdown.child_token(),
+            inbound_tx,
+        )
+        .await?;
+        let messaging_config = MessagingConfig {
+            message_ttl: std::time::Duration::from_secs(config.message_ttl_secs),
+            inbound_rate: config.inbound_rate,
+            inbound_burst: config.inbound_burst,
+            name: config.name.clone(),
+            ..MessagingConfig::default()
+        };
+        let (messaging, messaging_task) = messaging::spawn(
+            identity.seed(),
+            MessagingDb::open(&store)?,
+            net.clone(),
+            events.clone(),
+            inbound_rx,
+            messaging_config,
+            shutdown.child_token(),
+        )?;
         tracing::info!(peer_id = %identity.peer_id(), dir = %data_dir.root().display(), "node started");
         Ok(NodeHandle {
             inner: Arc::new(Inner {
                 identity,
                 data_dir,
+                name: config.name.clone(),
                 net,
+                messaging,
                 shutdown,
-                tasks: tokio::sync::Mutex::new(vec![net_task]),
+                tasks: tokio::sync::Mutex::new(vec![messaging_task, net_task]),
                 resources: Mutex::new(Some(Resources {
                     store,
                     events,
@@ -168,6 +205,11 @@ impl NodeHandle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.identity.peer_id()
+    }
+
+    /// The network handle (raw protocol access for tools and tests).
+    pub fn net(&self) -> &NetHandle {
+        &self.inner.net
     }
 
     /// The data directory.
@@ -216,22 +258,99 @@ impl NodeHandle {
             .into_iter()
             .filter(is_dialable)
             .collect();
+        let bundle = self.inner.messaging.bundle().await?;
         Ok(ContactTicket {
             peer_id: self.peer_id(),
             addrs,
+            name: self.inner.name.clone(),
+            bundle: Some(bundle),
         })
     }
 
     /// Listen addresses, peers, relays and outbox size.
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         let net = self.inner.net.status().await?;
+        let stats = self.inner.messaging.stats().await?;
         Ok(NodeStatus {
             peer_id: self.peer_id().to_string(),
             listen_addrs: net.listen_addrs,
             connected_peers: net.connected_peers,
             relays: net.relays,
-            outbox: 0,
+            outbox: stats.outbox,
+            rejected: stats.rejected,
         })
+    }
+
+    /// Adds a contact from its ticket.
+    pub async fn contact_add(&self, ticket: &str, name: &str) -> Result<ContactView, NodeError> {
+        self.check_running()?;
+        Ok(self
+            .inner
+            .messaging
+            .contact_add(ticket.to_string(), name.to_string())
+            .await?)
+    }
+
+    /// Every contact.
+    pub async fn contact_list(&self) -> Result<Vec<ContactView>, NodeError> {
+        Ok(self.inner.messaging.contact_list().await?)
+    }
+
+    /// One contact with its safety number.
+    pub async fn contact_show(&self, name: &str) -> Result<ContactView, NodeError> {
+        Ok(self.inner.messaging.contact_show(name.to_string()).await?)
+    }
+
+    /// Removes a contact (its queued messages fail; history is kept).
+    pub async fn contact_remove(&self, name: &str) -> Result<(), NodeError> {
+        Ok(self
+            .inner
+            .messaging
+            .contact_remove(name.to_string())
+            .await?)
+    }
+
+    /// Blocks or unblocks a contact.
+    pub async fn contact_block(&self, name: &str, blocked: bool) -> Result<ContactView, NodeError> {
+        Ok(self
+            .inner
+            .messaging
+            .contact_block(name.to_string(), blocked)
+            .await?)
+    }
+
+    /// Queues a text message; returns its id once durably queued.
+    pub async fn send(&self, to: &str, text: &str) -> Result<MsgId, NodeError> {
+        self.check_running()?;
+        Ok(self
+            .inner
+            .messaging
+            .send(to.to_string(), text.to_string())
+            .await?)
+    }
+
+    /// The last `limit` messages with a contact, oldest first.
+    pub async fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryItem>, NodeError> {
+        Ok(self
+            .inner
+            .messaging
+            .history(with.to_string(), limit)
+            .await?)
+    }
+
+    /// Every conversation.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, NodeError> {
+        Ok(self.inner.messaging.conversations().await?)
+    }
+
+    /// Marks a conversation read and sends read receipts; returns how many were unread.
+    pub async fn mark_read(&self, with: &str) -> Result<usize, NodeError> {
+        Ok(self.inner.messaging.mark_read(with.to_string()).await?)
+    }
+
+    /// Sends a typing indicator if the contact is connected; returns whether it was sent.
+    pub async fn typing(&self, to: &str, typing: bool) -> Result<bool, NodeError> {
+        Ok(self.inner.messaging.typing(to.to_string(), typing).await?)
     }
 
     /// Connected peers.
@@ -302,6 +421,26 @@ impl NodeHandle {
         }
         Ok(())
     }
+}
+
+/// A contact ticket made without a running node (`tern init`, `tern id` with no daemon):
+/// the identity, name and prekey bundle, but no addresses. Takes the data-directory lock
+/// for a moment, so it fails while a daemon runs (ask the daemon instead).
+pub fn offline_ticket(dir: &DataDir) -> Result<ContactTicket, NodeError> {
+    let config = Config::load_or_default(&dir.config_path())?;
+    let identity = Identity::load(dir)?;
+    let lock = dir.lock()?;
+    let store = Store::open(&dir.db_path())?;
+    let bundle = messaging::local_bundle(identity.seed(), &MessagingDb::open(&store)?)?;
+    store.flush_blocking()?;
+    drop(store);
+    drop(lock);
+    Ok(ContactTicket {
+        peer_id: identity.peer_id(),
+        addrs: Vec::new(),
+        name: config.name,
+        bundle: Some(bundle),
+    })
 }
 
 /// Whether an address is worth putting in a ticket (not `0.0.0.0`/`::`, not relayed-through-nothing).

@@ -145,13 +145,15 @@ impl Store {
     ) -> Result<R, StoreError> {
         let trees: Vec<sled::Tree> = tables.iter().map(|t| t.tree().clone()).collect();
         let names: Vec<&'static str> = tables.iter().map(|t| t.name()).collect();
-        let result = trees.as_slice().transaction(|views: &Vec<TransactionalTree>| {
-            let tx = Tx {
-                views: views.as_slice(),
-                names: &names,
-            };
-            f(&tx).map_err(|e| e.0)
-        });
+        let result = trees
+            .as_slice()
+            .transaction(|views: &Vec<TransactionalTree>| {
+                let tx = Tx {
+                    views: views.as_slice(),
+                    names: &names,
+                };
+                f(&tx).map_err(|e| e.0)
+            });
         match result {
             Ok(r) => Ok(r),
             Err(TransactionError::Abort(e)) => Err(e),
@@ -220,7 +222,11 @@ impl Tx<'_> {
     }
 
     /// Reads `key` of `table`.
-    pub fn get<V: Serialize + DeserializeOwned>(&self, table: &Table<V>, key: &[u8]) -> Result<Option<V>, TxError> {
+    pub fn get<V: Serialize + DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &[u8],
+    ) -> Result<Option<V>, TxError> {
         match self.view(table)?.get(key)? {
             None => Ok(None),
             Some(bytes) => table.decode(&bytes).map(Some).map_err(TxError::abort),
@@ -228,7 +234,12 @@ impl Tx<'_> {
     }
 
     /// Writes `value` under `key` of `table`.
-    pub fn insert<V: Serialize + DeserializeOwned>(&self, table: &Table<V>, key: &[u8], value: &V) -> Result<(), TxError> {
+    pub fn insert<V: Serialize + DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &[u8],
+        value: &V,
+    ) -> Result<(), TxError> {
         let bytes = table.encode(value).map_err(TxError::abort)?;
         self.view(table)?.insert(key, bytes)?;
         Ok(())
@@ -330,6 +341,45 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         Ok(out)
     }
 
+    /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
+    pub fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// The last `limit` entries whose key starts with `prefix`, returned in key order.
+    pub fn scan_prefix_last(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix).rev().take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Number of keys starting with `prefix`.
+    pub fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree.scan_prefix(prefix) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The last entry in key order.
     pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
         self.tree
@@ -411,7 +461,11 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, StoreError::Aborted(_)));
-        assert_eq!(a.get(b"k").unwrap(), Some(1), "nothing of the aborted tx landed");
+        assert_eq!(
+            a.get(b"k").unwrap(),
+            Some(1),
+            "nothing of the aborted tx landed"
+        );
         assert_eq!(b.get(b"k").unwrap(), Some("one".to_string()));
         // A table outside the transaction is refused.
         let c: Table<u32> = s.table("c").unwrap();

@@ -1,5 +1,6 @@
 //! Contact tickets: one copy-pasteable string that carries everything needed to reach a
-//! node (its peer id and dialable addresses; later versions add keys and relays).
+//! node and start an encrypted session with it: its peer id, dialable addresses, display
+//! name and signed prekey bundle (later versions add relays).
 //!
 //! Text form: `tern1` followed by lowercase unpadded base32 of
 //! `version (1 byte) || postcard(body) || BLAKE3(version || body)[..4]`.
@@ -10,7 +11,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "tern1";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// The longest ticket text accepted (a ticket with many addresses stays far below).
 pub const MAX_TICKET_LEN: usize = 16 * 1024;
 
@@ -44,6 +45,17 @@ pub struct ContactTicket {
     pub peer_id: PeerId,
     /// Addresses the node can be dialed at (without the `/p2p/` suffix).
     pub addrs: Vec<Multiaddr>,
+    /// The display name the node's owner chose.
+    pub name: Option<String>,
+    /// The signed prekey bundle (`crypto::PrekeyBundle` encoding), for starting a session.
+    pub bundle: Option<Vec<u8>>,
+}
+
+/// Version 1 tickets (peer id and addresses only).
+#[derive(Deserialize)]
+struct TicketV1 {
+    peer_id: PeerId,
+    addrs: Vec<Multiaddr>,
 }
 
 impl ContactTicket {
@@ -76,10 +88,21 @@ impl ContactTicket {
         if checksum(payload) != sum {
             return Err(TicketError::Checksum);
         }
-        if payload[0] != VERSION {
-            return Err(TicketError::Version(payload[0]));
+        let body = &payload[1..];
+        let bad = |e: postcard::Error| TicketError::Encoding(e.to_string());
+        match payload[0] {
+            1 => {
+                let v1: TicketV1 = postcard::from_bytes(body).map_err(bad)?;
+                Ok(Self {
+                    peer_id: v1.peer_id,
+                    addrs: v1.addrs,
+                    name: None,
+                    bundle: None,
+                })
+            }
+            VERSION => postcard::from_bytes(body).map_err(bad),
+            other => Err(TicketError::Version(other)),
         }
-        postcard::from_bytes(&payload[1..]).map_err(|e| TicketError::Encoding(e.to_string()))
     }
 }
 
@@ -101,7 +124,26 @@ mod tests {
                 "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
                 "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap(),
             ],
+            name: Some("bob".into()),
+            bundle: Some(vec![1, 2, 3]),
         }
+    }
+
+    #[test]
+    fn version_1_tickets_still_decode() {
+        let t = sample();
+        let mut bytes = vec![1u8];
+        bytes.extend(postcard::to_stdvec(&(t.peer_id, t.addrs.clone())).unwrap());
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        let text = format!(
+            "tern1{}",
+            data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
+        );
+        let got = ContactTicket::decode(&text).unwrap();
+        assert_eq!(got.peer_id, t.peer_id);
+        assert_eq!(got.addrs, t.addrs);
+        assert_eq!(got.bundle, None);
     }
 
     #[test]

@@ -58,7 +58,11 @@ fn main() {
     let mut base = Vec::new();
     for _ in 0..RUNS {
         let t = Instant::now();
-        let ok = Command::new(&bin).arg("--version").stdout(Stdio::null()).status().unwrap();
+        let ok = Command::new(&bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
         assert!(ok.success());
         base.push(t.elapsed());
     }
@@ -82,7 +86,14 @@ fn main() {
         let mut child = Command::new(&bin)
             .arg("--data-dir")
             .arg(&dir)
-            .args(["daemon", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+            .args([
+                "daemon",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--listen",
+                "/ip4/127.0.0.1/udp/0/quic-v1",
+            ])
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -118,16 +129,43 @@ fn main() {
     let (b, r) = (median(base.clone()), median(ready.clone()));
     rss.sort();
     hwm.sort();
-    println!("tern daemon figures ({RUNS} runs, binary {})", bin.display());
-    println!("  baseline `tern --version`:  median {:>8.2?}  p90 {:>8.2?}", b, p90(base));
-    println!("  start -> API ready:         median {:>8.2?}  p90 {:>8.2?}  (target <= 300 ms)", r, p90(ready));
-    println!("  ratio ready / baseline:     {:.1}x", r.as_secs_f64() / b.as_secs_f64());
-    println!("  idle RSS (3 s after start): median {:.1} MiB, max {:.1} MiB  (target <= 40 MB)", rss[rss.len() / 2] as f64 / 1024.0, rss[rss.len() - 1] as f64 / 1024.0);
-    println!("  peak RSS (VmHWM):           median {:.1} MiB", hwm[hwm.len() / 2] as f64 / 1024.0);
-    println!("  release binary size:        {:.1} MiB", size as f64 / (1024.0 * 1024.0));
+    println!(
+        "tern daemon figures ({RUNS} runs, binary {})",
+        bin.display()
+    );
+    println!(
+        "  baseline `tern --version`:  median {:>8.2?}  p90 {:>8.2?}",
+        b,
+        p90(base)
+    );
+    println!(
+        "  start -> API ready:         median {:>8.2?}  p90 {:>8.2?}  (target <= 300 ms)",
+        r,
+        p90(ready)
+    );
+    println!(
+        "  ratio ready / baseline:     {:.1}x",
+        r.as_secs_f64() / b.as_secs_f64()
+    );
+    println!(
+        "  idle RSS (3 s after start): median {:.1} MiB, max {:.1} MiB  (target <= 40 MB)",
+        rss[rss.len() / 2] as f64 / 1024.0,
+        rss[rss.len() - 1] as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS (VmHWM):           median {:.1} MiB",
+        hwm[hwm.len() / 2] as f64 / 1024.0
+    );
+    println!(
+        "  release binary size:        {:.1} MiB",
+        size as f64 / (1024.0 * 1024.0)
+    );
 }
 
 fn nix_term(pid: u32) {
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }

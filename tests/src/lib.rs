@@ -46,9 +46,43 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Starts a loopback node named `name`.
+    /// Starts a loopback node named `name` (also its display name).
     pub async fn spawn(name: &str) -> Self {
         Self::spawn_with(name, |_| {}).await
+    }
+
+    /// Adds `other` as a contact named `name` (by its current ticket).
+    pub async fn add_contact(&self, other: &TestNode, name: &str) {
+        let ticket = other.handle.ticket().await.unwrap().encode();
+        self.handle.contact_add(&ticket, name).await.unwrap();
+    }
+
+    /// Waits until `pred` holds for the history with `with`, up to `timeout`.
+    pub async fn wait_history(
+        &self,
+        with: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&[tern_node::messaging::HistoryItem]) -> bool,
+    ) -> Vec<tern_node::messaging::HistoryItem> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let h = self.handle.history(with, 100_000).await.unwrap_or_default();
+            if pred(&h) {
+                return h;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let states: Vec<String> = h.iter().map(|m| m.state.clone()).collect();
+                panic!(
+                    "{}: history with {with} not as expected within {timeout:?}: {} messages, states {:?}",
+                    self.name,
+                    h.len(),
+                    states.iter().collect::<std::collections::BTreeSet<_>>()
+                );
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// Starts a loopback node after letting `tweak` adjust its configuration.
@@ -60,7 +94,10 @@ impl TestNode {
             .unwrap();
         let data_dir = DataDir::new(dir.path().join("node"));
         Identity::create(&data_dir).unwrap();
-        let mut config = Config::loopback();
+        let mut config = Config {
+            name: Some(name.into()),
+            ..Config::loopback()
+        };
         tweak(&mut config);
         Self::start_in(name, dir, data_dir, config).await
     }
@@ -86,9 +123,17 @@ impl TestNode {
     /// Stops the node and starts it again on the same data directory.
     pub async fn restart(&mut self) {
         self.handle.shutdown().await.unwrap();
+        self.start_again().await;
+    }
+
+    /// Starts the node again after [`TestNode::stop_keep`].
+    pub async fn start_again(&mut self) {
         let handle = Node::start(NodeOptions {
             data_dir: self.data_dir(),
-            config: Config::loopback(),
+            config: Config {
+                name: Some(self.name.clone()),
+                ..Config::loopback()
+            },
         })
         .await
         .unwrap_or_else(|e| panic!("{} did not restart: {e}", self.name));
@@ -148,6 +193,11 @@ impl TestNode {
             _ => None,
         })
         .await
+    }
+
+    /// Shuts the node down but keeps its directory, to [`TestNode::start_again`] later.
+    pub async fn stop_keep(&self) {
+        self.handle.shutdown().await.unwrap();
     }
 
     /// Shuts the node down (also done, without waiting, on drop).

@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::{
     data_dir::DataDir,
     events::Event,
+    messaging::{Conversation, HistoryItem, contacts::ContactView},
     net::PeerInfo,
     node::{NodeInfo, NodeStatus},
 };
@@ -161,6 +162,90 @@ impl ApiClient {
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         let _: Value = self.call_typed("shutdown", Value::Null).await?;
         Ok(())
+    }
+
+    /// `contactAdd`.
+    pub async fn contact_add(&self, ticket: &str, name: &str) -> Result<ContactView, ClientError> {
+        self.call_typed(
+            "contactAdd",
+            serde_json::json!({ "ticket": ticket, "name": name }),
+        )
+        .await
+    }
+
+    /// `contactList`.
+    pub async fn contact_list(&self) -> Result<Vec<ContactView>, ClientError> {
+        self.call_typed("contactList", Value::Null).await
+    }
+
+    /// `contactShow`.
+    pub async fn contact_show(&self, name: &str) -> Result<ContactView, ClientError> {
+        self.call_typed("contactShow", serde_json::json!({ "name": name }))
+            .await
+    }
+
+    /// `contactRemove`.
+    pub async fn contact_remove(&self, name: &str) -> Result<(), ClientError> {
+        let _: Value = self
+            .call_typed("contactRemove", serde_json::json!({ "name": name }))
+            .await?;
+        Ok(())
+    }
+
+    /// `contactBlock`.
+    pub async fn contact_block(
+        &self,
+        name: &str,
+        blocked: bool,
+    ) -> Result<ContactView, ClientError> {
+        self.call_typed(
+            "contactBlock",
+            serde_json::json!({ "name": name, "blocked": blocked }),
+        )
+        .await
+    }
+
+    /// `send`; returns the message id.
+    pub async fn send(&self, to: &str, text: &str) -> Result<String, ClientError> {
+        let v: Value = self
+            .call_typed("send", serde_json::json!({ "to": to, "text": text }))
+            .await?;
+        v.get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ClientError::Decode("send result without id".into()))
+    }
+
+    /// `history`.
+    pub async fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryItem>, ClientError> {
+        self.call_typed(
+            "history",
+            serde_json::json!({ "with": with, "limit": limit }),
+        )
+        .await
+    }
+
+    /// `conversations`.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
+        self.call_typed("conversations", Value::Null).await
+    }
+
+    /// `markRead`; returns how many were unread.
+    pub async fn mark_read(&self, with: &str) -> Result<u64, ClientError> {
+        let v: Value = self
+            .call_typed("markRead", serde_json::json!({ "with": with }))
+            .await?;
+        v.get("count")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ClientError::Decode("markRead result without count".into()))
+    }
+
+    /// `typing`; returns whether it was sent.
+    pub async fn typing(&self, to: &str, typing: bool) -> Result<bool, ClientError> {
+        let v: Value = self
+            .call_typed("typing", serde_json::json!({ "to": to, "typing": typing }))
+            .await?;
+        Ok(v.get("sent").and_then(Value::as_bool).unwrap_or(false))
     }
 
     /// Subscribes to events after `since`.

@@ -36,6 +36,18 @@ pub mod codes {
     pub const NODE: i32 = 1004;
     /// A subscriber fell too far behind; resubscribe with `since`.
     pub const LAGGED: i32 = 1005;
+    /// No contact with that name.
+    pub const UNKNOWN_CONTACT: i32 = 1010;
+    /// The message is too large (or empty).
+    pub const BAD_MESSAGE: i32 = 1011;
+    /// The contact is blocked.
+    pub const BLOCKED: i32 = 1012;
+    /// The ticket is invalid.
+    pub const INVALID_TICKET: i32 = 1013;
+    /// The contact name is taken or invalid, or the peer is already a contact.
+    pub const BAD_CONTACT: i32 = 1014;
+    /// No session can be started with the contact.
+    pub const NO_SESSION: i32 = 1015;
 }
 
 /// Most simultaneous API connections.
@@ -194,14 +206,105 @@ fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned
 }
 
 fn node_error(e: NodeError) -> ErrorObjectOwned {
-    use crate::net::NetError;
+    use crate::{messaging::MessagingError as M, net::NetError};
     let code = match &e {
+        NodeError::Messaging(m) => match m {
+            M::UnknownContact(_) => codes::UNKNOWN_CONTACT,
+            M::TooLarge { .. } | M::Empty => codes::BAD_MESSAGE,
+            M::Blocked(_) => codes::BLOCKED,
+            M::InvalidTicket(_) => codes::INVALID_TICKET,
+            M::NameTaken(_) | M::AlreadyContact(_) | M::InvalidName(_) => codes::BAD_CONTACT,
+            M::NoSession(_) => codes::NO_SESSION,
+            M::Store(_) => codes::STORAGE,
+            M::ActorGone => codes::SHUTTING_DOWN,
+            M::Crypto(_) => codes::NODE,
+        },
         NodeError::ShuttingDown | NodeError::Net(NetError::ActorGone) => codes::SHUTTING_DOWN,
         NodeError::Net(NetError::Dial { .. } | NetError::DialTimeout { .. }) => codes::UNREACHABLE,
         NodeError::Store(_) => codes::STORAGE,
         _ => codes::NODE,
     };
     ErrorObjectOwned::owned(code, e.to_string(), None::<()>)
+}
+
+/// Registers `name`: parses params `P`, runs `f`, maps errors to API codes.
+fn method<P, R, F, Fut>(m: &mut RpcModule<NodeHandle>, name: &'static str, f: F)
+where
+    P: DeserializeOwned + Send + 'static,
+    R: Serialize + Clone + Send + 'static,
+    F: Fn(NodeHandle, P) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<R, NodeError>> + Send,
+{
+    m.register_async_method(name, move |params, node, _| {
+        let f = f.clone();
+        async move {
+            let p: P = parse(&params)?;
+            f((*node).clone(), p).await.map_err(node_error)
+        }
+    })
+    .expect("unique method name");
+}
+
+/// No params.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContactAddParams {
+    ticket: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockParams {
+    name: String,
+    #[serde(default = "yes")]
+    blocked: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendParams {
+    to: String,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryParams {
+    with: String,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WithParams {
+    with: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypingParams {
+    to: String,
+    typing: bool,
 }
 
 /// Params of `dial`.
@@ -243,6 +346,46 @@ fn rpc_module(node: NodeHandle) -> RpcModule<NodeHandle> {
         Ok::<_, ErrorObjectOwned>(serde_json::json!({ "peer_id": peer.to_string() }))
     })
     .expect("unique method name");
+    method(
+        &mut m,
+        "contactAdd",
+        |node, p: ContactAddParams| async move { node.contact_add(&p.ticket, &p.name).await },
+    );
+    method(
+        &mut m,
+        "contactList",
+        |node, _: Option<NoParams>| async move { node.contact_list().await },
+    );
+    method(&mut m, "contactShow", |node, p: NameParams| async move {
+        node.contact_show(&p.name).await
+    });
+    method(&mut m, "contactRemove", |node, p: NameParams| async move {
+        node.contact_remove(&p.name).await?;
+        Ok(serde_json::json!({ "removed": p.name }))
+    });
+    method(&mut m, "contactBlock", |node, p: BlockParams| async move {
+        node.contact_block(&p.name, p.blocked).await
+    });
+    method(&mut m, "send", |node, p: SendParams| async move {
+        let id = node.send(&p.to, &p.text).await?;
+        Ok(serde_json::json!({ "id": id.to_hex() }))
+    });
+    method(&mut m, "history", |node, p: HistoryParams| async move {
+        node.history(&p.with, p.limit.clamp(1, 10_000)).await
+    });
+    method(
+        &mut m,
+        "conversations",
+        |node, _: Option<NoParams>| async move { node.conversations().await },
+    );
+    method(&mut m, "markRead", |node, p: WithParams| async move {
+        let count = node.mark_read(&p.with).await?;
+        Ok(serde_json::json!({ "count": count }))
+    });
+    method(&mut m, "typing", |node, p: TypingParams| async move {
+        let sent = node.typing(&p.to, p.typing).await?;
+        Ok(serde_json::json!({ "sent": sent }))
+    });
     m.register_method("shutdown", |_, node, _| {
         let node = node.clone();
         // Reply first, then stop: the daemon's main loop notices and shuts down.

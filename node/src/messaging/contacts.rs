@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(ab, safety_number(b.public(), a.public()));
         assert_ne!(ab, safety_number(a.public(), c.public()));
         assert_eq!(ab.len(), 12 * 5 + 11);
-        assert!(ab.split(' ').all(|g| g.len() == 5 && g.chars().all(|c| c.is_ascii_digit())));
+        assert!(
+            ab.split(' ')
+                .all(|g| g.len() == 5 && g.chars().all(|c| c.is_ascii_digit()))
+        );
     }
 
     #[test]

@@ -131,6 +131,22 @@ where
         }
     }
 
+    /// The attempt made progress but was told to slow down: retry after the first-step delay
+    /// (the backoff does not grow while progress is being made).
+    pub fn slow_down(&mut self, peer: &P, now: T, random: u32) -> Duration {
+        let policy = self.policy;
+        match self.peers.get_mut(peer) {
+            Some(s) => {
+                s.failures = 1;
+                s.in_flight = false;
+                let delay = policy.delay(1, random);
+                s.due = now + delay;
+                delay
+            }
+            None => Duration::ZERO,
+        }
+    }
+
     /// The earliest time something becomes due, if any.
     pub fn next_due(&self) -> Option<T> {
         self.peers
@@ -171,7 +187,14 @@ mod tests {
                 assert!(d <= exact.mul_f64(1.2), "{failures}: {d:?}");
             }
         }
-        assert_eq!(RetryPolicy { jitter_permille: 0, ..p }.delay(3, 99), Duration::from_secs(4));
+        assert_eq!(
+            RetryPolicy {
+                jitter_permille: 0,
+                ..p
+            }
+            .delay(3, 99),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]
@@ -187,17 +210,30 @@ mod tests {
         assert_eq!(s.failed(&"bob", t0, 0), Duration::from_secs(1));
         assert!(s.take_due(t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(s.take_due(t0 + Duration::from_secs(1)), vec!["bob"]);
-        assert_eq!(s.failed(&"bob", t0 + Duration::from_secs(1), 0), Duration::from_secs(2));
+        assert_eq!(
+            s.failed(&"bob", t0 + Duration::from_secs(1), 0),
+            Duration::from_secs(2)
+        );
         assert_eq!(s.next_due(), Some(Duration::from_secs(3)));
         // Reconnect: due now, backoff forgotten.
         s.reachable(&"bob", Duration::from_secs(2));
         assert_eq!(s.take_due(Duration::from_secs(2)), vec!["bob"]);
-        assert_eq!(s.failed(&"bob", Duration::from_secs(2), 0), Duration::from_secs(1));
+        assert_eq!(
+            s.failed(&"bob", Duration::from_secs(2), 0),
+            Duration::from_secs(1)
+        );
         // Enqueue during backoff does not cut the line.
         s.enqueue("bob", Duration::from_secs(2));
         assert!(s.take_due(Duration::from_secs(2)).is_empty());
         s.progressed(&"bob", Duration::from_secs(3));
         assert_eq!(s.take_due(Duration::from_secs(3)), vec!["bob"]);
+        s.take_due(Duration::from_secs(3));
+        s.failed(&"bob", Duration::from_secs(3), 0);
+        s.failed(&"bob", Duration::from_secs(3), 0);
+        assert_eq!(
+            s.slow_down(&"bob", Duration::from_secs(3), 0),
+            Duration::from_secs(1)
+        );
         s.done(&"bob");
         assert!(s.is_empty());
         assert_eq!(s.next_due(), None);

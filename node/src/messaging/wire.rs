@@ -50,10 +50,12 @@ fn decode<'a, T: Deserialize<'a>>(what: &'static str, bytes: &'a [u8]) -> Result
             what,
             message: "empty".into(),
         }),
-        Some((&WIRE_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| WireError::Malformed {
-            what,
-            message: e.to_string(),
-        }),
+        Some((&WIRE_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| WireError::Malformed {
+                what,
+                message: e.to_string(),
+            })
+        }
         Some((&got, _)) => Err(WireError::Version { what, got }),
     }
 }
@@ -78,7 +80,9 @@ impl MsgId {
 
     /// Parses the hex form.
     pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()?;
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(s.as_bytes())
+            .ok()?;
         Some(Self(bytes.try_into().ok()?))
     }
 }

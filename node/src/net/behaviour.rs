@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use libp2p::{
     StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity::Keypair, kad, mdns,
-    noise, ping, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp, yamux,
+    noise, ping, request_response, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp,
+    yamux,
 };
 
-use crate::config::Config;
+use super::frame::FrameCodec;
+use crate::{config::Config, messaging::wire};
 
 /// Kademlia protocol name of the Tern DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1.0.0");

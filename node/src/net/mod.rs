@@ -14,7 +14,10 @@ use std::{
 };
 
 use behaviour::{Behaviour, BehaviourEvent};
-pub use behaviour::{BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MSG_PROTOCOL, PING_INTERVAL};
+pub use behaviour::{
+    BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MSG_MAX_STREAMS, MSG_PROTOCOL,
+    MSG_REQUEST_TIMEOUT, PING_INTERVAL,
+};
 pub use frame::FrameCodec;
 use futures::StreamExt;
 use libp2p::{
@@ -242,7 +245,12 @@ impl NetHandle {
 
     /// Sends a `/tern/msg/1` request (dialing `addrs` if not connected) and waits for the
     /// response frame.
-    pub async fn request(&self, peer: PeerId, addrs: Vec<Multiaddr>, bytes: Vec<u8>) -> Result<Vec<u8>, NetError> {
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, NetError> {
         self.call(|reply| Command::Request {
             peer,
             addrs,
@@ -253,7 +261,11 @@ impl NetHandle {
     }
 
     /// Answers an inbound request.
-    pub async fn respond(&self, channel: request_response::ResponseChannel<Vec<u8>>, bytes: Vec<u8>) -> Result<(), NetError> {
+    pub async fn respond(
+        &self,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        bytes: Vec<u8>,
+    ) -> Result<(), NetError> {
         self.tx
             .send(Command::Respond { channel, bytes })
             .await
@@ -262,7 +274,8 @@ impl NetHandle {
 
     /// Whether a connection to `peer` is open.
     pub async fn is_connected(&self, peer: PeerId) -> Result<bool, NetError> {
-        self.call(|reply| Command::IsConnected { peer, reply }).await
+        self.call(|reply| Command::IsConnected { peer, reply })
+            .await
     }
 
     /// Closes every connection to `peer`.
@@ -300,7 +313,8 @@ struct NetActor {
     rtt: HashMap<PeerId, Duration>,
     relays: Vec<RelayState>,
     inbound: mpsc::Sender<InboundRequest>,
-    pending_requests: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
+    pending_requests:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     net_events: broadcast::Sender<NetEvent>,
 }
 
@@ -463,7 +477,13 @@ impl NetActor {
                 self.pending_requests.insert(id, reply);
             }
             Command::Respond { channel, bytes } => {
-                if self.swarm.behaviour_mut().msg.send_response(channel, bytes).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .msg
+                    .send_response(channel, bytes)
+                    .is_err()
+                {
                     tracing::debug!("response not sent: the requester went away");
                 }
             }
@@ -481,7 +501,10 @@ impl NetActor {
         match event {
             Event::Message {
                 peer,
-                message: Message::Request { request, channel, .. },
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
                 ..
             } => {
                 let item = InboundRequest {
@@ -496,7 +519,11 @@ impl NetActor {
                 }
             }
             Event::Message {
-                message: Message::Response { request_id, response },
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => {
                 if let Some(reply) = self.pending_requests.remove(&request_id) {

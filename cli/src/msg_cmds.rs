@@ -1,0 +1,265 @@
+//! Messaging commands: `contact …`, `send`, `history`, `conversations`, `read`.
+
+use std::{io::Read as _, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use tern_node::{
+    api::client::ApiClient,
+    events::EventKind,
+    messaging::{HistoryItem, contacts::ContactView},
+};
+
+use crate::Globals;
+
+/// `tern contact …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ContactCmd {
+    /// Add a contact from their ticket (from `tern id`).
+    Add {
+        /// The contact's ticket.
+        ticket: String,
+        /// The name you will use for them.
+        #[arg(long)]
+        name: String,
+    },
+    /// List contacts.
+    List,
+    /// Show a contact and the safety number to compare with them.
+    Show {
+        /// The contact's name.
+        name: String,
+    },
+    /// Remove a contact (queued messages to them fail; history is kept).
+    Remove {
+        /// The contact's name.
+        name: String,
+    },
+    /// Block a contact: nothing from them is accepted, nothing is sent to them.
+    Block {
+        /// The contact's name.
+        name: String,
+    },
+    /// Unblock a contact.
+    Unblock {
+        /// The contact's name.
+        name: String,
+    },
+}
+
+/// What `send --wait` waits for.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum WaitFor {
+    /// The recipient's node confirmed it.
+    Delivered,
+    /// The recipient read it.
+    Read,
+}
+
+async fn connect(g: &Globals) -> anyhow::Result<ApiClient> {
+    Ok(ApiClient::connect(&g.dir).await?)
+}
+
+fn contact_text(c: &ContactView) -> String {
+    let mut s = format!("{}  {}", c.name, c.peer_id);
+    if c.blocked {
+        s.push_str("  [blocked]");
+    }
+    if c.auto_added {
+        s.push_str("  [message request]");
+    }
+    s
+}
+
+/// Runs a `contact` subcommand.
+pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> {
+    let client = connect(g).await?;
+    match cmd {
+        ContactCmd::Add { ticket, name } => {
+            let c = client.contact_add(&ticket, &name).await?;
+            g.out.emit(&c, || {
+                format!(
+                    "added {}\nsafety number: {}\n(compare it with {} over a channel you trust)",
+                    contact_text(&c),
+                    c.safety_number,
+                    c.name
+                )
+            })
+        }
+        ContactCmd::List => {
+            let list = client.contact_list().await?;
+            g.out.emit(&list, || {
+                if list.is_empty() {
+                    "no contacts yet; add one with `tern contact add TICKET --name NAME`".into()
+                } else {
+                    list.iter().map(contact_text).collect::<Vec<_>>().join("\n")
+                }
+            })
+        }
+        ContactCmd::Show { name } => {
+            let c = client.contact_show(&name).await?;
+            g.out.emit(&c, || {
+                let mut s = format!(
+                    "{}\nsafety number: {}\nannounced name: {}\naddresses:",
+                    contact_text(&c),
+                    c.safety_number,
+                    c.announced_name.as_deref().unwrap_or("-")
+                );
+                for a in &c.addrs {
+                    s.push_str(&format!("\n  {a}"));
+                }
+                s
+            })
+        }
+        ContactCmd::Remove { name } => {
+            client.contact_remove(&name).await?;
+            g.out
+                .emit(&json!({ "removed": name }), || format!("removed {name}"))
+        }
+        ContactCmd::Block { name } => {
+            let c = client.contact_block(&name, true).await?;
+            g.out.emit(&c, || format!("blocked {}", c.name))
+        }
+        ContactCmd::Unblock { name } => {
+            let c = client.contact_block(&name, false).await?;
+            g.out.emit(&c, || format!("unblocked {}", c.name))
+        }
+    }
+}
+
+/// `tern send NAME TEXT|- [--wait delivered|read] [--timeout SECS]`.
+pub(crate) async fn send(
+    g: &Globals,
+    to: &str,
+    text: &str,
+    wait: Option<WaitFor>,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let text = if text == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the message from stdin")?;
+        s.strip_suffix('\n').unwrap_or(&s).to_string()
+    } else {
+        text.to_string()
+    };
+    let client = connect(g).await?;
+    // Subscribe before sending so no receipt can slip by.
+    let mut sub = match wait {
+        Some(_) => Some(client.subscribe(None).await?),
+        None => None,
+    };
+    let id = client.send(to, &text).await?;
+    if let (Some(want), Some(sub)) = (wait, sub.as_mut()) {
+        let target = match want {
+            WaitFor::Delivered => ["delivered", "read"].as_slice(),
+            WaitFor::Read => ["read"].as_slice(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            let next = tokio::time::timeout_at(deadline, sub.next()).await;
+            let event = match next {
+                Err(_) => anyhow::bail!(
+                    "message {id} not {} within {timeout} s; it stays queued and will be retried",
+                    target[0]
+                ),
+                Ok(None) => anyhow::bail!("the daemon closed the event stream"),
+                Ok(Some(e)) => e?,
+            };
+            match event.kind {
+                EventKind::Receipt { id: rid, state, .. }
+                    if rid == id && target.contains(&state.as_str()) =>
+                {
+                    break;
+                }
+                EventKind::MessageFailed {
+                    id: fid, reason, ..
+                } if fid == id => {
+                    anyhow::bail!("message {id} failed: {reason}")
+                }
+                _ => {}
+            }
+        }
+    }
+    g.out.emit(&json!({ "id": id }), || match wait {
+        None => format!("queued {id}"),
+        Some(WaitFor::Delivered) => format!("delivered {id}"),
+        Some(WaitFor::Read) => format!("read {id}"),
+    })
+}
+
+/// Formats ms since the epoch as `HH:MM:SS` (UTC).
+pub(crate) fn clock(ms: u64) -> String {
+    let s = (ms / 1000) % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// One history line.
+pub(crate) fn history_line(m: &HistoryItem) -> String {
+    let mut line = format!("[{}] {}: {}", clock(m.timestamp), m.from, m.text);
+    if m.from == "me" {
+        line.push_str(&format!("  ({})", m.state));
+        if let Some(e) = &m.error {
+            line.push_str(&format!(" {e}"));
+        }
+    }
+    line
+}
+
+/// `tern history NAME [--limit N]`.
+pub(crate) async fn history(g: &Globals, with: &str, limit: usize) -> anyhow::Result<()> {
+    let items = connect(g).await?.history(with, limit).await?;
+    g.out.emit(&items, || {
+        if items.is_empty() {
+            format!("no messages with {with} yet")
+        } else {
+            items
+                .iter()
+                .map(history_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    })
+}
+
+/// `tern conversations`.
+pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
+    let list = connect(g).await?.conversations().await?;
+    g.out.emit(&list, || {
+        if list.is_empty() {
+            return "no conversations yet".into();
+        }
+        list.iter()
+            .map(|c| {
+                let last = c
+                    .last
+                    .as_ref()
+                    .map(|m| {
+                        format!(
+                            "{}: {}",
+                            m.from,
+                            m.text.chars().take(60).collect::<String>()
+                        )
+                    })
+                    .unwrap_or_default();
+                let unread = if c.unread > 0 {
+                    format!(" [{} unread]", c.unread)
+                } else {
+                    String::new()
+                };
+                format!("{}{unread}  {last}", c.name)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// `tern read NAME`: mark a conversation read.
+pub(crate) async fn read(g: &Globals, with: &str) -> anyhow::Result<()> {
+    let n = connect(g).await?.mark_read(with).await?;
+    g.out.emit(&json!({ "count": n }), || {
+        format!("marked {n} message(s) read")
+    })
+}

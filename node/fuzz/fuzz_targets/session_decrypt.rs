@@ -1,0 +1,6 @@
+//! Fuzz target `session_decrypt`: see `tern_node::crypto::fuzz_support::session_decrypt`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tern_node::crypto::fuzz_support::session_decrypt(data));

@@ -1,0 +1,239 @@
+//! The messaging tables and the records in them: contacts, ratchet sessions, the outbox
+//! (the message queue), the history (the message store), the dedup set and unread marks.
+//!
+//! Keys are fixed width so that prefix scans are ordered: a peer is its 32-byte ed25519
+//! key, a message its 16-byte [`MsgId`]. Writes that belong together go through
+//! [`crate::store::Store::transaction`] in the messaging actor; this module only defines the
+//! records and the read helpers.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    contacts::Contact,
+    wire::{MsgId, ReceiptKind},
+};
+use crate::store::{Store, StoreError, Table};
+
+/// A peer's storage key: its ed25519 public key.
+pub type PeerKey = [u8; 32];
+
+/// How many superseded sessions are kept per peer (to decrypt late messages after a
+/// simultaneous start or a reset).
+pub const MAX_PREVIOUS_SESSIONS: usize = 4;
+
+/// A peer's sessions: the one used for sending and recent older ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Encoded `crypto::Session` used to encrypt.
+    pub current: Vec<u8>,
+    /// Older sessions, newest first.
+    pub previous: Vec<Vec<u8>>,
+}
+
+/// What an outbox item carries, for bookkeeping after it is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutKind {
+    /// A user's text message (has a history entry).
+    Text,
+    /// A receipt for these messages.
+    Receipt(ReceiptKind),
+    /// Our profile (name and addresses).
+    Profile,
+}
+
+/// One queued envelope, encrypted once and re-sent as is until acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// The message id.
+    pub id: MsgId,
+    /// The recipient.
+    pub peer: PeerKey,
+    /// The encoded `wire::Envelope`.
+    pub envelope: Vec<u8>,
+    /// What it is.
+    pub kind: OutKind,
+    /// When queued, ms since the epoch.
+    pub created_at: u64,
+    /// When it becomes undeliverable, ms since the epoch.
+    pub expires_at: u64,
+}
+
+/// The state of a message in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsgState {
+    /// Outgoing, durably queued.
+    Queued,
+    /// Outgoing, durably stored by the recipient's node.
+    Sent,
+    /// Outgoing, the recipient's node confirmed it (encrypted receipt).
+    Delivered,
+    /// Outgoing, the recipient read it.
+    Read,
+    /// Outgoing, could not be delivered.
+    Failed(String),
+    /// Incoming, not read yet.
+    Received,
+    /// Incoming, read here.
+    Seen,
+}
+
+impl MsgState {
+    /// The API name of the state.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Sent => "sent",
+            Self::Delivered => "delivered",
+            Self::Read | Self::Seen => "read",
+            Self::Failed(_) => "failed",
+            Self::Received => "received",
+        }
+    }
+
+    /// Order of outgoing states (a late "delivered" never overrides "read").
+    pub fn rank(&self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Sent => 1,
+            Self::Delivered => 2,
+            Self::Read => 3,
+            Self::Failed(_) => 4,
+            Self::Received => 0,
+            Self::Seen => 1,
+        }
+    }
+}
+
+/// One history entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message id.
+    pub id: MsgId,
+    /// The other party.
+    pub peer: PeerKey,
+    /// Sent by us.
+    pub outgoing: bool,
+    /// The text.
+    pub text: String,
+    /// The sender's timestamp, ms since the epoch.
+    pub timestamp: u64,
+    /// The state.
+    pub state: MsgState,
+}
+
+/// The history key: peer, timestamp, id — so a conversation reads in (timestamp, id) order.
+pub fn history_key(peer: &PeerKey, timestamp: u64, id: &MsgId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32 + 8 + 16);
+    k.extend_from_slice(peer);
+    k.extend_from_slice(&timestamp.to_be_bytes());
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// The outbox (and unread) key: peer then id, so a peer's queue reads in send order.
+pub fn peer_id_key(peer: &PeerKey, id: &MsgId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(48);
+    k.extend_from_slice(peer);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// Every messaging table.
+#[derive(Clone, Debug)]
+pub struct MessagingDb {
+    /// The store.
+    pub store: Store,
+    /// Peer key -> contact.
+    pub contacts: Table<Contact>,
+    /// Name -> peer key.
+    pub names: Table<PeerKey>,
+    /// Peer key -> sessions.
+    pub sessions: Table<SessionRecord>,
+    /// "local" -> encoded `crypto::LocalPrekeys`.
+    pub prekeys: Table<Vec<u8>>,
+    /// Peer key + id -> queued envelope.
+    pub outbox: Table<OutboxItem>,
+    /// Peer key + timestamp + id -> message.
+    pub history: Table<StoredMessage>,
+    /// Id -> history key.
+    pub index: Table<Vec<u8>>,
+    /// Id of every accepted inbound envelope -> when it was accepted (dedup).
+    pub seen: Table<u64>,
+    /// Peer key + id of unread incoming messages.
+    pub unread: Table<()>,
+}
+
+impl MessagingDb {
+    /// Opens the tables.
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: store.clone(),
+            contacts: store.table("contacts")?,
+            names: store.table("contact_names")?,
+            sessions: store.table("sessions")?,
+            prekeys: store.table("prekeys")?,
+            outbox: store.table("outbox")?,
+            history: store.table("history")?,
+            index: store.table("msg_index")?,
+            seen: store.table("seen")?,
+            unread: store.table("unread")?,
+        })
+    }
+
+    /// The contact named `name`.
+    pub fn contact_by_name(&self, name: &str) -> Result<Option<Contact>, StoreError> {
+        match self.names.get(name.as_bytes())? {
+            Some(key) => self.contacts.get(&key),
+            None => Ok(None),
+        }
+    }
+
+    /// Every contact, sorted by name.
+    pub fn contact_list(&self) -> Result<Vec<Contact>, StoreError> {
+        let mut all: Vec<Contact> = self
+            .contacts
+            .scan_prefix(&[])?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// Up to `limit` queued items for `peer`, oldest first.
+    pub fn outbox_for(&self, peer: &PeerKey, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self
+            .outbox
+            .scan_prefix_first(peer, limit)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Peers with queued items.
+    pub fn outbox_peers(&self) -> Result<Vec<PeerKey>, StoreError> {
+        let mut peers: Vec<PeerKey> = Vec::new();
+        for (k, _) in self.outbox.scan_prefix(&[])? {
+            if let Some(p) = k.get(..32).and_then(|s| <PeerKey>::try_from(s).ok())
+                && peers.last() != Some(&p)
+            {
+                peers.push(p);
+            }
+        }
+        Ok(peers)
+    }
+
+    /// The last `limit` messages with `peer`, oldest first.
+    pub fn history_for(
+        &self,
+        peer: &PeerKey,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(self
+            .history
+            .scan_prefix_last(peer, limit)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
+    }
+}

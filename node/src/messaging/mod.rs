@@ -1,0 +1,1795 @@
+//! One-to-one messaging: contacts, end-to-end encrypted envelopes over `/tern/msg/1`, the
+//! persistent outbox with retries, receipts, history, typing.
+//!
+//! One actor task owns all messaging state (the outbox schedule, rate limiters, the id
+//! generator) and is the only writer of the messaging tables; the rest of the node holds a
+//! [`MessagingHandle`]. Invariants the actor keeps:
+//! - `send` returns an id only after the encrypted envelope, the ratchet state and the
+//!   history entry were committed in one transaction *and flushed*;
+//! - an envelope is encrypted once and re-sent byte for byte until acknowledged, so a retry
+//!   never advances the ratchet and the recipient deduplicates on the id;
+//! - nothing leaves the process (an envelope or an acknowledgement) before the state it
+//!   depends on is flushed: ratchet keys are never reused after a crash, and a `Stored`
+//!   answer means the message survives a crash of the recipient;
+//! - inbound: dedup marker + ratchet state + message commit together or not at all; a
+//!   failed decryption changes nothing.
+//!
+//! Work is batched: the actor drains what is ready (commands, inbound envelopes, delivery
+//! results), then flushes once and answers everyone, which is how a single sled flush
+//! covers hundreds of messages under load (group commit).
+
+pub mod contacts;
+pub mod db;
+pub mod ratelimit;
+pub mod schedule;
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream::FuturesOrdered};
+use libp2p::{Multiaddr, PeerId, request_response::ResponseChannel};
+use rand::{RngCore, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    contacts::{Contact, ContactView, validate_name},
+    db::{
+        MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, SessionRecord,
+        StoredMessage, history_key, peer_id_key,
+    },
+    ratelimit::TokenBucket,
+    schedule::{RetryPolicy, Schedule},
+    wire::{
+        Content, Envelope, MAX_TEXT_BYTES, MsgId, MsgIdGen, Plaintext, ReceiptKind, RejectReason,
+        Request, Response,
+    },
+};
+use crate::{
+    crypto::{CryptoError, IdentityKeys, LocalPrekeys, Message, PrekeyBundle, Session},
+    events::{EventBus, EventKind, now_ms},
+    identity::ed25519_public_of,
+    net::{InboundRequest, NetEvent, NetHandle},
+    store::{StoreError, Tx, TxError},
+    ticket::ContactTicket,
+};
+
+/// Capacity of the command channel into the messaging actor.
+pub const COMMAND_CHANNEL_CAPACITY: usize = 1024;
+/// Capacity of the inbound envelope channel from the network actor.
+pub const INBOUND_CHANNEL_CAPACITY: usize = 4096;
+/// Most items handled between two flushes.
+const BATCH_LIMIT: usize = 1024;
+/// Most envelopes in flight to one peer.
+const DELIVERY_WINDOW: usize = 64;
+/// Most outbox items one delivery attempt takes.
+const DELIVERY_BATCH: usize = 512;
+
+/// Messaging settings.
+#[derive(Debug, Clone)]
+pub struct MessagingConfig {
+    /// How long an accepted message may wait for delivery before it fails. Default: 7 days.
+    pub message_ttl: Duration,
+    /// Sustained inbound envelopes per second accepted from one peer. Default: 20,000.
+    pub inbound_rate: u32,
+    /// Inbound burst allowed from one peer. Default: 40,000.
+    pub inbound_burst: u32,
+    /// Our display name, sent to contacts.
+    pub name: Option<String>,
+    /// Retry backoff.
+    pub retry: RetryPolicy,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        Self {
+            message_ttl: Duration::from_secs(7 * 24 * 3600),
+            inbound_rate: 20_000,
+            inbound_burst: 40_000,
+            name: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Errors of messaging operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    /// No contact with that name.
+    #[error("unknown contact {0:?}; see `tern contact list`")]
+    UnknownContact(String),
+    /// The contact is blocked.
+    #[error("{0} is blocked; unblock them first")]
+    Blocked(String),
+    /// The text is too long.
+    #[error("message too large: {len} bytes, at most {max}")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The text is empty.
+    #[error("message is empty")]
+    Empty,
+    /// The name is taken.
+    #[error("a contact named {0:?} already exists")]
+    NameTaken(String),
+    /// The peer is already a contact.
+    #[error("this peer is already your contact {0:?}")]
+    AlreadyContact(String),
+    /// The name is not acceptable.
+    #[error("invalid contact name: {0}")]
+    InvalidName(String),
+    /// The ticket is unusable.
+    #[error("invalid ticket: {0}")]
+    InvalidTicket(String),
+    /// No session and no way to start one.
+    #[error("cannot start an encrypted session with {0}: their ticket carried no prekey bundle")]
+    NoSession(String),
+    /// The database failed (for example a full disk); nothing was half-written.
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+    /// Encryption failed.
+    #[error("encryption failed: {0}")]
+    Crypto(#[from] CryptoError),
+    /// The actor is gone.
+    #[error("the messaging task is not running (node shutting down?)")]
+    ActorGone,
+}
+
+/// A history entry as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryItem {
+    /// Message id (hex).
+    pub id: String,
+    /// Sender: `"me"` or the contact's name.
+    pub from: String,
+    /// Recipient: `"me"` or the contact's name.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// Sender's timestamp, ms since the epoch.
+    pub timestamp: u64,
+    /// queued, sent, delivered, read, failed (outgoing); received, read (incoming).
+    pub state: String,
+    /// Why it failed, for failed messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One conversation in the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// The contact's name.
+    pub name: String,
+    /// The contact's peer id.
+    pub peer_id: String,
+    /// Unread incoming messages.
+    pub unread: u64,
+    /// The newest message, if any.
+    pub last: Option<HistoryItem>,
+}
+
+/// Counters for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MessagingStats {
+    /// Envelopes waiting in the outbox (messages, receipts, profiles).
+    pub outbox: u64,
+    /// Inbound envelopes refused since start, by reason.
+    pub rejected: std::collections::BTreeMap<String, u64>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, MessagingError>>;
+
+enum Cmd {
+    ContactAdd {
+        ticket: String,
+        name: String,
+        reply: Reply<ContactView>,
+    },
+    ContactList {
+        reply: Reply<Vec<ContactView>>,
+    },
+    ContactShow {
+        name: String,
+        reply: Reply<ContactView>,
+    },
+    ContactRemove {
+        name: String,
+        reply: Reply<()>,
+    },
+    ContactBlock {
+        name: String,
+        blocked: bool,
+        reply: Reply<ContactView>,
+    },
+    Send {
+        to: String,
+        text: String,
+        reply: Reply<MsgId>,
+    },
+    History {
+        with: String,
+        limit: usize,
+        reply: Reply<Vec<HistoryItem>>,
+    },
+    Conversations {
+        reply: Reply<Vec<Conversation>>,
+    },
+    MarkRead {
+        with: String,
+        reply: Reply<usize>,
+    },
+    Typing {
+        to: String,
+        typing: bool,
+        reply: Reply<bool>,
+    },
+    Stats {
+        reply: Reply<MessagingStats>,
+    },
+    Bundle {
+        reply: Reply<Vec<u8>>,
+    },
+}
+
+/// Cheap, cloneable handle to the messaging actor.
+#[derive(Clone, Debug)]
+pub struct MessagingHandle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl MessagingHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, MessagingError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| MessagingError::ActorGone)?;
+        rx.await.map_err(|_| MessagingError::ActorGone)?
+    }
+
+    /// Adds a contact from its ticket under `name`.
+    pub async fn contact_add(
+        &self,
+        ticket: String,
+        name: String,
+    ) -> Result<ContactView, MessagingError> {
+        self.call(|reply| Cmd::ContactAdd {
+            ticket,
+            name,
+            reply,
+        })
+        .await
+    }
+
+    /// Every contact.
+    pub async fn contact_list(&self) -> Result<Vec<ContactView>, MessagingError> {
+        self.call(|reply| Cmd::ContactList { reply }).await
+    }
+
+    /// One contact with its safety number.
+    pub async fn contact_show(&self, name: String) -> Result<ContactView, MessagingError> {
+        self.call(|reply| Cmd::ContactShow { name, reply }).await
+    }
+
+    /// Removes a contact, its session and its queued messages (history is kept).
+    pub async fn contact_remove(&self, name: String) -> Result<(), MessagingError> {
+        self.call(|reply| Cmd::ContactRemove { name, reply }).await
+    }
+
+    /// Blocks or unblocks a contact.
+    pub async fn contact_block(
+        &self,
+        name: String,
+        blocked: bool,
+    ) -> Result<ContactView, MessagingError> {
+        self.call(|reply| Cmd::ContactBlock {
+            name,
+            blocked,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a text; returns its id once it is durably queued.
+    pub async fn send(&self, to: String, text: String) -> Result<MsgId, MessagingError> {
+        self.call(|reply| Cmd::Send { to, text, reply }).await
+    }
+
+    /// The last `limit` messages with a contact, oldest first.
+    pub async fn history(
+        &self,
+        with: String,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, MessagingError> {
+        self.call(|reply| Cmd::History { with, limit, reply }).await
+    }
+
+    /// Every conversation with its unread count and newest message.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, MessagingError> {
+        self.call(|reply| Cmd::Conversations { reply }).await
+    }
+
+    /// Marks a conversation read (sends read receipts); returns how many were unread.
+    pub async fn mark_read(&self, with: String) -> Result<usize, MessagingError> {
+        self.call(|reply| Cmd::MarkRead { with, reply }).await
+    }
+
+    /// Tells a connected contact we are (not) typing; returns whether it was sent.
+    pub async fn typing(&self, to: String, typing: bool) -> Result<bool, MessagingError> {
+        self.call(|reply| Cmd::Typing { to, typing, reply }).await
+    }
+
+    /// Outbox size and rejection counters.
+    pub async fn stats(&self) -> Result<MessagingStats, MessagingError> {
+        self.call(|reply| Cmd::Stats { reply }).await
+    }
+
+    /// Our current prekey bundle (no one-time prekey), for the contact ticket.
+    pub async fn bundle(&self) -> Result<Vec<u8>, MessagingError> {
+        self.call(|reply| Cmd::Bundle { reply }).await
+    }
+}
+
+/// What one delivery attempt to a peer produced.
+struct DeliveryResult {
+    peer: PeerKey,
+    outcomes: Vec<(MsgId, Outcome)>,
+    failure: Option<String>,
+}
+
+enum Outcome {
+    Stored,
+    Rejected(RejectReason),
+}
+
+type AfterFlush = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Actor {
+    me: PeerKey,
+    keys: IdentityKeys,
+    prekeys: LocalPrekeys,
+    config: MessagingConfig,
+    db: MessagingDb,
+    net: NetHandle,
+    events: EventBus,
+    ids: MsgIdGen,
+    rng: StdRng,
+    schedule: Schedule<PeerKey, Instant>,
+    limits: HashMap<PeerId, TokenBucket>,
+    last_error: HashMap<PeerKey, String>,
+    results_tx: mpsc::Sender<DeliveryResult>,
+    // Work to finish once the current batch is flushed.
+    dirty: bool,
+    after_flush: Vec<AfterFlush>,
+    responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
+    rejected: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
+pub fn spawn(
+    seed: &[u8; 32],
+    db: MessagingDb,
+    net: NetHandle,
+    events: EventBus,
+    inbound: mpsc::Receiver<InboundRequest>,
+    config: MessagingConfig,
+    shutdown: CancellationToken,
+) -> Result<(MessagingHandle, tokio::task::JoinHandle<()>), MessagingError> {
+    let keys = IdentityKeys::from_seed(seed)?;
+    let mut rng = StdRng::from_entropy();
+    let prekeys = load_or_create_prekeys(&db, &mut rng)?;
+    let (tx, cmds) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+    let (results_tx, results) = mpsc::channel(256);
+    let mut actor = Actor {
+        me: *keys.public().ed25519(),
+        keys,
+        prekeys,
+        schedule: Schedule::new(config.retry),
+        config,
+        db,
+        net: net.clone(),
+        events,
+        ids: MsgIdGen::default(),
+        rng,
+        limits: HashMap::new(),
+        last_error: HashMap::new(),
+        results_tx,
+        dirty: false,
+        after_flush: Vec::new(),
+        responses: Vec::new(),
+        pending_receipts: HashMap::new(),
+        rejected: Default::default(),
+    };
+    // Everything queued before a restart is due at once.
+    let now = Instant::now();
+    for peer in actor.db.outbox_peers()? {
+        actor.schedule.enqueue(peer, now);
+    }
+    let net_events = net.net_events();
+    let task = tokio::spawn(actor.run(cmds, inbound, results, net_events, shutdown));
+    Ok((MessagingHandle { tx }, task))
+}
+
+/// The node's prekeys, created (and flushed) on first use.
+pub fn load_or_create_prekeys(
+    db: &MessagingDb,
+    rng: &mut StdRng,
+) -> Result<LocalPrekeys, MessagingError> {
+    match db.prekeys.get(b"local")? {
+        Some(bytes) => Ok(LocalPrekeys::from_bytes(&bytes)?),
+        None => {
+            let p = LocalPrekeys::new(rng, now_ms() / 1000);
+            db.prekeys.insert(b"local", &*p.to_bytes()?)?;
+            db.store.flush_blocking()?;
+            Ok(p)
+        }
+    }
+}
+
+/// Our signed prekey bundle (no one-time prekey), encoded, for a contact ticket.
+pub fn local_bundle(seed: &[u8; 32], db: &MessagingDb) -> Result<Vec<u8>, MessagingError> {
+    let keys = IdentityKeys::from_seed(seed)?;
+    let prekeys = load_or_create_prekeys(db, &mut StdRng::from_entropy())?;
+    Ok(prekeys.bundle(&keys, None)?.to_bytes())
+}
+
+/// The libp2p peer id of an ed25519 key.
+pub fn peer_id_of_key(key: &PeerKey) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).ok()?;
+    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut inbound: mpsc::Receiver<InboundRequest>,
+        mut results: mpsc::Receiver<DeliveryResult>,
+        mut net_events: broadcast::Receiver<NetEvent>,
+        shutdown: CancellationToken,
+    ) {
+        self.reconnect_contacts();
+        self.start_deliveries();
+        loop {
+            let wake = self
+                .schedule
+                .next_due()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = cmds.recv() => self.handle_command(cmd),
+                Some(req) = inbound.recv() => self.handle_inbound(req),
+                Some(res) = results.recv() => self.handle_delivery_result(res),
+                ev = net_events.recv() => self.handle_net_event(ev),
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            // Drain what else is ready, so one flush covers the whole batch.
+            for _ in 0..BATCH_LIMIT {
+                if let Ok(req) = inbound.try_recv() {
+                    self.handle_inbound(req);
+                } else if let Ok(cmd) = cmds.try_recv() {
+                    self.handle_command(cmd);
+                } else if let Ok(res) = results.try_recv() {
+                    self.handle_delivery_result(res);
+                } else {
+                    break;
+                }
+            }
+            self.finish_batch().await;
+        }
+        // Answer what is pending so callers are not left hanging.
+        self.finish_batch().await;
+        tracing::debug!("messaging task stopped");
+    }
+
+    async fn finish_batch(&mut self) {
+        let receipts: Vec<(PeerKey, Vec<MsgId>)> = self.pending_receipts.drain().collect();
+        for (peer, ids) in receipts {
+            if let Err(e) = self.queue(
+                peer,
+                vec![(
+                    Content::Receipt {
+                        kind: ReceiptKind::Delivered,
+                        ids,
+                    },
+                    OutKind::Receipt(ReceiptKind::Delivered),
+                )],
+            ) {
+                tracing::warn!(error = %e, "could not queue delivered receipts");
+            }
+        }
+        if self.dirty || !self.after_flush.is_empty() || !self.responses.is_empty() {
+            let result = self
+                .db
+                .store
+                .flush()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            self.dirty = false;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "flush failed; nothing is acknowledged");
+            }
+            for f in self.after_flush.drain(..) {
+                f(result.clone());
+            }
+            let responses: Vec<_> = self.responses.drain(..).collect();
+            if result.is_ok() {
+                for (channel, bytes) in responses {
+                    if self.net.respond(channel, bytes).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.start_deliveries();
+    }
+
+    fn handle_command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::ContactAdd {
+                ticket,
+                name,
+                reply,
+            } => {
+                let r = self.contact_add(&ticket, name);
+                self.reply_after_flush(reply, r);
+            }
+            Cmd::ContactList { reply } => {
+                let own = self.keys.public().clone();
+                let r = self
+                    .db
+                    .contact_list()
+                    .map(|l| l.iter().map(|c| c.view(&own)).collect())
+                    .map_err(Into::into);
+                let _ = reply.send(r);
+            }
+            Cmd::ContactShow { name, reply } => {
+                let own = self.keys.public().clone();
+                let _ = reply.send(self.contact(&name).map(|c| c.view(&own)));
+            }
+            Cmd::ContactRemove { name, reply } => {
+                let r = self.contact_remove(&name);
+                self.reply_after_flush(reply, r);
+            }
+            Cmd::ContactBlock {
+                name,
+                blocked,
+                reply,
+            } => {
+                let r = self.contact_block(&name, blocked);
+                self.reply_after_flush(reply, r);
+            }
+            Cmd::Send { to, text, reply } => {
+                let r = self.send_text(&to, text);
+                self.reply_after_flush(reply, r);
+            }
+            Cmd::History { with, limit, reply } => {
+                let _ = reply.send(self.history(&with, limit));
+            }
+            Cmd::Conversations { reply } => {
+                let _ = reply.send(self.conversations());
+            }
+            Cmd::MarkRead { with, reply } => {
+                let r = self.mark_read(&with);
+                self.reply_after_flush(reply, r);
+            }
+            Cmd::Typing { to, typing, reply } => self.typing(&to, typing, reply),
+            Cmd::Stats { reply } => {
+                let _ = reply.send(Ok(MessagingStats {
+                    outbox: self.db.outbox.len() as u64,
+                    rejected: self
+                        .rejected
+                        .iter()
+                        .map(|(k, v)| ((*k).to_string(), *v))
+                        .collect(),
+                }));
+            }
+            Cmd::Bundle { reply } => {
+                let r = self
+                    .prekeys
+                    .bundle(&self.keys, None)
+                    .map(|b| b.to_bytes())
+                    .map_err(Into::into);
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Replies once the batch is flushed (or at once with the error).
+    fn reply_after_flush<T: Send + 'static>(
+        &mut self,
+        reply: Reply<T>,
+        result: Result<T, MessagingError>,
+    ) {
+        match result {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(v) => {
+                self.dirty = true;
+                self.after_flush.push(Box::new(move |flushed| {
+                    let _ = reply.send(match flushed {
+                        Ok(()) => Ok(v),
+                        Err(e) => Err(MessagingError::Store(StoreError::Aborted(format!(
+                            "could not make it durable: {e}"
+                        )))),
+                    });
+                }));
+            }
+        }
+    }
+
+    fn contact(&self, name: &str) -> Result<Contact, MessagingError> {
+        self.db
+            .contact_by_name(name)?
+            .ok_or_else(|| MessagingError::UnknownContact(name.to_string()))
+    }
+
+    fn contact_add(&mut self, ticket: &str, name: String) -> Result<ContactView, MessagingError> {
+        validate_name(&name).map_err(MessagingError::InvalidName)?;
+        let ticket = ContactTicket::decode(ticket)
+            .map_err(|e| MessagingError::InvalidTicket(e.to_string()))?;
+        let key = ed25519_public_of(&ticket.peer_id)
+            .ok_or_else(|| {
+                MessagingError::InvalidTicket("the peer id is not an ed25519 key".into())
+            })?
+            .to_bytes();
+        if key == self.me {
+            return Err(MessagingError::InvalidTicket(
+                "that is your own ticket".into(),
+            ));
+        }
+        let bundle_bytes = ticket.bundle.clone().ok_or_else(|| {
+            MessagingError::InvalidTicket(
+                "it carries no prekey bundle (made by an older Tern?)".into(),
+            )
+        })?;
+        let bundle = PrekeyBundle::from_bytes(&bundle_bytes)
+            .map_err(|e| MessagingError::InvalidTicket(format!("bad prekey bundle: {e}")))?;
+        bundle.verify().map_err(|e| {
+            MessagingError::InvalidTicket(format!("prekey bundle does not verify: {e}"))
+        })?;
+        if bundle.identity().ed25519() != &key {
+            return Err(MessagingError::InvalidTicket(
+                "the prekey bundle belongs to another identity than the peer id".into(),
+            ));
+        }
+        if let Some(existing) = self.db.contacts.get(&key)? {
+            if existing.auto_added {
+                // A message request becomes a real contact: rename and keep the bundle.
+                let mut c = existing.clone();
+                if c.name != name && self.db.names.contains(name.as_bytes())? {
+                    return Err(MessagingError::NameTaken(name));
+                }
+                let old_name = c.name.clone();
+                c.name = name;
+                c.auto_added = false;
+                c.bundle = Some(bundle_bytes);
+                merge_addrs(&mut c.addrs, &ticket.addrs);
+                self.db
+                    .store
+                    .transaction(&[&self.db.contacts, &self.db.names], |tx| {
+                        tx.remove(&self.db.names, old_name.as_bytes())?;
+                        tx.insert(&self.db.names, c.name.as_bytes(), &key)?;
+                        tx.insert(&self.db.contacts, &key, &c)?;
+                        Ok(())
+                    })?;
+                return Ok(c.view(self.keys.public()));
+            }
+            return Err(MessagingError::AlreadyContact(existing.name));
+        }
+        if self.db.names.contains(name.as_bytes())? {
+            return Err(MessagingError::NameTaken(name));
+        }
+        let contact = Contact {
+            name,
+            peer_id: ticket.peer_id,
+            identity: bundle.identity().clone(),
+            bundle: Some(bundle_bytes),
+            addrs: ticket.addrs.clone(),
+            blocked: false,
+            auto_added: false,
+            announced_name: ticket.name.clone(),
+            added_at: now_ms(),
+        };
+        self.db
+            .store
+            .transaction(&[&self.db.contacts, &self.db.names], |tx| {
+                tx.insert(&self.db.names, contact.name.as_bytes(), &key)?;
+                tx.insert(&self.db.contacts, &key, &contact)?;
+                Ok(())
+            })?;
+        self.events.publish(EventKind::ContactAdded {
+            name: contact.name.clone(),
+            peer_id: contact.peer_id.to_string(),
+            auto_added: false,
+        });
+        Ok(contact.view(self.keys.public()))
+    }
+
+    fn contact_remove(&mut self, name: &str) -> Result<(), MessagingError> {
+        let c = self.contact(name)?;
+        let key = c.key();
+        let queued = self.db.outbox.scan_prefix(&key)?;
+        let db = &self.db;
+        db.store.transaction(
+            &[
+                &db.contacts,
+                &db.names,
+                &db.sessions,
+                &db.outbox,
+                &db.history,
+                &db.index,
+            ],
+            |tx| {
+                tx.remove(&db.contacts, &key)?;
+                tx.remove(&db.names, c.name.as_bytes())?;
+                tx.remove(&db.sessions, &key)?;
+                for (k, item) in &queued {
+                    tx.remove(&db.outbox, k)?;
+                    if item.kind == OutKind::Text {
+                        set_state(tx, db, &item.id, MsgState::Failed("contact removed".into()))?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        self.schedule.done(&key);
+        Ok(())
+    }
+
+    fn contact_block(&mut self, name: &str, blocked: bool) -> Result<ContactView, MessagingError> {
+        let mut c = self.contact(name)?;
+        c.blocked = blocked;
+        self.db.contacts.insert(&c.key(), &c)?;
+        if blocked && let Some(peer) = peer_id_of_key(&c.key()) {
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                let _ = net.disconnect(peer).await;
+            });
+        }
+        Ok(c.view(self.keys.public()))
+    }
+
+    fn send_text(&mut self, to: &str, text: String) -> Result<MsgId, MessagingError> {
+        if text.is_empty() {
+            return Err(MessagingError::Empty);
+        }
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(MessagingError::TooLarge {
+                len: text.len(),
+                max: MAX_TEXT_BYTES,
+            });
+        }
+        let c = self.contact(to)?;
+        if c.blocked {
+            return Err(MessagingError::Blocked(c.name));
+        }
+        let sent_at = now_ms();
+        let ids = self.queue(
+            c.key(),
+            vec![(Content::Text { text, sent_at }, OutKind::Text)],
+        )?;
+        ids.last().copied().ok_or(MessagingError::Empty)
+    }
+
+    /// Encrypts `contents` for `peer` (starting a session if needed, then announcing our
+    /// profile first), and commits session + outbox + history in one transaction.
+    fn queue(
+        &mut self,
+        peer: PeerKey,
+        contents: Vec<(Content, OutKind)>,
+    ) -> Result<Vec<MsgId>, MessagingError> {
+        let contact = self.db.contacts.get(&peer)?;
+        let record = self.db.sessions.get(&peer)?;
+        let mut contents = contents;
+        let (mut session, mut previous) = match record {
+            Some(r) => (Session::from_bytes(&r.current)?, r.previous),
+            None => {
+                let c = contact
+                    .as_ref()
+                    .ok_or_else(|| MessagingError::UnknownContact(hex_short(&peer)))?;
+                let bundle_bytes = c
+                    .bundle
+                    .as_ref()
+                    .ok_or_else(|| MessagingError::NoSession(c.name.clone()))?;
+                let bundle = PrekeyBundle::from_bytes(bundle_bytes)?;
+                let s = Session::initiate(&mut self.rng, &self.keys, &bundle)?;
+                contents.insert(0, (self.profile_content(), OutKind::Profile));
+                (s, Vec::new())
+            }
+        };
+        let now = now_ms();
+        let expires_at = now + self.config.message_ttl.as_millis() as u64;
+        let mut items = Vec::new();
+        let mut entries = Vec::new();
+        for (content, kind) in contents {
+            let random = self.random8();
+            let id = self.ids.next(now, random);
+            let ad = Envelope::associated_data(&id, &self.me, &peer);
+            let message =
+                session.encrypt(&mut self.rng, &Plaintext(content.clone()).to_bytes(), &ad)?;
+            let envelope = Envelope {
+                id,
+                sender: self.me,
+                recipient: peer,
+                ciphertext: message.to_bytes(),
+            };
+            if let Content::Text { text, sent_at } = &content {
+                entries.push(StoredMessage {
+                    id,
+                    peer,
+                    outgoing: true,
+                    text: text.clone(),
+                    timestamp: *sent_at,
+                    state: MsgState::Queued,
+                });
+            }
+            items.push(OutboxItem {
+                id,
+                peer,
+                envelope: envelope.to_bytes(),
+                kind,
+                created_at: now,
+                expires_at,
+            });
+        }
+        previous.truncate(MAX_PREVIOUS_SESSIONS);
+        let record = SessionRecord {
+            current: session.to_bytes()?.to_vec(),
+            previous,
+        };
+        let db = &self.db;
+        db.store
+            .transaction(&[&db.sessions, &db.outbox, &db.history, &db.index], |tx| {
+                tx.insert(&db.sessions, &peer, &record)?;
+                for item in &items {
+                    tx.insert(&db.outbox, &peer_id_key(&peer, &item.id), item)?;
+                }
+                for m in &entries {
+                    let hk = history_key(&peer, m.timestamp, &m.id);
+                    tx.insert(&db.history, &hk, m)?;
+                    tx.insert(&db.index, &m.id.0, &hk)?;
+                }
+                Ok(())
+            })?;
+        self.dirty = true;
+        self.schedule.enqueue(peer, Instant::now());
+        Ok(items.iter().map(|i| i.id).collect())
+    }
+
+    fn profile_content(&self) -> Content {
+        Content::Profile {
+            name: self.config.name.clone(),
+            addrs: Vec::new(),
+        }
+    }
+
+    fn random8(&mut self) -> [u8; 8] {
+        let mut r = [0u8; 8];
+        self.rng.fill_bytes(&mut r);
+        r
+    }
+
+    fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryItem>, MessagingError> {
+        let c = self.contact(with)?;
+        Ok(self
+            .db
+            .history_for(&c.key(), limit)?
+            .iter()
+            .map(|m| history_item(m, &c.name))
+            .collect())
+    }
+
+    fn conversations(&self) -> Result<Vec<Conversation>, MessagingError> {
+        let mut out = Vec::new();
+        for c in self.db.contact_list()? {
+            let key = c.key();
+            let last = self
+                .db
+                .history_for(&key, 1)?
+                .first()
+                .map(|m| history_item(m, &c.name));
+            out.push(Conversation {
+                unread: self.db.unread.count_prefix(&key)? as u64,
+                name: c.name.clone(),
+                peer_id: c.peer_id.to_string(),
+                last,
+            });
+        }
+        out.sort_by(|a, b| {
+            let ta = a.last.as_ref().map_or(0, |m| m.timestamp);
+            let tb = b.last.as_ref().map_or(0, |m| m.timestamp);
+            tb.cmp(&ta).then(a.name.cmp(&b.name))
+        });
+        Ok(out)
+    }
+
+    fn mark_read(&mut self, with: &str) -> Result<usize, MessagingError> {
+        let c = self.contact(with)?;
+        let key = c.key();
+        let unread = self.db.unread.scan_prefix(&key)?;
+        if unread.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<MsgId> = unread
+            .iter()
+            .filter_map(|(k, _)| {
+                k.get(32..48)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(MsgId)
+            })
+            .collect();
+        let db = &self.db;
+        db.store
+            .transaction(&[&db.unread, &db.history, &db.index], |tx| {
+                for (k, _) in &unread {
+                    tx.remove(&db.unread, k)?;
+                }
+                for id in &ids {
+                    set_state(tx, db, id, MsgState::Seen)?;
+                }
+                Ok(())
+            })?;
+        if !c.blocked {
+            self.queue(
+                key,
+                vec![(
+                    Content::Receipt {
+                        kind: ReceiptKind::Read,
+                        ids: ids.clone(),
+                    },
+                    OutKind::Receipt(ReceiptKind::Read),
+                )],
+            )?;
+        }
+        Ok(ids.len())
+    }
+
+    fn typing(&mut self, to: &str, typing: bool, reply: Reply<bool>) {
+        let c = match self.contact(to) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let key = c.key();
+        let Some(peer) = peer_id_of_key(&key) else {
+            let _ = reply.send(Ok(false));
+            return;
+        };
+        // Only over an existing session: typing never starts one.
+        let record = match self.db.sessions.get(&key) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = reply.send(Ok(false));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let result = (|| -> Result<Vec<u8>, MessagingError> {
+            let mut session = Session::from_bytes(&record.current)?;
+            let random = self.random8();
+            let id = self.ids.next(now_ms(), random);
+            let ad = Envelope::associated_data(&id, &self.me, &key);
+            let pt = Plaintext(Content::Typing { typing }).to_bytes();
+            let message = session.encrypt(&mut self.rng, &pt, &ad)?;
+            let new_record = SessionRecord {
+                current: session.to_bytes()?.to_vec(),
+                previous: record.previous.clone(),
+            };
+            self.db.sessions.insert(&key, &new_record)?;
+            Ok(Request::Ephemeral(Envelope {
+                id,
+                sender: self.me,
+                recipient: key,
+                ciphertext: message.to_bytes(),
+            })
+            .to_bytes())
+        })();
+        match result {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(bytes) => {
+                // Sent only after the advanced ratchet is durable, and only if connected.
+                let net = self.net.clone();
+                self.dirty = true;
+                self.after_flush.push(Box::new(move |flushed| {
+                    if flushed.is_err() {
+                        let _ = reply.send(Ok(false));
+                        return;
+                    }
+                    tokio::spawn(async move {
+                        let connected = net.is_connected(peer).await.unwrap_or(false);
+                        if connected {
+                            let _ = net.request(peer, Vec::new(), bytes).await;
+                        }
+                        let _ = reply.send(Ok(connected));
+                    });
+                }));
+            }
+        }
+    }
+
+    fn handle_net_event(&mut self, ev: Result<NetEvent, broadcast::error::RecvError>) {
+        match ev {
+            Ok(NetEvent::Connected(peer)) => {
+                if let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) {
+                    self.schedule.reachable(&key, Instant::now());
+                }
+            }
+            Ok(NetEvent::Identified { peer, listen_addrs }) => {
+                let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
+                    return;
+                };
+                if let Ok(Some(mut c)) = self.db.contacts.get(&key) {
+                    let usable: Vec<Multiaddr> =
+                        listen_addrs.into_iter().filter(is_dialable).collect();
+                    if !usable.is_empty() && c.addrs != usable {
+                        c.addrs = usable;
+                        if self.db.contacts.insert(&key, &c).is_ok() {
+                            self.dirty = true;
+                        }
+                    }
+                }
+            }
+            Ok(NetEvent::Disconnected(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::debug!(n, "missed network events; retrying every queue");
+                let now = Instant::now();
+                if let Ok(peers) = self.db.outbox_peers() {
+                    for p in peers {
+                        self.schedule.reachable(&p, now);
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => {}
+        }
+    }
+
+    /// Dials every contact we know an address of, so queued messages flow both ways after
+    /// a restart (our addresses may have changed; theirs are in the contact record).
+    fn reconnect_contacts(&self) {
+        let Ok(contacts) = self.db.contact_list() else {
+            return;
+        };
+        for c in contacts {
+            if c.blocked || c.addrs.is_empty() {
+                continue;
+            }
+            let net = self.net.clone();
+            let addrs = c.addrs.clone();
+            let peer = c.peer_id;
+            tokio::spawn(async move {
+                for a in addrs {
+                    if net.dial(a.with(crate::net::p2p(peer))).await.is_ok() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    fn start_deliveries(&mut self) {
+        let now = Instant::now();
+        for peer in self.schedule.take_due(now) {
+            match self.prepare_delivery(&peer) {
+                Ok(Some((peer_id, addrs, items))) => {
+                    let net = self.net.clone();
+                    let results = self.results_tx.clone();
+                    tokio::spawn(async move {
+                        let r = deliver(net, peer, peer_id, addrs, items).await;
+                        let _ = results.send(r).await;
+                    });
+                }
+                Ok(None) => self.schedule.done(&peer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outbox");
+                    let r = self.rng.next_u32();
+                    self.schedule.failed(&peer, now, r);
+                }
+            }
+        }
+    }
+
+    /// Loads a peer's due items, failing the expired ones first.
+    #[allow(clippy::type_complexity)] // one-off tuple of what a delivery task needs
+    fn prepare_delivery(
+        &mut self,
+        peer: &PeerKey,
+    ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
+        let now = now_ms();
+        let mut items = self.db.outbox_for(peer, DELIVERY_BATCH)?;
+        let expired: Vec<OutboxItem> = items
+            .iter()
+            .filter(|i| i.expires_at <= now)
+            .cloned()
+            .collect();
+        if !expired.is_empty() {
+            let reason = match self.last_error.get(peer) {
+                Some(e) => format!("not delivered before it expired; last error: {e}"),
+                None => "not delivered before it expired".to_string(),
+            };
+            let db = &self.db;
+            db.store
+                .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
+                    for item in &expired {
+                        tx.remove(&db.outbox, &peer_id_key(peer, &item.id))?;
+                        if item.kind == OutKind::Text {
+                            set_state(tx, db, &item.id, MsgState::Failed(reason.clone()))?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            self.dirty = true;
+            for item in expired.iter().filter(|i| i.kind == OutKind::Text) {
+                self.publish_failed(&item.id, peer, &reason);
+            }
+            items.retain(|i| i.expires_at > now);
+        }
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let Some(peer_id) = peer_id_of_key(peer) else {
+            return Ok(None);
+        };
+        let contact = self.db.contacts.get(peer)?;
+        if contact.as_ref().is_some_and(|c| c.blocked) {
+            // Nothing goes to a blocked contact; items wait (and expire) unless unblocked.
+            self.last_error.insert(*peer, "contact is blocked".into());
+            return Ok(None);
+        }
+        let addrs = contact.map(|c| c.addrs).unwrap_or_default();
+        Ok(Some((peer_id, addrs, items)))
+    }
+
+    fn publish_failed(&self, id: &MsgId, peer: &PeerKey, reason: &str) {
+        let to = self
+            .db
+            .contacts
+            .get(peer)
+            .ok()
+            .flatten()
+            .map(|c| c.name)
+            .unwrap_or_default();
+        self.events.publish(EventKind::MessageFailed {
+            id: id.to_hex(),
+            peer_id: peer_id_of_key(peer)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            to,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn handle_delivery_result(&mut self, res: DeliveryResult) {
+        let DeliveryResult {
+            peer,
+            outcomes,
+            failure,
+        } = res;
+        let db = &self.db;
+        let mut updates = Vec::new();
+        let r = db
+            .store
+            .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
+                let mut changed = Vec::new();
+                for (id, outcome) in &outcomes {
+                    let key = peer_id_key(&peer, id);
+                    let Some(item) = tx.get(&db.outbox, &key)? else {
+                        continue;
+                    };
+                    match outcome {
+                        Outcome::Stored => {
+                            tx.remove(&db.outbox, &key)?;
+                            if item.kind == OutKind::Text && set_state(tx, db, id, MsgState::Sent)?
+                            {
+                                changed.push((*id, None));
+                            }
+                        }
+                        Outcome::Rejected(reason) if !reason.is_transient() => {
+                            tx.remove(&db.outbox, &key)?;
+                            if item.kind == OutKind::Text {
+                                let why = format!("the recipient refused it: {reason:?}");
+                                set_state(tx, db, id, MsgState::Failed(why.clone()))?;
+                                changed.push((*id, Some(why)));
+                            }
+                        }
+                        Outcome::Rejected(_) => {}
+                    }
+                }
+                Ok(changed)
+            });
+        match r {
+            Ok(changed) => updates = changed,
+            Err(e) => tracing::error!(error = %e, "could not record delivery results"),
+        }
+        self.dirty = true;
+        for (id, failed) in updates {
+            match failed {
+                None => self.publish_receipt(&id, &peer, "sent"),
+                Some(why) => self.publish_failed(&id, &peer, &why),
+            }
+        }
+        let now = Instant::now();
+        let transient = outcomes.iter().find_map(|(_, o)| match o {
+            Outcome::Rejected(r) if r.is_transient() => Some(format!("recipient busy: {r:?}")),
+            _ => None,
+        });
+        let progressed = outcomes.iter().any(|(_, o)| matches!(o, Outcome::Stored));
+        match failure.or(transient) {
+            Some(error) if progressed => {
+                let r = self.rng.next_u32();
+                self.schedule.slow_down(&peer, now, r);
+                self.last_error.insert(peer, error);
+            }
+            Some(error) => {
+                let r = self.rng.next_u32();
+                let delay = self.schedule.failed(&peer, now, r);
+                tracing::debug!(peer = %hex_short(&peer), %error, ?delay, "delivery failed; will retry");
+                self.last_error.insert(peer, error);
+            }
+            None => {
+                self.last_error.remove(&peer);
+                if self
+                    .db
+                    .outbox
+                    .scan_prefix_first(&peer, 1)
+                    .map(|v| v.is_empty())
+                    .unwrap_or(false)
+                {
+                    self.schedule.done(&peer);
+                } else {
+                    self.schedule.progressed(&peer, now);
+                }
+            }
+        }
+    }
+
+    fn publish_receipt(&self, id: &MsgId, peer: &PeerKey, state: &str) {
+        let to = self
+            .db
+            .contacts
+            .get(peer)
+            .ok()
+            .flatten()
+            .map(|c| c.name)
+            .unwrap_or_default();
+        self.events.publish(EventKind::Receipt {
+            id: id.to_hex(),
+            peer_id: peer_id_of_key(peer)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            to,
+            state: state.to_string(),
+        });
+    }
+
+    fn handle_inbound(&mut self, req: InboundRequest) {
+        let InboundRequest {
+            peer,
+            bytes,
+            channel,
+        } = req;
+        match self.accept_inbound(peer, &bytes) {
+            Inbound::Respond(resp) => self.responses.push((channel, resp.to_bytes())),
+            Inbound::Drop => drop(channel),
+        }
+    }
+
+    fn accept_inbound(&mut self, peer: PeerId, bytes: &[u8]) -> Inbound {
+        let zero = MsgId([0; 16]);
+        let request = match Request::from_bytes(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(peer = %crate::net::short(&peer), error = %e, "malformed request");
+                self.count_rejected("malformed");
+                return Inbound::Respond(Response::Rejected(zero, RejectReason::Malformed));
+            }
+        };
+        let (envelope, ephemeral) = match request {
+            Request::Deliver(e) => (e, false),
+            Request::Ephemeral(e) => (e, true),
+        };
+        let id = envelope.id;
+        let Some(sender) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
+            return Inbound::Respond(Response::Rejected(id, RejectReason::WrongParty));
+        };
+        if envelope.sender != sender || envelope.recipient != self.me {
+            self.count_rejected("wrong_party");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::WrongParty));
+        }
+        let now = Instant::now();
+        let bucket = self.limits.entry(peer).or_insert_with(|| {
+            TokenBucket::new(self.config.inbound_burst, self.config.inbound_rate, now)
+        });
+        if !bucket.take(now) {
+            self.count_rejected("rate_limited");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::RateLimited));
+        }
+        let contact = match self.db.contacts.get(&sender) {
+            Ok(c) => c,
+            Err(_) => return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable)),
+        };
+        if contact.as_ref().is_some_and(|c| c.blocked) {
+            // Dropped without an answer: a blocked peer learns nothing.
+            self.count_rejected("blocked");
+            return Inbound::Drop;
+        }
+        match self.db.seen.contains(&id.0) {
+            Ok(true) => return Inbound::Respond(Response::Stored(id)),
+            Ok(false) => {}
+            Err(_) => return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable)),
+        }
+        let opened = match self.open(&envelope, &sender, contact.as_ref()) {
+            Ok(o) => o,
+            Err(reason) => {
+                tracing::debug!(peer = %crate::net::short(&peer), ?reason, "envelope refused");
+                self.count_rejected("undecryptable");
+                return Inbound::Respond(Response::Rejected(id, reason));
+            }
+        };
+        match self.commit_inbound(peer, sender, id, contact, opened, ephemeral) {
+            Ok(()) if ephemeral => Inbound::Respond(Response::Seen(id)),
+            Ok(()) => Inbound::Respond(Response::Stored(id)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not store an inbound message");
+                Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable))
+            }
+        }
+    }
+
+    /// Decrypts with the matching session (or a new one); changes nothing.
+    fn open(
+        &self,
+        env: &Envelope,
+        sender: &PeerKey,
+        contact: Option<&Contact>,
+    ) -> Result<Opened, RejectReason> {
+        let ad = Envelope::associated_data(&env.id, &env.sender, &env.recipient);
+        let message = Message::from_bytes(&env.ciphertext).map_err(|_| RejectReason::Malformed)?;
+        let record = self
+            .db
+            .sessions
+            .get(sender)
+            .map_err(|_| RejectReason::Unavailable)?
+            .unwrap_or_default();
+        let mut sessions: Vec<Session> = Vec::new();
+        if !record.current.is_empty() {
+            sessions.extend(Session::from_bytes(&record.current).ok());
+        }
+        sessions.extend(
+            record
+                .previous
+                .iter()
+                .filter_map(|b| Session::from_bytes(b).ok()),
+        );
+
+        // An existing session that decrypts it.
+        for (i, s) in sessions.iter().enumerate() {
+            if let Message::PreKey(pk) = &message
+                && !s.matches(pk)
+            {
+                continue;
+            }
+            let mut candidate = s.clone();
+            if let Ok(pt) = candidate.decrypt(&message, &ad) {
+                let content = Plaintext::from_bytes(&pt)
+                    .map_err(|_| RejectReason::Malformed)?
+                    .0;
+                sessions[i] = candidate;
+                let promoted = sessions.remove(i);
+                sessions.insert(0, promoted);
+                return Ok(Opened {
+                    content,
+                    sessions,
+                    prekeys: None,
+                    new_identity: None,
+                });
+            }
+        }
+        // A first message starting a new session.
+        let Message::PreKey(pk) = &message else {
+            return Err(RejectReason::Undecryptable);
+        };
+        if pk.identity().ed25519() != sender {
+            return Err(RejectReason::WrongParty);
+        }
+        if let Some(c) = contact
+            && c.identity != *pk.identity()
+        {
+            tracing::warn!(contact = %c.name, "a first message carries a different identity key than the contact's; refused");
+            return Err(RejectReason::Undecryptable);
+        }
+        let mut prekeys = self.prekeys.clone();
+        let (session, pt) = Session::accept(&self.keys, &mut prekeys, pk, &ad)
+            .map_err(|_| RejectReason::Undecryptable)?;
+        let content = Plaintext::from_bytes(&pt)
+            .map_err(|_| RejectReason::Malformed)?
+            .0;
+        let identity = session.remote_identity().clone();
+        sessions.insert(0, session);
+        let consumed = pk.one_time_prekey_id().is_some();
+        Ok(Opened {
+            content,
+            sessions,
+            prekeys: consumed.then_some(prekeys),
+            new_identity: Some(identity),
+        })
+    }
+
+    fn commit_inbound(
+        &mut self,
+        peer: PeerId,
+        sender: PeerKey,
+        id: MsgId,
+        contact: Option<Contact>,
+        opened: Opened,
+        ephemeral: bool,
+    ) -> Result<(), MessagingError> {
+        let Opened {
+            content,
+            mut sessions,
+            prekeys,
+            new_identity,
+        } = opened;
+        sessions.truncate(1 + MAX_PREVIOUS_SESSIONS);
+        let mut encoded = Vec::with_capacity(sessions.len());
+        for s in &sessions {
+            encoded.push(s.to_bytes()?.to_vec());
+        }
+        let record = SessionRecord {
+            current: encoded.first().cloned().unwrap_or_default(),
+            previous: encoded.into_iter().skip(1).collect(),
+        };
+        let prekey_bytes = match &prekeys {
+            Some(p) => Some(p.to_bytes()?.to_vec()),
+            None => None,
+        };
+        // A stranger's first message makes a "message request" contact.
+        let mut new_contact = None;
+        let mut contact = contact;
+        if contact.is_none() {
+            let identity = match new_identity {
+                Some(i) => i,
+                None => return Err(MessagingError::UnknownContact(hex_short(&sender))),
+            };
+            let announced = match &content {
+                Content::Profile { name, .. } => name.clone(),
+                _ => None,
+            };
+            let name = self.free_name(announced.as_deref(), &peer)?;
+            let c = Contact {
+                name,
+                peer_id: peer,
+                identity,
+                bundle: None,
+                addrs: Vec::new(),
+                blocked: false,
+                auto_added: true,
+                announced_name: announced,
+                added_at: now_ms(),
+            };
+            new_contact = Some(c.clone());
+            contact = Some(c);
+        }
+        let mut contact =
+            contact.ok_or_else(|| MessagingError::UnknownContact(hex_short(&sender)))?;
+        if let Content::Profile { name, addrs } = &content {
+            contact.announced_name = name.clone();
+            let announced: Vec<Multiaddr> = addrs
+                .iter()
+                .filter_map(|b| Multiaddr::try_from(b.clone()).ok())
+                .filter(is_dialable)
+                .collect();
+            merge_addrs(&mut contact.addrs, &announced);
+        }
+        let text_entry = match &content {
+            Content::Text { text, sent_at } => Some(StoredMessage {
+                id,
+                peer: sender,
+                outgoing: false,
+                text: text.clone(),
+                timestamp: *sent_at,
+                state: MsgState::Received,
+            }),
+            _ => None,
+        };
+        let receipt_updates: Vec<(MsgId, MsgState)> = match &content {
+            Content::Receipt { kind, ids } => {
+                let state = match kind {
+                    ReceiptKind::Delivered => MsgState::Delivered,
+                    ReceiptKind::Read => MsgState::Read,
+                };
+                ids.iter().map(|i| (*i, state.clone())).collect()
+            }
+            _ => Vec::new(),
+        };
+        let db = &self.db;
+        let changed = db.store.transaction(
+            &[
+                &db.sessions,
+                &db.prekeys,
+                &db.seen,
+                &db.history,
+                &db.index,
+                &db.unread,
+                &db.contacts,
+                &db.names,
+            ],
+            |tx| {
+                tx.insert(&db.sessions, &sender, &record)?;
+                if let Some(p) = &prekey_bytes {
+                    tx.insert(&db.prekeys, b"local", p)?;
+                }
+                if !ephemeral {
+                    tx.insert(&db.seen, &id.0, &now_ms())?;
+                }
+                if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
+                    tx.insert(&db.contacts, &sender, &contact)?;
+                    if new_contact.is_some() {
+                        tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
+                    }
+                }
+                if let Some(m) = &text_entry {
+                    let hk = history_key(&sender, m.timestamp, &m.id);
+                    tx.insert(&db.history, &hk, m)?;
+                    tx.insert(&db.index, &m.id.0, &hk)?;
+                    tx.insert(&db.unread, &peer_id_key(&sender, &m.id), &())?;
+                }
+                let mut changed = Vec::new();
+                for (rid, state) in &receipt_updates {
+                    if owned_outgoing(tx, db, rid, &sender)?
+                        && set_state(tx, db, rid, state.clone())?
+                    {
+                        changed.push((*rid, state.name()));
+                    }
+                }
+                Ok(changed)
+            },
+        )?;
+        if let Some(p) = prekeys {
+            self.prekeys = p;
+        }
+        self.dirty = true;
+        // Events follow the flush: an event means the data is durable.
+        let events = self.events.clone();
+        let name = contact.name.clone();
+        let peer_str = peer.to_string();
+        let notices: Vec<EventKind> = {
+            let mut v = Vec::new();
+            if let Some(c) = &new_contact {
+                v.push(EventKind::ContactAdded {
+                    name: c.name.clone(),
+                    peer_id: peer_str.clone(),
+                    auto_added: true,
+                });
+            }
+            match &content {
+                Content::Text { text, sent_at } => v.push(EventKind::Message {
+                    id: id.to_hex(),
+                    peer_id: peer_str.clone(),
+                    from: name.clone(),
+                    text: text.clone(),
+                    timestamp: *sent_at,
+                }),
+                Content::Typing { typing } => v.push(EventKind::Typing {
+                    peer_id: peer_str.clone(),
+                    from: name.clone(),
+                    typing: *typing,
+                }),
+                _ => {}
+            }
+            for (rid, state) in &changed {
+                v.push(EventKind::Receipt {
+                    id: rid.to_hex(),
+                    peer_id: peer_str.clone(),
+                    to: name.clone(),
+                    state: (*state).to_string(),
+                });
+            }
+            v
+        };
+        if !notices.is_empty() {
+            self.after_flush.push(Box::new(move |flushed| {
+                if flushed.is_ok() {
+                    for n in notices {
+                        events.publish(n);
+                    }
+                }
+            }));
+        }
+        if text_entry.is_some() {
+            self.pending_receipts.entry(sender).or_default().push(id);
+        }
+        Ok(())
+    }
+
+    fn count_rejected(&mut self, reason: &'static str) {
+        *self.rejected.entry(reason).or_default() += 1;
+    }
+
+    fn free_name(&self, announced: Option<&str>, peer: &PeerId) -> Result<String, MessagingError> {
+        let short = crate::net::short(peer);
+        let base = announced
+            .filter(|n| validate_name(n).is_ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("peer-{short}"));
+        if !self.db.names.contains(base.as_bytes())? {
+            return Ok(base);
+        }
+        let alt = format!("{}-{short}", base.chars().take(40).collect::<String>());
+        if !self.db.names.contains(alt.as_bytes())? {
+            return Ok(alt);
+        }
+        Ok(format!("peer-{peer}"))
+    }
+}
+
+enum Inbound {
+    Respond(Response),
+    Drop,
+}
+
+struct Opened {
+    content: Content,
+    sessions: Vec<Session>,
+    prekeys: Option<LocalPrekeys>,
+    new_identity: Option<crate::crypto::IdentityPublic>,
+}
+
+/// Sends a peer's items in order, up to [`DELIVERY_WINDOW`] in flight, stopping at the first
+/// transport failure.
+async fn deliver(
+    net: NetHandle,
+    peer: PeerKey,
+    peer_id: PeerId,
+    addrs: Vec<Multiaddr>,
+    items: Vec<OutboxItem>,
+) -> DeliveryResult {
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut failure = None;
+    let mut in_flight = FuturesOrdered::new();
+    let mut queue = items.into_iter();
+    loop {
+        while failure.is_none() && in_flight.len() < DELIVERY_WINDOW {
+            let Some(item) = queue.next() else { break };
+            let request = match Envelope::from_bytes(&item.envelope) {
+                Ok(env) => Request::Deliver(env).to_bytes(),
+                Err(e) => {
+                    tracing::error!(error = %e, "corrupt outbox item skipped");
+                    outcomes.push((item.id, Outcome::Rejected(RejectReason::Malformed)));
+                    continue;
+                }
+            };
+            let net = net.clone();
+            let addrs = addrs.clone();
+            in_flight
+                .push_back(async move { (item.id, net.request(peer_id, addrs, request).await) });
+        }
+        let Some((id, result)) = in_flight.next().await else {
+            break;
+        };
+        match result.map(|b| Response::from_bytes(&b)) {
+            Ok(Ok(Response::Stored(got) | Response::Seen(got))) if got == id => {
+                outcomes.push((id, Outcome::Stored))
+            }
+            Ok(Ok(Response::Rejected(_, reason))) => {
+                outcomes.push((id, Outcome::Rejected(reason)));
+                if reason.is_transient() && failure.is_none() {
+                    failure = Some(format!("recipient answered {reason:?}"));
+                }
+            }
+            Ok(Ok(other)) => {
+                failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert_with(|| format!("bad answer: {e}"));
+            }
+            Err(e) => {
+                failure.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    DeliveryResult {
+        peer,
+        outcomes,
+        failure,
+    }
+}
+
+/// Moves message `id` to `state` unless it is already further along; returns whether it
+/// changed.
+fn set_state(tx: &Tx<'_>, db: &MessagingDb, id: &MsgId, state: MsgState) -> Result<bool, TxError> {
+    let Some(hk) = tx.get(&db.index, &id.0)? else {
+        return Ok(false);
+    };
+    let Some(mut m) = tx.get(&db.history, &hk)? else {
+        return Ok(false);
+    };
+    let failing = matches!(state, MsgState::Failed(_));
+    if m.state == state
+        || (!failing && state.rank() <= m.state.rank())
+        || matches!(m.state, MsgState::Failed(_))
+    {
+        return Ok(false);
+    }
+    m.state = state;
+    tx.insert(&db.history, &hk, &m)?;
+    Ok(true)
+}
+
+/// Whether `id` is an outgoing message to `peer` (receipts only move our own messages).
+fn owned_outgoing(
+    tx: &Tx<'_>,
+    db: &MessagingDb,
+    id: &MsgId,
+    peer: &PeerKey,
+) -> Result<bool, TxError> {
+    let Some(hk) = tx.get(&db.index, &id.0)? else {
+        return Ok(false);
+    };
+    Ok(tx
+        .get(&db.history, &hk)?
+        .is_some_and(|m| m.outgoing && m.peer == *peer))
+}
+
+fn history_item(m: &StoredMessage, contact: &str) -> HistoryItem {
+    let (from, to) = if m.outgoing {
+        ("me".to_string(), contact.to_string())
+    } else {
+        (contact.to_string(), "me".to_string())
+    };
+    HistoryItem {
+        id: m.id.to_hex(),
+        from,
+        to,
+        text: m.text.clone(),
+        timestamp: m.timestamp,
+        state: m.state.name().to_string(),
+        error: match &m.state {
+            MsgState::Failed(e) => Some(e.clone()),
+            _ => None,
+        },
+    }
+}
+
+fn merge_addrs(into: &mut Vec<Multiaddr>, new: &[Multiaddr]) {
+    for a in new {
+        if !into.contains(a) {
+            into.push(a.clone());
+        }
+    }
+    // Keep the newest few.
+    let excess = into.len().saturating_sub(8);
+    into.drain(..excess);
+}
+
+fn is_dialable(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().all(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_unspecified(),
+        _ => true,
+    })
+}
+
+fn hex_short(key: &PeerKey) -> String {
+    data_encoding::HEXLOWER.encode(&key[..6])
+}

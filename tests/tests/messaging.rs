@@ -1,0 +1,464 @@
+//! One-to-one messaging between in-process nodes on loopback: encrypted delivery, receipts,
+//! order, dedup, offline queueing, typing, limits and hostile input.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::time::Duration;
+
+use tern_node::{
+    events::EventKind,
+    messaging::wire::{self, MAX_TEXT_BYTES, RejectReason, Response},
+};
+use tern_tests::{TestNode, eventually};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn all(h: &[tern_node::messaging::HistoryItem], n: usize, state: &str) -> bool {
+    h.len() == n && h.iter().all(|m| m.state == state)
+}
+
+#[tokio::test]
+async fn alice_and_bob_talk_with_receipts_and_a_message_request() {
+    let mut a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    let shown = a.handle.contact_show("bob").await.unwrap();
+    assert_eq!(shown.peer_id, b.handle.peer_id().to_string());
+
+    let id = a.handle.send("bob", "hi bob").await.unwrap().to_hex();
+    // Bob's node receives it from a stranger: a message request contact named by alice's profile.
+    let (from, text) = b
+        .wait_for("alice's message", |e| match &e.kind {
+            EventKind::Message {
+                from,
+                text,
+                id: mid,
+                ..
+            } if *mid == id => Some((from.clone(), text.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!((from.as_str(), text.as_str()), ("alice", "hi bob"));
+    let contacts = b.handle.contact_list().await.unwrap();
+    assert_eq!(contacts.len(), 1);
+    assert!(contacts[0].auto_added);
+    // Both sides compute the same safety number.
+    assert_eq!(contacts[0].safety_number, shown.safety_number);
+
+    for state in ["sent", "delivered"] {
+        a.wait_for(state, |e| match &e.kind {
+            EventKind::Receipt {
+                id: rid, state: s, ..
+            } if *rid == id && s == state => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    assert_eq!(b.handle.mark_read("alice").await.unwrap(), 1);
+    a.wait_for("read", |e| match &e.kind {
+        EventKind::Receipt { id: rid, state, .. } if *rid == id && state == "read" => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(b.handle.mark_read("alice").await.unwrap(), 0);
+
+    // Bob answers over the session alice started.
+    b.handle.send("alice", "hello alice").await.unwrap();
+    let h = a.wait_history("bob", LONG, |h| h.len() == 2).await;
+    assert_eq!(h[0].text, "hi bob");
+    assert_eq!(h[0].from, "me");
+    assert_eq!(h[0].state, "read");
+    assert_eq!(h[1].text, "hello alice");
+    assert_eq!(h[1].from, "bob");
+    let convs = a.handle.conversations().await.unwrap();
+    assert_eq!(convs[0].name, "bob");
+    assert_eq!(convs[0].unread, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_messages_arrive_once_in_order_and_are_delivered() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    let n = 1000;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            a.handle
+                .send("bob", &format!("message {i}"))
+                .await
+                .unwrap()
+                .to_hex(),
+        );
+    }
+    let got = b.wait_history("alice", LONG, |h| h.len() >= n).await;
+    assert_eq!(got.len(), n, "each message exactly once");
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.text, format!("message {i}"), "in order");
+        assert_eq!(m.id, ids[i]);
+    }
+    a.wait_history("bob", LONG, |h| all(h, n, "delivered"))
+        .await;
+    eventually("outbox drained", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn both_directions_at_once_with_simultaneous_session_starts() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    // Both add each other by ticket, so both start a session at the same time.
+    a.add_contact(&b, "bob").await;
+    b.add_contact(&a, "alice").await;
+    let n = 200;
+    let (ra, rb) = tokio::join!(
+        async {
+            for i in 0..n {
+                a.handle.send("bob", &format!("a{i}")).await.unwrap();
+            }
+        },
+        async {
+            for i in 0..n {
+                b.handle.send("alice", &format!("b{i}")).await.unwrap();
+            }
+        }
+    );
+    let _ = (ra, rb);
+    let at_b = b
+        .wait_history("alice", LONG, |h| {
+            h.iter().filter(|m| m.from == "alice").count() == n
+        })
+        .await;
+    let at_a = a
+        .wait_history("bob", LONG, |h| {
+            h.iter().filter(|m| m.from == "bob").count() == n
+        })
+        .await;
+    let inbound: Vec<&str> = at_b
+        .iter()
+        .filter(|m| m.from == "alice")
+        .map(|m| m.text.as_str())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+    assert_eq!(
+        inbound,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(at_a.iter().filter(|m| m.from == "bob").count(), n);
+    a.wait_history("bob", LONG, |h| {
+        h.iter()
+            .filter(|m| m.from == "me")
+            .all(|m| m.state == "delivered")
+    })
+    .await;
+    b.wait_history("alice", LONG, |h| {
+        h.iter()
+            .filter(|m| m.from == "me")
+            .all(|m| m.state == "delivered")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn three_nodes_talk_pairwise() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    let c = TestNode::spawn("carol").await;
+    a.add_contact(&b, "bob").await;
+    a.add_contact(&c, "carol").await;
+    c.add_contact(&b, "bob").await;
+    a.handle.send("bob", "a->b").await.unwrap();
+    a.handle.send("carol", "a->c").await.unwrap();
+    c.handle.send("bob", "c->b").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1 && h[0].text == "a->b")
+        .await;
+    b.wait_history("carol", LONG, |h| h.len() == 1 && h[0].text == "c->b")
+        .await;
+    c.wait_history("alice", LONG, |h| h.len() == 1 && h[0].text == "a->c")
+        .await;
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn offline_recipient_gets_queued_messages_when_back() {
+    let a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "before").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    a.wait_history("bob", LONG, |h| all(h, 1, "delivered"))
+        .await;
+
+    b.stop_keep().await;
+    let id = a.handle.send("bob", "while you were away").await.unwrap();
+    // It stays queued while bob is away.
+    let h = a.wait_history("bob", LONG, |h| h.len() == 2).await;
+    assert_eq!(h[1].state, "queued");
+    assert!(a.handle.status().await.unwrap().outbox >= 1);
+
+    // Bob comes back on a new port; his node reconnects to alice, and the queue flows.
+    b.start_again().await;
+    let got = b.wait_history("alice", LONG, |h| h.len() == 2).await;
+    assert_eq!(got[1].text, "while you were away");
+    assert_eq!(got[1].id, id.to_hex());
+    a.wait_history("bob", LONG, |h| all(h, 2, "delivered"))
+        .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_a_connected_contact_and_is_never_stored() {
+    let a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    // No session yet: typing starts none.
+    assert!(!a.handle.typing("bob", true).await.unwrap());
+    a.handle.send("bob", "hi").await.unwrap();
+    a.wait_history("bob", LONG, |h| all(h, 1, "delivered"))
+        .await;
+    assert!(a.handle.typing("bob", true).await.unwrap());
+    let typing = b
+        .wait_for("typing", |e| match &e.kind {
+            EventKind::Typing { from, typing, .. } if from == "alice" => Some(*typing),
+            _ => None,
+        })
+        .await;
+    assert!(typing);
+    assert_eq!(
+        b.handle.history("alice", 100).await.unwrap().len(),
+        1,
+        "typing is not a message"
+    );
+    // Messages still decrypt after the typing envelope advanced the ratchet.
+    a.handle.send("bob", "after typing").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 2).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bad_sends_are_refused_and_nothing_is_queued() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    let e = a.handle.send("nobody", "hi").await.unwrap_err().to_string();
+    assert!(e.contains("unknown contact"), "{e}");
+    let e = a
+        .handle
+        .send("bob", &"x".repeat(MAX_TEXT_BYTES + 1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too large"), "{e}");
+    assert!(a.handle.send("bob", "").await.is_err());
+    assert_eq!(a.handle.status().await.unwrap().outbox, 0);
+    assert!(a.handle.history("bob", 10).await.unwrap().is_empty());
+    // Exactly the limit is fine and arrives.
+    a.handle
+        .send("bob", &"y".repeat(MAX_TEXT_BYTES))
+        .await
+        .unwrap();
+    let h = b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    assert_eq!(h[0].text.len(), MAX_TEXT_BYTES);
+
+    // Bad tickets and names.
+    assert!(a.handle.contact_add("tern1garbage", "x").await.is_err());
+    let ticket = b.handle.ticket().await.unwrap().encode();
+    let e = a
+        .handle
+        .contact_add(&ticket, "bobby")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already your contact"), "{e}");
+    let own = a.handle.ticket().await.unwrap().encode();
+    assert!(a.handle.contact_add(&own, "me").await.is_err());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    let c = TestNode::spawn("carol").await;
+    a.add_contact(&b, "bob").await;
+    c.add_contact(&b, "bob").await;
+    let b_id = b.handle.peer_id();
+    let b_addr = b.tcp_addr().await;
+    a.handle.dial(b_addr).await.unwrap();
+
+    let ask = |bytes: Vec<u8>| {
+        let net = a.handle.net().clone();
+        async move { net.request(b_id, Vec::new(), bytes).await }
+    };
+    // Garbage.
+    let r = Response::from_bytes(&ask(b"\x01garbage".to_vec()).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(_, RejectReason::Malformed)),
+        "{r:?}"
+    );
+    let r = Response::from_bytes(&ask(vec![]).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(_, RejectReason::Malformed)),
+        "{r:?}"
+    );
+    // Oversize frames never reach the messaging code: the stream fails.
+    assert!(ask(vec![0u8; wire::MAX_REQUEST_FRAME + 1]).await.is_err());
+    // An envelope claiming to come from carol over alice's connection.
+    let forged = wire::Request::Deliver(wire::Envelope {
+        id: wire::MsgId([9; 16]),
+        sender: tern_node::identity::ed25519_public_of(&c.handle.peer_id())
+            .unwrap()
+            .to_bytes(),
+        recipient: tern_node::identity::ed25519_public_of(&b_id)
+            .unwrap()
+            .to_bytes(),
+        ciphertext: vec![1, 2, 3],
+    });
+    let r = Response::from_bytes(&ask(forged.to_bytes()).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(_, RejectReason::WrongParty)),
+        "{r:?}"
+    );
+    // Alice's own identity but a ciphertext that does not decrypt.
+    let bogus = wire::Request::Deliver(wire::Envelope {
+        id: wire::MsgId([8; 16]),
+        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
+            .unwrap()
+            .to_bytes(),
+        recipient: tern_node::identity::ed25519_public_of(&b_id)
+            .unwrap()
+            .to_bytes(),
+        ciphertext: vec![0x01; 200],
+    });
+    let r = Response::from_bytes(&ask(bogus.to_bytes()).await.unwrap()).unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Rejected(_, RejectReason::Malformed | RejectReason::Undecryptable)
+        ),
+        "{r:?}"
+    );
+
+    let status = b.handle.status().await.unwrap();
+    assert!(
+        status.rejected.get("malformed").copied().unwrap_or(0) >= 2,
+        "{:?}",
+        status.rejected
+    );
+    assert!(
+        status.rejected.contains_key("wrong_party"),
+        "{:?}",
+        status.rejected
+    );
+    // Everyone is still served.
+    a.handle.send("bob", "still there?").await.unwrap();
+    c.handle.send("bob", "me too").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    b.wait_history("carol", LONG, |h| h.len() == 1).await;
+    assert!(b.handle.contact_list().await.unwrap().len() == 2);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_replayed_envelope_is_acknowledged_but_shown_once() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "once").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    // A replay (or a retry whose acknowledgement was lost) carries an id bob already stored:
+    // he acknowledges it again without decrypting or showing it twice.
+    let b_id = b.handle.peer_id();
+    let env = wire::Envelope {
+        id: wire::MsgId::from_hex(&b.handle.history("alice", 1).await.unwrap()[0].id).unwrap(),
+        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
+            .unwrap()
+            .to_bytes(),
+        recipient: tern_node::identity::ed25519_public_of(&b_id)
+            .unwrap()
+            .to_bytes(),
+        ciphertext: vec![0xde; 64],
+    };
+    let bytes = wire::Request::Deliver(env.clone()).to_bytes();
+    let r = Response::from_bytes(
+        &a.handle
+            .net()
+            .request(b_id, Vec::new(), bytes)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        r,
+        Response::Stored(env.id),
+        "a known id is acknowledged again, not reprocessed"
+    );
+    assert_eq!(b.handle.history("alice", 10).await.unwrap().len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_flooding_peer_is_rate_limited_and_still_delivers_in_the_end() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn_with("bob", |c| {
+        c.inbound_burst = 10;
+        c.inbound_rate = 50;
+    })
+    .await;
+    a.add_contact(&b, "bob").await;
+    let n = 60;
+    for i in 0..n {
+        a.handle.send("bob", &format!("m{i}")).await.unwrap();
+    }
+    let got = b.wait_history("alice", LONG, |h| h.len() == n).await;
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, m)| m.text == format!("m{i}"))
+    );
+    let rejected = b.handle.status().await.unwrap().rejected;
+    assert!(
+        rejected.get("rate_limited").copied().unwrap_or(0) > 0,
+        "{rejected:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn blocked_contacts_get_nothing_through_until_unblocked() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    b.add_contact(&a, "alice").await;
+    b.handle.contact_block("alice", true).await.unwrap();
+    a.handle.send("bob", "let me in").await.unwrap();
+    // Bob never stores it; alice keeps it queued.
+    a.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "queued")
+        .await;
+    assert!(b.handle.history("alice", 10).await.unwrap().is_empty());
+    let e = b.handle.send("alice", "hi").await.unwrap_err().to_string();
+    assert!(e.contains("blocked"), "{e}");
+    b.handle.contact_block("alice", false).await.unwrap();
+    b.handle.send("alice", "sorry").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.iter().any(|m| m.text == "let me in"))
+        .await;
+    a.stop().await;
+    b.stop().await;
+}
