@@ -180,10 +180,10 @@ async fn show_event(
         EventKind::Message {
             peer_id: from,
             text,
-            timestamp,
+            sent_at,
             ..
         } if from == peer_id => {
-            printer.print(format!("[{}] {name}: {text}", clock(timestamp)));
+            printer.print(format!("[{}] {name}: {text}", clock(sent_at)));
             let _ = client.mark_read(name).await;
         }
         EventKind::Receipt {

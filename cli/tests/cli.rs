@@ -117,6 +117,11 @@ fn demo_runs_a_complete_scenario() {
     assert!(all.contains("alice connected to bob"), "{all}");
     assert!(all.contains("alice ping bob"), "{all}");
     assert!(all.contains("bob ping alice"), "{all}");
+    assert!(all.contains("bob receives from alice"), "{all}");
+    assert!(all.contains("matches alice's"), "{all}");
+    assert!(all.contains("alice message is delivered"), "{all}");
+    assert!(all.contains("alice message is read"), "{all}");
+    assert!(all.contains("alice receives from bob"), "{all}");
     // Self-cleaning: nothing left in the temporary directory.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{all}");
 }

@@ -92,8 +92,9 @@ pub enum EventKind {
         from: String,
         /// The text.
         text: String,
-        /// Sender's timestamp, ms since the epoch.
-        timestamp: u64,
+        /// Sender's clock when sent, ms since the epoch (the event's own `timestamp` is
+        /// when it arrived).
+        sent_at: u64,
     },
     /// An outgoing message moved on: `sent`, `delivered` or `read`.
     Receipt {
@@ -275,6 +276,53 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let bus = EventBus::open(&store).unwrap();
         assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 3);
+    }
+
+    #[test]
+    fn every_event_kind_round_trips_through_json() {
+        let kinds = vec![
+            EventKind::Message {
+                id: "i".into(),
+                peer_id: "p".into(),
+                from: "f".into(),
+                text: "t".into(),
+                sent_at: 5,
+            },
+            EventKind::Receipt {
+                id: "i".into(),
+                peer_id: "p".into(),
+                to: "t".into(),
+                state: "sent".into(),
+            },
+            EventKind::Typing {
+                peer_id: "p".into(),
+                from: "f".into(),
+                typing: true,
+            },
+            EventKind::ContactAdded {
+                name: "n".into(),
+                peer_id: "p".into(),
+                auto_added: true,
+            },
+            EventKind::MessageFailed {
+                id: "i".into(),
+                peer_id: "p".into(),
+                to: "t".into(),
+                reason: "r".into(),
+            },
+            EventKind::ShuttingDown,
+        ];
+        for kind in kinds {
+            let e = Event {
+                seq: 1,
+                timestamp: 2,
+                kind,
+            };
+            let json = serde_json::to_string(&e).unwrap();
+            let back: Event =
+                serde_json::from_str(&json).unwrap_or_else(|err| panic!("{json}: {err}"));
+            assert_eq!(back, e);
+        }
     }
 
     #[test]

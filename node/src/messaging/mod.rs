@@ -1587,7 +1587,7 @@ impl Actor {
                     peer_id: peer_str.clone(),
                     from: name.clone(),
                     text: text.clone(),
-                    timestamp: *sent_at,
+                    sent_at: *sent_at,
                 }),
                 Content::Typing { typing } => v.push(EventKind::Typing {
                     peer_id: peer_str.clone(),
