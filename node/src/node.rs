@@ -164,15 +164,29 @@ impl Node {
             name: config.name.clone(),
             ..MessagingConfig::default()
         };
-        let (messaging, messaging_task) = messaging::spawn(
-            identity.seed(),
-            MessagingDb::open(&store)?,
-            net.clone(),
-            events.clone(),
-            inbound_rx,
-            messaging_config,
-            shutdown.child_token(),
-        )?;
+        let messaging = MessagingDb::open(&store)
+            .map_err(NodeError::from)
+            .and_then(|db| {
+                messaging::spawn(
+                    identity.seed(),
+                    db,
+                    net.clone(),
+                    events.clone(),
+                    inbound_rx,
+                    messaging_config,
+                    shutdown.child_token(),
+                )
+                .map_err(NodeError::from)
+            });
+        let (messaging, messaging_task) = match messaging {
+            Ok(m) => m,
+            Err(e) => {
+                // Do not leave the network task running behind a failed start.
+                shutdown.cancel();
+                let _ = net_task.await;
+                return Err(e);
+            }
+        };
         tracing::info!(peer_id = %identity.peer_id(), dir = %data_dir.root().display(), "node started");
         Ok(NodeHandle {
             inner: Arc::new(Inner {
@@ -348,8 +362,18 @@ impl NodeHandle {
         Ok(self.inner.messaging.mark_read(with.to_string()).await?)
     }
 
-    /// Sends a typing indicator if the contact is connected; returns whether it was sent.
+    /// Sends a typing indicator if the contact is connected right now (it is ephemeral:
+    /// never queued, never stored); returns whether the contact received it.
     pub async fn typing(&self, to: &str, typing: bool) -> Result<bool, NodeError> {
+        let contact = self.inner.messaging.contact_show(to.to_string()).await?;
+        let peer: PeerId = contact
+            .peer_id
+            .parse()
+            .map_err(|_| MessagingError::UnknownContact(to.to_string()))?;
+        // Not connected: nothing is encrypted, so the ratchet does not advance for nothing.
+        if !self.inner.net.is_connected(peer).await? {
+            return Ok(false);
+        }
         Ok(self.inner.messaging.typing(to.to_string(), typing).await?)
     }
 
@@ -413,10 +437,12 @@ impl NodeHandle {
         }) = resources
         {
             drop(events);
-            store.flush().await?;
-            // Close the database before releasing the directory lock.
+            let flushed = store.flush().await;
+            // Close the database before releasing the directory lock, even if the flush
+            // failed (a full disk): the lock must not outlive the node.
             drop(store);
             drop(lock);
+            flushed?;
             tracing::info!("node stopped");
         }
         Ok(())

@@ -25,7 +25,7 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// sled reported an error (I/O, full disk, corruption).
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Db(#[from] sled::Error),
     /// The database was written by a newer Tern.
     #[error("database schema {found} is newer than this Tern supports ({supported}); upgrade Tern")]
@@ -46,6 +46,28 @@ pub enum StoreError {
     /// A transaction was aborted by its closure.
     #[error("transaction aborted: {0}")]
     Aborted(String),
+}
+
+/// A readable description of a sled error (I/O errors by their OS message).
+fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => match io.get_ref() {
+            // sled wraps OS errors in a custom error whose text is the Debug form.
+            Some(inner) => {
+                let text = inner.to_string();
+                if text.contains("code: 28") || io.kind() == std::io::ErrorKind::StorageFull {
+                    "the disk is full (no space left on device)".to_string()
+                } else {
+                    format!("I/O error: {text}")
+                }
+            }
+            None if io.kind() == std::io::ErrorKind::StorageFull => {
+                "the disk is full (no space left on device)".to_string()
+            }
+            None => format!("I/O error: {io}"),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// The database. Cheap to clone (sled handles are reference counted).

@@ -102,6 +102,23 @@ impl TestNode {
         Self::start_in(name, dir, data_dir, config).await
     }
 
+    /// Starts a loopback node whose data directory lives under `parent` (for example a
+    /// small tmpfs); `parent` must outlive the node.
+    pub async fn spawn_under(name: &str, parent: &Path) -> Self {
+        init_logs();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tern-test-{name}-"))
+            .tempdir_in(parent)
+            .unwrap();
+        let data_dir = DataDir::new(dir.path().join("node"));
+        Identity::create(&data_dir).unwrap();
+        let config = Config {
+            name: Some(name.into()),
+            ..Config::loopback()
+        };
+        Self::start_in(name, dir, data_dir, config).await
+    }
+
     async fn start_in(
         name: &str,
         dir: tempfile::TempDir,
@@ -592,4 +609,52 @@ fn rand_suffix() -> u32 {
             .unwrap_or(0),
     );
     h.finish() as u32
+}
+
+/// A size-limited tmpfs mounted on a fresh directory (full-disk tests); unmounted on drop.
+pub struct SmallDisk {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `megabytes`, or says why it cannot (not root, no mount rights).
+    pub fn mount(megabytes: u32) -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("mounting a tmpfs needs root".into());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tern-disk-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount failed: {}", stderr(&out).trim()));
+        }
+        Ok(Self {
+            path: dir.path().to_owned(),
+            _dir: dir,
+        })
+    }
+
+    /// Fills the disk with a file until writes fail; returns the file (delete it to free space).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.path.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        p
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
 }

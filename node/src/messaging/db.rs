@@ -155,9 +155,10 @@ pub struct MessagingDb {
     pub outbox: Table<OutboxItem>,
     /// Peer key + timestamp + id -> message.
     pub history: Table<StoredMessage>,
-    /// Id -> history key.
+    /// Peer key + id -> history key (ids are only unique per sender, so they are always
+    /// looked up together with the peer).
     pub index: Table<Vec<u8>>,
-    /// Id of every accepted inbound envelope -> when it was accepted (dedup).
+    /// Sender key + id of every accepted inbound envelope -> when it was accepted (dedup).
     pub seen: Table<u64>,
     /// Peer key + id of unread incoming messages.
     pub unread: Table<()>,

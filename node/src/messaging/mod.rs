@@ -134,6 +134,10 @@ pub enum MessagingError {
     /// The database failed (for example a full disk); nothing was half-written.
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
+    /// The change could not be made durable (for example a full disk); it was withdrawn and
+    /// nothing was sent.
+    #[error("could not store it durably, so nothing was sent: {0}")]
+    NotDurable(String),
     /// Encryption failed.
     #[error("encryption failed: {0}")]
     Crypto(#[from] CryptoError),
@@ -321,7 +325,8 @@ impl MessagingHandle {
         self.call(|reply| Cmd::MarkRead { with, reply }).await
     }
 
-    /// Tells a connected contact we are (not) typing; returns whether it was sent.
+    /// Tells a contact we are (not) typing; returns whether it was received. Call it only
+    /// while the contact is connected: every call advances the ratchet.
     pub async fn typing(&self, to: String, typing: bool) -> Result<bool, MessagingError> {
         self.call(|reply| Cmd::Typing { to, typing, reply }).await
     }
@@ -371,6 +376,12 @@ struct Actor {
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
     rejected: std::collections::BTreeMap<&'static str, u64>,
+    /// Outgoing envelopes committed in the current batch, removed again if its flush fails
+    /// (the sender was told it failed, so it must not go out later).
+    undo: Vec<(PeerKey, MsgId, Option<u64>)>,
+    /// Set while the last flush failed (for example a full disk): inbound envelopes are
+    /// refused as `Unavailable` until a flush succeeds again.
+    storage_failed: Option<String>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -407,6 +418,8 @@ pub fn spawn(
         responses: Vec::new(),
         pending_receipts: HashMap::new(),
         rejected: Default::default(),
+        undo: Vec::new(),
+        storage_failed: None,
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -495,20 +508,15 @@ impl Actor {
     async fn finish_batch(&mut self) {
         let receipts: Vec<(PeerKey, Vec<MsgId>)> = self.pending_receipts.drain().collect();
         for (peer, ids) in receipts {
-            if let Err(e) = self.queue(
-                peer,
-                vec![(
-                    Content::Receipt {
-                        kind: ReceiptKind::Delivered,
-                        ids,
-                    },
-                    OutKind::Receipt(ReceiptKind::Delivered),
-                )],
-            ) {
+            if let Err(e) = self.queue(peer, receipt_contents(ReceiptKind::Delivered, &ids)) {
                 tracing::warn!(error = %e, "could not queue delivered receipts");
             }
         }
-        if self.dirty || !self.after_flush.is_empty() || !self.responses.is_empty() {
+        if self.dirty
+            || self.storage_failed.is_some()
+            || !self.after_flush.is_empty()
+            || !self.responses.is_empty()
+        {
             let result = self
                 .db
                 .store
@@ -517,8 +525,18 @@ impl Actor {
                 .map(|_| ())
                 .map_err(|e| e.to_string());
             self.dirty = false;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "flush failed; nothing is acknowledged");
+            match &result {
+                Ok(()) => {
+                    if self.storage_failed.take().is_some() {
+                        tracing::info!("storage works again");
+                    }
+                    self.undo.clear();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "flush failed; nothing is acknowledged");
+                    self.undo_batch();
+                    self.storage_failed = Some(e.clone());
+                }
             }
             for f in self.after_flush.drain(..) {
                 f(result.clone());
@@ -533,6 +551,28 @@ impl Actor {
             }
         }
         self.start_deliveries();
+    }
+
+    /// Removes what this batch queued for sending: its flush failed and the callers were
+    /// told so.
+    fn undo_batch(&mut self) {
+        let undo: Vec<_> = self.undo.drain(..).collect();
+        let db = &self.db;
+        let r = db
+            .store
+            .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
+                for (peer, id, ts) in &undo {
+                    tx.remove(&db.outbox, &peer_id_key(peer, id))?;
+                    if let Some(ts) = ts {
+                        tx.remove(&db.history, &history_key(peer, *ts, id))?;
+                        tx.remove(&db.index, &peer_id_key(peer, id))?;
+                    }
+                }
+                Ok(())
+            });
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not withdraw the failed batch");
+        }
     }
 
     fn handle_command(&mut self, cmd: Cmd) {
@@ -621,9 +661,7 @@ impl Actor {
                 self.after_flush.push(Box::new(move |flushed| {
                     let _ = reply.send(match flushed {
                         Ok(()) => Ok(v),
-                        Err(e) => Err(MessagingError::Store(StoreError::Aborted(format!(
-                            "could not make it durable: {e}"
-                        )))),
+                        Err(e) => Err(MessagingError::NotDurable(e)),
                     });
                 }));
             }
@@ -710,7 +748,7 @@ impl Actor {
                 tx.insert(&self.db.contacts, &key, &contact)?;
                 Ok(())
             })?;
-        self.events.publish(EventKind::ContactAdded {
+        self.publish_after_flush(EventKind::ContactAdded {
             name: contact.name.clone(),
             peer_id: contact.peer_id.to_string(),
             auto_added: false,
@@ -722,6 +760,7 @@ impl Actor {
         let c = self.contact(name)?;
         let key = c.key();
         let queued = self.db.outbox.scan_prefix(&key)?;
+        let unread = self.db.unread.scan_prefix(&key)?;
         let db = &self.db;
         db.store.transaction(
             &[
@@ -731,21 +770,34 @@ impl Actor {
                 &db.outbox,
                 &db.history,
                 &db.index,
+                &db.unread,
             ],
             |tx| {
                 tx.remove(&db.contacts, &key)?;
                 tx.remove(&db.names, c.name.as_bytes())?;
                 tx.remove(&db.sessions, &key)?;
+                for (k, _) in &unread {
+                    tx.remove(&db.unread, k)?;
+                }
                 for (k, item) in &queued {
                     tx.remove(&db.outbox, k)?;
                     if item.kind == OutKind::Text {
-                        set_state(tx, db, &item.id, MsgState::Failed("contact removed".into()))?;
+                        set_state(
+                            tx,
+                            db,
+                            &key,
+                            &item.id,
+                            MsgState::Failed("contact removed".into()),
+                        )?;
                     }
                 }
                 Ok(())
             },
         )?;
         self.schedule.done(&key);
+        for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
+            self.publish_failed(&item.id, &key, "contact removed");
+        }
         Ok(())
     }
 
@@ -753,6 +805,10 @@ impl Actor {
         let mut c = self.contact(name)?;
         c.blocked = blocked;
         self.db.contacts.insert(&c.key(), &c)?;
+        if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
+            self.schedule.enqueue(c.key(), Instant::now());
+            self.schedule.reachable(&c.key(), Instant::now());
+        }
         if blocked && let Some(peer) = peer_id_of_key(&c.key()) {
             let net = self.net.clone();
             tokio::spawn(async move {
@@ -860,11 +916,18 @@ impl Actor {
                 for m in &entries {
                     let hk = history_key(&peer, m.timestamp, &m.id);
                     tx.insert(&db.history, &hk, m)?;
-                    tx.insert(&db.index, &m.id.0, &hk)?;
+                    tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
                 }
                 Ok(())
             })?;
         self.dirty = true;
+        for item in &items {
+            let ts = entries
+                .iter()
+                .find(|m| m.id == item.id)
+                .map(|m| m.timestamp);
+            self.undo.push((peer, item.id, ts));
+        }
         self.schedule.enqueue(peer, Instant::now());
         Ok(items.iter().map(|i| i.id).collect())
     }
@@ -938,21 +1001,12 @@ impl Actor {
                     tx.remove(&db.unread, k)?;
                 }
                 for id in &ids {
-                    set_state(tx, db, id, MsgState::Seen)?;
+                    set_state(tx, db, &key, id, MsgState::Seen)?;
                 }
                 Ok(())
             })?;
         if !c.blocked {
-            self.queue(
-                key,
-                vec![(
-                    Content::Receipt {
-                        kind: ReceiptKind::Read,
-                        ids: ids.clone(),
-                    },
-                    OutKind::Receipt(ReceiptKind::Read),
-                )],
-            )?;
+            self.queue(key, receipt_contents(ReceiptKind::Read, &ids))?;
         }
         Ok(ids.len())
     }
@@ -970,6 +1024,10 @@ impl Actor {
             let _ = reply.send(Ok(false));
             return;
         };
+        if c.blocked {
+            let _ = reply.send(Err(MessagingError::Blocked(c.name)));
+            return;
+        }
         // Only over an existing session: typing never starts one.
         let record = match self.db.sessions.get(&key) {
             Ok(Some(r)) => r,
@@ -1016,11 +1074,11 @@ impl Actor {
                         return;
                     }
                     tokio::spawn(async move {
-                        let connected = net.is_connected(peer).await.unwrap_or(false);
-                        if connected {
-                            let _ = net.request(peer, Vec::new(), bytes).await;
-                        }
-                        let _ = reply.send(Ok(connected));
+                        let answered = match net.request(peer, Vec::new(), bytes).await {
+                            Ok(b) => matches!(Response::from_bytes(&b), Ok(Response::Seen(_))),
+                            Err(_) => false,
+                        };
+                        let _ = reply.send(Ok(answered));
                     });
                 }));
             }
@@ -1100,7 +1158,9 @@ impl Actor {
                 }
                 Ok(None) => self.schedule.done(&peer),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the outbox");
+                    if !matches!(e, MessagingError::Blocked(_)) {
+                        tracing::warn!(error = %e, "cannot read the outbox");
+                    }
                     let r = self.rng.next_u32();
                     self.schedule.failed(&peer, now, r);
                 }
@@ -1132,7 +1192,7 @@ impl Actor {
                     for item in &expired {
                         tx.remove(&db.outbox, &peer_id_key(peer, &item.id))?;
                         if item.kind == OutKind::Text {
-                            set_state(tx, db, &item.id, MsgState::Failed(reason.clone()))?;
+                            set_state(tx, db, peer, &item.id, MsgState::Failed(reason.clone()))?;
                         }
                     }
                     Ok(())
@@ -1151,15 +1211,18 @@ impl Actor {
         };
         let contact = self.db.contacts.get(peer)?;
         if contact.as_ref().is_some_and(|c| c.blocked) {
-            // Nothing goes to a blocked contact; items wait (and expire) unless unblocked.
+            // Nothing goes to a blocked contact; items wait (and expire, checked on every
+            // backed-off attempt) unless the contact is unblocked.
             self.last_error.insert(*peer, "contact is blocked".into());
-            return Ok(None);
+            return Err(MessagingError::Blocked(
+                contact.map(|c| c.name).unwrap_or_default(),
+            ));
         }
         let addrs = contact.map(|c| c.addrs).unwrap_or_default();
         Ok(Some((peer_id, addrs, items)))
     }
 
-    fn publish_failed(&self, id: &MsgId, peer: &PeerKey, reason: &str) {
+    fn publish_failed(&mut self, id: &MsgId, peer: &PeerKey, reason: &str) {
         let to = self
             .db
             .contacts
@@ -1168,7 +1231,7 @@ impl Actor {
             .flatten()
             .map(|c| c.name)
             .unwrap_or_default();
-        self.events.publish(EventKind::MessageFailed {
+        self.publish_after_flush(EventKind::MessageFailed {
             id: id.to_hex(),
             peer_id: peer_id_of_key(peer)
                 .map(|p| p.to_string())
@@ -1198,7 +1261,8 @@ impl Actor {
                     match outcome {
                         Outcome::Stored => {
                             tx.remove(&db.outbox, &key)?;
-                            if item.kind == OutKind::Text && set_state(tx, db, id, MsgState::Sent)?
+                            if item.kind == OutKind::Text
+                                && set_state(tx, db, &peer, id, MsgState::Sent)?
                             {
                                 changed.push((*id, None));
                             }
@@ -1207,7 +1271,7 @@ impl Actor {
                             tx.remove(&db.outbox, &key)?;
                             if item.kind == OutKind::Text {
                                 let why = format!("the recipient refused it: {reason:?}");
-                                set_state(tx, db, id, MsgState::Failed(why.clone()))?;
+                                set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?;
                                 changed.push((*id, Some(why)));
                             }
                         }
@@ -1262,7 +1326,7 @@ impl Actor {
         }
     }
 
-    fn publish_receipt(&self, id: &MsgId, peer: &PeerKey, state: &str) {
+    fn publish_receipt(&mut self, id: &MsgId, peer: &PeerKey, state: &str) {
         let to = self
             .db
             .contacts
@@ -1271,7 +1335,7 @@ impl Actor {
             .flatten()
             .map(|c| c.name)
             .unwrap_or_default();
-        self.events.publish(EventKind::Receipt {
+        self.publish_after_flush(EventKind::Receipt {
             id: id.to_hex(),
             peer_id: peer_id_of_key(peer)
                 .map(|p| p.to_string())
@@ -1308,6 +1372,11 @@ impl Actor {
             Request::Ephemeral(e) => (e, true),
         };
         let id = envelope.id;
+        if self.storage_failed.is_some() {
+            // Nothing can be made durable right now; the sender keeps it and retries.
+            self.count_rejected("storage");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
+        }
         let Some(sender) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
             return Inbound::Respond(Response::Rejected(id, RejectReason::WrongParty));
         };
@@ -1325,23 +1394,29 @@ impl Actor {
         }
         let contact = match self.db.contacts.get(&sender) {
             Ok(c) => c,
-            Err(_) => return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable)),
+            Err(_) => {
+                self.count_rejected("unavailable");
+                return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
+            }
         };
         if contact.as_ref().is_some_and(|c| c.blocked) {
             // Dropped without an answer: a blocked peer learns nothing.
             self.count_rejected("blocked");
             return Inbound::Drop;
         }
-        match self.db.seen.contains(&id.0) {
+        match self.db.seen.contains(&peer_id_key(&sender, &id)) {
             Ok(true) => return Inbound::Respond(Response::Stored(id)),
             Ok(false) => {}
-            Err(_) => return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable)),
+            Err(_) => {
+                self.count_rejected("unavailable");
+                return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
+            }
         }
         let opened = match self.open(&envelope, &sender, contact.as_ref()) {
             Ok(o) => o,
             Err(reason) => {
                 tracing::debug!(peer = %crate::net::short(&peer), ?reason, "envelope refused");
-                self.count_rejected("undecryptable");
+                self.count_rejected(reason_name(reason));
                 return Inbound::Respond(Response::Rejected(id, reason));
             }
         };
@@ -1350,6 +1425,7 @@ impl Actor {
             Ok(()) => Inbound::Respond(Response::Stored(id)),
             Err(e) => {
                 tracing::warn!(error = %e, "could not store an inbound message");
+                self.count_rejected("unavailable");
                 Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable))
             }
         }
@@ -1539,7 +1615,7 @@ impl Actor {
                     tx.insert(&db.prekeys, b"local", p)?;
                 }
                 if !ephemeral {
-                    tx.insert(&db.seen, &id.0, &now_ms())?;
+                    tx.insert(&db.seen, &peer_id_key(&sender, &id), &now_ms())?;
                 }
                 if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
                     tx.insert(&db.contacts, &sender, &contact)?;
@@ -1550,13 +1626,13 @@ impl Actor {
                 if let Some(m) = &text_entry {
                     let hk = history_key(&sender, m.timestamp, &m.id);
                     tx.insert(&db.history, &hk, m)?;
-                    tx.insert(&db.index, &m.id.0, &hk)?;
+                    tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
                     tx.insert(&db.unread, &peer_id_key(&sender, &m.id), &())?;
                 }
                 let mut changed = Vec::new();
                 for (rid, state) in &receipt_updates {
                     if owned_outgoing(tx, db, rid, &sender)?
-                        && set_state(tx, db, rid, state.clone())?
+                        && set_state(tx, db, &sender, rid, state.clone())?
                     {
                         changed.push((*rid, state.name()));
                     }
@@ -1621,6 +1697,16 @@ impl Actor {
         Ok(())
     }
 
+    /// Publishes `kind` once the current batch is durable (never if its flush fails).
+    fn publish_after_flush(&mut self, kind: EventKind) {
+        let events = self.events.clone();
+        self.after_flush.push(Box::new(move |flushed| {
+            if flushed.is_ok() {
+                events.publish(kind);
+            }
+        }));
+    }
+
     fn count_rejected(&mut self, reason: &'static str) {
         *self.rejected.entry(reason).or_default() += 1;
     }
@@ -1639,6 +1725,16 @@ impl Actor {
             return Ok(alt);
         }
         Ok(format!("peer-{peer}"))
+    }
+}
+
+fn reason_name(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::Malformed => "malformed",
+        RejectReason::WrongParty => "wrong_party",
+        RejectReason::Undecryptable => "undecryptable",
+        RejectReason::RateLimited => "rate_limited",
+        RejectReason::Unavailable => "unavailable",
     }
 }
 
@@ -1714,10 +1810,34 @@ async fn deliver(
     }
 }
 
+/// Most ids in one receipt, so a receipt always fits a frame.
+const MAX_RECEIPT_IDS: usize = 1000;
+
+/// Receipts for `ids`, split so that each fits a frame.
+fn receipt_contents(kind: ReceiptKind, ids: &[MsgId]) -> Vec<(Content, OutKind)> {
+    ids.chunks(MAX_RECEIPT_IDS)
+        .map(|chunk| {
+            (
+                Content::Receipt {
+                    kind,
+                    ids: chunk.to_vec(),
+                },
+                OutKind::Receipt(kind),
+            )
+        })
+        .collect()
+}
+
 /// Moves message `id` to `state` unless it is already further along; returns whether it
 /// changed.
-fn set_state(tx: &Tx<'_>, db: &MessagingDb, id: &MsgId, state: MsgState) -> Result<bool, TxError> {
-    let Some(hk) = tx.get(&db.index, &id.0)? else {
+fn set_state(
+    tx: &Tx<'_>,
+    db: &MessagingDb,
+    peer: &PeerKey,
+    id: &MsgId,
+    state: MsgState,
+) -> Result<bool, TxError> {
+    let Some(hk) = tx.get(&db.index, &peer_id_key(peer, id))? else {
         return Ok(false);
     };
     let Some(mut m) = tx.get(&db.history, &hk)? else {
@@ -1742,7 +1862,7 @@ fn owned_outgoing(
     id: &MsgId,
     peer: &PeerKey,
 ) -> Result<bool, TxError> {
-    let Some(hk) = tx.get(&db.index, &id.0)? else {
+    let Some(hk) = tx.get(&db.index, &peer_id_key(peer, id))? else {
         return Ok(false);
     };
     Ok(tx

@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 
 /// Largest text message, in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
-/// Largest `/tern/msg/1` request frame (a 64 KiB text plus encryption and envelope overhead).
-pub const MAX_REQUEST_FRAME: usize = 96 * 1024;
+/// Largest `/tern/msg/1` request frame (a 64 KiB text plus encryption and envelope
+/// overhead); the transport enforces it.
+pub use crate::net::MSG_MAX_REQUEST as MAX_REQUEST_FRAME;
 /// Largest `/tern/msg/1` response frame.
-pub const MAX_RESPONSE_FRAME: usize = 1024;
+pub use crate::net::MSG_MAX_RESPONSE as MAX_RESPONSE_FRAME;
 /// Version byte of [`Envelope`], [`Request`], [`Response`] and [`Plaintext`].
 pub const WIRE_VERSION: u8 = 1;
 

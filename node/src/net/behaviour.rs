@@ -13,7 +13,7 @@ use libp2p::{
 };
 
 use super::frame::FrameCodec;
-use crate::{config::Config, messaging::wire};
+use crate::config::Config;
 
 /// Kademlia protocol name of the Tern DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1.0.0");
@@ -21,6 +21,10 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1.0.0");
 pub const IDENTIFY_PROTOCOL: &str = "/tern/id/1.0.0";
 /// One-to-one message delivery.
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/msg/1");
+/// Largest `/tern/msg/1` request frame: a 64 KiB text plus encryption and envelope overhead.
+pub const MSG_MAX_REQUEST: usize = 96 * 1024;
+/// Largest `/tern/msg/1` response frame.
+pub const MSG_MAX_RESPONSE: usize = 1024;
 /// How long a `/tern/msg/1` request may wait for its response.
 pub const MSG_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent `/tern/msg/1` streams per connection.
@@ -117,8 +121,8 @@ pub(crate) fn build_swarm(
                 mdns: Toggle::from(mdns),
                 msg: request_response::Behaviour::with_codec(
                     FrameCodec {
-                        max_request: wire::MAX_REQUEST_FRAME,
-                        max_response: wire::MAX_RESPONSE_FRAME,
+                        max_request: MSG_MAX_REQUEST,
+                        max_response: MSG_MAX_RESPONSE,
                     },
                     [(MSG_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default()

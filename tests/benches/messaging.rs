@@ -1,0 +1,151 @@
+//! Messaging figures between two nodes on loopback, with their baseline measured in the same
+//! run over the same connection.
+//!
+//! Run: `cargo bench -p tern-tests --bench messaging` (env `TERN_BENCH_N`, default 10000,
+//! sets the number of round trips; `TERN_BENCH_THROUGHPUT_N`, default 20000, the messages of
+//! the throughput run).
+//!
+//! - Baseline: a bare `/tern/msg/1` request-response round trip that the recipient answers
+//!   at once (a frame it refuses as malformed: no crypto, no storage).
+//! - Round trip: `send` (encrypt, commit, flush) -> recipient stores and flushes ->
+//!   `Stored` -> recipient's encrypted `delivered` receipt (commit, flush) -> sender stores it
+//!   (commit, flush) -> `receipt delivered` event. Four durable flushes sit on this path.
+//! - Throughput: 1 KiB messages with many sends in flight, until the sender has seen `sent`
+//!   (durably stored on both sides) for every one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a bench binary: panics report failures
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tern_node::events::EventKind;
+use tern_tests::TestNode;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    let (p50, p99) = (pct(&v, 0.50), pct(&v, 0.99));
+    println!(
+        "  {name:<34} n={:<6} p50 {:>9.3?}  p99 {:>9.3?}  max {:>9.3?}",
+        v.len(),
+        p50,
+        p99,
+        v[v.len() - 1]
+    );
+    (p50, p99)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = env("TERN_BENCH_N", 10_000);
+    let tn = env("TERN_BENCH_THROUGHPUT_N", 20_000);
+    let mut a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    let b_id = b.handle.peer_id();
+    a.handle.dial(b.tcp_addr().await).await.unwrap();
+    // Warm up: session set-up, connection, caches.
+    for i in 0..200 {
+        a.handle.send("bob", &format!("warm {i}")).await.unwrap();
+    }
+    a.wait_history("bob", Duration::from_secs(120), |h| {
+        h.iter().all(|m| m.state == "delivered")
+    })
+    .await;
+
+    println!("Tern messaging figures (two nodes, loopback TCP, release build)");
+    // Baseline: bare request-response round trips on the same connection.
+    let net = a.handle.net().clone();
+    let mut bare = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = net
+            .request(b_id, Vec::new(), b"\x01x".to_vec())
+            .await
+            .unwrap();
+        bare.push(t.elapsed());
+        assert!(!r.is_empty());
+    }
+    let (bare50, bare99) = report("bare request-response round trip", bare);
+
+    // Message round trip to the delivered receipt (fresh subscription: nothing stale queued).
+    a.events = a.handle.subscribe(None).unwrap();
+    let mut rtt = Vec::with_capacity(n);
+    let payload = "x".repeat(100);
+    for _ in 0..n {
+        let t = Instant::now();
+        let id = a.handle.send("bob", &payload).await.unwrap().to_hex();
+        a.wait_for("delivered", |e| match &e.kind {
+            EventKind::Receipt { id: rid, state, .. } if *rid == id && state == "delivered" => {
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
+        rtt.push(t.elapsed());
+    }
+    let (m50, m99) = report("send -> delivered receipt", rtt);
+    println!(
+        "  ratio to bare: p50 {:.1}x (target <= 2x), p99 {:.1}x (target <= 3x)",
+        m50.as_secs_f64() / bare50.as_secs_f64(),
+        m99.as_secs_f64() / bare99.as_secs_f64()
+    );
+
+    // Throughput of 1 KiB messages, everything durable on both sides.
+    let kib = Arc::new("k".repeat(1024));
+    let handle = a.handle.clone();
+    let start = Instant::now();
+    let senders = 256;
+    let per = tn / senders;
+    let mut tasks = Vec::new();
+    for _ in 0..senders {
+        let handle = handle.clone();
+        let kib = kib.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                handle.send("bob", &kib).await.unwrap();
+            }
+        }));
+    }
+    let total = per * senders;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = start.elapsed();
+    // Alice's outbox is empty once bob acknowledged (durably stored) every message.
+    loop {
+        if handle.status().await.unwrap().outbox == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "throughput run stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "  throughput, 1 KiB, {senders} sends in flight: {total} messages stored on both sides in {:.2?} = {:.0} msg/s (target >= 5000)",
+        elapsed,
+        total as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  (all {total} accepted into the durable outbox after {:.2?} = {:.0} msg/s)",
+        accepted,
+        total as f64 / accepted.as_secs_f64()
+    );
+    a.stop().await;
+    b.stop().await;
+}
