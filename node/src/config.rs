@@ -74,6 +74,9 @@ pub struct Config {
     pub inbound_rate: u32,
     /// Inbound envelope burst accepted from one peer. Default: 40000.
     pub inbound_burst: u32,
+    /// Free disk space (MiB) kept in reserve: below it the node refuses writes (sends fail
+    /// with a clear error, inbound envelopes wait at their senders). Default: 64.
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             message_ttl_secs: 7 * 24 * 3600,
             inbound_rate: 20_000,
             inbound_burst: 40_000,
+            min_free_disk_mb: 64,
         }
     }
 }
@@ -198,6 +202,7 @@ impl Config {
 # idle_timeout_secs: how long an idle connection stays open (default: 60)
 # message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800)
 # inbound_rate / inbound_burst: envelopes per second / burst accepted from one peer (default: 20000 / 40000)
+# min_free_disk_mb: free disk space kept in reserve; below it writes are refused (default: 64)
 ";
 
     /// A loopback-only configuration with mDNS off: OS-chosen TCP and QUIC ports on

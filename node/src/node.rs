@@ -144,7 +144,10 @@ impl Node {
         config.validate(&data_dir.config_path())?;
         let lock = data_dir.lock()?;
         let identity = Identity::load(&data_dir)?;
-        let store = Store::open(&data_dir.db_path())?;
+        let store = Store::open_with_reserve(
+            &data_dir.db_path(),
+            config.min_free_disk_mb.saturating_mul(1024 * 1024),
+        )?;
         let events = EventBus::open(&store)?;
         let shutdown = CancellationToken::new();
         let (inbound_tx, inbound_rx) =

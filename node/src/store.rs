@@ -6,15 +6,27 @@
 //!   an older one is migrated step by step before anything else reads it;
 //! - values are versioned postcard (or raw bytes) chosen by the caller of [`Table`];
 //! - nothing is acknowledged to anyone before [`Store::flush`] returned: sled writes are
-//!   durable only after a flush.
+//!   durable only after a flush;
+//! - writes stop, with [`StoreError::DiskFull`], while the disk has less free space than the
+//!   configured reserve. sled does not recover cleanly from running out of space (it stops
+//!   writing, and data flushed just before can be lost on the next open), so the store never
+//!   lets it get there.
 
-use std::{marker::PhantomData, path::Path};
+use std::{
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use serde::{Serialize, de::DeserializeOwned};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
     UnabortableTransactionError,
 };
+
+/// Free disk space kept in reserve by default: 64 MiB.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 * 1024 * 1024;
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -43,6 +55,16 @@ pub enum StoreError {
         /// Decoder message.
         message: String,
     },
+    /// The disk is (almost) full: writing now could lose data, so nothing was written.
+    #[error(
+        "the disk is almost full: {free_mib} MiB free, Tern keeps {reserve_mib} MiB in reserve; free some space"
+    )]
+    DiskFull {
+        /// Free space in MiB.
+        free_mib: u64,
+        /// The reserve in MiB.
+        reserve_mib: u64,
+    },
     /// A transaction was aborted by its closure.
     #[error("transaction aborted: {0}")]
     Aborted(String),
@@ -70,10 +92,65 @@ fn describe(e: &sled::Error) -> String {
     }
 }
 
+/// Refuses writes while free disk space is below a reserve. Free space is measured with
+/// `statvfs` at most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes written since
+/// the last measurement could have eaten into the reserve.
+#[derive(Debug)]
+struct SpaceGuard {
+    dir: PathBuf,
+    reserve: u64,
+    state: Mutex<SpaceState>,
+}
+
+#[derive(Debug)]
+struct SpaceState {
+    checked: Option<Instant>,
+    free: u64,
+    written: u64,
+}
+
+/// How often free space is measured at most (when few bytes are written).
+const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+impl SpaceGuard {
+    fn check(&self, incoming: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // sled writes a little more than the payload (log headers, page rewrites).
+        let incoming = incoming.saturating_mul(2).saturating_add(4096);
+        let stale = st
+            .checked
+            .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
+        let headroom = st.free.saturating_sub(self.reserve);
+        if (stale || st.written.saturating_add(incoming) > headroom / 2)
+            && let Ok(s) = nix::sys::statvfs::statvfs(&self.dir)
+        {
+            #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
+            let blocks = u64::from(s.blocks_available());
+            st.free = blocks.saturating_mul(s.fragment_size());
+            st.checked = Some(Instant::now());
+            st.written = 0;
+        }
+        if st.free
+            < self
+                .reserve
+                .saturating_add(st.written)
+                .saturating_add(incoming)
+        {
+            return Err(StoreError::DiskFull {
+                free_mib: st.free / (1024 * 1024),
+                reserve_mib: self.reserve / (1024 * 1024),
+            });
+        }
+        st.written = st.written.saturating_add(incoming);
+        Ok(())
+    }
+}
+
 /// The database. Cheap to clone (sled handles are reference counted).
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    space: Option<Arc<SpaceGuard>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -83,13 +160,30 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path` and brings its schema up to date.
+    /// Opens (or creates) the database at `path` and brings its schema up to date, with the
+    /// default disk reserve ([`DEFAULT_DISK_RESERVE`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_reserve(path, DEFAULT_DISK_RESERVE)
+    }
+
+    /// Opens the database, refusing writes while the disk has less than `reserve` bytes free.
+    pub fn open_with_reserve(path: &Path, reserve: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let store = Self { db };
+        let store = Self {
+            db,
+            space: Some(Arc::new(SpaceGuard {
+                dir: path.to_owned(),
+                reserve,
+                state: Mutex::new(SpaceState {
+                    checked: None,
+                    free: 0,
+                    written: 0,
+                }),
+            })),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -98,9 +192,18 @@ impl Store {
     pub fn temporary() -> Result<Self, StoreError> {
         let store = Self {
             db: sled::Config::new().temporary(true).open()?,
+            space: None,
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Fails with [`StoreError::DiskFull`] if writing `bytes` would eat into the reserve.
+    pub fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        match &self.space {
+            Some(g) => g.check(bytes),
+            None => Ok(()),
+        }
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
@@ -144,6 +247,7 @@ impl Store {
         Ok(Table {
             name,
             tree: self.db.open_tree(name)?,
+            space: self.space.clone(),
             _v: PhantomData,
         })
     }
@@ -263,6 +367,10 @@ impl Tx<'_> {
         value: &V,
     ) -> Result<(), TxError> {
         let bytes = table.encode(value).map_err(TxError::abort)?;
+        if let Some(g) = &table.space {
+            g.check((key.len() + bytes.len()) as u64)
+                .map_err(TxError::abort)?;
+        }
         self.view(table)?.insert(key, bytes)?;
         Ok(())
     }
@@ -277,6 +385,7 @@ impl Tx<'_> {
 pub struct Table<V> {
     name: &'static str,
     tree: sled::Tree,
+    space: Option<Arc<SpaceGuard>>,
     _v: PhantomData<fn() -> V>,
 }
 
@@ -285,6 +394,7 @@ impl<V> Clone for Table<V> {
         Self {
             name: self.name,
             tree: self.tree.clone(),
+            space: self.space.clone(),
             _v: PhantomData,
         }
     }
@@ -319,6 +429,9 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Stores `value` under `key` (durable only after [`Store::flush`]).
     pub fn insert(&self, key: &[u8], value: &V) -> Result<(), StoreError> {
         let bytes = self.encode(value)?;
+        if let Some(g) = &self.space {
+            g.check((key.len() + bytes.len()) as u64)?;
+        }
         self.tree.insert(key, bytes)?;
         Ok(())
     }

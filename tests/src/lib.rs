@@ -42,6 +42,7 @@ pub struct TestNode {
     pub name: String,
     pub handle: NodeHandle,
     pub events: Subscription,
+    config: Config,
     dir: tempfile::TempDir,
 }
 
@@ -104,7 +105,7 @@ impl TestNode {
 
     /// Starts a loopback node whose data directory lives under `parent` (for example a
     /// small tmpfs); `parent` must outlive the node.
-    pub async fn spawn_under(name: &str, parent: &Path) -> Self {
+    pub async fn spawn_under(name: &str, parent: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
         init_logs();
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-test-{name}-"))
@@ -112,10 +113,11 @@ impl TestNode {
             .unwrap();
         let data_dir = DataDir::new(dir.path().join("node"));
         Identity::create(&data_dir).unwrap();
-        let config = Config {
+        let mut config = Config {
             name: Some(name.into()),
             ..Config::loopback()
         };
+        tweak(&mut config);
         Self::start_in(name, dir, data_dir, config).await
     }
 
@@ -125,14 +127,18 @@ impl TestNode {
         data_dir: DataDir,
         config: Config,
     ) -> Self {
-        let handle = Node::start(NodeOptions { data_dir, config })
-            .await
-            .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+        let handle = Node::start(NodeOptions {
+            data_dir,
+            config: config.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
         let events = handle.subscribe(None).unwrap();
         Self {
             name: name.into(),
             handle,
             events,
+            config,
             dir,
         }
     }
@@ -147,10 +153,7 @@ impl TestNode {
     pub async fn start_again(&mut self) {
         let handle = Node::start(NodeOptions {
             data_dir: self.data_dir(),
-            config: Config {
-                name: Some(self.name.clone()),
-                ..Config::loopback()
-            },
+            config: self.config.clone(),
         })
         .await
         .unwrap_or_else(|e| panic!("{} did not restart: {e}", self.name));

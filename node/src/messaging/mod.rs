@@ -1567,7 +1567,18 @@ impl Actor {
         }
         let mut contact =
             contact.ok_or_else(|| MessagingError::UnknownContact(hex_short(&sender)))?;
+        // A message request named before its profile arrived gets the announced name.
+        let mut renamed_from = None;
         if let Content::Profile { name, addrs } = &content {
+            if let Some(announced) = name
+                && contact.auto_added
+                && contact.name.starts_with("peer-")
+                && new_contact.is_none()
+                && validate_name(announced).is_ok()
+                && !self.db.names.contains(announced.as_bytes())?
+            {
+                renamed_from = Some(std::mem::replace(&mut contact.name, announced.clone()));
+            }
             contact.announced_name = name.clone();
             let announced: Vec<Multiaddr> = addrs
                 .iter()
@@ -1620,6 +1631,10 @@ impl Actor {
                 if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
                     tx.insert(&db.contacts, &sender, &contact)?;
                     if new_contact.is_some() {
+                        tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
+                    }
+                    if let Some(old) = &renamed_from {
+                        tx.remove(&db.names, old.as_bytes())?;
                         tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
                     }
                 }
@@ -1762,9 +1777,16 @@ async fn deliver(
     let mut outcomes = Vec::with_capacity(items.len());
     let mut failure = None;
     let mut in_flight = FuturesOrdered::new();
+    // A profile opens a new session: it goes alone, so the recipient knows who writes before
+    // the first message arrives.
+    let mut window = if items.first().is_some_and(|i| i.kind == OutKind::Profile) {
+        1
+    } else {
+        DELIVERY_WINDOW
+    };
     let mut queue = items.into_iter();
     loop {
-        while failure.is_none() && in_flight.len() < DELIVERY_WINDOW {
+        while failure.is_none() && in_flight.len() < window {
             let Some(item) = queue.next() else { break };
             let request = match Envelope::from_bytes(&item.envelope) {
                 Ok(env) => Request::Deliver(env).to_bytes(),
@@ -1782,6 +1804,7 @@ async fn deliver(
         let Some((id, result)) = in_flight.next().await else {
             break;
         };
+        window = DELIVERY_WINDOW;
         match result.map(|b| Response::from_bytes(&b)) {
             Ok(Ok(Response::Stored(got) | Response::Seen(got))) if got == id => {
                 outcomes.push((id, Outcome::Stored))

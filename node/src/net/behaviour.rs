@@ -29,6 +29,10 @@ pub const MSG_MAX_RESPONSE: usize = 1024;
 pub const MSG_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent `/tern/msg/1` streams per connection.
 pub const MSG_MAX_STREAMS: usize = 512;
+/// QUIC: a connection with no packet from the peer for this long is dead.
+pub const QUIC_IDLE_TIMEOUT_MS: u32 = 4_000;
+/// QUIC: keep-alive interval (well below the idle timeout).
+pub const QUIC_KEEP_ALIVE: Duration = Duration::from_millis(1_500);
 /// How often connected peers are pinged.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -88,7 +92,13 @@ pub(crate) fn build_swarm(
             what: "TCP",
             message: e.to_string(),
         })?
-        .with_quic()
+        .with_quic_config(|mut c| {
+            // A peer that died without closing (kill -9, lost network) is noticed within
+            // seconds, so requests move to a fresh connection instead of waiting on it.
+            c.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+            c.keep_alive_interval = QUIC_KEEP_ALIVE;
+            c
+        })
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);

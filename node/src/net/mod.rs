@@ -16,7 +16,8 @@ use std::{
 use behaviour::{Behaviour, BehaviourEvent};
 pub use behaviour::{
     BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MSG_MAX_REQUEST, MSG_MAX_RESPONSE,
-    MSG_MAX_STREAMS, MSG_PROTOCOL, MSG_REQUEST_TIMEOUT, PING_INTERVAL,
+    MSG_MAX_STREAMS, MSG_PROTOCOL, MSG_REQUEST_TIMEOUT, PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS,
+    QUIC_KEEP_ALIVE,
 };
 pub use frame::FrameCodec;
 use futures::StreamExt;
