@@ -133,6 +133,8 @@ pub enum EventKind {
 
 struct Inner {
     next_seq: u64,
+    /// Entries in `log`, kept here because counting a sled tree walks all of it.
+    stored: usize,
     log: Table<String>,
     tx: broadcast::Sender<Event>,
 }
@@ -168,7 +170,12 @@ impl EventBus {
         };
         let (tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         Ok(Self {
-            inner: Arc::new(Mutex::new(Inner { next_seq, log, tx })),
+            inner: Arc::new(Mutex::new(Inner {
+                next_seq,
+                stored: log.len(),
+                log,
+                tx,
+            })),
         })
     }
 
@@ -182,16 +189,18 @@ impl EventBus {
         };
         inner.next_seq += 1;
         match serde_json::to_string(&event) {
-            Ok(json) => {
-                if let Err(e) = inner.log.insert(&event.seq.to_be_bytes(), &json) {
-                    tracing::warn!(error = %e, "could not store event; live subscribers still get it");
+            Ok(json) => match inner.log.insert(&event.seq.to_be_bytes(), &json) {
+                Ok(()) => inner.stored += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not store event; live subscribers still get it")
                 }
-            }
+            },
             Err(e) => tracing::warn!(error = %e, "event does not serialize"),
         }
-        if inner.log.len() > EVENT_LOG_CAP + EVENT_LOG_CAP / 10 {
-            let excess = inner.log.len() - EVENT_LOG_CAP;
-            let _ = inner.log.remove_first(excess);
+        if inner.stored > EVENT_LOG_CAP + EVENT_LOG_CAP / 10 {
+            let excess = inner.stored - EVENT_LOG_CAP;
+            let removed = inner.log.remove_first(excess).unwrap_or(0);
+            inner.stored = inner.stored.saturating_sub(removed);
         }
         let _ = inner.tx.send(event.clone());
         event

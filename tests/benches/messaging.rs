@@ -133,7 +133,7 @@ async fn main() {
             start.elapsed() < Duration::from_secs(300),
             "throughput run stalled"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = start.elapsed();
     println!(

@@ -382,6 +382,9 @@ struct Actor {
     /// Set while the last flush failed (for example a full disk): inbound envelopes are
     /// refused as `Unavailable` until a flush succeeds again.
     storage_failed: Option<String>,
+    /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
+    /// a session costs more than using it).
+    session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -420,6 +423,7 @@ pub fn spawn(
         rejected: Default::default(),
         undo: Vec::new(),
         storage_failed: None,
+        session_cache: Default::default(),
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -796,7 +800,12 @@ impl Actor {
         )?;
         self.schedule.done(&key);
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
-            self.publish_failed(&item.id, &key, "contact removed");
+            self.publish_after_flush(EventKind::MessageFailed {
+                id: item.id.to_hex(),
+                peer_id: c.peer_id.to_string(),
+                to: c.name.clone(),
+                reason: "contact removed".into(),
+            });
         }
         Ok(())
     }
@@ -851,7 +860,7 @@ impl Actor {
         let record = self.db.sessions.get(&peer)?;
         let mut contents = contents;
         let (mut session, mut previous) = match record {
-            Some(r) => (Session::from_bytes(&r.current)?, r.previous),
+            Some(r) => (self.cached_session(&peer, &r.current)?, r.previous),
             None => {
                 let c = contact
                     .as_ref()
@@ -906,6 +915,7 @@ impl Actor {
             current: session.to_bytes()?.to_vec(),
             previous,
         };
+        self.cache_session(peer, &record.current, &session);
         let db = &self.db;
         db.store
             .transaction(&[&db.sessions, &db.outbox, &db.history, &db.index], |tx| {
@@ -1222,8 +1232,9 @@ impl Actor {
         Ok(Some((peer_id, addrs, items)))
     }
 
-    fn publish_failed(&mut self, id: &MsgId, peer: &PeerKey, reason: &str) {
-        let to = self
+    /// The peer id and contact name (empty when unknown) of a peer key, for events.
+    fn peer_labels(&self, peer: &PeerKey) -> (String, String) {
+        let name = self
             .db
             .contacts
             .get(peer)
@@ -1231,11 +1242,17 @@ impl Actor {
             .flatten()
             .map(|c| c.name)
             .unwrap_or_default();
+        let peer_id = peer_id_of_key(peer)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        (peer_id, name)
+    }
+
+    fn publish_failed(&mut self, id: &MsgId, peer: &PeerKey, reason: &str) {
+        let (peer_id, to) = self.peer_labels(peer);
         self.publish_after_flush(EventKind::MessageFailed {
             id: id.to_hex(),
-            peer_id: peer_id_of_key(peer)
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
+            peer_id,
             to,
             reason: reason.to_string(),
         });
@@ -1262,7 +1279,7 @@ impl Actor {
                         Outcome::Stored => {
                             tx.remove(&db.outbox, &key)?;
                             if item.kind == OutKind::Text
-                                && set_state(tx, db, &peer, id, MsgState::Sent)?
+                                && set_state(tx, db, &peer, id, MsgState::Sent)?.is_some()
                             {
                                 changed.push((*id, None));
                             }
@@ -1327,19 +1344,10 @@ impl Actor {
     }
 
     fn publish_receipt(&mut self, id: &MsgId, peer: &PeerKey, state: &str) {
-        let to = self
-            .db
-            .contacts
-            .get(peer)
-            .ok()
-            .flatten()
-            .map(|c| c.name)
-            .unwrap_or_default();
+        let (peer_id, to) = self.peer_labels(peer);
         self.publish_after_flush(EventKind::Receipt {
             id: id.to_hex(),
-            peer_id: peer_id_of_key(peer)
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
+            peer_id,
             to,
             state: state.to_string(),
         });
@@ -1448,7 +1456,7 @@ impl Actor {
             .unwrap_or_default();
         let mut sessions: Vec<Session> = Vec::new();
         if !record.current.is_empty() {
-            sessions.extend(Session::from_bytes(&record.current).ok());
+            sessions.extend(self.cached_session(sender, &record.current).ok());
         }
         sessions.extend(
             record
@@ -1534,6 +1542,9 @@ impl Actor {
             current: encoded.first().cloned().unwrap_or_default(),
             previous: encoded.into_iter().skip(1).collect(),
         };
+        if let Some(first) = sessions.first() {
+            self.cache_session(sender, &record.current, first);
+        }
         let prekey_bytes = match &prekeys {
             Some(p) => Some(p.to_bytes()?.to_vec()),
             None => None,
@@ -1647,9 +1658,13 @@ impl Actor {
                 let mut changed = Vec::new();
                 for (rid, state) in &receipt_updates {
                     if owned_outgoing(tx, db, rid, &sender)?
-                        && set_state(tx, db, &sender, rid, state.clone())?
+                        && let Some(previous) = set_state(tx, db, &sender, rid, state.clone())?
                     {
-                        changed.push((*rid, state.name()));
+                        // Report every state passed, so clients always see sent ->
+                        // delivered -> read even when a receipt overtakes the acknowledgement.
+                        for name in progress_names(previous, state) {
+                            changed.push((*rid, name));
+                        }
                     }
                 }
                 Ok(changed)
@@ -1710,6 +1725,24 @@ impl Actor {
             self.pending_receipts.entry(sender).or_default().push(id);
         }
         Ok(())
+    }
+
+    /// The session stored as `bytes` for `peer`, decoded once and then served from memory.
+    fn cached_session(&self, peer: &PeerKey, bytes: &[u8]) -> Result<Session, CryptoError> {
+        if let Some((b, s)) = self.session_cache.borrow().get(peer)
+            && b == bytes
+        {
+            return Ok(s.clone());
+        }
+        let s = Session::from_bytes(bytes)?;
+        self.cache_session(*peer, bytes, &s);
+        Ok(s)
+    }
+
+    fn cache_session(&self, peer: PeerKey, bytes: &[u8], session: &Session) {
+        self.session_cache
+            .borrow_mut()
+            .insert(peer, (bytes.to_vec(), session.clone()));
     }
 
     /// Publishes `kind` once the current batch is durable (never if its flush fails).
@@ -1851,31 +1884,42 @@ fn receipt_contents(kind: ReceiptKind, ids: &[MsgId]) -> Vec<(Content, OutKind)>
         .collect()
 }
 
-/// Moves message `id` to `state` unless it is already further along; returns whether it
-/// changed.
+/// Moves message `id` to `state` unless it is already further along; returns the rank of
+/// the state it left when it changed.
 fn set_state(
     tx: &Tx<'_>,
     db: &MessagingDb,
     peer: &PeerKey,
     id: &MsgId,
     state: MsgState,
-) -> Result<bool, TxError> {
+) -> Result<Option<u8>, TxError> {
     let Some(hk) = tx.get(&db.index, &peer_id_key(peer, id))? else {
-        return Ok(false);
+        return Ok(None);
     };
     let Some(mut m) = tx.get(&db.history, &hk)? else {
-        return Ok(false);
+        return Ok(None);
     };
     let failing = matches!(state, MsgState::Failed(_));
     if m.state == state
         || (!failing && state.rank() <= m.state.rank())
         || matches!(m.state, MsgState::Failed(_))
     {
-        return Ok(false);
+        return Ok(None);
     }
+    let previous = m.state.rank();
     m.state = state;
     tx.insert(&db.history, &hk, &m)?;
-    Ok(true)
+    Ok(Some(previous))
+}
+
+/// The outgoing states passed when moving from rank `previous` to `state`, in order.
+fn progress_names(previous: u8, state: &MsgState) -> Vec<&'static str> {
+    const OUTGOING: [(u8, &str); 3] = [(1, "sent"), (2, "delivered"), (3, "read")];
+    OUTGOING
+        .iter()
+        .filter(|(rank, _)| *rank > previous && *rank <= state.rank())
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 /// Whether `id` is an outgoing message to `peer` (receipts only move our own messages).
@@ -1935,4 +1979,37 @@ fn is_dialable(addr: &Multiaddr) -> bool {
 
 fn hex_short(key: &PeerKey) -> String {
     data_encoding::HEXLOWER.encode(&key[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_reports_every_state_passed_in_order() {
+        assert_eq!(progress_names(0, &MsgState::Sent), ["sent"]);
+        assert_eq!(
+            progress_names(0, &MsgState::Delivered),
+            ["sent", "delivered"]
+        );
+        assert_eq!(progress_names(1, &MsgState::Read), ["delivered", "read"]);
+        assert!(progress_names(2, &MsgState::Delivered).is_empty());
+    }
+
+    #[test]
+    fn receipts_are_split_to_fit_a_frame() {
+        let ids: Vec<MsgId> = (0..2500u32)
+            .map(|i| {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&i.to_be_bytes());
+                MsgId(b)
+            })
+            .collect();
+        let parts = receipt_contents(ReceiptKind::Read, &ids);
+        assert_eq!(parts.len(), 3);
+        for (content, _) in &parts {
+            let bytes = Plaintext(content.clone()).to_bytes();
+            assert!(bytes.len() < wire::MAX_REQUEST_FRAME / 2, "{}", bytes.len());
+        }
+    }
 }
