@@ -1620,56 +1620,60 @@ impl Actor {
             _ => Vec::new(),
         };
         let db = &self.db;
-        let changed = db.store.transaction(
-            &[
-                &db.sessions,
-                &db.prekeys,
-                &db.seen,
-                &db.history,
+        // Only the tables this envelope writes take part: every table in a sled transaction
+        // costs a lock and a validation.
+        let mut tables: Vec<&dyn crate::store::AnyTable> = vec![&db.sessions, &db.seen];
+        if prekey_bytes.is_some() {
+            tables.push(&db.prekeys);
+        }
+        if text_entry.is_some() || !receipt_updates.is_empty() {
+            tables.extend([
+                &db.history as &dyn crate::store::AnyTable,
                 &db.index,
                 &db.unread,
-                &db.contacts,
-                &db.names,
-            ],
-            |tx| {
-                tx.insert(&db.sessions, &sender, &record)?;
-                if let Some(p) = &prekey_bytes {
-                    tx.insert(&db.prekeys, b"local", p)?;
+            ]);
+        }
+        if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
+            tables.extend([&db.contacts as &dyn crate::store::AnyTable, &db.names]);
+        }
+        let changed = db.store.transaction(&tables, |tx| {
+            tx.insert(&db.sessions, &sender, &record)?;
+            if let Some(p) = &prekey_bytes {
+                tx.insert(&db.prekeys, b"local", p)?;
+            }
+            if !ephemeral {
+                tx.insert(&db.seen, &peer_id_key(&sender, &id), &now_ms())?;
+            }
+            if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
+                tx.insert(&db.contacts, &sender, &contact)?;
+                if new_contact.is_some() {
+                    tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
                 }
-                if !ephemeral {
-                    tx.insert(&db.seen, &peer_id_key(&sender, &id), &now_ms())?;
+                if let Some(old) = &renamed_from {
+                    tx.remove(&db.names, old.as_bytes())?;
+                    tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
                 }
-                if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
-                    tx.insert(&db.contacts, &sender, &contact)?;
-                    if new_contact.is_some() {
-                        tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
+            }
+            if let Some(m) = &text_entry {
+                let hk = history_key(&sender, m.timestamp, &m.id);
+                tx.insert(&db.history, &hk, m)?;
+                tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
+                tx.insert(&db.unread, &peer_id_key(&sender, &m.id), &())?;
+            }
+            let mut changed = Vec::new();
+            for (rid, state) in &receipt_updates {
+                if owned_outgoing(tx, db, rid, &sender)?
+                    && let Some(previous) = set_state(tx, db, &sender, rid, state.clone())?
+                {
+                    // Report every state passed, so clients always see sent ->
+                    // delivered -> read even when a receipt overtakes the acknowledgement.
+                    for name in progress_names(previous, state) {
+                        changed.push((*rid, name));
                     }
-                    if let Some(old) = &renamed_from {
-                        tx.remove(&db.names, old.as_bytes())?;
-                        tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
-                    }
                 }
-                if let Some(m) = &text_entry {
-                    let hk = history_key(&sender, m.timestamp, &m.id);
-                    tx.insert(&db.history, &hk, m)?;
-                    tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
-                    tx.insert(&db.unread, &peer_id_key(&sender, &m.id), &())?;
-                }
-                let mut changed = Vec::new();
-                for (rid, state) in &receipt_updates {
-                    if owned_outgoing(tx, db, rid, &sender)?
-                        && let Some(previous) = set_state(tx, db, &sender, rid, state.clone())?
-                    {
-                        // Report every state passed, so clients always see sent ->
-                        // delivered -> read even when a receipt overtakes the acknowledgement.
-                        for name in progress_names(previous, state) {
-                            changed.push((*rid, name));
-                        }
-                    }
-                }
-                Ok(changed)
-            },
-        )?;
+            }
+            Ok(changed)
+        })?;
         if let Some(p) = prekeys {
             self.prekeys = p;
         }
