@@ -68,7 +68,7 @@ pub struct Config {
     /// Seconds an idle connection stays open. Default: 60.
     pub idle_timeout_secs: u64,
     /// Seconds an accepted message may wait for delivery before it fails. Default: 604800
-    /// (7 days).
+    /// (7 days); at most 30 days (recipients remember ids for 60 days to deduplicate).
     pub message_ttl_secs: u64,
     /// Inbound envelopes per second accepted from one peer. Default: 20000.
     pub inbound_rate: u32,
@@ -167,6 +167,12 @@ impl Config {
                 )));
             }
         }
+        if self.message_ttl_secs > 30 * 24 * 3600 {
+            return Err(invalid(format!(
+                "message_ttl_secs {} is more than 30 days (2592000)",
+                self.message_ttl_secs
+            )));
+        }
         if self.message_ttl_secs == 0 || self.inbound_rate == 0 || self.inbound_burst == 0 {
             return Err(invalid(
                 "message_ttl_secs, inbound_rate and inbound_burst must be at least 1".into(),
@@ -200,7 +206,7 @@ impl Config {
 # api_bind:      local JSON-RPC API address, loopback only (default: 127.0.0.1:0)
 # max_connections / max_connections_per_peer: connection limits (default: 256 / 4)
 # idle_timeout_secs: how long an idle connection stays open (default: 60)
-# message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800)
+# message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800, at most 2592000)
 # inbound_rate / inbound_burst: envelopes per second / burst accepted from one peer (default: 20000 / 40000)
 # min_free_disk_mb: free disk space kept in reserve; below it writes are refused (default: 64)
 ";

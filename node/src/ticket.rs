@@ -34,7 +34,7 @@ pub enum TicketError {
     #[error("ticket checksum mismatch: the ticket was altered or cut while copying")]
     Checksum,
     /// Made by a newer Tern.
-    #[error("ticket version {0} is not supported by this Tern (supports {VERSION})")]
+    #[error("ticket version {0} is not supported by this Tern (it reads versions 1 to {VERSION})")]
     Version(u8),
 }
 

@@ -382,6 +382,8 @@ struct Actor {
     /// Set while the last flush failed (for example a full disk): inbound envelopes are
     /// refused as `Unavailable` until a flush succeeds again.
     storage_failed: Option<String>,
+    /// When the dedup set is next pruned.
+    next_prune: Instant,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
     /// a session costs more than using it).
     session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
@@ -423,6 +425,7 @@ pub fn spawn(
         rejected: Default::default(),
         undo: Vec::new(),
         storage_failed: None,
+        next_prune: Instant::now(),
         session_cache: Default::default(),
     };
     // Everything queued before a restart is due at once.
@@ -554,6 +557,7 @@ impl Actor {
                 }
             }
         }
+        self.prune_seen_if_due();
         self.start_deliveries();
     }
 
@@ -1117,7 +1121,10 @@ impl Actor {
                     }
                 }
             }
-            Ok(NetEvent::Disconnected(_)) => {}
+            Ok(NetEvent::Disconnected(peer)) => {
+                // A fresh connection starts with a full bucket anyway; keep the map small.
+                self.limits.remove(&peer);
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::debug!(n, "missed network events; retrying every queue");
                 let now = Instant::now();
@@ -1749,6 +1756,37 @@ impl Actor {
             .insert(peer, (bytes.to_vec(), session.clone()));
     }
 
+    /// Drops dedup markers older than [`SEEN_RETENTION`] (hourly): a sender gives up on an
+    /// envelope after its TTL, so no retry or replay can carry an older id to us.
+    fn prune_seen_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        self.next_prune = now + SEEN_PRUNE_INTERVAL;
+        let cutoff = now_ms().saturating_sub(SEEN_RETENTION.as_millis() as u64);
+        let old: Vec<Vec<u8>> = match self.db.seen.scan_prefix(&[]) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|(_, at)| *at < cutoff)
+                .map(|(k, _)| k)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot scan the dedup set");
+                return;
+            }
+        };
+        for k in &old {
+            if self.db.seen.remove(k).is_err() {
+                break;
+            }
+        }
+        if !old.is_empty() {
+            self.dirty = true;
+            tracing::debug!(removed = old.len(), "pruned old dedup markers");
+        }
+    }
+
     /// Publishes `kind` once the current batch is durable (never if its flush fails).
     fn publish_after_flush(&mut self, kind: EventKind) {
         let events = self.events.clone();
@@ -1869,6 +1907,12 @@ async fn deliver(
         failure,
     }
 }
+
+/// How long an accepted envelope's id is remembered for deduplication: far beyond the
+/// largest message TTL a sender uses by default (7 days).
+pub const SEEN_RETENTION: Duration = Duration::from_secs(60 * 24 * 3600);
+/// How often the dedup set is pruned.
+const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
