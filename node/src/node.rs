@@ -167,6 +167,7 @@ impl Node {
             name: config.name.clone(),
             ..MessagingConfig::default()
         };
+        let listen_addrs = net.listen_addrs().await.unwrap_or_default();
         let messaging = MessagingDb::open(&store)
             .map_err(NodeError::from)
             .and_then(|db| {
@@ -176,7 +177,10 @@ impl Node {
                     net.clone(),
                     events.clone(),
                     inbound_rx,
-                    messaging_config,
+                    MessagingConfig {
+                        listen_addrs,
+                        ..messaging_config
+                    },
                     shutdown.child_token(),
                 )
                 .map_err(NodeError::from)

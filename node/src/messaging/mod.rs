@@ -82,6 +82,9 @@ pub struct MessagingConfig {
     pub name: Option<String>,
     /// Retry backoff.
     pub retry: RetryPolicy,
+    /// Our listen addresses at start, announced in our profile (kept up to date from the
+    /// network afterwards). Default: none.
+    pub listen_addrs: Vec<Multiaddr>,
 }
 
 impl Default for MessagingConfig {
@@ -92,6 +95,7 @@ impl Default for MessagingConfig {
             inbound_burst: 40_000,
             name: None,
             retry: RetryPolicy::default(),
+            listen_addrs: Vec::new(),
         }
     }
 }
@@ -384,6 +388,8 @@ struct Actor {
     storage_failed: Option<String>,
     /// When the dedup set is next pruned.
     next_prune: Instant,
+    /// Our dialable listen addresses, announced in our profile.
+    my_addrs: Vec<Multiaddr>,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
     /// a session costs more than using it).
     session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
@@ -402,6 +408,12 @@ pub fn spawn(
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
+    let my_addrs = config
+        .listen_addrs
+        .iter()
+        .filter(|a| is_dialable(a))
+        .cloned()
+        .collect();
     let (tx, cmds) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let (results_tx, results) = mpsc::channel(256);
     let mut actor = Actor {
@@ -426,6 +438,7 @@ pub fn spawn(
         undo: Vec::new(),
         storage_failed: None,
         next_prune: Instant::now(),
+        my_addrs,
         session_cache: Default::default(),
     };
     // Everything queued before a restart is due at once.
@@ -519,6 +532,19 @@ impl Actor {
                 tracing::warn!(error = %e, "could not queue delivered receipts");
             }
         }
+        self.flush_and_answer().await;
+        self.prune_seen_if_due();
+        self.start_deliveries();
+        // Expiring messages or pruning may have written something: make it durable (and
+        // publish its events) now rather than at the next wake-up.
+        if self.dirty || !self.after_flush.is_empty() {
+            self.flush_and_answer().await;
+        }
+    }
+
+    /// Flushes what the batch wrote, then answers callers and peers and publishes events
+    /// (or, if the flush failed, withdraws the batch's outgoing envelopes and answers errors).
+    async fn flush_and_answer(&mut self) {
         if self.dirty
             || self.storage_failed.is_some()
             || !self.after_flush.is_empty()
@@ -557,8 +583,6 @@ impl Actor {
                 }
             }
         }
-        self.prune_seen_if_due();
-        self.start_deliveries();
     }
 
     /// Removes what this batch queued for sending: its flush failed and the callers were
@@ -803,6 +827,7 @@ impl Actor {
             },
         )?;
         self.schedule.done(&key);
+        self.session_cache.borrow_mut().remove(&key);
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
                 id: item.id.to_hex(),
@@ -949,7 +974,7 @@ impl Actor {
     fn profile_content(&self) -> Content {
         Content::Profile {
             name: self.config.name.clone(),
-            addrs: Vec::new(),
+            addrs: self.my_addrs.iter().map(|a| a.to_vec()).collect(),
         }
     }
 
@@ -1121,10 +1146,10 @@ impl Actor {
                     }
                 }
             }
-            Ok(NetEvent::Disconnected(peer)) => {
-                // A fresh connection starts with a full bucket anyway; keep the map small.
-                self.limits.remove(&peer);
+            Ok(NetEvent::ListenAddrs(addrs)) => {
+                self.my_addrs = addrs.into_iter().filter(is_dialable).collect();
             }
+            Ok(NetEvent::Disconnected(_)) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::debug!(n, "missed network events; retrying every queue");
                 let now = Instant::now();
@@ -1204,19 +1229,24 @@ impl Actor {
                 None => "not delivered before it expired".to_string(),
             };
             let db = &self.db;
-            db.store
+            let failed = db
+                .store
                 .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
+                    let mut failed = Vec::new();
                     for item in &expired {
                         tx.remove(&db.outbox, &peer_id_key(peer, &item.id))?;
-                        if item.kind == OutKind::Text {
-                            set_state(tx, db, peer, &item.id, MsgState::Failed(reason.clone()))?;
+                        if item.kind == OutKind::Text
+                            && set_state(tx, db, peer, &item.id, MsgState::Failed(reason.clone()))?
+                                .is_some()
+                        {
+                            failed.push(item.id);
                         }
                     }
-                    Ok(())
+                    Ok(failed)
                 })?;
             self.dirty = true;
-            for item in expired.iter().filter(|i| i.kind == OutKind::Text) {
-                self.publish_failed(&item.id, peer, &reason);
+            for id in failed {
+                self.publish_failed(&id, peer, &reason);
             }
             items.retain(|i| i.expires_at > now);
         }
@@ -1293,9 +1323,11 @@ impl Actor {
                         }
                         Outcome::Rejected(reason) if !reason.is_transient() => {
                             tx.remove(&db.outbox, &key)?;
-                            if item.kind == OutKind::Text {
-                                let why = format!("the recipient refused it: {reason:?}");
-                                set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?;
+                            let why = format!("the recipient refused it: {reason:?}");
+                            if item.kind == OutKind::Text
+                                && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
+                                    .is_some()
+                            {
                                 changed.push((*id, Some(why)));
                             }
                         }
@@ -1751,9 +1783,12 @@ impl Actor {
     }
 
     fn cache_session(&self, peer: PeerKey, bytes: &[u8], session: &Session) {
-        self.session_cache
-            .borrow_mut()
-            .insert(peer, (bytes.to_vec(), session.clone()));
+        let mut cache = self.session_cache.borrow_mut();
+        // Bounded: strangers can make sessions; a full cache is simply started over.
+        if cache.len() >= SESSION_CACHE_CAP && !cache.contains_key(&peer) {
+            cache.clear();
+        }
+        cache.insert(peer, (bytes.to_vec(), session.clone()));
     }
 
     /// Drops dedup markers older than [`SEEN_RETENTION`] (hourly): a sender gives up on an
@@ -1764,6 +1799,9 @@ impl Actor {
             return;
         }
         self.next_prune = now + SEEN_PRUNE_INTERVAL;
+        // Rate limiters outlive disconnects (a reconnect must not refill a burst) but not
+        // forever: drop the buckets that are full again, i.e. of peers quiet for a while.
+        self.limits.retain(|_, bucket| !bucket.is_full(now));
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION.as_millis() as u64);
         let old: Vec<Vec<u8>> = match self.db.seen.scan_prefix(&[]) {
             Ok(all) => all
@@ -1911,6 +1949,8 @@ async fn deliver(
 /// How long an accepted envelope's id is remembered for deduplication: far beyond the
 /// largest message TTL a sender uses by default (7 days).
 pub const SEEN_RETENTION: Duration = Duration::from_secs(60 * 24 * 3600);
+/// Most decoded sessions kept in memory.
+const SESSION_CACHE_CAP: usize = 4096;
 /// How often the dedup set is pruned.
 const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -1948,8 +1988,11 @@ fn set_state(
         return Ok(None);
     };
     let failing = matches!(state, MsgState::Failed(_));
+    // A message the recipient stored (its receipt may have overtaken a lost acknowledgement)
+    // never turns into a failure.
     if m.state == state
         || (!failing && state.rank() <= m.state.rank())
+        || (failing && m.state.rank() >= MsgState::Sent.rank() && m.outgoing)
         || matches!(m.state, MsgState::Failed(_))
     {
         return Ok(None);

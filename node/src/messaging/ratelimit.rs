@@ -25,6 +25,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (the peer has been quiet long enough).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -59,5 +65,7 @@ mod tests {
         assert_eq!((0..10).filter(|_| b.take(t2)).count(), 5);
         // Time going backwards takes nothing and gives nothing.
         assert!(!b.take(t0));
+        assert!(!b.is_full(t2));
+        assert!(b.is_full(t2 + Duration::from_secs(1)));
     }
 }

@@ -138,6 +138,8 @@ pub enum NetEvent {
     Connected(PeerId),
     /// The last connection to a peer closed.
     Disconnected(PeerId),
+    /// Our own listen addresses changed (the full current list).
+    ListenAddrs(Vec<Multiaddr>),
     /// A peer told us its listen addresses (identify).
     Identified {
         /// The peer.
@@ -615,6 +617,14 @@ impl NetActor {
                 self.events.publish(EventKind::Listening {
                     address: address.to_string(),
                 });
+                let _ = self.net_events.send(NetEvent::ListenAddrs(
+                    self.swarm.listeners().cloned().collect(),
+                ));
+            }
+            SwarmEvent::ExpiredListenAddr { .. } => {
+                let _ = self.net_events.send(NetEvent::ListenAddrs(
+                    self.swarm.listeners().cloned().collect(),
+                ));
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             other => tracing::trace!(?other, "swarm event"),
