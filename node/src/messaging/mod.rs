@@ -1033,6 +1033,11 @@ impl Actor {
                     .map(MsgId)
             })
             .collect();
+        // Receipts first: if queueing them fails, the messages stay unread and a retry sends
+        // them; if the second step fails, a retry only repeats receipts (states never go back).
+        if !c.blocked {
+            self.queue(key, receipt_contents(ReceiptKind::Read, &ids))?;
+        }
         let db = &self.db;
         db.store
             .transaction(&[&db.unread, &db.history, &db.index], |tx| {
@@ -1044,9 +1049,6 @@ impl Actor {
                 }
                 Ok(())
             })?;
-        if !c.blocked {
-            self.queue(key, receipt_contents(ReceiptKind::Read, &ids))?;
-        }
         Ok(ids.len())
     }
 
