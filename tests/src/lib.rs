@@ -88,29 +88,29 @@ impl TestNode {
 
     /// Starts a loopback node after letting `tweak` adjust its configuration.
     pub async fn spawn_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Self {
-        init_logs();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("tern-test-{name}-"))
-            .tempdir()
-            .unwrap();
-        let data_dir = DataDir::new(dir.path().join("node"));
-        Identity::create(&data_dir).unwrap();
-        let mut config = Config {
-            name: Some(name.into()),
-            ..Config::loopback()
-        };
-        tweak(&mut config);
-        Self::start_in(name, dir, data_dir, config).await
+        Self::spawn_in_parent(name, None, tweak).await
     }
 
     /// Starts a loopback node whose data directory lives under `parent` (for example a
     /// small tmpfs); `parent` must outlive the node.
     pub async fn spawn_under(name: &str, parent: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::spawn_in_parent(name, Some(parent), tweak).await
+    }
+
+    async fn spawn_in_parent(
+        name: &str,
+        parent: Option<&Path>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         init_logs();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("tern-test-{name}-"))
-            .tempdir_in(parent)
-            .unwrap();
+        let mut builder = tempfile::Builder::new();
+        let prefix = format!("tern-test-{name}-");
+        builder.prefix(&prefix);
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p),
+            None => builder.tempdir(),
+        }
+        .unwrap();
         let data_dir = DataDir::new(dir.path().join("node"));
         Identity::create(&data_dir).unwrap();
         let mut config = Config {

@@ -119,6 +119,17 @@ async fn daemons_exchange_messages_through_the_cli() {
     .await;
 }
 
+/// The next event of an API subscription, within [`LONG`].
+async fn next_event(
+    sub: &mut jsonrpsee::core::client::Subscription<tern_node::events::Event>,
+) -> tern_node::events::Event {
+    tokio::time::timeout(LONG, sub.next())
+        .await
+        .expect("an event in time")
+        .expect("the subscription is open")
+        .expect("the event decodes")
+}
+
 #[tokio::test]
 async fn receipts_and_typing_arrive_over_the_api_subscription() {
     let (a, b) = pair().await;
@@ -130,11 +141,7 @@ async fn receipts_and_typing_arrive_over_the_api_subscription() {
 
     let mut states = Vec::new();
     while states.len() < 2 {
-        let e = tokio::time::timeout(LONG, sub_a.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e = next_event(&mut sub_a).await;
         if let EventKind::Receipt { id: rid, state, .. } = e.kind
             && rid == id
         {
@@ -143,11 +150,7 @@ async fn receipts_and_typing_arrive_over_the_api_subscription() {
     }
     assert_eq!(states, ["sent", "delivered"]);
     loop {
-        let e = tokio::time::timeout(LONG, sub_b.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e = next_event(&mut sub_b).await;
         if let EventKind::Message { id: mid, .. } = e.kind
             && mid == id
         {
@@ -156,11 +159,7 @@ async fn receipts_and_typing_arrive_over_the_api_subscription() {
     }
     assert!(ca.typing("bob", true).await.unwrap());
     loop {
-        let e = tokio::time::timeout(LONG, sub_b.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e = next_event(&mut sub_b).await;
         if let EventKind::Typing { from, typing, .. } = e.kind {
             assert_eq!(from, "alice");
             assert!(typing);
