@@ -100,6 +100,9 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     for m in client.history(name, 20).await? {
         println!("{}", history_line(&m));
     }
+    if let Some(p) = client.presence(Some(name)).await?.first() {
+        println!("  {}", presence_line(&p.name, &p.state, p.last_seen));
+    }
     client.mark_read(name).await?;
 
     let (tx, mut input) = mpsc::channel(16);
@@ -216,6 +219,14 @@ async fn show_event(
                 printer.print(format!("  {name} stopped typing"));
             }
         }
+        EventKind::PresenceChanged {
+            peer_id: p,
+            state,
+            last_seen,
+            ..
+        } if p == peer_id => {
+            printer.print(format!("  {}", presence_line(name, &state, last_seen)));
+        }
         EventKind::PeerConnected { peer_id: p, .. } if p == peer_id => {
             printer.print(format!("  {name} is connected"));
         }
@@ -223,5 +234,17 @@ async fn show_event(
             printer.print(format!("  {name} disconnected"));
         }
         _ => {}
+    }
+}
+
+/// "bob is online", "bob is offline, last seen 5 min ago".
+fn presence_line(name: &str, state: &str, last_seen: Option<u64>) -> String {
+    match (state, last_seen) {
+        ("offline", Some(t)) => format!(
+            "{name} is offline, last seen {}",
+            crate::msg_cmds::ago(tern_node::events::now_ms(), t)
+        ),
+        ("unknown", _) => format!("{name}'s presence is not known"),
+        (state, _) => format!("{name} is {state}"),
     }
 }

@@ -217,6 +217,7 @@ pub(crate) fn describe(kind: &EventKind) -> String {
         EventKind::MessageFailed { id, to, reason, .. } => {
             format!("message {id} to {to} failed: {reason}")
         }
+        EventKind::PresenceChanged { name, state, .. } => format!("{name} is now {state}"),
         EventKind::ShuttingDown => "node shutting down".into(),
     }
 }

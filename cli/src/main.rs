@@ -92,6 +92,14 @@ enum Command {
         /// The contact's name.
         name: String,
     },
+    /// Show contacts' presence (online, away, offline, last seen), or set your own.
+    Presence {
+        /// One contact's name (all contacts when omitted).
+        name: Option<String>,
+        /// Set your own state instead: online (automatic: away after idling) or away.
+        #[arg(long, value_parser = ["online", "away"], conflicts_with = "name")]
+        set: Option<String>,
+    },
     /// Chat interactively with a contact.
     Chat {
         /// The contact's name.
@@ -170,6 +178,7 @@ async fn run(command: Command, g: Globals) -> anyhow::Result<()> {
         Command::History { name, limit } => msg_cmds::history(&g, &name, limit).await,
         Command::Conversations => msg_cmds::conversations(&g).await,
         Command::Read { name } => msg_cmds::read(&g, &name).await,
+        Command::Presence { name, set } => msg_cmds::presence(&g, name.as_deref(), set).await,
         Command::Chat { name } => chat::run(&g, &name).await,
         Command::Stop => client_cmds::stop(&g).await,
         Command::Demo => demo::run(&g).await,

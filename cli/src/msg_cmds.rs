@@ -263,3 +263,45 @@ pub(crate) async fn read(g: &Globals, with: &str) -> anyhow::Result<()> {
         format!("marked {n} message(s) read")
     })
 }
+
+/// `presence [NAME] [--set STATE]`.
+pub(crate) async fn presence(
+    g: &Globals,
+    name: Option<&str>,
+    set: Option<String>,
+) -> anyhow::Result<()> {
+    let client = connect(g).await?;
+    if let Some(state) = set {
+        client.set_presence(&state).await?;
+        return g.out.emit(&json!({ "state": state }), || {
+            format!("you now show as {state}")
+        });
+    }
+    let list = client.presence(name).await?;
+    let now = tern_node::events::now_ms();
+    let line = |p: &tern_node::presence::PresenceView| match (p.state.as_str(), p.last_seen) {
+        ("online" | "away", _) => format!("{}: {}", p.name, p.state),
+        (state, Some(t)) => format!("{}: {state}, last seen {}", p.name, ago(now, t)),
+        (state, None) => format!("{}: {state}", p.name),
+    };
+    match (name, list.first()) {
+        (Some(_), Some(one)) => g.out.emit(one, || line(one)),
+        _ => g.out.emit(&list, || {
+            if list.is_empty() {
+                return "no contacts yet".into();
+            }
+            list.iter().map(line).collect::<Vec<_>>().join("\n")
+        }),
+    }
+}
+
+/// "12 s ago", "5 min ago", "3 h ago", "2 days ago".
+pub(crate) fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..60 => format!("{s} s ago"),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86_400 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}

@@ -77,6 +77,51 @@ pub struct Config {
     /// Free disk space (MiB) kept in reserve: below it the node refuses writes (sends fail
     /// with a clear error, inbound envelopes wait at their senders). Default: 64.
     pub min_free_disk_mb: u64,
+    /// Presence (online, away, last seen) settings: the `[presence]` table.
+    pub presence: PresenceConfig,
+}
+
+/// Who sees our presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharePresence {
+    /// Our contacts (the people we added, not message requests or blocked ones).
+    Contacts,
+    /// No one: nothing is published, and, as in WhatsApp, we see no one's last seen either.
+    Nobody,
+}
+
+/// The `[presence]` table of `config.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Who sees our presence: `"contacts"` or `"nobody"`. Default: `"contacts"`.
+    pub share: SharePresence,
+    /// Milliseconds between presence heartbeats. Default: 30000; at least 100.
+    pub heartbeat_ms: u64,
+    /// A contact is shown offline after this many missed heartbeats. Default: 3.
+    pub missed_beats: u32,
+    /// Seconds without local activity (sending, typing, reading) after which we show as
+    /// away; 0 never. Default: 300.
+    pub away_after_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            share: SharePresence::Contacts,
+            heartbeat_ms: 30_000,
+            missed_beats: 3,
+            away_after_secs: 300,
+        }
+    }
+}
+
+impl PresenceConfig {
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
 }
 
 impl Default for Config {
@@ -101,6 +146,7 @@ impl Default for Config {
             inbound_rate: 20_000,
             inbound_burst: 40_000,
             min_free_disk_mb: 64,
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -181,6 +227,18 @@ impl Config {
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return Err(invalid("connection limits must be at least 1".into()));
         }
+        if !(100..=3_600_000).contains(&self.presence.heartbeat_ms) {
+            return Err(invalid(format!(
+                "presence.heartbeat_ms {} is outside 100..=3600000",
+                self.presence.heartbeat_ms
+            )));
+        }
+        if !(1..=100).contains(&self.presence.missed_beats) {
+            return Err(invalid(format!(
+                "presence.missed_beats {} is outside 1..=100",
+                self.presence.missed_beats
+            )));
+        }
         Ok(())
     }
 
@@ -209,6 +267,9 @@ impl Config {
 # message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800, at most 2592000)
 # inbound_rate / inbound_burst: envelopes per second / burst accepted from one peer (default: 20000 / 40000)
 # min_free_disk_mb: free disk space kept in reserve; below it writes are refused (default: 64)
+# [presence] share: who sees your online state and last seen, \"contacts\" or \"nobody\" (default: contacts)
+# [presence] heartbeat_ms / missed_beats: heartbeat interval and missed beats before offline (default: 30000 / 3)
+# [presence] away_after_secs: idle seconds before you show as away, 0 never (default: 300)
 ";
 
     /// A loopback-only configuration with mDNS off: OS-chosen TCP and QUIC ports on
@@ -307,6 +368,23 @@ mod tests {
             vec!["/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()]
         );
         assert!(c.relays.is_empty());
+    }
+
+    #[test]
+    fn presence_table_parses_and_is_checked() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[presence]\nshare = \"nobody\"\nheartbeat_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(c.presence.share, SharePresence::Nobody);
+        assert_eq!(c.presence.heartbeat_ms, 500);
+        assert_eq!(c.presence.missed_beats, 3, "default kept");
+        let err =
+            Config::parse(Path::new("c.toml"), "[presence]\nshare = \"everyone\"\n").unwrap_err();
+        assert!(err.to_string().contains("everyone"), "{err}");
+        let err = Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 5\n").unwrap_err();
+        assert!(err.to_string().contains("heartbeat_ms"), "{err}");
     }
 
     #[test]

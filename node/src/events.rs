@@ -127,6 +127,17 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
+    /// A contact's presence changed (online, away, offline).
+    PresenceChanged {
+        /// The contact's peer id.
+        peer_id: String,
+        /// The contact's name.
+        name: String,
+        /// `online`, `away` or `offline`.
+        state: String,
+        /// When we last saw them online or away, ms since the epoch.
+        last_seen: Option<u64>,
+    },
     /// The node is shutting down.
     ShuttingDown,
 }
@@ -318,6 +329,12 @@ mod tests {
                 peer_id: "p".into(),
                 to: "t".into(),
                 reason: "r".into(),
+            },
+            EventKind::PresenceChanged {
+                peer_id: "p".into(),
+                name: "n".into(),
+                state: "away".into(),
+                last_seen: Some(9),
             },
             EventKind::ShuttingDown,
         ];

@@ -4,7 +4,7 @@
 //! 1. [`config`], [`data_dir`], [`store`], [`ticket`], [`events`], [`crypto`]: no network,
 //!    no tasks;
 //! 2. [`identity`], [`net`] (the one task that owns the libp2p Swarm);
-//! 3. capabilities: [`messaging`] (presence, groups, media as later issues add them);
+//! 3. capabilities: [`messaging`], [`presence`] (groups, media as later issues add them);
 //! 4. [`node`]: starts and wires everything, hands out [`NodeHandle`];
 //! 5. [`api`]: serves a [`NodeHandle`] over local JSON-RPC. The node never imports the API.
 
@@ -17,6 +17,7 @@ pub mod identity;
 pub mod messaging;
 pub mod net;
 pub mod node;
+pub mod presence;
 pub mod store;
 pub mod ticket;
 

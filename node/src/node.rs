@@ -21,6 +21,7 @@ use crate::{
         contacts::ContactView, db::MessagingDb, wire::MsgId,
     },
     net::{self, NetError, NetHandle, PeerInfo, RelayStatus},
+    presence::{self, PresenceError, PresenceHandle, PresenceParts, PresenceStats, PresenceView},
     store::{Store, StoreError},
     ticket::ContactTicket,
 };
@@ -46,6 +47,9 @@ pub enum NodeError {
     /// A messaging operation failed.
     #[error(transparent)]
     Messaging(#[from] MessagingError),
+    /// A presence operation failed.
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -98,6 +102,8 @@ pub struct NodeStatus {
     pub outbox: u64,
     /// Inbound envelopes refused since start, by reason (malformed, rate_limited, ...).
     pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Our presence and the presence frames accepted and rejected.
+    pub presence: PresenceStats,
 }
 
 struct Inner {
@@ -106,8 +112,13 @@ struct Inner {
     name: Option<String>,
     net: NetHandle,
     messaging: MessagingHandle,
+    presence: PresenceHandle,
+    /// Stops the capabilities (messaging, presence).
     shutdown: CancellationToken,
+    /// Stops the network, after the capabilities had their last word (presence `offline`).
+    net_shutdown: CancellationToken,
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    net_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Held while running; taken (and so closed) by `shutdown`, so that a stopped node
     /// releases its database and data directory even while stale handles linger.
     resources: Mutex<Option<Resources>>,
@@ -150,14 +161,18 @@ impl Node {
         )?;
         let events = EventBus::open(&store)?;
         let shutdown = CancellationToken::new();
+        let net_shutdown = CancellationToken::new();
         let (inbound_tx, inbound_rx) =
             tokio::sync::mpsc::channel(messaging::INBOUND_CHANNEL_CAPACITY);
+        let (gossip_tx, gossip_rx) = tokio::sync::mpsc::channel(net::GOSSIP_CHANNEL_CAPACITY);
+        let (notes_tx, notes_rx) = tokio::sync::mpsc::unbounded_channel();
         let (net, net_task) = net::spawn(
             &identity,
             &config,
             events.clone(),
-            shutdown.child_token(),
+            net_shutdown.clone(),
             inbound_tx,
+            gossip_tx,
         )
         .await?;
         let messaging_config = MessagingConfig {
@@ -168,28 +183,53 @@ impl Node {
             ..MessagingConfig::default()
         };
         let listen_addrs = net.listen_addrs().await.unwrap_or_default();
-        let messaging = MessagingDb::open(&store)
-            .map_err(NodeError::from)
-            .and_then(|db| {
-                messaging::spawn(
-                    identity.seed(),
+        let capabilities = async {
+            let db = MessagingDb::open(&store)?;
+            let (messaging, messaging_task) = messaging::spawn(
+                identity.seed(),
+                db.clone(),
+                net.clone(),
+                events.clone(),
+                inbound_rx,
+                MessagingConfig {
+                    listen_addrs,
+                    ..messaging_config
+                },
+                Some(notes_tx),
+                shutdown.child_token(),
+            )?;
+            let presence = presence::spawn(
+                PresenceParts {
+                    me: identity.peer_id(),
+                    signing: identity.signing_key(),
+                    config: config.presence.clone(),
+                    net: net.clone(),
+                    events: events.clone(),
+                    messaging: messaging.clone(),
                     db,
-                    net.clone(),
-                    events.clone(),
-                    inbound_rx,
-                    MessagingConfig {
-                        listen_addrs,
-                        ..messaging_config
-                    },
-                    shutdown.child_token(),
-                )
-                .map_err(NodeError::from)
-            });
-        let (messaging, messaging_task) = match messaging {
+                    gossip: gossip_rx,
+                    notes: notes_rx,
+                },
+                shutdown.child_token(),
+            )
+            .await;
+            match presence {
+                Ok((presence, presence_task)) => {
+                    Ok((messaging, presence, vec![messaging_task, presence_task]))
+                }
+                Err(e) => {
+                    shutdown.cancel();
+                    let _ = messaging_task.await;
+                    Err(NodeError::from(e))
+                }
+            }
+        };
+        let (messaging, presence, tasks) = match capabilities.await {
             Ok(m) => m,
             Err(e) => {
                 // Do not leave the network task running behind a failed start.
                 shutdown.cancel();
+                net_shutdown.cancel();
                 let _ = net_task.await;
                 return Err(e);
             }
@@ -202,8 +242,11 @@ impl Node {
                 name: config.name.clone(),
                 net,
                 messaging,
+                presence,
                 shutdown,
-                tasks: tokio::sync::Mutex::new(vec![messaging_task, net_task]),
+                net_shutdown,
+                tasks: tokio::sync::Mutex::new(tasks),
+                net_task: tokio::sync::Mutex::new(Some(net_task)),
                 resources: Mutex::new(Some(Resources {
                     store,
                     events,
@@ -292,6 +335,7 @@ impl NodeHandle {
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         let net = self.inner.net.status().await?;
         let stats = self.inner.messaging.stats().await?;
+        let presence = self.inner.presence.stats().await?;
         Ok(NodeStatus {
             peer_id: self.peer_id().to_string(),
             listen_addrs: net.listen_addrs,
@@ -299,6 +343,7 @@ impl NodeHandle {
             relays: net.relays,
             outbox: stats.outbox,
             rejected: stats.rejected,
+            presence,
         })
     }
 
@@ -343,6 +388,7 @@ impl NodeHandle {
     /// Queues a text message; returns its id once durably queued.
     pub async fn send(&self, to: &str, text: &str) -> Result<MsgId, NodeError> {
         self.check_running()?;
+        self.inner.presence.activity();
         Ok(self
             .inner
             .messaging
@@ -366,12 +412,14 @@ impl NodeHandle {
 
     /// Marks a conversation read and sends read receipts; returns how many were unread.
     pub async fn mark_read(&self, with: &str) -> Result<usize, NodeError> {
+        self.inner.presence.activity();
         Ok(self.inner.messaging.mark_read(with.to_string()).await?)
     }
 
     /// Sends a typing indicator if the contact is connected right now (it is ephemeral:
     /// never queued, never stored); returns whether the contact received it.
     pub async fn typing(&self, to: &str, typing: bool) -> Result<bool, NodeError> {
+        self.inner.presence.activity();
         let contact = self.inner.messaging.contact_show(to.to_string()).await?;
         let peer: PeerId = contact
             .peer_id
@@ -382,6 +430,16 @@ impl NodeHandle {
             return Ok(false);
         }
         Ok(self.inner.messaging.typing(to.to_string(), typing).await?)
+    }
+
+    /// Presence of one contact, or of every contact.
+    pub async fn presence(&self, name: Option<&str>) -> Result<Vec<PresenceView>, NodeError> {
+        Ok(self.inner.presence.query(name.map(str::to_string)).await?)
+    }
+
+    /// Sets our presence: `online` (automatic: away after idling) or `away`.
+    pub async fn set_presence(&self, state: &str) -> Result<(), NodeError> {
+        Ok(self.inner.presence.set(state).await?)
     }
 
     /// Connected peers.
@@ -430,6 +488,14 @@ impl NodeHandle {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "a node task ended abnormally");
             }
+        }
+        // The network goes last: the capabilities' final words (presence `offline`) go
+        // out through it.
+        self.inner.net_shutdown.cancel();
+        if let Some(task) = self.inner.net_task.lock().await.take()
+            && let Err(e) = task.await
+        {
+            tracing::warn!(error = %e, "the network task ended abnormally");
         }
         let resources = self
             .inner

@@ -248,6 +248,26 @@ impl ApiClient {
         Ok(v.get("sent").and_then(Value::as_bool).unwrap_or(false))
     }
 
+    /// `presence` of one contact or of all.
+    pub async fn presence(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<crate::presence::PresenceView>, ClientError> {
+        let params = match name {
+            Some(n) => serde_json::json!({ "name": n }),
+            None => Value::Null,
+        };
+        self.call_typed("presence", params).await
+    }
+
+    /// `setPresence`: `online` or `away`.
+    pub async fn set_presence(&self, state: &str) -> Result<(), ClientError> {
+        let _: Value = self
+            .call_typed("setPresence", serde_json::json!({ "state": state }))
+            .await?;
+        Ok(())
+    }
+
     /// Subscribes to events after `since`.
     pub async fn subscribe(&self, since: Option<u64>) -> Result<Subscription<Event>, ClientError> {
         let mut obj = ObjectParams::new();

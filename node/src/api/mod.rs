@@ -48,6 +48,8 @@ pub mod codes {
     pub const BAD_CONTACT: i32 = 1014;
     /// No session can be started with the contact.
     pub const NO_SESSION: i32 = 1015;
+    /// A presence state other than online or away was asked for.
+    pub const BAD_PRESENCE: i32 = 1020;
 }
 
 /// Most simultaneous API connections.
@@ -206,7 +208,7 @@ fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned
 }
 
 fn node_error(e: NodeError) -> ErrorObjectOwned {
-    use crate::{messaging::MessagingError as M, net::NetError};
+    use crate::{messaging::MessagingError as M, net::NetError, presence::PresenceError as P};
     let code = match &e {
         NodeError::Messaging(m) => match m {
             M::UnknownContact(_) => codes::UNKNOWN_CONTACT,
@@ -218,6 +220,13 @@ fn node_error(e: NodeError) -> ErrorObjectOwned {
             M::Store(_) | M::NotDurable(_) => codes::STORAGE,
             M::ActorGone => codes::SHUTTING_DOWN,
             M::Crypto(_) => codes::NODE,
+        },
+        NodeError::Presence(p) => match p {
+            P::UnknownContact(_) => codes::UNKNOWN_CONTACT,
+            P::InvalidState(_) => codes::BAD_PRESENCE,
+            P::Store(_) => codes::STORAGE,
+            P::ActorGone => codes::SHUTTING_DOWN,
+            P::Messaging(_) => codes::NODE,
         },
         NodeError::ShuttingDown | NodeError::Net(NetError::ActorGone) => codes::SHUTTING_DOWN,
         NodeError::Net(NetError::Dial { .. } | NetError::DialTimeout { .. }) => codes::UNREACHABLE,
@@ -307,6 +316,18 @@ struct TypingParams {
     typing: bool,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceParams {
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPresenceParams {
+    state: String,
+}
+
 /// Params of `dial`.
 #[derive(Debug, Deserialize)]
 struct DialParams {
@@ -386,6 +407,21 @@ fn rpc_module(node: NodeHandle) -> RpcModule<NodeHandle> {
         let sent = node.typing(&p.to, p.typing).await?;
         Ok(serde_json::json!({ "sent": sent }))
     });
+    method(
+        &mut m,
+        "presence",
+        |node, p: Option<PresenceParams>| async move {
+            node.presence(p.unwrap_or_default().name.as_deref()).await
+        },
+    );
+    method(
+        &mut m,
+        "setPresence",
+        |node, p: SetPresenceParams| async move {
+            node.set_presence(&p.state).await?;
+            Ok(serde_json::json!({ "state": p.state }))
+        },
+    );
     m.register_method("shutdown", |_, node, _| {
         let node = node.clone();
         // Reply first, then stop: the daemon's main loop notices and shuts down.

@@ -12,7 +12,10 @@ use super::{
     contacts::Contact,
     wire::{MsgId, ReceiptKind},
 };
-use crate::store::{Store, StoreError, Table};
+use crate::{
+    presence::wire::PresenceKey,
+    store::{Store, StoreError, Table},
+};
 
 /// A peer's storage key: its ed25519 public key.
 pub type PeerKey = [u8; 32];
@@ -39,6 +42,8 @@ pub enum OutKind {
     Receipt(ReceiptKind),
     /// Our profile (name and addresses).
     Profile,
+    /// Our presence key (or its withdrawal).
+    PresenceKey,
 }
 
 /// One queued envelope, encrypted once and re-sent as is until acknowledged.
@@ -162,6 +167,19 @@ pub struct MessagingDb {
     pub seen: Table<u64>,
     /// Peer key + id of unread incoming messages.
     pub unread: Table<()>,
+    /// Peer key -> the presence key that contact shared with us.
+    pub presence_keys: Table<PresenceKey>,
+    /// `"self"` -> our own presence key and whether it is shared.
+    pub presence_self: Table<OwnPresence>,
+}
+
+/// Our presence key and whether our contacts have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnPresence {
+    /// The key our frames are sealed with.
+    pub key: PresenceKey,
+    /// Whether it was sent to our contacts (`share = "contacts"`).
+    pub shared: bool,
 }
 
 impl MessagingDb {
@@ -178,6 +196,8 @@ impl MessagingDb {
             index: store.table("msg_index")?,
             seen: store.table("seen")?,
             unread: store.table("unread")?,
+            presence_keys: store.table("presence_keys")?,
+            presence_self: store.table("presence_self")?,
         })
     }
 

@@ -20,6 +20,7 @@
 
 pub mod contacts;
 pub mod db;
+mod presence_share;
 pub mod ratelimit;
 pub mod schedule;
 pub mod wire;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use self::presence_share::{PresenceNote, PresenceNotes};
 use self::{
     contacts::{Contact, ContactView, validate_name},
     db::{
@@ -244,6 +246,10 @@ enum Cmd {
     Bundle {
         reply: Reply<Vec<u8>>,
     },
+    PresenceSetup {
+        share: bool,
+        reply: Reply<Option<crate::presence::wire::PresenceKey>>,
+    },
 }
 
 /// Cheap, cloneable handle to the messaging actor.
@@ -344,6 +350,15 @@ impl MessagingHandle {
     pub async fn bundle(&self) -> Result<Vec<u8>, MessagingError> {
         self.call(|reply| Cmd::Bundle { reply }).await
     }
+
+    /// Brings presence-key sharing in line with the configuration (`share`: with contacts,
+    /// or with nobody); returns our presence key, `None` when we share with nobody.
+    pub async fn presence_setup(
+        &self,
+        share: bool,
+    ) -> Result<Option<crate::presence::wire::PresenceKey>, MessagingError> {
+        self.call(|reply| Cmd::PresenceSetup { share, reply }).await
+    }
 }
 
 /// What one delivery attempt to a peer produced.
@@ -393,6 +408,8 @@ struct Actor {
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
     /// a session costs more than using it).
     session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
+    /// Where presence-key and contact changes are reported (the presence actor).
+    presence_notes: Option<PresenceNotes>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -403,6 +420,7 @@ pub fn spawn(
     events: EventBus,
     inbound: mpsc::Receiver<InboundRequest>,
     config: MessagingConfig,
+    presence_notes: Option<PresenceNotes>,
     shutdown: CancellationToken,
 ) -> Result<(MessagingHandle, tokio::task::JoinHandle<()>), MessagingError> {
     let keys = IdentityKeys::from_seed(seed)?;
@@ -440,6 +458,7 @@ pub fn spawn(
         next_prune: Instant::now(),
         my_addrs,
         session_cache: Default::default(),
+        presence_notes,
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -667,6 +686,10 @@ impl Actor {
                         .collect(),
                 }));
             }
+            Cmd::PresenceSetup { share, reply } => {
+                let r = self.presence_setup(share);
+                self.reply_after_flush(reply, r);
+            }
             Cmd::Bundle { reply } => {
                 let r = self
                     .prekeys
@@ -755,6 +778,7 @@ impl Actor {
                         tx.insert(&self.db.contacts, &key, &c)?;
                         Ok(())
                     })?;
+                self.presence_contact_added(&c)?;
                 return Ok(c.view(self.keys.public()));
             }
             return Err(MessagingError::AlreadyContact(existing.name));
@@ -785,6 +809,7 @@ impl Actor {
             peer_id: contact.peer_id.to_string(),
             auto_added: false,
         });
+        self.presence_contact_added(&contact)?;
         Ok(contact.view(self.keys.public()))
     }
 
@@ -828,6 +853,7 @@ impl Actor {
         )?;
         self.schedule.done(&key);
         self.session_cache.borrow_mut().remove(&key);
+        self.presence_contact_dropped(presence_share::eligible(&c))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
                 id: item.id.to_hex(),
@@ -841,8 +867,14 @@ impl Actor {
 
     fn contact_block(&mut self, name: &str, blocked: bool) -> Result<ContactView, MessagingError> {
         let mut c = self.contact(name)?;
+        let was_eligible = presence_share::eligible(&c);
         c.blocked = blocked;
         self.db.contacts.insert(&c.key(), &c)?;
+        if blocked {
+            self.presence_contact_dropped(was_eligible)?;
+        } else if !was_eligible {
+            self.presence_contact_added(&c)?;
+        }
         if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
             self.schedule.enqueue(c.key(), Instant::now());
             self.schedule.reachable(&c.key(), Instant::now());
@@ -1151,7 +1183,7 @@ impl Actor {
             Ok(NetEvent::ListenAddrs(addrs)) => {
                 self.my_addrs = addrs.into_iter().filter(is_dialable).collect();
             }
-            Ok(NetEvent::Disconnected(_)) => {}
+            Ok(NetEvent::Disconnected(_) | NetEvent::Subscribed { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::debug!(n, "missed network events; retrying every queue");
                 let now = Instant::now();
@@ -1677,6 +1709,9 @@ impl Actor {
         if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
             tables.extend([&db.contacts as &dyn crate::store::AnyTable, &db.names]);
         }
+        if matches!(content, Content::PresenceKey { .. }) {
+            tables.push(&db.presence_keys);
+        }
         let changed = db.store.transaction(&tables, |tx| {
             tx.insert(&db.sessions, &sender, &record)?;
             if let Some(p) = &prekey_bytes {
@@ -1693,6 +1728,18 @@ impl Actor {
                 if let Some(old) = &renamed_from {
                     tx.remove(&db.names, old.as_bytes())?;
                     tx.insert(&db.names, contact.name.as_bytes(), &sender)?;
+                }
+            }
+            if let Content::PresenceKey { key } = &content {
+                match key {
+                    Some(k) => tx.insert(
+                        &db.presence_keys,
+                        &sender,
+                        &crate::presence::wire::PresenceKey(*k),
+                    )?,
+                    None => {
+                        tx.remove(&db.presence_keys, &sender)?;
+                    }
                 }
             }
             if let Some(m) = &text_entry {
@@ -1768,6 +1815,14 @@ impl Actor {
         }
         if text_entry.is_some() {
             self.pending_receipts.entry(sender).or_default().push(id);
+        }
+        if let Content::PresenceKey { key } = &content
+            && let Some(note) = Self::presence_key_note(&sender, *key)
+        {
+            self.note_after_flush(note);
+        }
+        if new_contact.is_some() {
+            self.note_after_flush(PresenceNote::ContactsChanged);
         }
         Ok(())
     }

@@ -272,6 +272,12 @@ pub enum Content {
         /// Dialable multiaddrs (binary form).
         addrs: Vec<Vec<u8>>,
     },
+    /// The key that opens the sender's presence frames; `None`: it stopped sharing its
+    /// presence with us (or we were removed), forget the old key.
+    PresenceKey {
+        /// The 32-byte key.
+        key: Option<[u8; 32]>,
+    },
 }
 
 /// The plaintext of an envelope: versioned [`Content`].

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity::Keypair, kad, mdns,
-    noise, ping, request_response, swarm::NetworkBehaviour, swarm::behaviour::toggle::Toggle, tcp,
-    yamux,
+    StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity::Keypair,
+    kad, mdns, noise, ping, request_response, swarm::NetworkBehaviour,
+    swarm::behaviour::toggle::Toggle, tcp, yamux,
 };
 
 use super::frame::FrameCodec;
@@ -35,6 +35,59 @@ pub const QUIC_IDLE_TIMEOUT_MS: u32 = 4_000;
 pub const QUIC_KEEP_ALIVE: Duration = Duration::from_millis(1_500);
 /// How often connected peers are pinged.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Largest gossipsub frame (room for group messages; each topic's validator enforces its
+/// own, smaller limit before anything is forwarded).
+pub const GOSSIP_MAX_TRANSMIT: usize = 128 * 1024;
+/// Gossipsub's own heartbeat (mesh maintenance, gossip emission, score decay).
+pub const GOSSIP_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Gossipsub peer-score thresholds (v1.1). A peer below `gossip_threshold` gets no gossip
+/// from us and we ignore its gossip; below `publish_threshold` we do not publish to it;
+/// below `graylist_threshold` we ignore everything it sends.
+pub fn gossip_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 1.0,
+    }
+}
+
+/// Global gossipsub peer-score parameters. IP colocation (P6) is off: users behind one NAT
+/// share an address, and every test node shares 127.0.0.1. Behaviour penalties (P7,
+/// broken promises and GRAFT floods) keep the library defaults.
+pub fn gossip_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        app_specific_weight: 1.0,
+        ..gossipsub::PeerScoreParams::default()
+    }
+}
+
+/// Per-topic score parameters of a presence topic. Presence is sparse (one message per
+/// heartbeat per owner), so mesh delivery-rate penalties (P3, P3b) are off; what counts
+/// is P4: every message our validator rejects (forged, replayed, stale, garbage, flood)
+/// costs its forwarder `-(count^2)`, the count decaying by 1% a second: one rejected frame
+/// makes the score negative, four put the peer below the gossip threshold (-10, no more
+/// gossip with it), eight below the publish threshold (-50), nine graylist it (-80:
+/// everything it sends is ignored).
+pub fn presence_topic_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -1.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..gossipsub::TopicScoreParams::default()
+    }
+}
 
 /// Every protocol a Tern node speaks.
 #[derive(NetworkBehaviour)]
@@ -51,6 +104,9 @@ pub(crate) struct Behaviour {
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     /// `/tern/msg/1`: envelopes in, durable-store acknowledgements out.
     pub(crate) msg: request_response::Behaviour<FrameCodec>,
+    /// Gossipsub (presence, later groups): StrictNoSign, every message validated by its
+    /// capability before it is forwarded, peer scoring on.
+    pub(crate) gossip: gossipsub::Behaviour,
 }
 
 /// Errors building the swarm.
@@ -67,6 +123,34 @@ pub enum BuildError {
     /// mDNS could not start (no multicast socket).
     #[error("cannot start mDNS: {0}")]
     Mdns(std::io::Error),
+    /// Gossipsub rejected its configuration (a bug).
+    #[error("invalid gossipsub configuration: {0}")]
+    Gossip(String),
+}
+
+/// Builds the gossipsub behaviour: anonymous (StrictNoSign) messages whose id is a hash of
+/// topic and data, validation by the application before forwarding, and peer scoring.
+fn build_gossip() -> Result<gossipsub::Behaviour, BuildError> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            let mut h = blake3::Hasher::new();
+            h.update(m.topic.as_str().as_bytes());
+            h.update(&[0]);
+            h.update(&m.data);
+            gossipsub::MessageId::new(&h.finalize().as_bytes()[..20])
+        })
+        .max_transmit_size(GOSSIP_MAX_TRANSMIT)
+        .heartbeat_interval(GOSSIP_HEARTBEAT)
+        .build()
+        .map_err(|e| BuildError::Gossip(e.to_string()))?;
+    let mut gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)
+        .map_err(|e| BuildError::Gossip(e.to_string()))?;
+    gossip
+        .with_peer_score(gossip_score_params(), gossip_thresholds())
+        .map_err(BuildError::Gossip)?;
+    Ok(gossip)
 }
 
 /// Builds the swarm for `keypair` with the given configuration.
@@ -81,6 +165,7 @@ pub(crate) fn build_swarm(
         .with_max_pending_incoming(Some(config.max_connections))
         .with_max_pending_outgoing(Some(config.max_connections));
     let mut mdns_error = None;
+    let gossip = build_gossip()?;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -139,6 +224,7 @@ pub(crate) fn build_swarm(
                         .with_request_timeout(MSG_REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(MSG_MAX_STREAMS),
                 ),
+                gossip,
             }
         })
         .map_err(|e| BuildError::Transport {

@@ -15,16 +15,18 @@ use std::{
 
 use behaviour::{Behaviour, BehaviourEvent};
 pub use behaviour::{
-    BuildError, IDENTIFY_PROTOCOL, KAD_PROTOCOL, MSG_MAX_REQUEST, MSG_MAX_RESPONSE,
-    MSG_MAX_STREAMS, MSG_PROTOCOL, MSG_REQUEST_TIMEOUT, PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS,
-    QUIC_KEEP_ALIVE,
+    BuildError, GOSSIP_HEARTBEAT, GOSSIP_MAX_TRANSMIT, IDENTIFY_PROTOCOL, KAD_PROTOCOL,
+    MSG_MAX_REQUEST, MSG_MAX_RESPONSE, MSG_MAX_STREAMS, MSG_PROTOCOL, MSG_REQUEST_TIMEOUT,
+    PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS, QUIC_KEEP_ALIVE, gossip_score_params, gossip_thresholds,
+    presence_topic_params,
 };
 pub use frame::FrameCodec;
 use futures::StreamExt;
+pub use libp2p::gossipsub::{MessageAcceptance, MessageId, TopicScoreParams};
 use libp2p::{
     Multiaddr, PeerId, Swarm,
     core::ConnectedPoint,
-    identify, kad, mdns,
+    gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
     ping, request_response,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
@@ -43,6 +45,8 @@ use crate::{
 pub const COMMAND_CHANNEL_CAPACITY: usize = 256;
 /// How long a dial may take before it is reported as failed.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Capacity of the channel of gossipsub messages awaiting validation.
+pub const GOSSIP_CHANNEL_CAPACITY: usize = 1024;
 /// Capacity of the internal network-event broadcast.
 pub const NET_EVENT_CAPACITY: usize = 1024;
 /// How long start-up waits for listeners to report their addresses.
@@ -83,6 +87,14 @@ pub enum NetError {
     Request {
         /// The peer.
         peer: PeerId,
+        /// Why.
+        message: String,
+    },
+    /// A gossipsub subscription or publication failed.
+    #[error("gossip on {topic} failed: {message}")]
+    Gossip {
+        /// The topic.
+        topic: String,
         /// Why.
         message: String,
     },
@@ -140,6 +152,13 @@ pub enum NetEvent {
     Disconnected(PeerId),
     /// Our own listen addresses changed (the full current list).
     ListenAddrs(Vec<Multiaddr>),
+    /// A peer joined a gossipsub topic.
+    Subscribed {
+        /// The peer.
+        peer: PeerId,
+        /// The topic.
+        topic: String,
+    },
     /// A peer told us its listen addresses (identify).
     Identified {
         /// The peer.
@@ -161,7 +180,65 @@ pub struct InboundRequest {
     pub channel: request_response::ResponseChannel<Vec<u8>>,
 }
 
+/// A gossipsub message that arrived and waits for its capability's verdict: answer it
+/// with [`NetHandle::validate`]. Nothing is forwarded before that, and a rejection lowers
+/// the score of the peer that forwarded it.
+#[derive(Debug)]
+pub struct GossipMessage {
+    /// Gossipsub's id of the message (hash of topic and data).
+    pub id: MessageId,
+    /// The peer that forwarded it to us (not necessarily its author).
+    pub source: PeerId,
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub data: Vec<u8>,
+}
+
+/// Gossip counters for one topic, since start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicStats {
+    /// Messages that arrived over the wire (before validation).
+    pub received: u64,
+    /// Payload bytes that arrived.
+    pub received_bytes: u64,
+    /// Messages we published.
+    pub published: u64,
+    /// Payload bytes we published.
+    pub published_bytes: u64,
+}
+
 enum Command {
+    Subscribe {
+        topic: String,
+        params: Option<TopicScoreParams>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Validate {
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    GossipScore {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<f64>>,
+    },
+    TopicPeers {
+        topic: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    TopicStats {
+        topic: String,
+        reply: oneshot::Sender<TopicStats>,
+    },
     Request {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -293,6 +370,70 @@ impl NetHandle {
     pub fn net_events(&self) -> broadcast::Receiver<NetEvent> {
         self.net_events.subscribe()
     }
+
+    /// Joins a gossipsub topic, with its peer-score parameters.
+    pub async fn subscribe(
+        &self,
+        topic: String,
+        params: Option<TopicScoreParams>,
+    ) -> Result<(), NetError> {
+        self.call(|reply| Command::Subscribe {
+            topic,
+            params,
+            reply,
+        })
+        .await?
+    }
+
+    /// Leaves a gossipsub topic.
+    pub async fn unsubscribe(&self, topic: String) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Unsubscribe { topic })
+            .await
+            .map_err(|_| NetError::ActorGone)
+    }
+
+    /// Publishes on a topic. Fails with [`NetError::Gossip`] when no peer is subscribed.
+    pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<(), NetError> {
+        self.call(|reply| Command::Publish { topic, data, reply })
+            .await?
+    }
+
+    /// Gives gossipsub the verdict on a [`GossipMessage`]: accepted messages are forwarded,
+    /// rejected ones penalise their forwarder.
+    pub async fn validate(
+        &self,
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Validate {
+                id,
+                source,
+                acceptance,
+            })
+            .await
+            .map_err(|_| NetError::ActorGone)
+    }
+
+    /// A peer's gossipsub score, if it is known.
+    pub async fn gossip_score(&self, peer: PeerId) -> Result<Option<f64>, NetError> {
+        self.call(|reply| Command::GossipScore { peer, reply })
+            .await
+    }
+
+    /// The peers known to be subscribed to `topic`.
+    pub async fn topic_peers(&self, topic: String) -> Result<Vec<PeerId>, NetError> {
+        self.call(|reply| Command::TopicPeers { topic, reply })
+            .await
+    }
+
+    /// Gossip counters of one topic since start.
+    pub async fn topic_stats(&self, topic: String) -> Result<TopicStats, NetError> {
+        self.call(|reply| Command::TopicStats { topic, reply })
+            .await
+    }
 }
 
 struct RelayState {
@@ -316,6 +457,8 @@ struct NetActor {
     rtt: HashMap<PeerId, Duration>,
     relays: Vec<RelayState>,
     inbound: mpsc::Sender<InboundRequest>,
+    gossip: mpsc::Sender<GossipMessage>,
+    topic_stats: HashMap<String, TopicStats>,
     pending_requests:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
     net_events: broadcast::Sender<NetEvent>,
@@ -329,6 +472,7 @@ pub async fn spawn(
     events: EventBus,
     shutdown: CancellationToken,
     inbound: mpsc::Sender<InboundRequest>,
+    gossip: mpsc::Sender<GossipMessage>,
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
     let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config)?;
     let mut listeners = HashSet::new();
@@ -401,6 +545,8 @@ pub async fn spawn(
         rtt: HashMap::new(),
         relays,
         inbound,
+        gossip,
+        topic_stats: HashMap::new(),
         pending_requests: HashMap::new(),
         net_events: net_events.clone(),
     };
@@ -496,6 +642,124 @@ impl NetActor {
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::Subscribe {
+                topic,
+                params,
+                reply,
+            } => {
+                let t = gossipsub::IdentTopic::new(topic.clone());
+                let gossip = &mut self.swarm.behaviour_mut().gossip;
+                let mut result = gossip
+                    .subscribe(&t)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Gossip {
+                        topic: topic.clone(),
+                        message: e.to_string(),
+                    });
+                if let (Ok(()), Some(params)) = (&result, params) {
+                    result = gossip
+                        .set_topic_params(t, params)
+                        .map_err(|e| NetError::Gossip {
+                            topic,
+                            message: e.to_string(),
+                        });
+                }
+                let _ = reply.send(result);
+            }
+            Command::Unsubscribe { topic } => {
+                let t = gossipsub::IdentTopic::new(topic);
+                self.swarm.behaviour_mut().gossip.unsubscribe(&t);
+            }
+            Command::Publish { topic, data, reply } => {
+                let len = data.len() as u64;
+                let t = gossipsub::IdentTopic::new(topic.clone());
+                let result = match self.swarm.behaviour_mut().gossip.publish(t, data) {
+                    Ok(_) => {
+                        let stats = self.topic_stats.entry(topic).or_default();
+                        stats.published += 1;
+                        stats.published_bytes += len;
+                        Ok(())
+                    }
+                    Err(e) => Err(NetError::Gossip {
+                        topic,
+                        message: match e {
+                            gossipsub::PublishError::NoPeersSubscribedToTopic => {
+                                "no peer is subscribed".into()
+                            }
+                            other => other.to_string(),
+                        },
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Validate {
+                id,
+                source,
+                acceptance,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossip
+                    .report_message_validation_result(&id, &source, acceptance);
+            }
+            Command::GossipScore { peer, reply } => {
+                let _ = reply.send(self.swarm.behaviour().gossip.peer_score(&peer));
+            }
+            Command::TopicPeers { topic, reply } => {
+                let hash = gossipsub::IdentTopic::new(topic).hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossip
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::TopicStats { topic, reply } => {
+                let _ = reply.send(self.topic_stats.get(&topic).cloned().unwrap_or_default());
+            }
+        }
+    }
+
+    fn handle_gossip_event(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let topic = message.topic.into_string();
+                let stats = self.topic_stats.entry(topic.clone()).or_default();
+                stats.received += 1;
+                stats.received_bytes += message.data.len() as u64;
+                let item = GossipMessage {
+                    id: message_id.clone(),
+                    source: propagation_source,
+                    topic,
+                    data: message.data,
+                };
+                if let Err(e) = self.gossip.try_send(item) {
+                    // No one to judge it now: drop it without forwarding or penalty.
+                    tracing::debug!("gossip message ignored: {e}");
+                    self.swarm
+                        .behaviour_mut()
+                        .gossip
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, topic, .. } => {
+                let _ = self.net_events.send(NetEvent::Subscribed {
+                    peer: peer_id,
+                    topic: topic.into_string(),
+                });
+            }
+            other => tracing::trace!(?other, "gossipsub event"),
         }
     }
 
@@ -742,6 +1006,7 @@ impl NetActor {
                 });
             }
             BehaviourEvent::Msg(event) => self.handle_msg_event(event),
+            BehaviourEvent::Gossip(event) => self.handle_gossip_event(event),
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
