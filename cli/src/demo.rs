@@ -4,7 +4,9 @@
 //! Today's scenario: alice and bob start; alice adds bob by his contact ticket (which carries
 //! his addresses and signed prekeys) and they compare safety numbers; the nodes connect and
 //! ping; alice sends an end-to-end encrypted message and watches it go sent -> delivered ->
-//! read; bob answers; both stop cleanly. Each capability added to Tern extends it.
+//! read; bob answers; bob adds alice back, which shares their presence keys, and alice
+//! watches bob online, away and (when he stops) offline at once; both stop cleanly. Each
+//! capability added to Tern extends it.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,8 @@ use crate::Globals;
 
 /// How long any single step may take before the demo reports a failure.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Presence heartbeat of the demo nodes (30 s by default; short here so it shows).
+const DEMO_HEARTBEAT_MS: u64 = 1_000;
 
 #[derive(Debug, Serialize)]
 struct Step {
@@ -68,9 +72,13 @@ async fn start(name: &'static str) -> anyhow::Result<DemoNode> {
     Identity::create(&dir)?;
     let handle = Node::start(NodeOptions {
         data_dir: dir,
-        config: Config {
-            name: Some(name.into()),
-            ..Config::loopback()
+        config: {
+            let mut c = Config {
+                name: Some(name.into()),
+                ..Config::loopback()
+            };
+            c.presence.heartbeat_ms = DEMO_HEARTBEAT_MS;
+            c
         },
     })
     .await
@@ -238,10 +246,52 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
         ),
     );
 
+    // Presence: bob adds alice back, so each holds the key that opens the other's frames.
+    let alice_ticket = alice.handle.ticket().await?.encode();
+    bob.handle.contact_add(&alice_ticket, "alice").await?;
+    t.say(
+        "bob",
+        "adds alice as a contact: his presence key goes to her over their encrypted session",
+    );
+    let presence = |who: &'static str, want: &'static str| {
+        move |k: &EventKind| match k {
+            EventKind::PresenceChanged { name, state, .. } if name == who && state == want => {
+                Some(())
+            }
+            _ => None,
+        }
+    };
+    wait_for(&mut alice, "bob online", presence("bob", "online")).await?;
+    t.say(
+        "alice",
+        format!("sees bob online (signed frames on his gossipsub topic, heartbeat {DEMO_HEARTBEAT_MS} ms)"),
+    );
+    bob.handle.set_presence("away").await?;
+    t.say("bob", "steps away");
+    wait_for(&mut alice, "bob away", presence("bob", "away")).await?;
+    t.say("alice", "sees bob away");
+    bob.handle.set_presence("online").await?;
+    wait_for(&mut alice, "bob back", presence("bob", "online")).await?;
+    t.say("alice", "sees bob online again");
+
+    bob.handle.shutdown().await?;
+    t.say(
+        "bob",
+        "stopped (database flushed, 'offline' published on the way out)",
+    );
+    wait_for(&mut alice, "bob offline", presence("bob", "offline")).await?;
+    let seen = alice.handle.presence(Some("bob")).await?;
+    let last_seen = seen
+        .first()
+        .and_then(|p| p.last_seen)
+        .map(|t| format!("{} ms ago", tern_node::events::now_ms().saturating_sub(t)))
+        .unwrap_or_else(|| "unknown".into());
+    t.say(
+        "alice",
+        format!("sees bob offline at once; last seen {last_seen}"),
+    );
     alice.handle.shutdown().await?;
     t.say("alice", "stopped (database flushed)");
-    bob.handle.shutdown().await?;
-    t.say("bob", "stopped (database flushed)");
     drop(alice);
     drop(bob);
     t.say("demo", "temporary directories removed; done");

@@ -186,6 +186,9 @@ struct Actor {
     publisher: Publisher,
     /// Keys that open contacts' frames.
     keys: HashMap<PeerId, PresenceKey>,
+    /// Per contact, its latest frame we could not open yet (its key is usually on the way
+    /// over the ratchet session): opened as soon as the key arrives.
+    unopened: HashMap<PeerId, (wire::Verified, u64)>,
     /// Contacts we follow (not blocked): peer -> name.
     contacts: HashMap<PeerId, String>,
     /// Topics we joined: topic -> owner.
@@ -249,6 +252,7 @@ pub async fn spawn(
         book,
         publisher: Publisher::new(now, heartbeat, config.away_after_secs * 1000),
         keys,
+        unopened: HashMap::new(),
         contacts: HashMap::new(),
         subscribed: HashMap::new(),
         net: net.clone(),
@@ -391,19 +395,8 @@ impl Actor {
                     Check::Duplicate => MessageAcceptance::Ignore,
                     Check::Fresh => {
                         self.accepted += 1;
-                        if self.share
-                            && self.contacts.contains_key(&v.owner)
-                            && let Some(key) = self.keys.get(&v.owner)
-                        {
-                            match v.open(key) {
-                                Ok(body) => change = self.book.observe(now, v.owner, &body),
-                                Err(_) => {
-                                    *self.rejected.entry("undecryptable").or_default() += 1;
-                                }
-                            }
-                            if let Some(seen) = self.book.get(&v.owner) {
-                                self.dirty.insert(v.owner, seen);
-                            }
+                        if self.share && self.contacts.contains_key(&v.owner) {
+                            change = self.open(now, v);
                         }
                         MessageAcceptance::Accept
                     }
@@ -416,6 +409,27 @@ impl Actor {
         let _ = self.net.validate(msg.id, msg.source, verdict).await;
         if let Some(c) = change {
             self.report(c);
+        }
+    }
+
+    /// Opens a contact's fresh frame, received at `now`, and applies it; keeps it for later
+    /// when we do not hold a key that opens it.
+    fn open(&mut self, now: u64, v: wire::Verified) -> Option<Change> {
+        let body = self.keys.get(&v.owner).map(|key| v.open(key));
+        match body {
+            Some(Ok(body)) => {
+                self.unopened.remove(&v.owner);
+                let change = self.book.observe(now, v.owner, &body);
+                if let Some(seen) = self.book.get(&v.owner) {
+                    self.dirty.insert(v.owner, seen);
+                }
+                change
+            }
+            Some(Err(_)) | None => {
+                *self.rejected.entry("undecryptable").or_default() += 1;
+                self.unopened.insert(v.owner, (v, now));
+                None
+            }
         }
     }
 
@@ -450,6 +464,13 @@ impl Actor {
         match note {
             PresenceNote::PeerKey(peer, Some(key)) => {
                 self.keys.insert(peer, key);
+                // Applied as of when it arrived: if that is long ago, the next tick turns
+                // it offline again.
+                if let Some((v, received)) = self.unopened.remove(&peer)
+                    && let Some(c) = self.open(received, v)
+                {
+                    self.report(c);
+                }
             }
             PresenceNote::PeerKey(peer, None) => {
                 self.keys.remove(&peer);
@@ -550,6 +571,7 @@ impl Actor {
             let _ = self.net.unsubscribe(topic.clone()).await;
             self.subscribed.remove(&topic);
             self.book.forget(&peer);
+            self.unopened.remove(&peer);
             let _ = self.seen_table.remove(&peer.to_bytes());
         }
         for (topic, peer) in wanted {
