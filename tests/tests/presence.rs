@@ -148,6 +148,12 @@ async fn forged_replayed_flooding_and_garbage_frames_are_rejected_and_penalised(
     let m = node("mallory", SharePresence::Contacts).await;
     let mallory = m.handle.peer_id();
     m.handle.dial(a.tcp_addr().await).await.unwrap();
+    // Mallory joins bob's topic (anyone who knows bob's peer id can).
+    m.handle
+        .net()
+        .subscribe(bob_topic.clone(), None)
+        .await
+        .unwrap();
     eventually(
         "mallory sees alice on bob's topic",
         Duration::from_secs(20),

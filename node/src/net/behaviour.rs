@@ -4,7 +4,11 @@
 //! Transport: TCP + noise + yamux, and QUIC. Kademlia runs under a Tern-specific protocol
 //! name so Tern nodes never mix with the public IPFS DHT.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use libp2p::{
     StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity::Keypair,
@@ -106,7 +110,37 @@ pub(crate) struct Behaviour {
     pub(crate) msg: request_response::Behaviour<FrameCodec>,
     /// Gossipsub (presence, later groups): StrictNoSign, every message validated by its
     /// capability before it is forwarded, peer scoring on.
-    pub(crate) gossip: gossipsub::Behaviour,
+    pub(crate) gossip: gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>,
+}
+
+/// The gossipsub subscription filter: we track a remote peer's subscription only to topics
+/// we joined ourselves. A peer follows one topic per contact, so the library's default cap
+/// (100 topics per peer, beyond which it ignores the peer's whole RPC) would break users with
+/// many contacts, while tracking topics we do not take part in only costs memory. The net
+/// actor adds a topic before it subscribes and removes it after it leaves.
+#[derive(Clone, Default)]
+pub(crate) struct JoinedTopics(Arc<Mutex<HashSet<gossipsub::TopicHash>>>);
+
+impl JoinedTopics {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<gossipsub::TopicHash>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts subscriptions to `topic` from now on.
+    pub(crate) fn insert(&self, topic: gossipsub::TopicHash) {
+        self.set().insert(topic);
+    }
+
+    /// Stops accepting subscriptions to `topic`.
+    pub(crate) fn remove(&self, topic: &gossipsub::TopicHash) {
+        self.set().remove(topic);
+    }
+}
+
+impl gossipsub::TopicSubscriptionFilter for JoinedTopics {
+    fn can_subscribe(&mut self, topic_hash: &gossipsub::TopicHash) -> bool {
+        self.set().contains(topic_hash)
+    }
 }
 
 /// Errors building the swarm.
@@ -130,7 +164,9 @@ pub enum BuildError {
 
 /// Builds the gossipsub behaviour: anonymous (StrictNoSign) messages whose id is a hash of
 /// topic and data, validation by the application before forwarding, and peer scoring.
-fn build_gossip() -> Result<gossipsub::Behaviour, BuildError> {
+fn build_gossip(
+    topics: JoinedTopics,
+) -> Result<gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>, BuildError> {
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
@@ -145,8 +181,12 @@ fn build_gossip() -> Result<gossipsub::Behaviour, BuildError> {
         .heartbeat_interval(GOSSIP_HEARTBEAT)
         .build()
         .map_err(|e| BuildError::Gossip(e.to_string()))?;
-    let mut gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)
-        .map_err(|e| BuildError::Gossip(e.to_string()))?;
+    let mut gossip = gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Anonymous,
+        config,
+        topics,
+    )
+    .map_err(|e| BuildError::Gossip(e.to_string()))?;
     gossip
         .with_peer_score(gossip_score_params(), gossip_thresholds())
         .map_err(BuildError::Gossip)?;
@@ -157,6 +197,7 @@ fn build_gossip() -> Result<gossipsub::Behaviour, BuildError> {
 pub(crate) fn build_swarm(
     keypair: Keypair,
     config: &Config,
+    topics: JoinedTopics,
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let mdns_on = config.mdns;
     let limits = connection_limits::ConnectionLimits::default()
@@ -165,7 +206,7 @@ pub(crate) fn build_swarm(
         .with_max_pending_incoming(Some(config.max_connections))
         .with_max_pending_outgoing(Some(config.max_connections));
     let mut mdns_error = None;
-    let gossip = build_gossip()?;
+    let gossip = build_gossip(topics)?;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(

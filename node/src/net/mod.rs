@@ -458,6 +458,7 @@ struct NetActor {
     relays: Vec<RelayState>,
     inbound: mpsc::Sender<InboundRequest>,
     gossip: mpsc::Sender<GossipMessage>,
+    topics: behaviour::JoinedTopics,
     topic_stats: HashMap<String, TopicStats>,
     pending_requests:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
@@ -474,7 +475,8 @@ pub async fn spawn(
     inbound: mpsc::Sender<InboundRequest>,
     gossip: mpsc::Sender<GossipMessage>,
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
-    let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config)?;
+    let topics = behaviour::JoinedTopics::default();
+    let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config, topics.clone())?;
     let mut listeners = HashSet::new();
     for address in &config.listen {
         let id = swarm
@@ -546,6 +548,7 @@ pub async fn spawn(
         relays,
         inbound,
         gossip,
+        topics,
         topic_stats: HashMap::new(),
         pending_requests: HashMap::new(),
         net_events: net_events.clone(),
@@ -648,6 +651,7 @@ impl NetActor {
                 reply,
             } => {
                 let t = gossipsub::IdentTopic::new(topic.clone());
+                self.topics.insert(t.hash());
                 let gossip = &mut self.swarm.behaviour_mut().gossip;
                 let mut result = gossip
                     .subscribe(&t)
@@ -669,6 +673,7 @@ impl NetActor {
             Command::Unsubscribe { topic } => {
                 let t = gossipsub::IdentTopic::new(topic);
                 self.swarm.behaviour_mut().gossip.unsubscribe(&t);
+                self.topics.remove(&t.hash());
             }
             Command::Publish { topic, data, reply } => {
                 let len = data.len() as u64;

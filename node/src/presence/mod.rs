@@ -281,6 +281,17 @@ impl Actor {
         mut net_events: broadcast::Receiver<NetEvent>,
         shutdown: CancellationToken,
     ) {
+        if self.share {
+            // Joining our own topic lets gossipsub track who follows us (its subscription
+            // filter only tracks topics we joined) and puts us in our contacts' mesh.
+            if let Err(e) = self
+                .net
+                .subscribe(self.my_topic.clone(), Some(presence_topic_params()))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot join our own presence topic");
+            }
+        }
         self.refresh_contacts().await;
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
