@@ -1,33 +1,47 @@
-//! sled persistence of the relay mailbox: its own tree set (`mbx_*`) in its own database
-//! directory, and the rebuild of the [`MailboxRules`] index from it at open.
+//! sled persistence of the relay mailbox, in its own database directory, and the rebuild
+//! of the [`MailboxRules`] index from it at open.
 //!
-//! Trees (keys are fixed width so that range scans are ordered; `key` is the 32-byte
-//! [`PeerKey`] of the mailbox owner, `seq` a u64 big-endian):
+//! Layout: tree `mbx_meta` holds `schema_version` (u32 BE); everything else lives in ONE
+//! tree, `mbx_data`, under typed keys (`key` is the 32-byte [`PeerKey`] of the mailbox
+//! owner, `seq` a u64 big-endian, so range scans are ordered):
 //!
-//! | tree | key | value |
-//! |---|---|---|
-//! | `mbx_meta` | `schema_version`, `seq_reserved` | u32 BE, u64 BE |
-//! | `mbx_mailboxes` | `key` | `MailboxRecord { peer, tokens }` |
-//! | `mbx_items` | `key \|\| seq` | `ItemRecord { id, from, deposited_at, expires_at, envelope }` |
-//! | `mbx_index` | `key \|\| seq` | `IndexRecord { id, size, expires_at }` (read at open, so the rebuild never reads envelope bytes) |
-//! | `mbx_prekeys` | `key \|\| seq` | the prekey bytes |
+//! | key | value |
+//! |---|---|
+//! | `m` ‖ key | `MailboxRecord { peer, tokens }` |
+//! | `e` ‖ key ‖ seq | `ItemRecord { id, deposited_at, expires_at, from, envelope }` |
+//! | `p` ‖ key ‖ seq | a one-time prekey (raw bytes) |
+//! | `s` | `seq_reserved` (u64 BE): every seq ever used is below it |
+//!
+//! Why one tree: a sled write batch is atomic only within a tree, and each atomic write
+//! costs about as much as five plain inserts (sled seals every batch in its log). So
+//! writes are not applied one by one: they collect in a pending write set (readable, as an
+//! overlay, by the reads that follow) and [`MailboxDb::write_pending`] applies a whole group
+//! commit as ONE atomic `apply_batch`, right before the flush: a mailbox and its first
+//! items, a seq reservation and the items using it land together or not at all.
+//!
+//! Why no separate id index on disk: the in-memory index ([`MailboxRules`]) is the id
+//! index; at open it is rebuilt by one scan of the `e` records (decoded without copying
+//! the envelopes). A separate index record would halve deposit and drain throughput (every
+//! deposit and every ack would touch two sled keys in two leaves), for a faster start only.
+//! The price: opening reads every stored envelope once.
 //!
 //! Invariants:
-//! - an item and its index entry are written and removed in one sled transaction, with the
-//!   `seq_reserved` high-water mark when a new block of seqs is taken, so a seq is never
-//!   handed out twice even after a crash (the fetch cursor relies on it);
-//! - nothing is durable before [`MailboxDb::flush`]; the server answers only after it;
-//! - writes are refused with [`DbError::DiskFull`] while the disk has less free space than
-//!   the reserve: sled 0.34 does not recover cleanly from ENOSPC, so it never gets there.
-//!   Removals are never refused (they free space).
+//! - nothing is durable before [`MailboxDb::flush`] (write the pending set, then flush
+//!   sled); the server answers only after it;
+//! - seqs are reserved in blocks (`s`) written in the same batch as the first item of a
+//!   block, so no seq is handed out twice, even after a crash (the fetch cursor relies on
+//!   it);
+//! - new writes are refused with [`DbError::DiskFull`] while the disk has less free space
+//!   than the reserve (counting the pending bytes): sled 0.34 does not recover cleanly from
+//!   ENOSPC, so it never gets there. Removals are never refused (they free space).
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     rules::{MailboxRules, NewItem},
@@ -37,13 +51,13 @@ use crate::{
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
 const META: &str = "mbx_meta";
-const MAILBOXES: &str = "mbx_mailboxes";
-const ITEMS: &str = "mbx_items";
-const INDEX: &str = "mbx_index";
-const PREKEYS: &str = "mbx_prekeys";
+const DATA: &str = "mbx_data";
 const SCHEMA_KEY: &[u8] = b"schema_version";
-const SEQ_KEY: &[u8] = b"seq_reserved";
-/// Seqs reserved per write of `seq_reserved`.
+const TAG_MAILBOX: u8 = b'm';
+const TAG_ITEM: u8 = b'e';
+const TAG_PREKEY: u8 = b'p';
+const SEQ_KEY: &[u8] = b"s";
+/// Seqs reserved per write of `s`.
 const SEQ_BLOCK: u64 = 4096;
 /// How often free space is measured at most while little is written.
 const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
@@ -65,10 +79,8 @@ pub enum DbError {
         supported: u32,
     },
     /// A stored record does not decode or contradicts another.
-    #[error("corrupt mailbox database ({tree}): {message}")]
+    #[error("corrupt mailbox database: {message}")]
     Corrupt {
-        /// The tree.
-        tree: &'static str,
         /// What is wrong.
         message: String,
     },
@@ -84,32 +96,35 @@ pub enum DbError {
     },
 }
 
+fn corrupt(message: impl Into<String>) -> DbError {
+    DbError::Corrupt {
+        message: message.into(),
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct MailboxRecord {
     peer: PeerBytes,
     tokens: Vec<TokenHash>,
 }
 
+/// A stored envelope with everything the index needs; decoded borrowing from the sled
+/// value (no copy of the envelope at open).
 #[derive(Serialize, Deserialize)]
-struct IndexRecord {
+struct ItemRecord<'a> {
     id: MessageId,
-    size: u32,
-    expires_at: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct ItemRecord {
-    id: MessageId,
-    from: PeerBytes,
     deposited_at: u64,
     expires_at: u64,
-    #[serde(with = "crate::wire::bytes")]
-    envelope: Vec<u8>,
+    #[serde(borrow, serialize_with = "crate::wire::bytes::serialize")]
+    from: &'a [u8],
+    #[serde(borrow, serialize_with = "crate::wire::bytes::serialize")]
+    envelope: &'a [u8],
 }
 
 /// Refuses writes while free disk space is below a reserve; measures with `statvfs` at
 /// most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes counted since the last
-/// measurement could have eaten half the headroom.
+/// measurement could have eaten half the headroom. A failed measurement counts as a full
+/// disk.
 #[derive(Debug)]
 struct SpaceGuard {
     dir: PathBuf,
@@ -152,13 +167,13 @@ impl SpaceGuard {
     }
 }
 
-/// Makes the mailbox database durable; cheap to clone and usable from another task (the
-/// node's group commit may flush off the relay task, e.g. with `flush_async`).
+/// Makes the mailbox database durable from another task (e.g. `flush_async` in the node's
+/// group commit, after [`MailboxDb::write_pending`] on the owning task). Cheap to clone.
 #[derive(Clone)]
 pub struct Flusher(sled::Db);
 
 impl Flusher {
-    /// Blocking flush of every write so far; returns the bytes flushed.
+    /// Blocking flush of every applied write; returns the bytes flushed.
     pub fn flush(&self) -> Result<usize, DbError> {
         Ok(self.0.flush()?)
     }
@@ -186,16 +201,15 @@ pub struct LoadStats {
     pub prekeys: u64,
 }
 
-/// The relay's sled trees.
+/// The relay's sled trees plus the pending write set.
 pub struct MailboxDb {
     db: sled::Db,
     meta: sled::Tree,
-    mailboxes: sled::Tree,
-    items: sled::Tree,
-    index: sled::Tree,
-    prekeys: sled::Tree,
+    data: sled::Tree,
+    /// Writes not applied to sled yet: key -> new value (`None`: delete).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     space: SpaceGuard,
-    /// Every seq below this is covered by the `seq_reserved` on disk (after a flush).
+    /// `s` as it will be after the pending writes.
     seq_reserved: u64,
 }
 
@@ -203,57 +217,45 @@ impl std::fmt::Debug for MailboxDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MailboxDb")
             .field("dir", &self.space.dir)
+            .field("pending", &self.pending.len())
             .finish_non_exhaustive()
     }
 }
 
-fn item_key(key: &PeerKey, seq: u64) -> [u8; 40] {
-    let mut k = [0u8; 40];
-    k[..32].copy_from_slice(&key.0);
-    k[32..].copy_from_slice(&seq.to_be_bytes());
+fn mailbox_key(key: &PeerKey) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = TAG_MAILBOX;
+    k[1..].copy_from_slice(&key.0);
     k
 }
 
-fn split_key(tree: &'static str, k: &[u8]) -> Result<(PeerKey, u64), DbError> {
-    let corrupt = || DbError::Corrupt {
-        tree,
-        message: format!("key of {} bytes, expected 40", k.len()),
-    };
+fn seq_key(tag: u8, key: &PeerKey, seq: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = tag;
+    k[1..33].copy_from_slice(&key.0);
+    k[33..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn split_seq_key(k: &[u8]) -> Result<(PeerKey, u64), DbError> {
+    let bad = || corrupt(format!("key of {} bytes, expected 41", k.len()));
     let key: [u8; 32] = k
-        .get(..32)
+        .get(1..33)
         .and_then(|s| s.try_into().ok())
-        .ok_or_else(corrupt)?;
+        .ok_or_else(bad)?;
     let seq: [u8; 8] = k
-        .get(32..)
+        .get(33..)
         .and_then(|s| s.try_into().ok())
-        .ok_or_else(corrupt)?;
+        .ok_or_else(bad)?;
     Ok((PeerKey(key), u64::from_be_bytes(seq)))
 }
 
-fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>, DbError> {
-    postcard::to_stdvec(value).map_err(|e| DbError::Corrupt {
-        tree,
-        message: e.to_string(),
-    })
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DbError> {
+    postcard::to_stdvec(value).map_err(|e| corrupt(format!("cannot encode a record: {e}")))
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, DbError> {
-    postcard::from_bytes(bytes).map_err(|e| DbError::Corrupt {
-        tree,
-        message: e.to_string(),
-    })
-}
-
-fn tx_result(r: Result<(), TransactionError<()>>) -> Result<(), DbError> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(TransactionError::Storage(e)) => Err(DbError::Sled(e)),
-        // No closure here aborts.
-        Err(TransactionError::Abort(())) => Err(DbError::Corrupt {
-            tree: ITEMS,
-            message: "transaction aborted".into(),
-        }),
-    }
+fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, DbError> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(format!("{what} record: {e}")))
 }
 
 impl MailboxDb {
@@ -268,10 +270,11 @@ impl MailboxDb {
         let meta = db.open_tree(META)?;
         let found = match meta.get(SCHEMA_KEY)? {
             None => 0,
-            Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| DbError::Corrupt {
-                tree: META,
-                message: "schema_version is not 4 bytes".into(),
-            })?),
+            Some(v) => u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("schema_version is not 4 bytes"))?,
+            ),
         };
         if found > SCHEMA_VERSION {
             return Err(DbError::NewerSchema {
@@ -284,20 +287,12 @@ impl MailboxDb {
             meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
             db.flush()?;
         }
-        let seq_reserved = match meta.get(SEQ_KEY)? {
-            None => 1,
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| DbError::Corrupt {
-                tree: META,
-                message: "seq_reserved is not 8 bytes".into(),
-            })?),
-        };
-        Ok(Self {
-            mailboxes: db.open_tree(MAILBOXES)?,
-            items: db.open_tree(ITEMS)?,
-            index: db.open_tree(INDEX)?,
-            prekeys: db.open_tree(PREKEYS)?,
-            meta,
+        let data = db.open_tree(DATA)?;
+        let mut this = Self {
             db,
+            meta,
+            data,
+            pending: BTreeMap::new(),
             space: SpaceGuard {
                 dir: path.to_owned(),
                 reserve: min_free_bytes,
@@ -305,8 +300,21 @@ impl MailboxDb {
                 free: 0,
                 written: 0,
             },
-            seq_reserved,
-        })
+            seq_reserved: 1,
+        };
+        this.seq_reserved = this.read_seq_reserved()?;
+        Ok(this)
+    }
+
+    fn read_seq_reserved(&self) -> Result<u64, DbError> {
+        match self.data.get(SEQ_KEY)? {
+            None => Ok(1),
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("seq_reserved is not 8 bytes"))?,
+            )),
+        }
     }
 
     /// The schema version on disk.
@@ -318,80 +326,70 @@ impl MailboxDb {
             .map_or(0, u32::from_be_bytes))
     }
 
-    /// Rebuilds `rules` (fresh) from disk: mailboxes, the item index (never the envelope
-    /// bytes), prekey counts and the next seq. Expired items are restored too; purge next.
+    /// Rebuilds `rules` (whose index must be empty) from what is applied to sled:
+    /// mailboxes, the item index (from the item records, envelopes not copied), prekeys
+    /// and the next seq.
+    /// Expired items are restored too; purge next. Pending writes are not seen: call it
+    /// with none.
     pub fn load(&self, rules: &mut MailboxRules) -> Result<LoadStats, DbError> {
         let mut stats = LoadStats::default();
-        for entry in self.mailboxes.iter() {
+        for entry in self.data.scan_prefix([TAG_MAILBOX]) {
             let (k, v) = entry?;
-            let record: MailboxRecord = decode(MAILBOXES, &v)?;
-            if record.peer.key().0.as_slice() != k.as_ref() {
-                return Err(DbError::Corrupt {
-                    tree: MAILBOXES,
-                    message: "a mailbox is filed under another peer's key".into(),
-                });
+            let record: MailboxRecord = decode("mailbox", &v)?;
+            let key = record.peer.key();
+            if k.get(1..) != Some(key.0.as_slice()) {
+                return Err(corrupt("a mailbox is filed under another peer's key"));
             }
-            rules.restore_mailbox(record.peer.key(), &record.tokens);
+            rules.restore_mailbox(key, &record.tokens);
             stats.mailboxes += 1;
         }
-        for entry in self.index.iter() {
+        for entry in self.data.scan_prefix([TAG_ITEM]) {
             let (k, v) = entry?;
-            let (key, seq) = split_key(INDEX, &k)?;
-            let r: IndexRecord = decode(INDEX, &v)?;
-            if !rules.restore_item(key, seq, r.id, r.size, r.expires_at) {
-                return Err(DbError::Corrupt {
-                    tree: INDEX,
-                    message: format!(
-                        "item seq {seq} has no mailbox or repeats an id of its mailbox"
-                    ),
-                });
+            let (key, seq) = split_seq_key(&k)?;
+            let r: ItemRecord<'_> = decode("item", &v)?;
+            let size = u32::try_from(r.envelope.len())
+                .map_err(|_| corrupt(format!("item seq {seq} is larger than 4 GiB")))?;
+            if !rules.restore_item(key, seq, r.id, size, r.expires_at) {
+                return Err(corrupt(format!(
+                    "item seq {seq} has no mailbox or repeats an id of its mailbox"
+                )));
             }
             stats.items += 1;
         }
-        let mut current: Option<(PeerKey, u32)> = None;
-        let mut max_prekey_seq = 0;
-        for entry in self.prekeys.iter().keys() {
-            let k = entry?;
-            let (key, seq) = split_key(PREKEYS, &k)?;
-            max_prekey_seq = max_prekey_seq.max(seq);
-            match &mut current {
-                Some((cur, n)) if *cur == key => *n += 1,
-                _ => {
-                    if let Some((cur, n)) = current.take() {
-                        self.restore_prekeys(rules, cur, n)?;
-                    }
-                    current = Some((key, 1));
-                }
+        for entry in self.data.scan_prefix([TAG_PREKEY]).keys() {
+            let (key, seq) = split_seq_key(&entry?)?;
+            if !rules.restore_prekey(key, seq) {
+                return Err(corrupt(format!("prekey seq {seq} has no mailbox")));
             }
             stats.prekeys += 1;
         }
-        if let Some((cur, n)) = current {
-            self.restore_prekeys(rules, cur, n)?;
-        }
-        rules.restore_next_seq(max_prekey_seq.saturating_add(1));
-        rules.restore_next_seq(self.seq_reserved);
+        rules.restore_next_seq(self.read_seq_reserved()?);
         Ok(stats)
     }
 
-    fn restore_prekeys(
-        &self,
-        rules: &mut MailboxRules,
-        key: PeerKey,
-        n: u32,
-    ) -> Result<(), DbError> {
-        if rules.restore_prekeys(key, n) {
-            Ok(())
-        } else {
-            Err(DbError::Corrupt {
-                tree: PREKEYS,
-                message: "prekeys without a mailbox".into(),
-            })
+    fn put(&mut self, key: &[u8], value: Vec<u8>) {
+        self.pending.insert(key.to_vec(), Some(value));
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.pending.insert(key.to_vec(), None);
+    }
+
+    /// The current value of `key`: the pending write if any, else sled's.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.data.get(key)?.map(|v| v.to_vec())),
         }
     }
 
-    /// The `seq_reserved` value to write with a write that uses seqs up to `last`.
-    fn reservation(&self, last: u64) -> Option<u64> {
-        (last >= self.seq_reserved).then(|| last.saturating_add(SEQ_BLOCK))
+    /// Reserves seqs up to `last` (in the same write set as their first use).
+    fn reserve_seqs(&mut self, last: u64) {
+        if last >= self.seq_reserved {
+            self.seq_reserved = last.saturating_add(SEQ_BLOCK);
+            let v = self.seq_reserved.to_be_bytes().to_vec();
+            self.put(SEQ_KEY, v);
+        }
     }
 
     /// Creates or replaces a mailbox record.
@@ -401,112 +399,93 @@ impl MailboxDb {
         peer: &PeerBytes,
         tokens: &[TokenHash],
     ) -> Result<(), DbError> {
-        let value = encode(
-            MAILBOXES,
-            &MailboxRecord {
-                peer: peer.clone(),
-                tokens: tokens.to_vec(),
-            },
-        )?;
-        self.space.check((key.0.len() + value.len()) as u64)?;
-        self.mailboxes.insert(key.0, value)?;
+        let value = encode(&MailboxRecord {
+            peer: peer.clone(),
+            tokens: tokens.to_vec(),
+        })?;
+        self.space.check((33 + value.len()) as u64)?;
+        self.put(&mailbox_key(key), value);
         Ok(())
     }
 
-    /// Stores a new envelope and its index entry atomically.
+    /// Stores a new envelope.
     pub fn put_item(
         &mut self,
         item: &NewItem,
         from: &PeerBytes,
         envelope: &[u8],
     ) -> Result<(), DbError> {
-        let k = item_key(&item.key, item.seq);
-        let value = encode(
-            ITEMS,
-            &ItemRecord {
-                id: item.id,
-                from: from.clone(),
-                deposited_at: item.deposited_at,
-                expires_at: item.expires_at,
-                envelope: envelope.to_vec(),
-            },
-        )?;
-        let index = encode(
-            INDEX,
-            &IndexRecord {
-                id: item.id,
-                size: item.size,
-                expires_at: item.expires_at,
-            },
-        )?;
-        self.space
-            .check((2 * k.len() + value.len() + index.len()) as u64)?;
-        let reserve = self.reservation(item.seq);
-        let r = (&self.items, &self.index, &self.meta).transaction(|(items, idx, meta)| {
-            items.insert(&k[..], value.as_slice())?;
-            idx.insert(&k[..], index.as_slice())?;
-            if let Some(r) = reserve {
-                meta.insert(SEQ_KEY, &r.to_be_bytes())?;
-            }
-            Ok::<_, ConflictableTransactionError<()>>(())
-        });
-        tx_result(r)?;
-        if let Some(r) = reserve {
-            self.seq_reserved = r;
-        }
+        let value = encode(&ItemRecord {
+            id: item.id,
+            deposited_at: item.deposited_at,
+            expires_at: item.expires_at,
+            from: from.as_bytes(),
+            envelope,
+        })?;
+        self.space.check((41 + value.len()) as u64)?;
+        self.reserve_seqs(item.seq);
+        self.put(&seq_key(TAG_ITEM, &item.key, item.seq), value);
         Ok(())
     }
 
-    /// Removes envelopes and their index entries atomically (never refused for space).
-    pub fn remove_items(&self, key: &PeerKey, items: &[(u64, MessageId)]) -> Result<(), DbError> {
-        if items.is_empty() {
-            return Ok(());
+    /// Removes envelopes (never refused for space).
+    pub fn remove_items(&mut self, key: &PeerKey, items: &[(u64, MessageId)]) {
+        for (seq, _) in items {
+            self.delete(&seq_key(TAG_ITEM, key, *seq));
         }
-        let keys: Vec<[u8; 40]> = items.iter().map(|(seq, _)| item_key(key, *seq)).collect();
-        let r = (&self.items, &self.index).transaction(|(it, idx)| {
-            for k in &keys {
-                it.remove(&k[..])?;
-                idx.remove(&k[..])?;
-            }
-            Ok::<_, ConflictableTransactionError<()>>(())
-        });
-        tx_result(r)
     }
 
-    /// Reads the items `seqs` (ascending) of mailbox `key` with one range scan. An item
-    /// missing on disk (which the index says is there) is skipped with a warning.
+    /// Reads the items `seqs` (ascending) of mailbox `key`, pending writes included: the
+    /// pending set first, then one sled range scan for the rest. An item missing (which
+    /// the index says is there) is skipped with a warning.
     pub fn read_items(&self, key: &PeerKey, seqs: &[u64]) -> Result<Vec<StoredItem>, DbError> {
-        let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
-            return Ok(Vec::new());
-        };
+        let mut found: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut from_disk: Vec<u64> = Vec::new();
+        for &seq in seqs {
+            match self.pending.get(seq_key(TAG_ITEM, key, seq).as_slice()) {
+                Some(Some(v)) => {
+                    found.insert(seq, v.clone());
+                }
+                Some(None) => {}
+                None => from_disk.push(seq),
+            }
+        }
+        if let (Some(first), Some(last)) = (from_disk.first(), from_disk.last()) {
+            let mut wanted = from_disk.iter().peekable();
+            let range = seq_key(TAG_ITEM, key, *first)..=seq_key(TAG_ITEM, key, *last);
+            for entry in self.data.range(range) {
+                let (k, v) = entry?;
+                let (_, seq) = split_seq_key(&k)?;
+                while wanted.next_if(|w| **w < seq).is_some() {}
+                if wanted.next_if_eq(&&seq).is_some() {
+                    found.insert(seq, v.to_vec());
+                }
+                if wanted.peek().is_none() {
+                    break;
+                }
+            }
+        }
         let mut out = Vec::with_capacity(seqs.len());
-        let mut wanted = seqs.iter().peekable();
-        for entry in self
-            .items
-            .range(item_key(key, *first)..=item_key(key, *last))
-        {
-            let (k, v) = entry?;
-            let (_, seq) = split_key(ITEMS, &k)?;
-            while wanted.next_if(|w| **w < seq).is_some() {
-                tracing::warn!(seq, "mailbox item in the index is missing on disk");
-            }
-            if wanted.next_if_eq(&&seq).is_none() {
+        for &seq in seqs {
+            let Some(v) = found.remove(&seq) else {
+                tracing::warn!(seq, "a mailbox item in the index is missing");
                 continue;
-            }
-            let r: ItemRecord = decode(ITEMS, &v)?;
+            };
+            let r: ItemRecord<'_> = decode("item", &v)?;
             out.push(StoredItem {
                 seq,
                 id: r.id,
-                from: r.from,
+                from: PeerBytes::new(r.from.to_vec())
+                    .map_err(|e| corrupt(format!("item seq {seq}: {e}")))?,
                 deposited_at: r.deposited_at,
                 expires_at: r.expires_at,
-                envelope: r.envelope,
+                envelope: r.envelope.to_vec(),
             });
         }
         Ok(out)
     }
 
-    /// Appends prekeys numbered `first_seq..`, atomically.
+    /// Appends prekeys numbered `first_seq..`.
     pub fn add_prekeys(
         &mut self,
         key: &PeerKey,
@@ -516,42 +495,67 @@ impl MailboxDb {
         if prekeys.is_empty() {
             return Ok(());
         }
-        let bytes: usize = prekeys.iter().map(|p| p.len() + 40).sum();
-        self.space.check(bytes as u64)?;
         let last = first_seq.saturating_add(prekeys.len() as u64 - 1);
-        let reserve = self.reservation(last);
-        let r = (&self.prekeys, &self.meta).transaction(|(pk, meta)| {
-            for (i, p) in prekeys.iter().enumerate() {
-                pk.insert(&item_key(key, first_seq + i as u64)[..], p.as_slice())?;
-            }
-            if let Some(r) = reserve {
-                meta.insert(SEQ_KEY, &r.to_be_bytes())?;
-            }
-            Ok::<_, ConflictableTransactionError<()>>(())
-        });
-        tx_result(r)?;
-        if let Some(r) = reserve {
-            self.seq_reserved = r;
+        let bytes: usize = prekeys.iter().map(|p| p.len() + 41).sum();
+        self.space.check(bytes as u64)?;
+        self.reserve_seqs(last);
+        for (seq, p) in (first_seq..).zip(prekeys) {
+            self.put(&seq_key(TAG_PREKEY, key, seq), p.clone());
         }
         Ok(())
     }
 
-    /// Removes and returns the oldest prekey of mailbox `key`.
-    pub fn take_prekey(&self, key: &PeerKey) -> Result<Option<Vec<u8>>, DbError> {
-        let Some(entry) = self.prekeys.scan_prefix(key.0).next() else {
-            return Ok(None);
-        };
-        let (k, v) = entry?;
-        self.prekeys.remove(k)?;
-        Ok(Some(v.to_vec()))
+    /// Removes prekey `seq` of mailbox `key` and returns it (`None` if it is not there).
+    pub fn take_prekey(&mut self, key: &PeerKey, seq: u64) -> Result<Option<Vec<u8>>, DbError> {
+        let k = seq_key(TAG_PREKEY, key, seq);
+        let value = self.get(&k)?;
+        if value.is_some() {
+            self.delete(&k);
+        }
+        Ok(value)
     }
 
-    /// Makes every write so far durable.
-    pub fn flush(&self) -> Result<usize, DbError> {
+    /// Number of pending writes (keys written or deleted since the last
+    /// [`MailboxDb::write_pending`]).
+    pub fn pending_writes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Applies the pending writes to sled as one atomic batch (not yet durable: flush
+    /// next). On error the pending writes are dropped: the caller reloads the index.
+    pub fn write_pending(&mut self) -> Result<(), DbError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in std::mem::take(&mut self.pending) {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        if let Err(e) = self.data.apply_batch(batch) {
+            self.seq_reserved = self.read_seq_reserved().unwrap_or(self.seq_reserved);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Drops the pending writes (after a failure, before reloading the index).
+    pub fn discard_pending(&mut self) -> Result<(), DbError> {
+        self.pending.clear();
+        self.seq_reserved = self.read_seq_reserved()?;
+        Ok(())
+    }
+
+    /// Applies the pending writes and makes everything durable.
+    pub fn flush(&mut self) -> Result<usize, DbError> {
+        self.write_pending()?;
         Ok(self.db.flush()?)
     }
 
-    /// A handle that flushes this database from elsewhere.
+    /// A handle that flushes this database from elsewhere (after
+    /// [`MailboxDb::write_pending`]).
     pub fn flusher(&self) -> Flusher {
         Flusher(self.db.clone())
     }
@@ -588,6 +592,13 @@ mod tests {
         }
     }
 
+    fn load(db: &MailboxDb) -> (MailboxRules, LoadStats) {
+        let mut rules = MailboxRules::new(RelayLimits::default(), true);
+        let stats = db.load(&mut rules).unwrap();
+        rules.check_invariants().unwrap();
+        (rules, stats)
+    }
+
     #[test]
     fn writes_survive_reopen_and_rebuild_the_index() {
         let tmp = tempfile::tempdir().unwrap();
@@ -602,13 +613,20 @@ mod tests {
                 db.put_item(&item(key, seq, seq as u8, 4), &peer(2), &[seq as u8; 4])
                     .unwrap();
             }
-            db.remove_items(&key, &[(2, [2; 16])]).unwrap();
+            // Pending writes are readable before they are applied.
+            assert_eq!(db.read_items(&key, &[2]).unwrap()[0].envelope, vec![2; 4]);
+            db.flush().unwrap();
+            assert_eq!(db.pending_writes(), 0);
+            db.remove_items(&key, &[(2, [2; 16])]);
+            assert!(
+                db.read_items(&key, &[2]).unwrap().is_empty(),
+                "pending delete seen"
+            );
             db.add_prekeys(&key, 4, &[vec![7], vec![8]]).unwrap();
             db.flush().unwrap();
         }
-        let db = MailboxDb::open(tmp.path(), 0).unwrap();
-        let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        let stats = db.load(&mut rules).unwrap();
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, stats) = load(&db);
         assert_eq!(
             stats,
             LoadStats {
@@ -617,7 +635,6 @@ mod tests {
                 prekeys: 2
             }
         );
-        rules.check_invariants().unwrap();
         assert_eq!(rules.usage(&bob), Some((2, 8)));
         assert_eq!(rules.prekeys(&bob), 2);
         assert!(
@@ -628,11 +645,48 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert_eq!(items[1].envelope, vec![3; 4]);
         assert_eq!(items[1].from, peer(2));
-        // Asking for a subset of a range reads only that subset.
-        assert_eq!(db.read_items(&key, &[3]).unwrap().len(), 1);
-        assert_eq!(db.take_prekey(&key).unwrap(), Some(vec![7]));
-        assert_eq!(db.take_prekey(&key).unwrap(), Some(vec![8]));
-        assert_eq!(db.take_prekey(&key).unwrap(), None);
+        assert_eq!(db.take_prekey(&key, 4).unwrap(), Some(vec![7]));
+        assert_eq!(
+            db.take_prekey(&key, 4).unwrap(),
+            None,
+            "pending removal seen"
+        );
+        assert_eq!(db.take_prekey(&key, 5).unwrap(), Some(vec![8]));
+    }
+
+    #[test]
+    fn unapplied_writes_are_not_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+            db.flush().unwrap();
+            db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
+                .unwrap();
+            // Dropped without write_pending: the item never reached sled.
+        }
+        let db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, _) = load(&db);
+        assert_eq!(rules.usage(&bob), Some((0, 0)));
+    }
+
+    #[test]
+    fn discarded_writes_leave_the_applied_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+        db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
+            .unwrap();
+        db.flush().unwrap();
+        db.put_item(&item(bob.key(), 2, 2, 1), &peer(2), &[2])
+            .unwrap();
+        db.discard_pending().unwrap();
+        assert_eq!(db.pending_writes(), 0);
+        let (rules, stats) = load(&db);
+        assert_eq!(stats.items, 1);
+        assert!(rules.next_seq() > 2);
     }
 
     #[test]
@@ -644,12 +698,13 @@ mod tests {
             let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
             db.put_mailbox(&key, &bob, &[]).unwrap();
             db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
-            db.remove_items(&key, &[(1, [1; 16])]).unwrap();
+            db.flush().unwrap();
+            db.remove_items(&key, &[(1, [1; 16])]);
             db.flush().unwrap();
         }
         let db = MailboxDb::open(tmp.path(), 0).unwrap();
-        let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        db.load(&mut rules).unwrap();
+        let (rules, stats) = load(&db);
+        assert_eq!(stats.items, 0);
         assert!(
             rules.next_seq() > 1,
             "a cursor at seq 1 must not hide the next item"
@@ -662,7 +717,7 @@ mod tests {
         {
             let db = MailboxDb::open(tmp.path(), 0).unwrap();
             db.meta.insert(SCHEMA_KEY, &7u32.to_be_bytes()).unwrap();
-            db.flush().unwrap();
+            db.db.flush().unwrap();
         }
         assert!(matches!(
             MailboxDb::open(tmp.path(), 0),
@@ -676,11 +731,9 @@ mod tests {
         let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
         db.put_item(&item(peer(1).key(), 1, 1, 1), &peer(2), &[1])
             .unwrap();
+        db.write_pending().unwrap();
         let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        assert!(matches!(
-            db.load(&mut rules),
-            Err(DbError::Corrupt { tree: INDEX, .. })
-        ));
+        assert!(matches!(db.load(&mut rules), Err(DbError::Corrupt { .. })));
     }
 
     #[test]
@@ -691,6 +744,7 @@ mod tests {
         let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
         db.put_mailbox(&key, &bob, &[]).unwrap();
         db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
+        db.flush().unwrap();
         db.set_min_free_bytes(u64::MAX / 4);
         let e = db
             .put_item(&item(key, 2, 2, 1), &peer(2), &[2])
@@ -705,14 +759,15 @@ mod tests {
             db.add_prekeys(&key, 3, &[vec![1]]),
             Err(DbError::DiskFull { .. })
         ));
-        db.remove_items(&key, &[(1, [1; 16])]).unwrap();
-        let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        db.load(&mut rules).unwrap();
         assert_eq!(
-            rules.usage(&bob),
-            Some((0, 0)),
-            "the refused item left no trace"
+            db.pending_writes(),
+            0,
+            "refused writes left nothing pending"
         );
+        db.remove_items(&key, &[(1, [1; 16])]);
+        db.flush().unwrap();
+        let (rules, _) = load(&db);
+        assert_eq!(rules.usage(&bob), Some((0, 0)));
         // The reserve measured again lets writes through once it is lowered.
         db.set_min_free_bytes(0);
         db.put_item(&item(key, 2, 2, 1), &peer(2), &[2]).unwrap();

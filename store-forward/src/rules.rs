@@ -18,7 +18,7 @@
 //! anything; the expiry order holds exactly the stored items; `seq` strictly increases.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     ops::Bound,
 };
 
@@ -147,6 +147,15 @@ pub struct PrekeyAppend {
     pub count: u32,
 }
 
+/// The prekey a `ClaimPrekey` takes: the oldest of the mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrekeyClaim {
+    /// The mailbox.
+    pub key: PeerKey,
+    /// The prekey's number.
+    pub seq: u64,
+}
+
 /// A change to persist, then to [`MailboxRules::apply`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -158,8 +167,8 @@ pub enum Effect {
     RemoveItems(Removal),
     /// Append prekeys.
     AddPrekeys(PrekeyAppend),
-    /// Remove the oldest prekey of this mailbox (and hand it out).
-    TakePrekey(PeerKey),
+    /// Remove a prekey (and hand it out).
+    TakePrekey(PrekeyClaim),
 }
 
 /// The decision on a `Register`.
@@ -224,7 +233,8 @@ struct Mailbox {
     items: HashMap<MessageId, ItemMeta>,
     /// seq -> id, for paging in deposit order.
     order: BTreeMap<u64, MessageId>,
-    prekeys: u32,
+    /// Numbers of the stored prekeys, oldest first.
+    prekeys: VecDeque<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -539,7 +549,7 @@ impl MailboxRules {
         let room = self
             .limits
             .max_prekeys_per_mailbox
-            .saturating_sub(mb.prekeys);
+            .saturating_sub(mb.prekeys.len() as u32);
         let accepted = room.min(u32::try_from(count).unwrap_or(u32::MAX));
         Ok(PrekeyGrant {
             append: PrekeyAppend {
@@ -548,20 +558,20 @@ impl MailboxRules {
                 count: accepted,
             },
             accepted,
-            available: mb.prekeys + accepted,
+            available: mb.prekeys.len() as u32 + accepted,
         })
     }
 
     /// `ClaimPrekey` by `sender` from `recipient`'s pool with the capability whose hash is
-    /// `token`: the mailbox to take a prekey from ([`Effect::TakePrekey`]), `None` when
-    /// its pool is empty.
+    /// `token`: the oldest prekey of the pool ([`Effect::TakePrekey`]), `None` when the
+    /// pool is empty.
     pub fn claim_prekey(
         &mut self,
         now: u64,
         sender: &PeerBytes,
         recipient: &PeerBytes,
         token: &TokenHash,
-    ) -> Result<Option<PeerKey>, Refusal> {
+    ) -> Result<Option<PrekeyClaim>, Refusal> {
         self.rate_limit(now, sender)?;
         let key = recipient.key();
         let mb = self
@@ -569,7 +579,7 @@ impl MailboxRules {
             .get(&key)
             .filter(|m| m.tokens.contains(token))
             .ok_or(Refusal::Unauthorized)?;
-        Ok((mb.prekeys > 0).then_some(key))
+        Ok(mb.prekeys.front().map(|&seq| PrekeyClaim { key, seq }))
     }
 
     /// The items expired at `now` (`expires_at <= now`), one [`Removal`] per mailbox.
@@ -633,18 +643,20 @@ impl MailboxRules {
                 count,
             }) => {
                 if let Some(mb) = self.mailboxes.get_mut(key) {
-                    mb.prekeys += count;
+                    for seq in *first_seq..first_seq.saturating_add(u64::from(*count)) {
+                        mb.prekeys.push_back(seq);
+                    }
                     self.stored_prekeys += u64::from(*count);
                     self.next_seq = self
                         .next_seq
                         .max(first_seq.saturating_add(u64::from(*count)));
                 }
             }
-            Effect::TakePrekey(key) => {
+            Effect::TakePrekey(PrekeyClaim { key, seq }) => {
                 if let Some(mb) = self.mailboxes.get_mut(key)
-                    && mb.prekeys > 0
+                    && let Some(at) = mb.prekeys.iter().position(|s| s == seq)
                 {
-                    mb.prekeys -= 1;
+                    mb.prekeys.remove(at);
                     self.stored_prekeys -= 1;
                 }
             }
@@ -701,16 +713,29 @@ impl MailboxRules {
         known
     }
 
-    /// Restores a mailbox's prekey count; `false` if the mailbox is unknown.
-    pub(crate) fn restore_prekeys(&mut self, key: PeerKey, count: u32) -> bool {
+    /// Restores a stored prekey (in ascending `seq` order per mailbox); `false` if the
+    /// mailbox is unknown.
+    pub(crate) fn restore_prekey(&mut self, key: PeerKey, seq: u64) -> bool {
         match self.mailboxes.get_mut(&key) {
             Some(mb) => {
-                mb.prekeys += count;
-                self.stored_prekeys += u64::from(count);
+                mb.prekeys.push_back(seq);
+                self.stored_prekeys += 1;
+                self.next_seq = self.next_seq.max(seq.saturating_add(1));
                 true
             }
             None => false,
         }
+    }
+
+    /// Forgets the whole index (mailboxes, items, prekeys) but keeps the limits, the
+    /// sender buckets and the seq high-water mark; used to reload from disk after a
+    /// failed write.
+    pub(crate) fn clear_index(&mut self) {
+        self.mailboxes.clear();
+        self.expiry.clear();
+        self.stored_items = 0;
+        self.stored_bytes = 0;
+        self.stored_prekeys = 0;
     }
 
     /// Makes the next seq at least `seq` (restored from disk).
@@ -741,7 +766,9 @@ impl MailboxRules {
 
     /// Prekeys in `peer`'s pool.
     pub fn prekeys(&self, peer: &PeerBytes) -> u32 {
-        self.mailboxes.get(&peer.key()).map_or(0, |m| m.prekeys)
+        self.mailboxes
+            .get(&peer.key())
+            .map_or(0, |m| m.prekeys.len() as u32)
     }
 
     /// Number of mailboxes.
@@ -801,7 +828,15 @@ impl MailboxRules {
             }
             items += mb.items.len() as u64;
             bytes += sum;
-            prekeys += u64::from(mb.prekeys);
+            prekeys += mb.prekeys.len() as u64;
+            if mb
+                .prekeys
+                .iter()
+                .zip(mb.prekeys.iter().skip(1))
+                .any(|(a, b)| a >= b)
+            {
+                return Err(format!("{key:?}: prekeys out of order"));
+            }
         }
         if self.expiry.len() as u64 != items || self.stored_items != items {
             return Err(format!(
@@ -1348,12 +1383,14 @@ mod tests {
         r.apply(&Effect::AddPrekeys(g.append));
         assert!(r.next_seq() > first_seq, "prekey numbers are never reused");
         assert_eq!(r.publish_prekeys(T0, &peer(1), 5).unwrap().accepted, 0);
+        let mut expected_seqs = vec![first_seq - 2, first_seq - 1, first_seq];
         for left in (0..3).rev() {
-            let key = r
+            let claim = r
                 .claim_prekey(T0, &peer(2), &peer(1), &token(1).hash())
                 .unwrap()
                 .unwrap();
-            r.apply(&Effect::TakePrekey(key));
+            assert_eq!(claim.seq, expected_seqs.remove(0), "oldest first");
+            r.apply(&Effect::TakePrekey(claim));
             assert_eq!(r.prekeys(&peer(1)), left);
         }
         assert_eq!(
@@ -1376,10 +1413,12 @@ mod tests {
             !r.restore_item(peer(9).key(), 6, id(1), 10, T0 + 100),
             "no mailbox"
         );
-        assert!(r.restore_prekeys(peer(1).key(), 4));
-        assert!(!r.restore_prekeys(peer(9).key(), 4));
+        for seq in [7, 8, 9, 10] {
+            assert!(r.restore_prekey(peer(1).key(), seq));
+        }
+        assert!(!r.restore_prekey(peer(9).key(), 11));
         r.restore_next_seq(3);
-        assert_eq!(r.next_seq(), 6, "never below a stored seq");
+        assert_eq!(r.next_seq(), 11, "never below a stored seq or prekey");
         r.restore_next_seq(1000);
         assert_eq!(r.next_seq(), 1000);
         assert_eq!(r.waiting(&peer(1)), 1);

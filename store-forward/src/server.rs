@@ -2,9 +2,13 @@
 //! [`MailboxRules`], write to sled, encode the response frame. Synchronous: the node's relay
 //! task calls it and owns the networking.
 //!
-//! Durability (group commit, the caller's job): [`MailboxServer::handle`] writes but never
-//! flushes. The caller handles a batch of concurrent requests, calls
-//! [`MailboxServer::flush`] (or [`Flusher::flush_async`]) once, then sends every reply. A
+//! Durability (group commit, the caller's job): [`MailboxServer::handle`] decides, updates
+//! the index and queues its writes, but never writes to disk. The caller handles a batch of
+//! concurrent requests, calls [`MailboxServer::flush`] once (which applies the queued
+//! writes as one atomic sled batch, then flushes; an async caller may instead call
+//! [`MailboxServer::write_pending`] and then [`Flusher::flush_async`]), then sends every
+//! reply. The caller flushes after every batch, also one without deposits (acks and
+//! purges are queued writes too). A
 //! reply with `needs_flush` may only leave after that flush succeeded; if it failed, the
 //! caller passes the batch to [`MailboxServer::fail_unflushed`], which turns each such reply
 //! into `Error { Unavailable }` (the client retries; a retried deposit is then acknowledged
@@ -161,9 +165,9 @@ impl MailboxServer {
             metrics.rejections.insert(code, 0);
         }
         let mut server = Self { db, rules, metrics };
-        let purged = server.purge(now)?;
+        let purged = server.purge(now);
         if purged > 0 {
-            server.db.flush()?;
+            server.flush()?;
         }
         tracing::info!(
             mailboxes = stats.mailboxes,
@@ -299,7 +303,7 @@ impl MailboxServer {
             }
             Request::Ack { ids } => {
                 let removal = self.rules.ack(peer, &ids)?;
-                self.db.remove_items(&removal.key, &removal.items)?;
+                self.db.remove_items(&removal.key, &removal.items);
                 let removed = removal.items.len() as u32;
                 self.rules.apply(&Effect::RemoveItems(removal));
                 self.metrics.acks += 1;
@@ -333,14 +337,14 @@ impl MailboxServer {
             }
             Request::ClaimPrekey { recipient, token } => {
                 let hash = token.hash();
-                let Some(key) = self.rules.claim_prekey(now, peer, &recipient, &hash)? else {
+                let Some(claim) = self.rules.claim_prekey(now, peer, &recipient, &hash)? else {
                     return Ok(Reply::new(&Response::Prekey(None), false, None));
                 };
-                let prekey = self.db.take_prekey(&key)?;
+                let prekey = self.db.take_prekey(&claim.key, claim.seq)?;
                 if prekey.is_none() {
-                    tracing::warn!("prekey count in the index exceeded the prekeys on disk");
+                    tracing::warn!(seq = claim.seq, "a prekey in the index is missing");
                 }
-                self.rules.apply(&Effect::TakePrekey(key));
+                self.rules.apply(&Effect::TakePrekey(claim));
                 if prekey.is_some() {
                     self.metrics.prekeys_claimed += 1;
                 }
@@ -351,12 +355,31 @@ impl MailboxServer {
         }
     }
 
-    /// Makes every write so far durable (the group commit).
-    pub fn flush(&self) -> Result<usize, ServerError> {
+    /// Makes every write so far durable: [`MailboxServer::write_pending`], then a sled
+    /// flush (the group commit). Returns the bytes flushed.
+    pub fn flush(&mut self) -> Result<usize, ServerError> {
+        self.write_pending()?;
         Ok(self.db.flush()?)
     }
 
-    /// A cloneable handle flushing this store from another task (`flush_async`).
+    /// Applies the queued writes to sled as one atomic batch, not yet durable (for async
+    /// callers, who then await [`Flusher::flush_async`]). If sled refuses the batch, the
+    /// queued writes are dropped and the index is rebuilt from disk, so it again matches
+    /// what is stored; every reply of the batch that needed the flush must then become
+    /// `Unavailable` ([`MailboxServer::fail_unflushed`]).
+    pub fn write_pending(&mut self) -> Result<(), ServerError> {
+        if let Err(e) = self.db.write_pending() {
+            tracing::warn!("mailbox batch write failed, reloading the index: {e}");
+            self.db.discard_pending()?;
+            self.rules.clear_index();
+            self.db.load(&mut self.rules)?;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// A cloneable handle that flushes this store from another task (after
+    /// [`MailboxServer::write_pending`]).
     pub fn flusher(&self) -> Flusher {
         self.db.flusher()
     }
@@ -380,18 +403,25 @@ impl MailboxServer {
         self.rules.waiting(recipient)
     }
 
-    /// Deletes what expired by `now` (not flushed: losing a purge only delays it) and
-    /// forgets idle senders' buckets. Returns how many envelopes were deleted.
-    pub fn purge(&mut self, now: u64) -> Result<u64, ServerError> {
+    /// Deletes what expired by `now` (queued: applied by the next flush; losing a purge
+    /// only delays it) and forgets idle senders' buckets. Returns how many envelopes were
+    /// deleted.
+    pub fn purge(&mut self, now: u64) -> u64 {
         let mut removed = 0;
         for removal in self.rules.purge(now) {
-            self.db.remove_items(&removal.key, &removal.items)?;
+            self.db.remove_items(&removal.key, &removal.items);
             removed += removal.items.len() as u64;
             self.rules.apply(&Effect::RemoveItems(removal));
         }
         self.metrics.expired_envelopes += removed;
         self.rules.prune_senders(now);
-        Ok(removed)
+        removed
+    }
+
+    /// Writes queued but not yet applied to sled (they are lost if the process dies
+    /// before the next flush).
+    pub fn pending_writes(&self) -> usize {
+        self.db.pending_writes()
     }
 
     /// A snapshot of the counters and gauges.
@@ -430,6 +460,18 @@ impl MailboxServer {
     /// Approximate bytes on disk.
     pub fn size_on_disk(&self) -> Result<u64, ServerError> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+impl Drop for MailboxServer {
+    /// Best effort: a server dropped without a final flush still writes what is queued
+    /// (nothing was acknowledged on it, but acks and purges are kept).
+    fn drop(&mut self) {
+        if self.db.pending_writes() > 0
+            && let Err(e) = self.flush()
+        {
+            tracing::warn!("final mailbox flush failed: {e}");
+        }
     }
 }
 
@@ -944,7 +986,7 @@ mod tests {
         }
         let mut s = MailboxServer::open(dir.path(), limits(), options(), T0 + 2 * min).unwrap();
         assert_eq!(s.waiting(&bob), 2, "purged at open");
-        assert_eq!(s.purge(T0 + 3 * min).unwrap(), 1);
+        assert_eq!(s.purge(T0 + 3 * min), 1);
         assert_eq!(
             s.metrics().expired_envelopes,
             2,
