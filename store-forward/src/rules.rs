@@ -748,6 +748,15 @@ impl MailboxRules {
         self.next_seq
     }
 
+    /// Whether `recipient`'s mailbox holds `id` in a copy expired at `now` (awaiting
+    /// purge): a new deposit of that id must purge first, not count as a duplicate.
+    pub fn holds_expired(&self, recipient: &PeerBytes, id: &MessageId, now: u64) -> bool {
+        self.mailboxes
+            .get(&recipient.key())
+            .and_then(|m| m.items.get(id))
+            .is_some_and(|m| m.expires_at <= now)
+    }
+
     /// Whether `peer` has a mailbox.
     pub fn is_registered(&self, peer: &PeerBytes) -> bool {
         self.mailboxes.contains_key(&peer.key())

@@ -244,6 +244,10 @@ impl MailboxServer {
                 envelope,
             } => {
                 let hash = token.hash();
+                if self.rules.holds_expired(&recipient, &id, now) {
+                    // The old copy is dead: a duplicate answer would lose this one.
+                    self.purge(now);
+                }
                 match self.rules.deposit(
                     now,
                     peer,
@@ -995,6 +999,42 @@ mod tests {
         let left = fetch_all(&mut s, &bob);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, [3; 16]);
+    }
+
+    #[test]
+    fn a_redeposit_after_expiry_is_stored_again_not_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let (bob, alice) = (peer(1), peer(2));
+        register(&mut s, &bob, &[token(1).hash()]);
+        let min = limits().min_ttl_secs;
+        let req = Request::Deposit {
+            recipient: bob.clone(),
+            token: token(1),
+            id: [4; 16],
+            ttl_secs: Some(min),
+            envelope: vec![4; 8],
+        };
+        call(&mut s, T0, &alice, &req);
+        let (dup, _) = call(&mut s, T0 + min - 1, &alice, &req);
+        assert!(matches!(
+            dup,
+            Response::Deposited {
+                duplicate: true,
+                ..
+            }
+        ));
+        let (again, reply) = call(&mut s, T0 + min, &alice, &req);
+        assert_eq!(
+            again,
+            Response::Deposited {
+                duplicate: false,
+                expires_at: T0 + 2 * min
+            }
+        );
+        assert!(reply.event.is_some());
+        assert_eq!(s.waiting(&bob), 1);
+        s.rules().check_invariants().unwrap();
     }
 
     #[test]
