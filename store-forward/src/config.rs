@@ -649,6 +649,43 @@ mod tests {
     }
 
     #[test]
+    fn operator_guide_matches_the_code() {
+        let guide = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OPERATOR.md"),
+        )
+        .unwrap();
+        // The full example file gives exactly the defaults.
+        let example = guide
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap();
+        assert_eq!(
+            RelayConfig::from_toml_str(example).unwrap(),
+            RelayConfig::default()
+        );
+        // Every variable the guide names is one the relay accepts.
+        let mut named = 0;
+        for word in guide.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with(ENV_PREFIX) || word.ends_with('_') || word == ENV_CONFIG_PATH {
+                continue;
+            }
+            named += 1;
+            let mut c = RelayConfig::default();
+            let value = match word {
+                "TERN_RELAY_LISTEN" => "/ip4/127.0.0.1/tcp/1",
+                "TERN_RELAY_ADMIN_BIND" => "127.0.0.1:1",
+                "TERN_RELAY_ACCEPT_REGISTRATIONS" | "TERN_RELAY_LOG_JSON" => "true",
+                _ => "3600",
+            };
+            if let Err(ConfigError::Env { message, .. }) = c.apply_env(env(&[(word, value)])) {
+                panic!("{word} named in OPERATOR.md: {message}");
+            }
+        }
+        assert!(named >= 10, "{named}");
+    }
+
+    #[test]
     fn load_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");

@@ -34,6 +34,6 @@ pub use metrics::{Gauge, Metrics};
 pub use rules::{MailboxRules, Refusal};
 pub use server::{MailboxServer, Reply, ServerError, ServerEvent, ServerOptions};
 pub use wire::{
-    ErrorCode, MailboxToken, MessageId, PeerBytes, Request, Response, StoredItem, TokenHash,
-    WireError,
+    ErrorCode, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME, MailboxToken, MessageId, PROTOCOL, PeerBytes,
+    Request, Response, StoredItem, TokenHash, WireError,
 };
