@@ -1,0 +1,775 @@
+//! sled persistence of the relay mailbox, in its own database directory, and the rebuild
+//! of the [`MailboxRules`] index from it at open.
+//!
+//! Layout: tree `mbx_meta` holds `schema_version` (u32 BE); everything else lives in ONE
+//! tree, `mbx_data`, under typed keys (`key` is the 32-byte [`PeerKey`] of the mailbox
+//! owner, `seq` a u64 big-endian, so range scans are ordered):
+//!
+//! | key | value |
+//! |---|---|
+//! | `m` ‖ key | `MailboxRecord { peer, tokens }` |
+//! | `e` ‖ key ‖ seq | `ItemRecord { id, deposited_at, expires_at, from, envelope }` |
+//! | `p` ‖ key ‖ seq | a one-time prekey (raw bytes) |
+//! | `s` | `seq_reserved` (u64 BE): every seq ever used is below it |
+//!
+//! Why one tree: a sled write batch is atomic only within a tree, and each atomic write
+//! costs about as much as five plain inserts (sled seals every batch in its log). So
+//! writes are not applied one by one: they collect in a pending write set (readable, as an
+//! overlay, by the reads that follow) and [`MailboxDb::write_pending`] applies a whole group
+//! commit as ONE atomic `apply_batch`, right before the flush: a mailbox and its first
+//! items, a seq reservation and the items using it land together or not at all.
+//!
+//! Why no separate id index on disk: the in-memory index ([`MailboxRules`]) is the id
+//! index; at open it is rebuilt by one scan of the `e` records (decoded without copying
+//! the envelopes). A separate index record would halve deposit and drain throughput (every
+//! deposit and every ack would touch two sled keys in two leaves), for a faster start only.
+//! The price: opening reads every stored envelope once.
+//!
+//! Invariants:
+//! - nothing is durable before [`MailboxDb::flush`] (write the pending set, then flush
+//!   sled); the server answers only after it;
+//! - seqs are reserved in blocks (`s`) written in the same batch as the first item of a
+//!   block, so no seq is handed out twice, even after a crash (the fetch cursor relies on
+//!   it);
+//! - new writes are refused with [`DbError::DiskFull`] while the disk has less free space
+//!   than the reserve (counting the pending bytes): sled 0.34 does not recover cleanly from
+//!   ENOSPC, so it never gets there. Removals are never refused (they free space).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    rules::{MailboxRules, NewItem},
+    wire::{MessageId, PeerBytes, PeerKey, StoredItem, TokenHash},
+};
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+const META: &str = "mbx_meta";
+const DATA: &str = "mbx_data";
+const SCHEMA_KEY: &[u8] = b"schema_version";
+const TAG_MAILBOX: u8 = b'm';
+const TAG_ITEM: u8 = b'e';
+const TAG_PREKEY: u8 = b'p';
+const SEQ_KEY: &[u8] = b"s";
+/// Seqs reserved per write of `s`.
+const SEQ_BLOCK: u64 = 4096;
+/// How often free space is measured at most while little is written.
+const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Errors of the mailbox database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// sled reported an error (I/O, corruption).
+    #[error("mailbox database error: {0}")]
+    Sled(#[from] sled::Error),
+    /// The database was written by a newer Tern.
+    #[error(
+        "mailbox database schema {found} is newer than this Tern supports ({supported}); upgrade Tern"
+    )]
+    NewerSchema {
+        /// The schema on disk.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// A stored record does not decode or contradicts another.
+    #[error("corrupt mailbox database: {message}")]
+    Corrupt {
+        /// What is wrong.
+        message: String,
+    },
+    /// The disk is (almost) full: nothing was written.
+    #[error(
+        "the disk is almost full: {free_mib} MiB free, the relay keeps {reserve_mib} MiB in reserve; nothing was written"
+    )]
+    DiskFull {
+        /// Free space in MiB.
+        free_mib: u64,
+        /// The reserve in MiB.
+        reserve_mib: u64,
+    },
+}
+
+fn corrupt(message: impl Into<String>) -> DbError {
+    DbError::Corrupt {
+        message: message.into(),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct MailboxRecord {
+    peer: PeerBytes,
+    tokens: Vec<TokenHash>,
+}
+
+/// A stored envelope with everything the index needs; decoded borrowing from the sled
+/// value (no copy of the envelope at open).
+#[derive(Serialize, Deserialize)]
+struct ItemRecord<'a> {
+    id: MessageId,
+    deposited_at: u64,
+    expires_at: u64,
+    #[serde(borrow, serialize_with = "crate::wire::bytes::serialize")]
+    from: &'a [u8],
+    #[serde(borrow, serialize_with = "crate::wire::bytes::serialize")]
+    envelope: &'a [u8],
+}
+
+/// Refuses writes while free disk space is below a reserve; measures with `statvfs` at
+/// most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes counted since the last
+/// measurement could have eaten half the headroom. A failed measurement counts as a full
+/// disk.
+#[derive(Debug)]
+struct SpaceGuard {
+    dir: PathBuf,
+    reserve: u64,
+    checked: Option<Instant>,
+    free: u64,
+    written: u64,
+}
+
+impl SpaceGuard {
+    fn check(&mut self, incoming: u64) -> Result<(), DbError> {
+        // sled writes more than the payload (log headers, page rewrites).
+        let incoming = incoming.saturating_mul(2).saturating_add(4096);
+        let stale = self
+            .checked
+            .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
+        let headroom = self.free.saturating_sub(self.reserve);
+        if (stale || self.written.saturating_add(incoming) > headroom / 2)
+            && let Ok(s) = nix::sys::statvfs::statvfs(&self.dir)
+        {
+            #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
+            let blocks = u64::from(s.blocks_available());
+            self.free = blocks.saturating_mul(s.fragment_size());
+            self.checked = Some(Instant::now());
+            self.written = 0;
+        }
+        if self.free
+            < self
+                .reserve
+                .saturating_add(self.written)
+                .saturating_add(incoming)
+        {
+            return Err(DbError::DiskFull {
+                free_mib: self.free / (1024 * 1024),
+                reserve_mib: self.reserve / (1024 * 1024),
+            });
+        }
+        self.written = self.written.saturating_add(incoming);
+        Ok(())
+    }
+}
+
+/// Makes the mailbox database durable from another task (e.g. `flush_async` in the node's
+/// group commit, after [`MailboxDb::write_pending`] on the owning task). Cheap to clone.
+#[derive(Clone)]
+pub struct Flusher(sled::Db);
+
+impl Flusher {
+    /// Blocking flush of every applied write; returns the bytes flushed.
+    pub fn flush(&self) -> Result<usize, DbError> {
+        Ok(self.0.flush()?)
+    }
+
+    /// The same as a future (sled's `flush_async`).
+    pub async fn flush_async(&self) -> Result<usize, DbError> {
+        Ok(self.0.flush_async().await?)
+    }
+}
+
+impl std::fmt::Debug for Flusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Flusher")
+    }
+}
+
+/// What [`MailboxDb::load`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadStats {
+    /// Mailboxes.
+    pub mailboxes: u64,
+    /// Stored envelopes (expired ones included, before the purge).
+    pub items: u64,
+    /// Prekeys.
+    pub prekeys: u64,
+}
+
+/// The relay's sled trees plus the pending write set.
+pub struct MailboxDb {
+    db: sled::Db,
+    meta: sled::Tree,
+    data: sled::Tree,
+    /// Writes not applied to sled yet: key -> new value (`None`: delete).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    space: SpaceGuard,
+    /// `s` as it will be after the pending writes.
+    seq_reserved: u64,
+}
+
+impl std::fmt::Debug for MailboxDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailboxDb")
+            .field("dir", &self.space.dir)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn mailbox_key(key: &PeerKey) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = TAG_MAILBOX;
+    k[1..].copy_from_slice(&key.0);
+    k
+}
+
+fn seq_key(tag: u8, key: &PeerKey, seq: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = tag;
+    k[1..33].copy_from_slice(&key.0);
+    k[33..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn split_seq_key(k: &[u8]) -> Result<(PeerKey, u64), DbError> {
+    let bad = || corrupt(format!("key of {} bytes, expected 41", k.len()));
+    let key: [u8; 32] = k
+        .get(1..33)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(bad)?;
+    let seq: [u8; 8] = k
+        .get(33..)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(bad)?;
+    Ok((PeerKey(key), u64::from_be_bytes(seq)))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DbError> {
+    postcard::to_stdvec(value).map_err(|e| corrupt(format!("cannot encode a record: {e}")))
+}
+
+fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, DbError> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(format!("{what} record: {e}")))
+}
+
+impl MailboxDb {
+    /// Opens (or creates) the database in directory `path`, refusing writes while the disk
+    /// holding it has less than `min_free_bytes` free. Checks the schema; call
+    /// [`MailboxDb::load`] next.
+    pub fn open(path: &Path, min_free_bytes: u64) -> Result<Self, DbError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let meta = db.open_tree(META)?;
+        let found = match meta.get(SCHEMA_KEY)? {
+            None => 0,
+            Some(v) => u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("schema_version is not 4 bytes"))?,
+            ),
+        };
+        if found > SCHEMA_VERSION {
+            return Err(DbError::NewerSchema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            // Version 0 is a fresh database: nothing to migrate.
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            db.flush()?;
+        }
+        let data = db.open_tree(DATA)?;
+        let mut this = Self {
+            db,
+            meta,
+            data,
+            pending: BTreeMap::new(),
+            space: SpaceGuard {
+                dir: path.to_owned(),
+                reserve: min_free_bytes,
+                checked: None,
+                free: 0,
+                written: 0,
+            },
+            seq_reserved: 1,
+        };
+        this.seq_reserved = this.read_seq_reserved()?;
+        Ok(this)
+    }
+
+    fn read_seq_reserved(&self) -> Result<u64, DbError> {
+        match self.data.get(SEQ_KEY)? {
+            None => Ok(1),
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("seq_reserved is not 8 bytes"))?,
+            )),
+        }
+    }
+
+    /// The schema version on disk.
+    pub fn schema_version(&self) -> Result<u32, DbError> {
+        Ok(self
+            .meta
+            .get(SCHEMA_KEY)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map_or(0, u32::from_be_bytes))
+    }
+
+    /// Rebuilds `rules` (whose index must be empty) from what is applied to sled:
+    /// mailboxes, the item index (from the item records, envelopes not copied), prekeys
+    /// and the next seq.
+    /// Expired items are restored too; purge next. Pending writes are not seen: call it
+    /// with none.
+    pub fn load(&self, rules: &mut MailboxRules) -> Result<LoadStats, DbError> {
+        let mut stats = LoadStats::default();
+        for entry in self.data.scan_prefix([TAG_MAILBOX]) {
+            let (k, v) = entry?;
+            let record: MailboxRecord = decode("mailbox", &v)?;
+            let key = record.peer.key();
+            if k.get(1..) != Some(key.0.as_slice()) {
+                return Err(corrupt("a mailbox is filed under another peer's key"));
+            }
+            rules.restore_mailbox(key, &record.tokens);
+            stats.mailboxes += 1;
+        }
+        for entry in self.data.scan_prefix([TAG_ITEM]) {
+            let (k, v) = entry?;
+            let (key, seq) = split_seq_key(&k)?;
+            let r: ItemRecord<'_> = decode("item", &v)?;
+            let size = u32::try_from(r.envelope.len())
+                .map_err(|_| corrupt(format!("item seq {seq} is larger than 4 GiB")))?;
+            if !rules.restore_item(key, seq, r.id, size, r.expires_at) {
+                return Err(corrupt(format!(
+                    "item seq {seq} has no mailbox or repeats an id of its mailbox"
+                )));
+            }
+            stats.items += 1;
+        }
+        for entry in self.data.scan_prefix([TAG_PREKEY]).keys() {
+            let (key, seq) = split_seq_key(&entry?)?;
+            if !rules.restore_prekey(key, seq) {
+                return Err(corrupt(format!("prekey seq {seq} has no mailbox")));
+            }
+            stats.prekeys += 1;
+        }
+        rules.restore_next_seq(self.read_seq_reserved()?);
+        Ok(stats)
+    }
+
+    fn put(&mut self, key: &[u8], value: Vec<u8>) {
+        self.pending.insert(key.to_vec(), Some(value));
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.pending.insert(key.to_vec(), None);
+    }
+
+    /// The current value of `key`: the pending write if any, else sled's.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.data.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Reserves seqs up to `last` (in the same write set as their first use).
+    fn reserve_seqs(&mut self, last: u64) {
+        if last >= self.seq_reserved {
+            self.seq_reserved = last.saturating_add(SEQ_BLOCK);
+            let v = self.seq_reserved.to_be_bytes().to_vec();
+            self.put(SEQ_KEY, v);
+        }
+    }
+
+    /// Creates or replaces a mailbox record.
+    pub fn put_mailbox(
+        &mut self,
+        key: &PeerKey,
+        peer: &PeerBytes,
+        tokens: &[TokenHash],
+    ) -> Result<(), DbError> {
+        let value = encode(&MailboxRecord {
+            peer: peer.clone(),
+            tokens: tokens.to_vec(),
+        })?;
+        self.space.check((33 + value.len()) as u64)?;
+        self.put(&mailbox_key(key), value);
+        Ok(())
+    }
+
+    /// Stores a new envelope.
+    pub fn put_item(
+        &mut self,
+        item: &NewItem,
+        from: &PeerBytes,
+        envelope: &[u8],
+    ) -> Result<(), DbError> {
+        let value = encode(&ItemRecord {
+            id: item.id,
+            deposited_at: item.deposited_at,
+            expires_at: item.expires_at,
+            from: from.as_bytes(),
+            envelope,
+        })?;
+        self.space.check((41 + value.len()) as u64)?;
+        self.reserve_seqs(item.seq);
+        self.put(&seq_key(TAG_ITEM, &item.key, item.seq), value);
+        Ok(())
+    }
+
+    /// Removes envelopes (never refused for space).
+    pub fn remove_items(&mut self, key: &PeerKey, items: &[(u64, MessageId)]) {
+        for (seq, _) in items {
+            self.delete(&seq_key(TAG_ITEM, key, *seq));
+        }
+    }
+
+    /// Reads the items `seqs` (ascending) of mailbox `key`, pending writes included: the
+    /// pending set first, then one sled range scan for the rest. An item missing (which
+    /// the index says is there) is skipped with a warning.
+    pub fn read_items(&self, key: &PeerKey, seqs: &[u64]) -> Result<Vec<StoredItem>, DbError> {
+        let mut found: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut from_disk: Vec<u64> = Vec::new();
+        for &seq in seqs {
+            match self.pending.get(seq_key(TAG_ITEM, key, seq).as_slice()) {
+                Some(Some(v)) => {
+                    found.insert(seq, v.clone());
+                }
+                Some(None) => {}
+                None => from_disk.push(seq),
+            }
+        }
+        if let (Some(first), Some(last)) = (from_disk.first(), from_disk.last()) {
+            let mut wanted = from_disk.iter().peekable();
+            let range = seq_key(TAG_ITEM, key, *first)..=seq_key(TAG_ITEM, key, *last);
+            for entry in self.data.range(range) {
+                let (k, v) = entry?;
+                let (_, seq) = split_seq_key(&k)?;
+                while wanted.next_if(|w| **w < seq).is_some() {}
+                if wanted.next_if_eq(&&seq).is_some() {
+                    found.insert(seq, v.to_vec());
+                }
+                if wanted.peek().is_none() {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let Some(v) = found.remove(&seq) else {
+                tracing::warn!(seq, "a mailbox item in the index is missing");
+                continue;
+            };
+            let r: ItemRecord<'_> = decode("item", &v)?;
+            out.push(StoredItem {
+                seq,
+                id: r.id,
+                from: PeerBytes::new(r.from.to_vec())
+                    .map_err(|e| corrupt(format!("item seq {seq}: {e}")))?,
+                deposited_at: r.deposited_at,
+                expires_at: r.expires_at,
+                envelope: r.envelope.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Appends prekeys numbered `first_seq..`.
+    pub fn add_prekeys(
+        &mut self,
+        key: &PeerKey,
+        first_seq: u64,
+        prekeys: &[Vec<u8>],
+    ) -> Result<(), DbError> {
+        if prekeys.is_empty() {
+            return Ok(());
+        }
+        let last = first_seq.saturating_add(prekeys.len() as u64 - 1);
+        let bytes: usize = prekeys.iter().map(|p| p.len() + 41).sum();
+        self.space.check(bytes as u64)?;
+        self.reserve_seqs(last);
+        for (seq, p) in (first_seq..).zip(prekeys) {
+            self.put(&seq_key(TAG_PREKEY, key, seq), p.clone());
+        }
+        Ok(())
+    }
+
+    /// Removes prekey `seq` of mailbox `key` and returns it (`None` if it is not there).
+    pub fn take_prekey(&mut self, key: &PeerKey, seq: u64) -> Result<Option<Vec<u8>>, DbError> {
+        let k = seq_key(TAG_PREKEY, key, seq);
+        let value = self.get(&k)?;
+        if value.is_some() {
+            self.delete(&k);
+        }
+        Ok(value)
+    }
+
+    /// Number of pending writes (keys written or deleted since the last
+    /// [`MailboxDb::write_pending`]).
+    pub fn pending_writes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Applies the pending writes to sled as one atomic batch (not yet durable: flush
+    /// next). On error the pending writes are dropped: the caller reloads the index.
+    pub fn write_pending(&mut self) -> Result<(), DbError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in std::mem::take(&mut self.pending) {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        if let Err(e) = self.data.apply_batch(batch) {
+            self.seq_reserved = self.read_seq_reserved().unwrap_or(self.seq_reserved);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Drops the pending writes (after a failure, before reloading the index).
+    pub fn discard_pending(&mut self) -> Result<(), DbError> {
+        self.pending.clear();
+        self.seq_reserved = self.read_seq_reserved()?;
+        Ok(())
+    }
+
+    /// Applies the pending writes and makes everything durable.
+    pub fn flush(&mut self) -> Result<usize, DbError> {
+        self.write_pending()?;
+        Ok(self.db.flush()?)
+    }
+
+    /// A handle that flushes this database from elsewhere (after
+    /// [`MailboxDb::write_pending`]).
+    pub fn flusher(&self) -> Flusher {
+        Flusher(self.db.clone())
+    }
+
+    /// Bytes used on disk (approximate).
+    pub fn size_on_disk(&self) -> Result<u64, DbError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Changes the free-space reserve (the next write measures again).
+    pub fn set_min_free_bytes(&mut self, bytes: u64) {
+        self.space.reserve = bytes;
+        self.space.checked = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{limits::RelayLimits, wire::MailboxToken};
+
+    fn peer(n: u8) -> PeerBytes {
+        PeerBytes::new(vec![n; 38]).unwrap()
+    }
+
+    fn item(key: PeerKey, seq: u64, id: u8, size: u32) -> NewItem {
+        NewItem {
+            key,
+            seq,
+            id: [id; 16],
+            size,
+            deposited_at: 10,
+            expires_at: 1000,
+        }
+    }
+
+    fn load(db: &MailboxDb) -> (MailboxRules, LoadStats) {
+        let mut rules = MailboxRules::new(RelayLimits::default(), true);
+        let stats = db.load(&mut rules).unwrap();
+        rules.check_invariants().unwrap();
+        (rules, stats)
+    }
+
+    #[test]
+    fn writes_survive_reopen_and_rebuild_the_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let key = bob.key();
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+            db.put_mailbox(&key, &bob, &[MailboxToken::from_bytes([1; 32]).hash()])
+                .unwrap();
+            for seq in 1..=3 {
+                db.put_item(&item(key, seq, seq as u8, 4), &peer(2), &[seq as u8; 4])
+                    .unwrap();
+            }
+            // Pending writes are readable before they are applied.
+            assert_eq!(db.read_items(&key, &[2]).unwrap()[0].envelope, vec![2; 4]);
+            db.flush().unwrap();
+            assert_eq!(db.pending_writes(), 0);
+            db.remove_items(&key, &[(2, [2; 16])]);
+            assert!(
+                db.read_items(&key, &[2]).unwrap().is_empty(),
+                "pending delete seen"
+            );
+            db.add_prekeys(&key, 4, &[vec![7], vec![8]]).unwrap();
+            db.flush().unwrap();
+        }
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, stats) = load(&db);
+        assert_eq!(
+            stats,
+            LoadStats {
+                mailboxes: 1,
+                items: 2,
+                prekeys: 2
+            }
+        );
+        assert_eq!(rules.usage(&bob), Some((2, 8)));
+        assert_eq!(rules.prekeys(&bob), 2);
+        assert!(
+            rules.next_seq() > 5,
+            "seqs are never reused after a restart"
+        );
+        let items = db.read_items(&key, &[1, 3]).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].envelope, vec![3; 4]);
+        assert_eq!(items[1].from, peer(2));
+        assert_eq!(db.take_prekey(&key, 4).unwrap(), Some(vec![7]));
+        assert_eq!(
+            db.take_prekey(&key, 4).unwrap(),
+            None,
+            "pending removal seen"
+        );
+        assert_eq!(db.take_prekey(&key, 5).unwrap(), Some(vec![8]));
+    }
+
+    #[test]
+    fn unapplied_writes_are_not_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+            db.flush().unwrap();
+            db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
+                .unwrap();
+            // Dropped without write_pending: the item never reached sled.
+        }
+        let db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, _) = load(&db);
+        assert_eq!(rules.usage(&bob), Some((0, 0)));
+    }
+
+    #[test]
+    fn discarded_writes_leave_the_applied_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+        db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
+            .unwrap();
+        db.flush().unwrap();
+        db.put_item(&item(bob.key(), 2, 2, 1), &peer(2), &[2])
+            .unwrap();
+        db.discard_pending().unwrap();
+        assert_eq!(db.pending_writes(), 0);
+        let (rules, stats) = load(&db);
+        assert_eq!(stats.items, 1);
+        assert!(rules.next_seq() > 2);
+    }
+
+    #[test]
+    fn seq_reservation_survives_removal_of_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let key = bob.key();
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            db.put_mailbox(&key, &bob, &[]).unwrap();
+            db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
+            db.flush().unwrap();
+            db.remove_items(&key, &[(1, [1; 16])]);
+            db.flush().unwrap();
+        }
+        let db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, stats) = load(&db);
+        assert_eq!(stats.items, 0);
+        assert!(
+            rules.next_seq() > 1,
+            "a cursor at seq 1 must not hide the next item"
+        );
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let db = MailboxDb::open(tmp.path(), 0).unwrap();
+            db.meta.insert(SCHEMA_KEY, &7u32.to_be_bytes()).unwrap();
+            db.db.flush().unwrap();
+        }
+        assert!(matches!(
+            MailboxDb::open(tmp.path(), 0),
+            Err(DbError::NewerSchema { found: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn orphan_items_are_reported_as_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        db.put_item(&item(peer(1).key(), 1, 1, 1), &peer(2), &[1])
+            .unwrap();
+        db.write_pending().unwrap();
+        let mut rules = MailboxRules::new(RelayLimits::default(), true);
+        assert!(matches!(db.load(&mut rules), Err(DbError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn disk_reserve_refuses_writes_but_not_removals() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let key = bob.key();
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        db.put_mailbox(&key, &bob, &[]).unwrap();
+        db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
+        db.flush().unwrap();
+        db.set_min_free_bytes(u64::MAX / 4);
+        let e = db
+            .put_item(&item(key, 2, 2, 1), &peer(2), &[2])
+            .unwrap_err();
+        assert!(matches!(e, DbError::DiskFull { .. }), "{e}");
+        assert!(e.to_string().contains("nothing was written"));
+        assert!(matches!(
+            db.put_mailbox(&key, &bob, &[]),
+            Err(DbError::DiskFull { .. })
+        ));
+        assert!(matches!(
+            db.add_prekeys(&key, 3, &[vec![1]]),
+            Err(DbError::DiskFull { .. })
+        ));
+        assert_eq!(
+            db.pending_writes(),
+            0,
+            "refused writes left nothing pending"
+        );
+        db.remove_items(&key, &[(1, [1; 16])]);
+        db.flush().unwrap();
+        let (rules, _) = load(&db);
+        assert_eq!(rules.usage(&bob), Some((0, 0)));
+        // The reserve measured again lets writes through once it is lowered.
+        db.set_min_free_bytes(0);
+        db.put_item(&item(key, 2, 2, 1), &peer(2), &[2]).unwrap();
+    }
+}
