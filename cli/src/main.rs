@@ -10,6 +10,7 @@ mod daemon;
 mod demo;
 mod msg_cmds;
 mod output;
+mod relay_cmd;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -46,6 +47,8 @@ enum Command {
     },
     /// Run the node in the foreground (stops cleanly on Ctrl-C / SIGTERM).
     Daemon(daemon::DaemonArgs),
+    /// Run a relay in the foreground: mailboxes for offline users, circuit relay, DHT.
+    Relay(relay_cmd::RelayArgs),
     /// Show the running daemon's state.
     Status,
     /// List connected peers.
@@ -164,6 +167,7 @@ async fn run(command: Command, g: Globals) -> anyhow::Result<()> {
         Command::Init { name } => client_cmds::init(&g, name),
         Command::Id { qr } => client_cmds::id(&g, qr).await,
         Command::Daemon(args) => daemon::run(&g, args).await,
+        Command::Relay(args) => relay_cmd::run(&g, args).await,
         Command::Status => client_cmds::status(&g).await,
         Command::Peers => client_cmds::peers(&g).await,
         Command::Dial { address } => client_cmds::dial(&g, &address).await,

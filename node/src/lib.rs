@@ -18,6 +18,7 @@ pub mod messaging;
 pub mod net;
 pub mod node;
 pub mod presence;
+pub mod relay;
 pub mod store;
 pub mod ticket;
 

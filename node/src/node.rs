@@ -110,6 +110,8 @@ struct Inner {
     identity: Identity,
     data_dir: DataDir,
     name: Option<String>,
+    /// Home relays, put in our ticket.
+    relays: Vec<Multiaddr>,
     net: NetHandle,
     messaging: MessagingHandle,
     presence: PresenceHandle,
@@ -166,13 +168,19 @@ impl Node {
             tokio::sync::mpsc::channel(messaging::INBOUND_CHANNEL_CAPACITY);
         let (gossip_tx, gossip_rx) = tokio::sync::mpsc::channel(net::GOSSIP_CHANNEL_CAPACITY);
         let (notes_tx, notes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mailbox_tx, mailbox_rx) =
+            tokio::sync::mpsc::channel(messaging::INBOUND_CHANNEL_CAPACITY);
         let (net, net_task) = net::spawn(
             &identity,
             &config,
             events.clone(),
             net_shutdown.clone(),
-            inbound_tx,
-            gossip_tx,
+            net::Sinks {
+                msg: inbound_tx,
+                gossip: gossip_tx,
+                mailbox: mailbox_tx,
+            },
+            net::Role::User,
         )
         .await?;
         let messaging_config = MessagingConfig {
@@ -191,8 +199,10 @@ impl Node {
                 net.clone(),
                 events.clone(),
                 inbound_rx,
+                mailbox_rx,
                 MessagingConfig {
                     listen_addrs,
+                    home_relays: config.relays.clone(),
                     ..messaging_config
                 },
                 Some(notes_tx),
@@ -240,6 +250,7 @@ impl Node {
                 identity,
                 data_dir,
                 name: config.name.clone(),
+                relays: config.relays.clone(),
                 net,
                 messaging,
                 presence,
@@ -323,11 +334,14 @@ impl NodeHandle {
             .filter(is_dialable)
             .collect();
         let bundle = self.inner.messaging.bundle().await?;
+        let token = self.inner.messaging.mailbox_token().await?;
         Ok(ContactTicket {
             peer_id: self.peer_id(),
             addrs,
             name: self.inner.name.clone(),
             bundle: Some(bundle),
+            relays: self.inner.relays.clone(),
+            mailbox_token: (!self.inner.relays.is_empty()).then_some(token),
         })
     }
 
@@ -530,7 +544,9 @@ pub fn offline_ticket(dir: &DataDir) -> Result<ContactTicket, NodeError> {
     let identity = Identity::load(dir)?;
     let lock = dir.lock()?;
     let store = Store::open(&dir.db_path())?;
-    let bundle = messaging::local_bundle(identity.seed(), &MessagingDb::open(&store)?)?;
+    let db = MessagingDb::open(&store)?;
+    let bundle = messaging::local_bundle(identity.seed(), &db)?;
+    let token = messaging::mailbox::load_or_create_token(&db.mailbox_self)?;
     store.flush_blocking()?;
     drop(store);
     drop(lock);
@@ -539,6 +555,8 @@ pub fn offline_ticket(dir: &DataDir) -> Result<ContactTicket, NodeError> {
         addrs: Vec::new(),
         name: config.name,
         bundle: Some(bundle),
+        mailbox_token: (!config.relays.is_empty()).then(|| *token.expose_bytes()),
+        relays: config.relays,
     })
 }
 

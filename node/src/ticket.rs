@@ -1,6 +1,7 @@
 //! Contact tickets: one copy-pasteable string that carries everything needed to reach a
 //! node and start an encrypted session with it: its peer id, dialable addresses, display
-//! name and signed prekey bundle (later versions add relays).
+//! name and signed prekey bundle, and (version 3) its home relays with the mailbox token
+//! that lets a contact deposit messages there while the node is offline.
 //!
 //! Text form: `tern1` followed by lowercase unpadded base32 of
 //! `version (1 byte) || postcard(body) || BLAKE3(version || body)[..4]`.
@@ -11,7 +12,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "tern1";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// The longest ticket text accepted (a ticket with many addresses stays far below).
 pub const MAX_TICKET_LEN: usize = 16 * 1024;
 
@@ -49,6 +50,20 @@ pub struct ContactTicket {
     pub name: Option<String>,
     /// The signed prekey bundle (`crypto::PrekeyBundle` encoding), for starting a session.
     pub bundle: Option<Vec<u8>>,
+    /// Home relays (each with `/p2p/<relay id>`) holding the node's mailbox.
+    pub relays: Vec<Multiaddr>,
+    /// The capability to deposit into that mailbox (a secret: share the ticket only with
+    /// people you want to hear from).
+    pub mailbox_token: Option<[u8; 32]>,
+}
+
+/// Version 2 tickets (no relays).
+#[derive(Deserialize)]
+struct TicketV2 {
+    peer_id: PeerId,
+    addrs: Vec<Multiaddr>,
+    name: Option<String>,
+    bundle: Option<Vec<u8>>,
 }
 
 /// Version 1 tickets (peer id and addresses only).
@@ -98,6 +113,19 @@ impl ContactTicket {
                     addrs: v1.addrs,
                     name: None,
                     bundle: None,
+                    relays: Vec::new(),
+                    mailbox_token: None,
+                })
+            }
+            2 => {
+                let v2: TicketV2 = postcard::from_bytes(body).map_err(bad)?;
+                Ok(Self {
+                    peer_id: v2.peer_id,
+                    addrs: v2.addrs,
+                    name: v2.name,
+                    bundle: v2.bundle,
+                    relays: Vec::new(),
+                    mailbox_token: None,
                 })
             }
             VERSION => postcard::from_bytes(body).map_err(bad),
@@ -126,6 +154,12 @@ mod tests {
             ],
             name: Some("bob".into()),
             bundle: Some(vec![1, 2, 3]),
+            relays: vec![
+                "/ip4/127.0.0.1/tcp/4002/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+                    .parse()
+                    .unwrap(),
+            ],
+            mailbox_token: Some([5; 32]),
         }
     }
 
@@ -144,6 +178,27 @@ mod tests {
         assert_eq!(got.peer_id, t.peer_id);
         assert_eq!(got.addrs, t.addrs);
         assert_eq!(got.bundle, None);
+    }
+
+    #[test]
+    fn version_2_tickets_still_decode() {
+        let t = sample();
+        let mut bytes = vec![2u8];
+        bytes.extend(
+            postcard::to_stdvec(&(t.peer_id, t.addrs.clone(), t.name.clone(), t.bundle.clone()))
+                .unwrap(),
+        );
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        let text = format!(
+            "tern1{}",
+            data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase()
+        );
+        let got = ContactTicket::decode(&text).unwrap();
+        assert_eq!(got.name, t.name);
+        assert_eq!(got.bundle, t.bundle);
+        assert!(got.relays.is_empty());
+        assert_eq!(got.mailbox_token, None);
     }
 
     #[test]

@@ -214,22 +214,18 @@ async fn run() {
         c.stop_keep().await;
         let name = c.name.clone();
         hub.wait_for("offline", |e| match &e.kind {
-            EventKind::PresenceChanged { name: who, state, .. }
-                if *who == name && state == "offline" =>
-            {
-                Some(())
-            }
+            EventKind::PresenceChanged {
+                name: who, state, ..
+            } if *who == name && state == "offline" => Some(()),
             _ => None,
         })
         .await;
         let t = Instant::now();
         c.start_again().await;
         hub.wait_for("online", |e| match &e.kind {
-            EventKind::PresenceChanged { name: who, state, .. }
-                if *who == name && state == "online" =>
-            {
-                Some(())
-            }
+            EventKind::PresenceChanged {
+                name: who, state, ..
+            } if *who == name && state == "online" => Some(()),
             _ => None,
         })
         .await;
@@ -243,8 +239,6 @@ async fn run() {
         times[times.len() - 1],
         times[times.len() - 1].as_secs_f64() / heartbeat.as_secs_f64()
     );
-    println!(
-        "  (baseline payload check: {base_in} B in, {base_out} B out with share = nobody)"
-    );
+    println!("  (baseline payload check: {base_in} B in, {base_out} B out with share = nobody)");
     stop(Star { hub, contacts }).await;
 }

@@ -80,6 +80,8 @@ pub enum MsgState {
     Received,
     /// Incoming, read here.
     Seen,
+    /// Outgoing, durably stored by one of the recipient's relays (it is offline).
+    Stored,
 }
 
 impl MsgState {
@@ -92,6 +94,7 @@ impl MsgState {
             Self::Read | Self::Seen => "read",
             Self::Failed(_) => "failed",
             Self::Received => "received",
+            Self::Stored => "stored",
         }
     }
 
@@ -105,6 +108,7 @@ impl MsgState {
             Self::Failed(_) => 4,
             Self::Received => 0,
             Self::Seen => 1,
+            Self::Stored => 1,
         }
     }
 }
@@ -171,6 +175,10 @@ pub struct MessagingDb {
     pub presence_keys: Table<PresenceKey>,
     /// `"self"` -> our own presence key and whether it is shared.
     pub presence_self: Table<OwnPresence>,
+    /// `"token"` -> our mailbox token.
+    pub mailbox_self: Table<[u8; 32]>,
+    /// Peer key -> the relays and token of that contact's mailbox (from its ticket).
+    pub contact_mailbox: Table<super::mailbox::ContactMailbox>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -198,6 +206,8 @@ impl MessagingDb {
             unread: store.table("unread")?,
             presence_keys: store.table("presence_keys")?,
             presence_self: store.table("presence_self")?,
+            mailbox_self: store.table("mailbox_self")?,
+            contact_mailbox: store.table("contact_mailbox")?,
         })
     }
 

@@ -20,6 +20,7 @@
 
 pub mod contacts;
 pub mod db;
+pub mod mailbox;
 mod presence_share;
 pub mod ratelimit;
 pub mod schedule;
@@ -87,6 +88,8 @@ pub struct MessagingConfig {
     /// Our listen addresses at start, announced in our profile (kept up to date from the
     /// network afterwards). Default: none.
     pub listen_addrs: Vec<Multiaddr>,
+    /// Our home relays (with `/p2p/`), where our mailbox lives. Default: none.
+    pub home_relays: Vec<Multiaddr>,
 }
 
 impl Default for MessagingConfig {
@@ -98,6 +101,7 @@ impl Default for MessagingConfig {
             name: None,
             retry: RetryPolicy::default(),
             listen_addrs: Vec::new(),
+            home_relays: Vec::new(),
         }
     }
 }
@@ -246,6 +250,9 @@ enum Cmd {
     Bundle {
         reply: Reply<Vec<u8>>,
     },
+    MailboxToken {
+        reply: Reply<[u8; 32]>,
+    },
     PresenceSetup {
         share: bool,
         reply: Reply<Option<crate::presence::wire::PresenceKey>>,
@@ -351,6 +358,11 @@ impl MessagingHandle {
         self.call(|reply| Cmd::Bundle { reply }).await
     }
 
+    /// Our mailbox token (for the contact ticket).
+    pub async fn mailbox_token(&self) -> Result<[u8; 32], MessagingError> {
+        self.call(|reply| Cmd::MailboxToken { reply }).await
+    }
+
     /// Brings presence-key sharing in line with the configuration (`share`: with contacts,
     /// or with nobody); returns our presence key, `None` when we share with nobody.
     pub async fn presence_setup(
@@ -359,6 +371,17 @@ impl MessagingHandle {
     ) -> Result<Option<crate::presence::wire::PresenceKey>, MessagingError> {
         self.call(|reply| Cmd::PresenceSetup { share, reply }).await
     }
+}
+
+/// The receivers the messaging actor listens on.
+struct Channels {
+    cmds: mpsc::Receiver<Cmd>,
+    inbound: mpsc::Receiver<InboundRequest>,
+    results: mpsc::Receiver<DeliveryResult>,
+    net_events: broadcast::Receiver<NetEvent>,
+    mailbox_in: mpsc::Receiver<InboundRequest>,
+    relay_pages: mpsc::Receiver<mailbox::RelayPage>,
+    sync_done: mpsc::Receiver<PeerId>,
 }
 
 /// What one delivery attempt to a peer produced.
@@ -370,6 +393,8 @@ struct DeliveryResult {
 
 enum Outcome {
     Stored,
+    /// Deposited at (at least one of) the recipient's relays.
+    Relayed,
     Rejected(RejectReason),
 }
 
@@ -410,6 +435,13 @@ struct Actor {
     session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
     /// Where presence-key and contact changes are reported (the presence actor).
     presence_notes: Option<PresenceNotes>,
+    /// Our mailbox capability (its hash is registered at our home relays).
+    mailbox_token: tern_store_forward::MailboxToken,
+    /// Home relays with a sync running, and those to sync again when it ends.
+    syncing: std::collections::HashSet<PeerId>,
+    sync_again: std::collections::HashSet<PeerId>,
+    relay_pages_tx: mpsc::Sender<mailbox::RelayPage>,
+    sync_done_tx: mpsc::Sender<PeerId>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -419,10 +451,14 @@ pub fn spawn(
     net: NetHandle,
     events: EventBus,
     inbound: mpsc::Receiver<InboundRequest>,
+    mailbox_in: mpsc::Receiver<InboundRequest>,
     config: MessagingConfig,
     presence_notes: Option<PresenceNotes>,
     shutdown: CancellationToken,
 ) -> Result<(MessagingHandle, tokio::task::JoinHandle<()>), MessagingError> {
+    let mailbox_token = mailbox::load_or_create_token(&db.mailbox_self)?;
+    let (relay_pages_tx, relay_pages) = mpsc::channel(4);
+    let (sync_done_tx, sync_done) = mpsc::channel(16);
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
@@ -459,6 +495,11 @@ pub fn spawn(
         my_addrs,
         session_cache: Default::default(),
         presence_notes,
+        mailbox_token,
+        syncing: Default::default(),
+        sync_again: Default::default(),
+        relay_pages_tx,
+        sync_done_tx,
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -466,7 +507,18 @@ pub fn spawn(
         actor.schedule.enqueue(peer, now);
     }
     let net_events = net.net_events();
-    let task = tokio::spawn(actor.run(cmds, inbound, results, net_events, shutdown));
+    let task = tokio::spawn(actor.run(
+        Channels {
+            cmds,
+            inbound,
+            results,
+            net_events,
+            mailbox_in,
+            relay_pages,
+            sync_done,
+        },
+        shutdown,
+    ));
     Ok((MessagingHandle { tx }, task))
 }
 
@@ -500,14 +552,16 @@ pub fn peer_id_of_key(key: &PeerKey) -> Option<PeerId> {
 }
 
 impl Actor {
-    async fn run(
-        mut self,
-        mut cmds: mpsc::Receiver<Cmd>,
-        mut inbound: mpsc::Receiver<InboundRequest>,
-        mut results: mpsc::Receiver<DeliveryResult>,
-        mut net_events: broadcast::Receiver<NetEvent>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, channels: Channels, shutdown: CancellationToken) {
+        let Channels {
+            mut cmds,
+            mut inbound,
+            mut results,
+            mut net_events,
+            mut mailbox_in,
+            mut relay_pages,
+            mut sync_done,
+        } = channels;
         self.reconnect_contacts();
         self.start_deliveries();
         loop {
@@ -523,6 +577,9 @@ impl Actor {
                 Some(req) = inbound.recv() => self.handle_inbound(req),
                 Some(res) = results.recv() => self.handle_delivery_result(res),
                 ev = net_events.recv() => self.handle_net_event(ev),
+                Some(req) = mailbox_in.recv() => self.handle_mailbox_request(req),
+                Some(page) = relay_pages.recv() => self.handle_relay_page(page),
+                Some(relay) = sync_done.recv() => self.sync_finished(relay),
                 _ = tokio::time::sleep_until(wake) => {}
             }
             // Drain what else is ready, so one flush covers the whole batch.
@@ -686,6 +743,9 @@ impl Actor {
                         .collect(),
                 }));
             }
+            Cmd::MailboxToken { reply } => {
+                let _ = reply.send(Ok(*self.mailbox_token.expose_bytes()));
+            }
             Cmd::PresenceSetup { share, reply } => {
                 let r = self.presence_setup(share);
                 self.reply_after_flush(reply, r);
@@ -778,6 +838,7 @@ impl Actor {
                         tx.insert(&self.db.contacts, &key, &c)?;
                         Ok(())
                     })?;
+                self.store_contact_mailbox(&key, &ticket)?;
                 self.presence_contact_added(&c)?;
                 return Ok(c.view(self.keys.public()));
             }
@@ -809,6 +870,7 @@ impl Actor {
             peer_id: contact.peer_id.to_string(),
             auto_added: false,
         });
+        self.store_contact_mailbox(&key, &ticket)?;
         self.presence_contact_added(&contact)?;
         Ok(contact.view(self.keys.public()))
     }
@@ -853,6 +915,7 @@ impl Actor {
         )?;
         self.schedule.done(&key);
         self.session_cache.borrow_mut().remove(&key);
+        self.db.contact_mailbox.remove(mailbox::key(&key))?;
         self.presence_contact_dropped(presence_share::eligible(&c))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
@@ -886,6 +949,25 @@ impl Actor {
             });
         }
         Ok(c.view(self.keys.public()))
+    }
+
+    /// Remembers the relays and token a contact's ticket named, for deposits.
+    fn store_contact_mailbox(
+        &mut self,
+        key: &PeerKey,
+        ticket: &ContactTicket,
+    ) -> Result<(), MessagingError> {
+        if let Some(token) = ticket.mailbox_token
+            && !ticket.relays.is_empty()
+        {
+            let mb = mailbox::ContactMailbox {
+                relays: ticket.relays.iter().map(|a| a.to_vec()).collect(),
+                token,
+            };
+            self.db.contact_mailbox.insert(mailbox::key(key), &mb)?;
+            self.dirty = true;
+        }
+        Ok(())
     }
 
     fn send_text(&mut self, to: &str, text: String) -> Result<MsgId, MessagingError> {
@@ -1164,6 +1246,8 @@ impl Actor {
                 if let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) {
                     self.schedule.reachable(&key, Instant::now());
                 }
+                // A home relay: register and fetch what waits for us.
+                self.sync_relay(peer);
             }
             Ok(NetEvent::Identified { peer, listen_addrs }) => {
                 let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
@@ -1227,8 +1311,14 @@ impl Actor {
                 Ok(Some((peer_id, addrs, items))) => {
                     let net = self.net.clone();
                     let results = self.results_tx.clone();
+                    let mailbox = self
+                        .db
+                        .contact_mailbox
+                        .get(mailbox::key(&peer))
+                        .ok()
+                        .flatten();
                     tokio::spawn(async move {
-                        let r = deliver(net, peer, peer_id, addrs, items).await;
+                        let r = deliver(net, peer, peer_id, addrs, items, mailbox).await;
                         let _ = results.send(r).await;
                     });
                 }
@@ -1352,7 +1442,16 @@ impl Actor {
                             if item.kind == OutKind::Text
                                 && set_state(tx, db, &peer, id, MsgState::Sent)?.is_some()
                             {
-                                changed.push((*id, None));
+                                changed.push((*id, Ok("sent")));
+                            }
+                        }
+                        Outcome::Relayed => {
+                            // A relay holds it durably: the recipient fetches it later.
+                            tx.remove(&db.outbox, &key)?;
+                            if item.kind == OutKind::Text
+                                && set_state(tx, db, &peer, id, MsgState::Stored)?.is_some()
+                            {
+                                changed.push((*id, Ok("stored")));
                             }
                         }
                         Outcome::Rejected(reason) if !reason.is_transient() => {
@@ -1362,7 +1461,7 @@ impl Actor {
                                 && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
                                     .is_some()
                             {
-                                changed.push((*id, Some(why)));
+                                changed.push((*id, Err(why)));
                             }
                         }
                         Outcome::Rejected(_) => {}
@@ -1375,10 +1474,10 @@ impl Actor {
             Err(e) => tracing::error!(error = %e, "could not record delivery results"),
         }
         self.dirty = true;
-        for (id, failed) in updates {
-            match failed {
-                None => self.publish_receipt(&id, &peer, "sent"),
-                Some(why) => self.publish_failed(&id, &peer, &why),
+        for (id, change) in updates {
+            match change {
+                Ok(state) => self.publish_receipt(&id, &peer, state),
+                Err(why) => self.publish_failed(&id, &peer, &why),
             }
         }
         let now = Instant::now();
@@ -1386,7 +1485,9 @@ impl Actor {
             Outcome::Rejected(r) if r.is_transient() => Some(format!("recipient busy: {r:?}")),
             _ => None,
         });
-        let progressed = outcomes.iter().any(|(_, o)| matches!(o, Outcome::Stored));
+        let progressed = outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Stored | Outcome::Relayed));
         match failure.or(transient) {
             Some(error) if progressed => {
                 let r = self.rng.next_u32();
@@ -1943,7 +2044,9 @@ async fn deliver(
     peer_id: PeerId,
     addrs: Vec<Multiaddr>,
     items: Vec<OutboxItem>,
+    mailbox: Option<mailbox::ContactMailbox>,
 ) -> DeliveryResult {
+    let all = items.clone();
     let mut outcomes = Vec::with_capacity(items.len());
     let mut failure = None;
     let mut in_flight = FuturesOrdered::new();
@@ -1994,6 +2097,21 @@ async fn deliver(
             Err(e) => {
                 failure.get_or_insert_with(|| e.to_string());
             }
+        }
+    }
+    // The recipient could not be reached: hand what was not delivered to its relays.
+    if let (Some(error), Some(mb)) = (&failure, &mailbox) {
+        let done: std::collections::HashSet<MsgId> = outcomes.iter().map(|(id, _)| *id).collect();
+        let rest: Vec<OutboxItem> = all.into_iter().filter(|i| !done.contains(&i.id)).collect();
+        if !rest.is_empty() && !error.starts_with("recipient answered") {
+            let n = rest.len();
+            let stored = mailbox::deposit(&net, peer_id, mb, rest, now_ms()).await;
+            tracing::debug!(
+                deposited = stored.len(),
+                of = n,
+                "deposited at the recipient's relays"
+            );
+            outcomes.extend(stored.into_iter().map(|id| (id, Outcome::Relayed)));
         }
     }
     DeliveryResult {

@@ -12,7 +12,7 @@ use std::{
 
 use libp2p::{
     StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity::Keypair,
-    kad, mdns, noise, ping, request_response, swarm::NetworkBehaviour,
+    kad, mdns, noise, ping, relay, request_response, swarm::NetworkBehaviour,
     swarm::behaviour::toggle::Toggle, tcp, yamux,
 };
 
@@ -29,6 +29,8 @@ pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/msg/1");
 pub const MSG_MAX_REQUEST: usize = 96 * 1024;
 /// Largest `/tern/msg/1` response frame.
 pub const MSG_MAX_RESPONSE: usize = 1024;
+/// Store-and-forward mailboxes on relays.
+pub const MAILBOX_PROTOCOL: StreamProtocol = StreamProtocol::new(tern_store_forward::PROTOCOL);
 /// How long a `/tern/msg/1` request may wait for its response.
 pub const MSG_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent `/tern/msg/1` streams per connection.
@@ -111,6 +113,19 @@ pub(crate) struct Behaviour {
     /// Gossipsub (presence, later groups): StrictNoSign, every message validated by its
     /// capability before it is forwarded, peer scoring on.
     pub(crate) gossip: gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>,
+    /// `/tern/mailbox/1`: deposits, fetches and acks on relays; notices to users.
+    pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
+    /// Circuit relay v2 server, on relays only.
+    pub(crate) relay: Toggle<relay::Behaviour>,
+}
+
+/// What a swarm is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A user's node: Kademlia client, no relay service.
+    User,
+    /// A relay: Kademlia server (bootstrap for users), circuit relay v2 server, mailboxes.
+    Relay,
 }
 
 /// The gossipsub subscription filter: we track a remote peer's subscription only to topics
@@ -123,7 +138,9 @@ pub(crate) struct JoinedTopics(Arc<Mutex<HashSet<gossipsub::TopicHash>>>);
 
 impl JoinedTopics {
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<gossipsub::TopicHash>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Accepts subscriptions to `topic` from now on.
@@ -198,6 +215,7 @@ pub(crate) fn build_swarm(
     keypair: Keypair,
     config: &Config,
     topics: JoinedTopics,
+    role: Role,
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let mdns_on = config.mdns;
     let limits = connection_limits::ConnectionLimits::default()
@@ -234,7 +252,10 @@ pub(crate) fn build_swarm(
                 kad::store::MemoryStore::new(peer_id),
                 kad_config,
             );
-            kad.set_mode(Some(kad::Mode::Client));
+            kad.set_mode(Some(match role {
+                Role::User => kad::Mode::Client,
+                Role::Relay => kad::Mode::Server,
+            }));
             let mdns = if mdns_on {
                 match mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id) {
                     Ok(m) => Some(m),
@@ -266,6 +287,20 @@ pub(crate) fn build_swarm(
                         .with_max_concurrent_streams(MSG_MAX_STREAMS),
                 ),
                 gossip,
+                mailbox: request_response::Behaviour::with_codec(
+                    FrameCodec {
+                        max_request: tern_store_forward::MAX_REQUEST_FRAME,
+                        max_response: tern_store_forward::MAX_RESPONSE_FRAME,
+                    },
+                    [(MAILBOX_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(MSG_REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(MSG_MAX_STREAMS),
+                ),
+                relay: Toggle::from(
+                    (role == Role::Relay)
+                        .then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
+                ),
             }
         })
         .map_err(|e| BuildError::Transport {

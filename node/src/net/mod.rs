@@ -16,9 +16,9 @@ use std::{
 use behaviour::{Behaviour, BehaviourEvent};
 pub use behaviour::{
     BuildError, GOSSIP_HEARTBEAT, GOSSIP_MAX_TRANSMIT, IDENTIFY_PROTOCOL, KAD_PROTOCOL,
-    MSG_MAX_REQUEST, MSG_MAX_RESPONSE, MSG_MAX_STREAMS, MSG_PROTOCOL, MSG_REQUEST_TIMEOUT,
-    PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS, QUIC_KEEP_ALIVE, gossip_score_params, gossip_thresholds,
-    presence_topic_params,
+    MAILBOX_PROTOCOL, MSG_MAX_REQUEST, MSG_MAX_RESPONSE, MSG_MAX_STREAMS, MSG_PROTOCOL,
+    MSG_REQUEST_TIMEOUT, PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS, QUIC_KEEP_ALIVE, Role,
+    gossip_score_params, gossip_thresholds, presence_topic_params,
 };
 pub use frame::FrameCodec;
 use futures::StreamExt;
@@ -208,6 +208,26 @@ pub struct TopicStats {
     pub published_bytes: u64,
 }
 
+/// A request-response protocol of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// `/tern/msg/1`.
+    Msg,
+    /// `/tern/mailbox/1`.
+    Mailbox,
+}
+
+/// Where the network actor hands what peers send, one channel per capability.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    /// `/tern/msg/1` requests (messaging).
+    pub msg: mpsc::Sender<InboundRequest>,
+    /// Gossipsub messages awaiting validation (presence).
+    pub gossip: mpsc::Sender<GossipMessage>,
+    /// `/tern/mailbox/1` requests (the mailbox server on relays, notices on users).
+    pub mailbox: mpsc::Sender<InboundRequest>,
+}
+
 enum Command {
     Subscribe {
         topic: String,
@@ -240,12 +260,14 @@ enum Command {
         reply: oneshot::Sender<TopicStats>,
     },
     Request {
+        proto: Proto,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, NetError>>,
     },
     Respond {
+        proto: Proto,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
     },
@@ -331,7 +353,20 @@ impl NetHandle {
         addrs: Vec<Multiaddr>,
         bytes: Vec<u8>,
     ) -> Result<Vec<u8>, NetError> {
+        self.request_on(Proto::Msg, peer, addrs, bytes).await
+    }
+
+    /// Sends a request on `proto` (dialing `addrs` if not connected) and waits for the
+    /// response frame.
+    pub async fn request_on(
+        &self,
+        proto: Proto,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, NetError> {
         self.call(|reply| Command::Request {
+            proto,
             peer,
             addrs,
             bytes,
@@ -340,14 +375,28 @@ impl NetHandle {
         .await?
     }
 
-    /// Answers an inbound request.
+    /// Answers an inbound `/tern/msg/1` request.
     pub async fn respond(
         &self,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
     ) -> Result<(), NetError> {
+        self.respond_on(Proto::Msg, channel, bytes).await
+    }
+
+    /// Answers an inbound request of `proto`.
+    pub async fn respond_on(
+        &self,
+        proto: Proto,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        bytes: Vec<u8>,
+    ) -> Result<(), NetError> {
         self.tx
-            .send(Command::Respond { channel, bytes })
+            .send(Command::Respond {
+                proto,
+                channel,
+                bytes,
+            })
             .await
             .map_err(|_| NetError::ActorGone)
     }
@@ -456,12 +505,13 @@ struct NetActor {
     connections: HashMap<PeerId, HashMap<ConnectionId, Multiaddr>>,
     rtt: HashMap<PeerId, Duration>,
     relays: Vec<RelayState>,
-    inbound: mpsc::Sender<InboundRequest>,
-    gossip: mpsc::Sender<GossipMessage>,
+    sinks: Sinks,
     topics: behaviour::JoinedTopics,
     topic_stats: HashMap<String, TopicStats>,
-    pending_requests:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NetError>>>,
+    pending_requests: HashMap<
+        (Proto, request_response::OutboundRequestId),
+        oneshot::Sender<Result<Vec<u8>, NetError>>,
+    >,
     net_events: broadcast::Sender<NetEvent>,
 }
 
@@ -472,11 +522,12 @@ pub async fn spawn(
     config: &Config,
     events: EventBus,
     shutdown: CancellationToken,
-    inbound: mpsc::Sender<InboundRequest>,
-    gossip: mpsc::Sender<GossipMessage>,
+    sinks: Sinks,
+    role: Role,
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
     let topics = behaviour::JoinedTopics::default();
-    let mut swarm = behaviour::build_swarm(identity.keypair().clone(), config, topics.clone())?;
+    let mut swarm =
+        behaviour::build_swarm(identity.keypair().clone(), config, topics.clone(), role)?;
     let mut listeners = HashSet::new();
     for address in &config.listen {
         let id = swarm
@@ -546,8 +597,7 @@ pub async fn spawn(
         connections: HashMap::new(),
         rtt: HashMap::new(),
         relays,
-        inbound,
-        gossip,
+        sinks,
         topics,
         topic_stats: HashMap::new(),
         pending_requests: HashMap::new(),
@@ -616,26 +666,23 @@ impl NetActor {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Request {
+                proto,
                 peer,
                 addrs,
                 bytes,
                 reply,
             } => {
                 let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .msg
+                    .rr(proto)
                     .send_request_with_addresses(&peer, bytes, addrs);
-                self.pending_requests.insert(id, reply);
+                self.pending_requests.insert((proto, id), reply);
             }
-            Command::Respond { channel, bytes } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .msg
-                    .send_response(channel, bytes)
-                    .is_err()
-                {
+            Command::Respond {
+                proto,
+                channel,
+                bytes,
+            } => {
+                if self.rr(proto).send_response(channel, bytes).is_err() {
                     tracing::debug!("response not sent: the requester went away");
                 }
             }
@@ -745,7 +792,7 @@ impl NetActor {
                     topic,
                     data: message.data,
                 };
-                if let Err(e) = self.gossip.try_send(item) {
+                if let Err(e) = self.sinks.gossip.try_send(item) {
                     // No one to judge it now: drop it without forwarding or penalty.
                     tracing::debug!("gossip message ignored: {e}");
                     self.swarm
@@ -768,7 +815,14 @@ impl NetActor {
         }
     }
 
-    fn handle_msg_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn rr(&mut self, proto: Proto) -> &mut request_response::Behaviour<FrameCodec> {
+        match proto {
+            Proto::Msg => &mut self.swarm.behaviour_mut().msg,
+            Proto::Mailbox => &mut self.swarm.behaviour_mut().mailbox,
+        }
+    }
+
+    fn handle_rr_event(&mut self, proto: Proto, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message};
         match event {
             Event::Message {
@@ -784,7 +838,11 @@ impl NetActor {
                     bytes: request,
                     channel,
                 };
-                if let Err(e) = self.inbound.try_send(item) {
+                let sink = match proto {
+                    Proto::Msg => &self.sinks.msg,
+                    Proto::Mailbox => &self.sinks.mailbox,
+                };
+                if let Err(e) = sink.try_send(item) {
                     // Overloaded or shutting down: dropping the channel tells the sender
                     // to retry later.
                     tracing::debug!(peer = %short(&peer), "inbound request dropped: {e}");
@@ -798,7 +856,7 @@ impl NetActor {
                     },
                 ..
             } => {
-                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                if let Some(reply) = self.pending_requests.remove(&(proto, request_id)) {
                     let _ = reply.send(Ok(response));
                 }
             }
@@ -808,7 +866,7 @@ impl NetActor {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                if let Some(reply) = self.pending_requests.remove(&(proto, request_id)) {
                     let _ = reply.send(Err(NetError::Request {
                         peer,
                         message: error.to_string(),
@@ -1010,7 +1068,8 @@ impl NetActor {
                     listen_addrs: info.listen_addrs,
                 });
             }
-            BehaviourEvent::Msg(event) => self.handle_msg_event(event),
+            BehaviourEvent::Msg(event) => self.handle_rr_event(Proto::Msg, event),
+            BehaviourEvent::Mailbox(event) => self.handle_rr_event(Proto::Mailbox, event),
             BehaviourEvent::Gossip(event) => self.handle_gossip_event(event),
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => self.on_mdns_discovered(found),
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}

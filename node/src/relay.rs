@@ -1,0 +1,481 @@
+//! Relay mode (`tern relay`): the same node binary serving mailboxes
+//! (`/tern/mailbox/1`, rules and storage from `tern-store-forward`), circuit relay v2 and
+//! the Kademlia server, plus a loopback admin endpoint with `/metrics` and `/healthz`.
+//!
+//! One task owns the [`MailboxServer`]: it drains the requests that are ready, handles
+//! them, flushes once (group commit), then answers all of them, so a deposit is acked only
+//! once it is on disk. After a deposit it tells the recipient, if connected, how many
+//! envelopes wait (`Notice`), and does so again whenever a mailbox owner connects.
+//! Shutdown (SIGTERM) drains: requests already received are answered, the store is flushed,
+//! and only then does the network stop.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use libp2p::{Multiaddr, PeerId};
+use tern_store_forward::{
+    Gauge, MailboxServer, PeerBytes, RelayConfig, Reply, Request, ServerEvent,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    data_dir::{DataDir, DataDirLock},
+    events::{EventBus, now_ms},
+    identity::Identity,
+    net::{self, InboundRequest, NetEvent, NetHandle, Proto},
+    node::NodeError,
+    store::Store,
+};
+
+/// Most requests handled between two flushes.
+const BATCH_LIMIT: usize = 512;
+
+/// Errors of relay mode.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Starting the node parts (lock, identity, network) failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The mailbox store failed.
+    #[error("mailbox store: {0}")]
+    Mailbox(#[from] tern_store_forward::ServerError),
+    /// A listen address in the relay config is not a multiaddr.
+    #[error("invalid listen address {0:?} in the relay config: {1}")]
+    Listen(String, String),
+    /// The admin endpoint could not bind.
+    #[error("cannot serve the admin endpoint on {0}: {1}")]
+    Admin(SocketAddr, std::io::Error),
+}
+
+enum AdminCmd {
+    Metrics(oneshot::Sender<String>),
+    Health(oneshot::Sender<Result<(), String>>),
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    peer_id: PeerId,
+    net: NetHandle,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    net_shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    net_task: tokio::task::JoinHandle<()>,
+    _lock: DataDirLock,
+    _store: Store,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// The relay's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The network handle.
+    pub fn net(&self) -> &NetHandle {
+        &self.net
+    }
+
+    /// Where `/metrics` and `/healthz` are served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The relay's addresses with `/p2p/<id>`, for users' `--relay`.
+    pub async fn addresses(&self) -> Result<Vec<Multiaddr>, RelayError> {
+        let addrs = self
+            .net
+            .listen_addrs()
+            .await
+            .map_err(NodeError::from)?
+            .into_iter()
+            .map(|a| a.with(net::p2p(self.peer_id)))
+            .collect();
+        Ok(addrs)
+    }
+
+    /// Drains and stops: answers what was received, flushes, then stops the network.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.net_shutdown.cancel();
+        let _ = self.net_task.await;
+        tracing::info!("relay stopped");
+    }
+}
+
+/// Starts a relay on `data_dir` (an identity is made on first start).
+pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle, RelayError> {
+    config
+        .validate()
+        .map_err(|e| RelayError::Listen(String::new(), e.to_string()))?;
+    let lock = data_dir.lock().map_err(NodeError::from)?;
+    let identity = match Identity::load(&data_dir) {
+        Ok(i) => i,
+        Err(crate::identity::IdentityError::Missing { .. }) => {
+            Identity::create(&data_dir).map_err(NodeError::from)?
+        }
+        Err(e) => return Err(NodeError::from(e).into()),
+    };
+    let mut listen = Vec::new();
+    for a in &config.listen {
+        listen.push(
+            a.parse::<Multiaddr>()
+                .map_err(|e| RelayError::Listen(a.clone(), e.to_string()))?,
+        );
+    }
+    let node_config = Config {
+        listen,
+        mdns: false,
+        max_connections: config.max_connections,
+        max_connections_per_peer: 8,
+        idle_timeout_secs: config.idle_timeout_secs,
+        ..Config::default()
+    };
+    let now = now_ms() / 1000;
+    let server = MailboxServer::open(
+        &data_dir.root().join("mailbox"),
+        config.limits.clone(),
+        config.server_options(),
+        now,
+    )?;
+    // The node's own small store holds the event log (listen addresses, connections).
+    let store = Store::open(&data_dir.db_path()).map_err(NodeError::from)?;
+    let events = EventBus::open(&store).map_err(NodeError::from)?;
+    let shutdown = CancellationToken::new();
+    let net_shutdown = CancellationToken::new();
+    let (msg_tx, _) = mpsc::channel(1);
+    let (gossip_tx, _) = mpsc::channel(1);
+    let (mailbox_tx, mailbox_rx) = mpsc::channel(crate::messaging::INBOUND_CHANNEL_CAPACITY);
+    let (net, net_task) = net::spawn(
+        &identity,
+        &node_config,
+        events,
+        net_shutdown.clone(),
+        net::Sinks {
+            msg: msg_tx,
+            gossip: gossip_tx,
+            mailbox: mailbox_tx,
+        },
+        net::Role::Relay,
+    )
+    .await
+    .map_err(NodeError::from)?;
+    let (admin_tx, admin_rx) = mpsc::channel(16);
+    let listener = tokio::net::TcpListener::bind(config.admin_bind)
+        .await
+        .map_err(|e| RelayError::Admin(config.admin_bind, e))?;
+    let admin_addr = listener
+        .local_addr()
+        .map_err(|e| RelayError::Admin(config.admin_bind, e))?;
+    let admin_task = tokio::spawn(serve_admin(listener, admin_tx, shutdown.clone()));
+    let actor = MailboxActor {
+        server,
+        net: net.clone(),
+        purge_every: config.purge_interval(),
+        last_flush_error: None,
+    };
+    let net_events = net.net_events();
+    let mailbox_task = tokio::spawn(actor.run(mailbox_rx, admin_rx, net_events, shutdown.clone()));
+    tracing::info!(peer_id = %identity.peer_id(), admin = %admin_addr, "relay started");
+    Ok(RelayHandle {
+        peer_id: identity.peer_id(),
+        net,
+        admin_addr,
+        shutdown,
+        net_shutdown,
+        tasks: vec![mailbox_task, admin_task],
+        net_task,
+        _lock: lock,
+        _store: store,
+    })
+}
+
+struct MailboxActor {
+    server: MailboxServer,
+    net: NetHandle,
+    purge_every: Duration,
+    last_flush_error: Option<String>,
+}
+
+impl MailboxActor {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<InboundRequest>,
+        mut admin: mpsc::Receiver<AdminCmd>,
+        mut net_events: broadcast::Receiver<NetEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut purge = tokio::time::interval(self.purge_every);
+        purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(req) = requests.recv() => {
+                    let mut batch = vec![req];
+                    while batch.len() < BATCH_LIMIT {
+                        match requests.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_batch(batch).await;
+                }
+                Some(cmd) = admin.recv() => self.handle_admin(cmd).await,
+                ev = net_events.recv() => {
+                    if let Ok(NetEvent::Connected(peer)) = ev {
+                        self.notify_if_waiting(peer);
+                    }
+                }
+                _ = purge.tick() => {
+                    let purged = self.server.purge(now_ms() / 1000);
+                    if purged > 0 {
+                        tracing::info!(purged, "expired envelopes purged");
+                    }
+                    self.flush().await;
+                }
+            }
+        }
+        // Drain: answer everything already received, then the final flush.
+        let mut batch = Vec::new();
+        while let Ok(r) = requests.try_recv() {
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            tracing::info!(requests = batch.len(), "draining");
+            self.handle_batch(batch).await;
+        }
+        self.flush().await;
+    }
+
+    async fn flush(&mut self) -> bool {
+        let result = match self.server.write_pending() {
+            Ok(()) => self
+                .server
+                .flusher()
+                .flush_async()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                self.last_flush_error = None;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mailbox flush failed; deposits answered Unavailable");
+                self.last_flush_error = Some(e);
+                false
+            }
+        }
+    }
+
+    async fn handle_batch(&mut self, batch: Vec<InboundRequest>) {
+        let now = now_ms() / 1000;
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        for req in &batch {
+            let reply = match PeerBytes::new(req.peer.to_bytes()) {
+                Ok(peer) => self.server.handle(now, &peer, &req.bytes),
+                Err(_) => Reply::unavailable(),
+            };
+            if let Some(code) = reply.error {
+                tracing::debug!(peer = %net::short(&req.peer), code = code.as_str(), "mailbox request refused");
+            }
+            replies.push(reply);
+        }
+        if !self.flush().await {
+            self.server.fail_unflushed(&mut replies);
+        }
+        let mut notices = Vec::new();
+        for (req, reply) in batch.into_iter().zip(replies) {
+            if let Some(ServerEvent::Deposited { recipient, waiting }) = &reply.event
+                && !reply.needs_flush_failed()
+            {
+                notices.push((recipient.clone(), *waiting));
+            }
+            let _ = self
+                .net
+                .respond_on(Proto::Mailbox, req.channel, reply.bytes)
+                .await;
+        }
+        notices.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        notices.dedup_by(|a, b| {
+            if a.0 == b.0 {
+                b.1 = b.1.max(a.1);
+                true
+            } else {
+                false
+            }
+        });
+        for (recipient, waiting) in notices {
+            if let Ok(peer) = PeerId::from_bytes(recipient.as_bytes()) {
+                self.send_notice(peer, waiting);
+            }
+        }
+    }
+
+    fn notify_if_waiting(&self, peer: PeerId) {
+        if let Ok(p) = PeerBytes::new(peer.to_bytes()) {
+            let waiting = self.server.waiting(&p);
+            if waiting > 0 {
+                self.send_notice(peer, waiting);
+            }
+        }
+    }
+
+    /// Tells a connected recipient how many envelopes wait (best effort: no addresses, so
+    /// nothing is dialed; the recipient also fetches whenever it connects).
+    fn send_notice(&self, peer: PeerId, waiting: u32) {
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            if !net.is_connected(peer).await.unwrap_or(false) {
+                return;
+            }
+            let frame = Request::Notice { waiting }.to_bytes();
+            if let Err(e) = net
+                .request_on(Proto::Mailbox, peer, Vec::new(), frame)
+                .await
+            {
+                tracing::debug!(peer = %net::short(&peer), error = %e, "notice not delivered");
+            }
+        });
+    }
+
+    async fn handle_admin(&mut self, cmd: AdminCmd) {
+        match cmd {
+            AdminCmd::Metrics(reply) => {
+                let status = self.net.status().await.ok();
+                let connections = status
+                    .as_ref()
+                    .map_or(0.0, |s| s.connected_peers.len() as f64);
+                let bytes_on_disk = self.server.size_on_disk().unwrap_or(0) as f64;
+                let text = self.server.metrics().render_prometheus(&[
+                    Gauge {
+                        name: "tern_relay_connections",
+                        help: "Peers connected now.",
+                        value: connections,
+                    },
+                    Gauge {
+                        name: "tern_relay_disk_bytes",
+                        help: "Bytes the mailbox database uses on disk.",
+                        value: bytes_on_disk,
+                    },
+                ]);
+                let _ = reply.send(text);
+            }
+            AdminCmd::Health(reply) => {
+                let _ = reply.send(match &self.last_flush_error {
+                    None => Ok(()),
+                    Some(e) => Err(format!("last flush failed: {e}")),
+                });
+            }
+        }
+    }
+}
+
+trait NeedsFlushFailed {
+    fn needs_flush_failed(&self) -> bool;
+}
+
+impl NeedsFlushFailed for Reply {
+    /// A reply turned into `Unavailable` by a failed flush carries no event worth acting on.
+    fn needs_flush_failed(&self) -> bool {
+        self.error == Some(tern_store_forward::ErrorCode::Unavailable)
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` (200 `ok`, or 503 with the
+/// reason) on the loopback admin address until shutdown.
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    admin: mpsc::Sender<AdminCmd>,
+    shutdown: CancellationToken,
+) {
+    let admin = Arc::new(admin);
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin_response(&admin, req).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn admin_response(
+    admin: &mpsc::Sender<AdminCmd>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let respond = |status: u16, content_type: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new())))
+    };
+    if req.method() != hyper::Method::GET {
+        return respond(405, "text/plain", "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let (tx, rx) = oneshot::channel();
+            if admin.send(AdminCmd::Metrics(tx)).await.is_err() {
+                return respond(503, "text/plain", "relay stopping\n".into());
+            }
+            match rx.await {
+                Ok(text) => respond(200, "text/plain; version=0.0.4", text),
+                Err(_) => respond(503, "text/plain", "relay stopping\n".into()),
+            }
+        }
+        "/healthz" => {
+            let (tx, rx) = oneshot::channel();
+            if admin.send(AdminCmd::Health(tx)).await.is_err() {
+                return respond(503, "text/plain", "relay stopping\n".into());
+            }
+            match rx.await {
+                Ok(Ok(())) => respond(200, "text/plain", "ok\n".into()),
+                Ok(Err(e)) => respond(503, "text/plain", format!("{e}\n")),
+                Err(_) => respond(503, "text/plain", "relay stopping\n".into()),
+            }
+        }
+        _ => respond(
+            404,
+            "text/plain",
+            "not found: try /metrics or /healthz\n".into(),
+        ),
+    }
+}
