@@ -64,6 +64,7 @@ pub struct RelayHandle {
     net_shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     net_task: tokio::task::JoinHandle<()>,
+    drain_timeout: Duration,
     _lock: DataDirLock,
     _store: Store,
 }
@@ -106,10 +107,15 @@ impl RelayHandle {
     }
 
     /// Drains and stops: answers what was received, flushes, then stops the network.
+    /// New requests arriving meanwhile are refused (their senders retry elsewhere or
+    /// later). Gives up waiting after `drain_timeout` (the store flushes on drop).
     pub async fn shutdown(self) {
+        let drain = self.drain_timeout;
         self.shutdown.cancel();
         for t in self.tasks {
-            let _ = t.await;
+            if tokio::time::timeout(drain, t).await.is_err() {
+                tracing::warn!(?drain, "drain timed out");
+            }
         }
         self.net_shutdown.cancel();
         let _ = self.net_task.await;
@@ -199,6 +205,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
         net_shutdown,
         tasks: vec![mailbox_task, admin_task],
         net_task,
+        drain_timeout: config.drain_timeout(),
         _lock: lock,
         _store: store,
     })

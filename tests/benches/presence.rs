@@ -131,8 +131,10 @@ async fn wait_all_online(s: &Star, heartbeat: Duration) {
     }
 }
 
-/// (wire bytes both ways, payload bytes in, payload bytes out) over `window`.
-async fn measure(s: &Star, window: Duration) -> (u64, u64, u64) {
+/// (wire bytes both ways, payload bytes in, payload bytes out, connections opened) over
+/// `window`.
+async fn measure(s: &Star, window: Duration) -> (u64, u64, u64, usize) {
+    let mut events = s.hub.handle.subscribe(None).unwrap();
     let net = s.hub.handle.net().clone();
     let own = wire::topic_for(&s.hub.handle.peer_id());
     let topics: Vec<String> = s
@@ -155,10 +157,18 @@ async fn measure(s: &Star, window: Duration) -> (u64, u64, u64) {
     };
     let (in0, out0) = payload().await;
     let w0 = lo_bytes();
-    tokio::time::sleep(window).await;
+    let end = tokio::time::Instant::now() + window;
+    let mut opened = 0;
+    loop {
+        match tokio::time::timeout_at(end, events.live.recv()).await {
+            Err(_) => break,
+            Ok(Ok(e)) if matches!(e.kind, EventKind::PeerConnected { .. }) => opened += 1,
+            Ok(_) => {}
+        }
+    }
     let w1 = lo_bytes();
     let (in1, out1) = payload().await;
-    (w1 - w0, in1 - in0, out1 - out0)
+    (w1 - w0, in1 - in0, out1 - out0, opened)
 }
 
 async fn stop(s: Star) {
@@ -184,14 +194,17 @@ async fn run() {
     let quiet = star(n, heartbeat_ms, SharePresence::Nobody).await;
     wait_all_connected(&quiet).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (base_wire, base_in, base_out) = measure(&quiet, window).await;
+    let (base_wire, base_in, base_out, base_conns) = measure(&quiet, window).await;
     assert_eq!(base_in + base_out, 0, "nobody published nothing");
     stop(quiet).await;
 
     let s = star(n, heartbeat_ms, SharePresence::Contacts).await;
     wait_all_connected(&s).await;
     wait_all_online(&s, heartbeat).await;
-    let (wire_bytes, pin, pout) = measure(&s, window).await;
+    let (wire_bytes, pin, pout, conns) = measure(&s, window).await;
+    println!(
+        "  connections the hub opened during the window: {conns} with presence, {base_conns} without"
+    );
     println!(
         "  presence payload at the hub: in {:.1} KiB/min, out {:.1} KiB/min ({:.0} B per contact per minute in)",
         per_min(pin) / 1024.0,
@@ -211,6 +224,7 @@ async fn run() {
     let mut contacts = s.contacts;
     let mut times = Vec::new();
     for c in contacts.iter_mut().take(starts) {
+        hub.events = hub.handle.subscribe(None).unwrap();
         c.stop_keep().await;
         let name = c.name.clone();
         hub.wait_for("offline", |e| match &e.kind {

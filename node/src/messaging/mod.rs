@@ -169,7 +169,7 @@ pub struct HistoryItem {
     pub text: String,
     /// Sender's timestamp, ms since the epoch.
     pub timestamp: u64,
-    /// queued, sent, delivered, read, failed (outgoing); received, read (incoming).
+    /// queued, stored (at a relay), sent, delivered, read, failed (outgoing); received, read (incoming).
     pub state: String,
     /// Why it failed, for failed messages.
     #[serde(skip_serializing_if = "Option::is_none")]
