@@ -5,8 +5,9 @@
 //! his addresses and signed prekeys) and they compare safety numbers; the nodes connect and
 //! ping; alice sends an end-to-end encrypted message and watches it go sent -> delivered ->
 //! read; bob answers; bob adds alice back, which shares their presence keys, and alice
-//! watches bob online, away and (when he stops) offline at once; both stop cleanly. Each
-//! capability added to Tern extends it.
+//! watches bob online, away and (when he stops) offline at once; while bob is offline alice
+//! writes to him: the messages go to bob's home relay, and arrive when bob comes back; all
+//! stop cleanly. Each capability added to Tern extends it.
 
 use std::time::{Duration, Instant};
 
@@ -63,13 +64,22 @@ struct DemoNode {
     _dir: tempfile::TempDir,
 }
 
-async fn start(name: &'static str) -> anyhow::Result<DemoNode> {
+async fn start(name: &'static str, relays: Vec<tern_node::Multiaddr>) -> anyhow::Result<DemoNode> {
     let tmp = tempfile::Builder::new()
         .prefix(&format!("tern-demo-{name}-"))
         .tempdir()
         .context("cannot create a temporary directory")?;
+    Identity::create(&DataDir::new(tmp.path().join("node")))?;
+    start_in(name, tmp, relays).await
+}
+
+/// Starts (or restarts) `name`'s node in `tmp`.
+async fn start_in(
+    name: &'static str,
+    tmp: tempfile::TempDir,
+    relays: Vec<tern_node::Multiaddr>,
+) -> anyhow::Result<DemoNode> {
     let dir = DataDir::new(tmp.path().join("node"));
-    Identity::create(&dir)?;
     let handle = Node::start(NodeOptions {
         data_dir: dir,
         config: {
@@ -78,6 +88,7 @@ async fn start(name: &'static str) -> anyhow::Result<DemoNode> {
                 ..Config::loopback()
             };
             c.presence.heartbeat_ms = DEMO_HEARTBEAT_MS;
+            c.relays = relays;
             c
         },
     })
@@ -122,10 +133,40 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
     if !g.out.json {
         println!("Tern demo: two nodes on loopback, in temporary directories\n");
     }
-    let mut alice = start("alice").await?;
+    let relay_tmp = tempfile::Builder::new()
+        .prefix("tern-demo-relay-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let relay = tern_node::relay::start(
+        DataDir::new(relay_tmp.path().join("relay")),
+        tern_store_forward::RelayConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            admin_bind: "127.0.0.1:0".parse()?,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let relay_addr = relay
+        .addresses()
+        .await?
+        .into_iter()
+        .next()
+        .context("the relay listens nowhere")?;
+    t.say(
+        "relay",
+        format!("started at {relay_addr} (mailboxes for offline users)"),
+    );
+    let mut alice = start("alice", Vec::new()).await?;
     t.say("alice", format!("started as {}", alice.handle.peer_id()));
-    let mut bob = start("bob").await?;
-    t.say("bob", format!("started as {}", bob.handle.peer_id()));
+    let mut bob = start("bob", vec![relay_addr.clone()]).await?;
+    t.say(
+        "bob",
+        format!(
+            "started as {}, home relay {}",
+            bob.handle.peer_id(),
+            relay.peer_id()
+        ),
+    );
 
     let ticket = bob.handle.ticket().await?;
     let text = ticket.encode();
@@ -290,8 +331,51 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
         "alice",
         format!("sees bob offline at once; last seen {last_seen}"),
     );
+
+    // Store and forward: bob is offline, so alice's node deposits at bob's home relay.
+    let mut ids = Vec::new();
+    for text in ["Are you there?", "I'll leave this with your relay."] {
+        ids.push(alice.handle.send("bob", text).await?.to_hex());
+    }
+    t.say("alice", "sends 2 messages while bob is offline");
+    for id in &ids {
+        wait_for(&mut alice, "stored at the relay", |k| match k {
+            EventKind::Receipt { id: m, state, .. } if m == id && state == "stored" => Some(()),
+            _ => None,
+        })
+        .await?;
+    }
+    t.say(
+        "alice",
+        "both are 'stored': bob's relay holds them durably (ciphertext only)",
+    );
+    let DemoNode { _dir: bob_dir, .. } = bob;
+    let mut bob = start_in("bob", bob_dir, vec![relay_addr]).await?;
+    t.say("bob", "comes back online and fetches from his relay");
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        let text = wait_for(&mut bob, "a relayed message", |k| match k {
+            EventKind::Message { id, text, .. } if ids.contains(id) => Some(text.clone()),
+            _ => None,
+        })
+        .await?;
+        got.push(text);
+    }
+    t.say("bob", format!("receives through the relay: {got:?}"));
+    for id in &ids {
+        wait_for(&mut alice, "delivered", |k| match k {
+            EventKind::Receipt { id: m, state, .. } if m == id && state == "delivered" => Some(()),
+            _ => None,
+        })
+        .await?;
+    }
+    t.say("alice", "both messages are delivered");
+    bob.handle.shutdown().await?;
+    t.say("bob", "stopped (database flushed)");
     alice.handle.shutdown().await?;
     t.say("alice", "stopped (database flushed)");
+    relay.shutdown().await;
+    t.say("relay", "drained and stopped");
     drop(alice);
     drop(bob);
     t.say("demo", "temporary directories removed; done");

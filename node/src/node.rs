@@ -191,6 +191,7 @@ impl Node {
             ..MessagingConfig::default()
         };
         let listen_addrs = net.listen_addrs().await.unwrap_or_default();
+        let known_offline = messaging::KnownOffline::default();
         let capabilities = async {
             let db = MessagingDb::open(&store)?;
             let (messaging, messaging_task) = messaging::spawn(
@@ -203,6 +204,7 @@ impl Node {
                 MessagingConfig {
                     listen_addrs,
                     home_relays: config.relays.clone(),
+                    known_offline: known_offline.clone(),
                     ..messaging_config
                 },
                 Some(notes_tx),
@@ -219,6 +221,7 @@ impl Node {
                     db,
                     gossip: gossip_rx,
                     notes: notes_rx,
+                    known_offline,
                 },
                 shutdown.child_token(),
             )

@@ -90,6 +90,36 @@ pub struct MessagingConfig {
     pub listen_addrs: Vec<Multiaddr>,
     /// Our home relays (with `/p2p/`), where our mailbox lives. Default: none.
     pub home_relays: Vec<Multiaddr>,
+    /// Contacts presence says are offline: their envelopes go straight to their relays.
+    pub known_offline: KnownOffline,
+}
+
+/// The peers presence currently shows offline, shared by the presence actor (the only
+/// writer) and messaging (which deposits at relays without trying a direct delivery).
+#[derive(Debug, Clone, Default)]
+pub struct KnownOffline(std::sync::Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>);
+
+impl KnownOffline {
+    /// Records what presence says about `peer`.
+    pub fn set(&self, peer: PeerId, offline: bool) {
+        let mut set = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if offline {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
+    }
+
+    /// Whether presence shows `peer` offline.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(peer)
+    }
 }
 
 impl Default for MessagingConfig {
@@ -102,6 +132,7 @@ impl Default for MessagingConfig {
             retry: RetryPolicy::default(),
             listen_addrs: Vec::new(),
             home_relays: Vec::new(),
+            known_offline: KnownOffline::default(),
         }
     }
 }
@@ -1317,8 +1348,11 @@ impl Actor {
                         .get(mailbox::key(&peer))
                         .ok()
                         .flatten();
+                    // Known offline and reachable through relays: skip the direct attempt
+                    // (a dial to a vanished host can take many seconds to fail).
+                    let offline = mailbox.is_some() && self.config.known_offline.contains(&peer_id);
                     tokio::spawn(async move {
-                        let r = deliver(net, peer, peer_id, addrs, items, mailbox).await;
+                        let r = deliver(net, peer, peer_id, addrs, items, mailbox, offline).await;
                         let _ = results.send(r).await;
                     });
                 }
@@ -2045,10 +2079,12 @@ async fn deliver(
     addrs: Vec<Multiaddr>,
     items: Vec<OutboxItem>,
     mailbox: Option<mailbox::ContactMailbox>,
+    known_offline: bool,
 ) -> DeliveryResult {
     let all = items.clone();
     let mut outcomes = Vec::with_capacity(items.len());
-    let mut failure = None;
+    let mut failure = known_offline.then(|| "the recipient is offline".to_string());
+    let items = if known_offline { Vec::new() } else { items };
     let mut in_flight = FuturesOrdered::new();
     // A profile opens a new session: it goes alone, so the recipient knows who writes before
     // the first message arrives.
@@ -2111,6 +2147,10 @@ async fn deliver(
                 of = n,
                 "deposited at the recipient's relays"
             );
+            if stored.len() == n {
+                // Everything is durable somewhere: this attempt did not fail.
+                failure = None;
+            }
             outcomes.extend(stored.into_iter().map(|id| (id, Outcome::Relayed)));
         }
     }

@@ -34,7 +34,7 @@ use self::{
 use crate::{
     config::{PresenceConfig, SharePresence},
     events::{EventBus, EventKind, now_ms},
-    messaging::{MessagingError, MessagingHandle, PresenceNote, db::MessagingDb},
+    messaging::{KnownOffline, MessagingError, MessagingHandle, PresenceNote, db::MessagingDb},
     net::{GossipMessage, MessageAcceptance, NetEvent, NetHandle, presence_topic_params},
     store::{StoreError, Table},
 };
@@ -174,6 +174,8 @@ pub struct PresenceParts {
     pub gossip: mpsc::Receiver<GossipMessage>,
     /// Key and contact changes from messaging.
     pub notes: mpsc::UnboundedReceiver<PresenceNote>,
+    /// Where offline contacts are published for messaging.
+    pub known_offline: KnownOffline,
 }
 
 struct Actor {
@@ -197,6 +199,7 @@ struct Actor {
     events: EventBus,
     messaging: MessagingHandle,
     seen_table: Table<Seen>,
+    known_offline: KnownOffline,
     dirty: HashMap<PeerId, Seen>,
     accepted: u64,
     rejected: BTreeMap<&'static str, u64>,
@@ -220,6 +223,7 @@ pub async fn spawn(
         db,
         gossip,
         notes,
+        known_offline,
     } = parts;
     let share = config.share == SharePresence::Contacts;
     let own_key = messaging.presence_setup(share).await?;
@@ -259,6 +263,7 @@ pub async fn spawn(
         events,
         messaging,
         seen_table,
+        known_offline,
         dirty: HashMap::new(),
         accepted: 0,
         rejected: BTreeMap::new(),
@@ -446,6 +451,7 @@ impl Actor {
 
     /// Emits `presenceChanged` and writes the new state.
     fn report(&mut self, c: Change) {
+        self.known_offline.set(c.peer, c.state == State::Offline);
         let Some(name) = self.contacts.get(&c.peer).cloned() else {
             return;
         };
