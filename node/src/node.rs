@@ -199,15 +199,17 @@ impl Node {
                 db.clone(),
                 net.clone(),
                 events.clone(),
-                inbound_rx,
-                mailbox_rx,
+                messaging::MessagingIo {
+                    inbound: inbound_rx,
+                    mailbox_in: mailbox_rx,
+                    presence_notes: Some(notes_tx),
+                },
                 MessagingConfig {
                     listen_addrs,
                     home_relays: config.relays.clone(),
                     known_offline: known_offline.clone(),
                     ..messaging_config
                 },
-                Some(notes_tx),
                 shutdown.child_token(),
             )?;
             let presence = presence::spawn(

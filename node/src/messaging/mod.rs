@@ -404,6 +404,17 @@ impl MessagingHandle {
     }
 }
 
+/// What the network and presence hand to messaging, and where messaging reports.
+#[derive(Debug)]
+pub struct MessagingIo {
+    /// `/tern/msg/1` requests from the network.
+    pub inbound: mpsc::Receiver<InboundRequest>,
+    /// `/tern/mailbox/1` requests (relay notices) from the network.
+    pub mailbox_in: mpsc::Receiver<InboundRequest>,
+    /// Where presence-key and contact changes go (the presence actor), if anywhere.
+    pub presence_notes: Option<PresenceNotes>,
+}
+
 /// The receivers the messaging actor listens on.
 struct Channels {
     cmds: mpsc::Receiver<Cmd>,
@@ -481,12 +492,15 @@ pub fn spawn(
     db: MessagingDb,
     net: NetHandle,
     events: EventBus,
-    inbound: mpsc::Receiver<InboundRequest>,
-    mailbox_in: mpsc::Receiver<InboundRequest>,
+    io: MessagingIo,
     config: MessagingConfig,
-    presence_notes: Option<PresenceNotes>,
     shutdown: CancellationToken,
 ) -> Result<(MessagingHandle, tokio::task::JoinHandle<()>), MessagingError> {
+    let MessagingIo {
+        inbound,
+        mailbox_in,
+        presence_notes,
+    } = io;
     let mailbox_token = mailbox::load_or_create_token(&db.mailbox_self)?;
     let (relay_pages_tx, relay_pages) = mpsc::channel(4);
     let (sync_done_tx, sync_done) = mpsc::channel(16);

@@ -495,6 +495,9 @@ struct RelayState {
     backoff: Duration,
 }
 
+/// Where the response to an outbound request goes.
+type ResponseReply = oneshot::Sender<Result<Vec<u8>, NetError>>;
+
 /// The actor that owns the swarm.
 struct NetActor {
     swarm: Swarm<Behaviour>,
@@ -508,10 +511,7 @@ struct NetActor {
     sinks: Sinks,
     topics: behaviour::JoinedTopics,
     topic_stats: HashMap<String, TopicStats>,
-    pending_requests: HashMap<
-        (Proto, request_response::OutboundRequestId),
-        oneshot::Sender<Result<Vec<u8>, NetError>>,
-    >,
+    pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
     net_events: broadcast::Sender<NetEvent>,
 }
 
