@@ -181,6 +181,12 @@ impl Node {
                 mailbox: mailbox_tx,
             },
             net::Role::User,
+            &match config.presence.share {
+                crate::config::SharePresence::Contacts => {
+                    vec![presence::wire::topic_for(&identity.peer_id())]
+                }
+                crate::config::SharePresence::Nobody => Vec::new(),
+            },
         )
         .await?;
         let messaging_config = MessagingConfig {

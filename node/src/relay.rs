@@ -177,6 +177,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
             mailbox: mailbox_tx,
         },
         net::Role::Relay,
+        &[],
     )
     .await
     .map_err(NodeError::from)?;

@@ -524,8 +524,15 @@ pub async fn spawn(
     shutdown: CancellationToken,
     sinks: Sinks,
     role: Role,
+    early_topics: &[String],
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), NetError> {
     let topics = behaviour::JoinedTopics::default();
+    // Peers' subscriptions arrive with their first connection and are not sent again: topics
+    // whose followers matter from the start (our own presence topic) are tracked before
+    // any connection opens.
+    for t in early_topics {
+        topics.insert(gossipsub::IdentTopic::new(t.clone()).hash());
+    }
     let mut swarm =
         behaviour::build_swarm(identity.keypair().clone(), config, topics.clone(), role)?;
     let mut listeners = HashSet::new();
