@@ -378,7 +378,7 @@ impl NodeHandle {
         Ok(self
             .inner
             .messaging
-            .contact_add(ticket.to_string(), name.to_string())
+            .contact_add(&self.inner.net, ticket.to_string(), name.to_string())
             .await?)
     }
 

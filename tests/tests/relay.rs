@@ -20,10 +20,14 @@ struct TestRelay {
 }
 
 async fn start_relay_in(dir: tempfile::TempDir) -> TestRelay {
+    start_relay_with(dir, RelayConfig::default()).await
+}
+
+async fn start_relay_with(dir: tempfile::TempDir, base: RelayConfig) -> TestRelay {
     let config = RelayConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         admin_bind: "127.0.0.1:0".parse().unwrap(),
-        ..RelayConfig::default()
+        ..base
     };
     let handle = relay::start(DataDir::new(dir.path().join("relay")), config)
         .await
@@ -222,4 +226,309 @@ async fn one_of_two_relays_down_still_delivers() {
     a.stop().await;
     b.stop().await;
     r1.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_user_is_reachable_through_its_home_relay_circuit() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    // Once connected to its relay, bob also listens through it (circuit relay v2).
+    let circuit = eventually("a circuit address", LONG, || async {
+        b.handle
+            .listen_addrs()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.to_string().contains("/p2p-circuit"))
+    })
+    .await;
+    // Bob's ticket carries it, so contacts behind other NATs can reach him.
+    let ticket = b.handle.ticket().await.unwrap();
+    assert!(ticket.addrs.contains(&circuit), "{:?}", ticket.addrs);
+    let a = TestNode::spawn("alice").await;
+    let target = if tern_node::net::peer_id_of(&circuit) == Some(b.handle.peer_id()) {
+        circuit.clone()
+    } else {
+        circuit
+            .clone()
+            .with(tern_node::net::p2p(b.handle.peer_id()))
+    };
+    let peer = a.handle.dial(target).await.unwrap();
+    assert_eq!(peer, b.handle.peer_id());
+    let peers = a.handle.peers().await.unwrap();
+    let via = peers
+        .iter()
+        .find(|p| p.peer_id == b.handle.peer_id().to_string())
+        .unwrap();
+    assert!(
+        via.addrs.iter().any(|a| a.contains("/p2p-circuit")),
+        "connected through the relay: {:?}",
+        via.addrs
+    );
+    a.stop().await;
+    b.stop().await;
+    r.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_removed_contacts_token_is_revoked_at_the_relay() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    let a = TestNode::spawn("alice").await;
+    let c = TestNode::spawn("carol").await;
+    a.add_contact(&b, "bob").await;
+    c.add_contact(&b, "bob").await;
+    b.add_contact(&a, "alice").await;
+    b.add_contact(&c, "carol").await;
+    eventually("bob registered", LONG, || async {
+        (r.metric("tern_relay_mailboxes").await >= 1.0).then_some(())
+    })
+    .await;
+    // Bob drops carol: his mailbox token is replaced; alice gets the new one.
+    b.handle.contact_remove("carol").await.unwrap();
+    eventually("bob's new token delivered", LONG, || async {
+        (b.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    b.stop_keep().await;
+    a.handle.send("bob", "from alice").await.unwrap();
+    c.handle.send("bob", "from carol").await.unwrap();
+    a.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "stored")
+        .await;
+    eventually("carol refused at the relay", LONG, || async {
+        let (_, body) = r.admin_get("/metrics").await;
+        body.lines()
+            .any(|l| {
+                l.starts_with("tern_relay_rejections_total{reason=\"unauthorized\"}")
+                    && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })
+    .await;
+    let h = c.handle.history("bob", 10).await.unwrap();
+    assert_eq!(
+        h[0].state, "queued",
+        "carol's message waits for bob himself"
+    );
+    a.stop().await;
+    c.stop().await;
+    r.handle.shutdown().await;
+}
+
+/// Quota, size limit, capability, rate limit and TTL, once each end to end over
+/// `/tern/mailbox/1` (each is tested exhaustively in the relay's state machine).
+#[tokio::test]
+async fn relay_limits_hold_end_to_end() {
+    use tern_store_forward::{ErrorCode, MailboxToken, PeerBytes, Request, Response};
+    let mut base = RelayConfig::default();
+    base.purge_interval_secs = 1;
+    base.limits.quota_count = 3;
+    base.limits.max_envelope_bytes = 1024;
+    base.limits.sender_rate_per_sec = 1;
+    // Alice's claim of a one-time prekey when she adds bob counts as one write.
+    base.limits.sender_burst = 7;
+    base.limits.min_ttl_secs = 1;
+    base.limits.default_ttl_secs = 60;
+    base.limits.max_ttl_secs = 120;
+    let r = start_relay_with(tempfile::tempdir().unwrap(), base).await;
+    let raddr = r.addr().await;
+    let (a, b) = pair(&[&r]).await;
+    let bob = b.handle.peer_id();
+    let token = MailboxToken::from_bytes(b.handle.ticket().await.unwrap().mailbox_token.unwrap());
+    // Alice's own envelopes for bob (profile, presence key) went out directly first.
+    eventually("alice's outbox drained", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    b.stop().await;
+    let relay_peer = r.handle.peer_id();
+    let deposit = |id: u8, size: usize, ttl: u64, token: MailboxToken| {
+        let net = a.handle.net().clone();
+        let raddr = raddr.clone();
+        async move {
+            let frame = Request::Deposit {
+                recipient: PeerBytes::new(bob.to_bytes()).unwrap(),
+                token,
+                id: [id; 16],
+                ttl_secs: Some(ttl),
+                envelope: vec![7; size],
+            }
+            .to_bytes();
+            let bytes = net
+                .request_on(
+                    tern_node::net::Proto::Mailbox,
+                    relay_peer,
+                    vec![raddr],
+                    frame,
+                )
+                .await
+                .unwrap();
+            Response::from_bytes(&bytes).unwrap()
+        }
+    };
+    let code = |r: Response| match r {
+        Response::Error { code, .. } => Some(code),
+        _ => None,
+    };
+    // TTL: the first expires after a second.
+    assert!(matches!(
+        deposit(1, 100, 1, token.clone()).await,
+        Response::Deposited { .. }
+    ));
+    assert!(matches!(
+        deposit(2, 100, 60, token.clone()).await,
+        Response::Deposited { .. }
+    ));
+    assert!(matches!(
+        deposit(3, 100, 60, token.clone()).await,
+        Response::Deposited { .. }
+    ));
+    // Quota: the fourth is refused, nothing stored is evicted.
+    assert_eq!(
+        code(deposit(4, 100, 60, token.clone()).await),
+        Some(ErrorCode::Quota)
+    );
+    // Size.
+    assert_eq!(
+        code(deposit(5, 2000, 60, token.clone()).await),
+        Some(ErrorCode::TooLarge)
+    );
+    // Capability: a token bob never issued.
+    let forged = MailboxToken::from_bytes([9; 32]);
+    assert_eq!(
+        code(deposit(6, 100, 60, forged).await),
+        Some(ErrorCode::Unauthorized)
+    );
+    // Rate: the burst is spent.
+    let mut limited = false;
+    for i in 10..20 {
+        if code(deposit(i, 100, 60, token.clone()).await) == Some(ErrorCode::RateLimited) {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "a deposit flood is rate limited");
+    assert_eq!(r.metric("tern_relay_envelopes_stored").await, 3.0);
+    // The expired envelope is purged; the others stay.
+    eventually("expired envelope purged", LONG, || async {
+        (r.metric("tern_relay_expired_envelopes_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(r.metric("tern_relay_envelopes_stored").await, 2.0);
+    a.stop().await;
+    r.handle.shutdown().await;
+}
+
+/// A `tern relay` process: its data directory and its dialable address.
+struct RelayProcess {
+    child: std::process::Child,
+    addr: Multiaddr,
+}
+
+fn spawn_relay_process(data: &Path, listen: &str) -> RelayProcess {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(tern_tests::tern_bin())
+        .arg("--data-dir")
+        .arg(data)
+        .args(["relay", "--listen", listen])
+        .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn,tern=info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: Multiaddr = loop {
+        let line = lines
+            .next()
+            .expect("the relay exited before listening")
+            .unwrap();
+        if line.contains("relay listening")
+            && let Some(at) = line.find("/ip4/")
+        {
+            let text: String = line[at..]
+                .chars()
+                .take_while(|c| !c.is_whitespace() && !c.is_control())
+                .collect();
+            break text.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    RelayProcess { child, addr }
+}
+
+#[tokio::test]
+async fn a_relay_killed_with_sigkill_between_deposit_and_fetch_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = spawn_relay_process(&data, "/ip4/127.0.0.1/tcp/0");
+    let a = TestNode::spawn("alice").await;
+    let raddr = relay.addr.clone();
+    let mut b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    a.add_contact(&b, "bob").await;
+    eventually("alice's outbox drained", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    b.stop_keep().await;
+    for i in 0..20 {
+        a.handle.send("bob", &format!("m{i}")).await.unwrap();
+    }
+    a.wait_history("bob", LONG, |h| {
+        h.len() == 20 && h.iter().all(|m| m.state == "stored")
+    })
+    .await;
+    // kill -9, then the same relay again on the same address and data directory.
+    relay.child.kill().unwrap();
+    relay.child.wait().unwrap();
+    let port = relay
+        .addr
+        .to_string()
+        .split('/')
+        .nth(4)
+        .unwrap()
+        .to_string();
+    let mut relay = spawn_relay_process(&data, &format!("/ip4/127.0.0.1/tcp/{port}"));
+    b.start_again().await;
+    let h = b.wait_history("alice", LONG, |h| h.len() >= 20).await;
+    let texts: Vec<String> = h.iter().map(|m| m.text.clone()).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
+    a.stop().await;
+    b.stop().await;
+    relay.child.kill().unwrap();
+    relay.child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_first_message_to_an_offline_contact_uses_a_one_time_prekey_from_its_relay() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let mut b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    // Bob keeps a pool of his one-time prekeys on his relay.
+    eventually("bob's prekeys published", LONG, || async {
+        (r.metric("tern_relay_prekeys_stored").await >= 25.0).then_some(())
+    })
+    .await;
+    let stored = r.metric("tern_relay_prekeys_stored").await;
+    let ticket = b.handle.ticket().await.unwrap().encode();
+    b.stop_keep().await;
+    // Alice adds offline bob: one of his prekeys is claimed for their session.
+    let a = TestNode::spawn("alice").await;
+    a.handle.contact_add(&ticket, "bob").await.unwrap();
+    assert_eq!(r.metric("tern_relay_prekeys_claimed_total").await, 1.0);
+    assert_eq!(r.metric("tern_relay_prekeys_stored").await, stored - 1.0);
+    a.handle.send("bob", "hello, offline bob").await.unwrap();
+    a.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "stored")
+        .await;
+    // Bob comes back: the session built on that prekey decrypts.
+    b.start_again().await;
+    let h = b.wait_history("alice", LONG, |h| !h.is_empty()).await;
+    assert_eq!(h[0].text, "hello, offline bob");
+    a.stop().await;
+    b.stop().await;
+    r.handle.shutdown().await;
 }

@@ -44,6 +44,8 @@ pub enum OutKind {
     Profile,
     /// Our presence key (or its withdrawal).
     PresenceKey,
+    /// Our new mailbox token.
+    MailboxToken,
 }
 
 /// One queued envelope, encrypted once and re-sent as is until acknowledged.
@@ -177,8 +179,13 @@ pub struct MessagingDb {
     pub presence_self: Table<OwnPresence>,
     /// `"token"` -> our mailbox token.
     pub mailbox_self: Table<[u8; 32]>,
+    /// `"revoked"` -> hashes of our earlier tokens, revoked at every registration.
+    pub mailbox_revoked: Table<Vec<[u8; 32]>>,
     /// Peer key -> the relays and token of that contact's mailbox (from its ticket).
     pub contact_mailbox: Table<super::mailbox::ContactMailbox>,
+    /// Peer key -> a prekey bundle with a one-time prekey claimed from the contact's relay,
+    /// used (and removed) when the first session with it starts.
+    pub claimed_prekeys: Table<Vec<u8>>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -207,7 +214,9 @@ impl MessagingDb {
             presence_keys: store.table("presence_keys")?,
             presence_self: store.table("presence_self")?,
             mailbox_self: store.table("mailbox_self")?,
+            mailbox_revoked: store.table("mailbox_revoked")?,
             contact_mailbox: store.table("contact_mailbox")?,
+            claimed_prekeys: store.table("claimed_prekeys")?,
         })
     }
 

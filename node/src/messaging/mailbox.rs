@@ -25,8 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Actor, Inbound, MessagingError,
-    db::{OutboxItem, PeerKey},
-    wire::{Envelope, MsgId, Request, Response},
+    contacts::Contact,
+    db::{OutKind, OutboxItem, PeerKey},
+    presence_share::eligible,
+    wire::{Content, Envelope, MsgId, Request, Response},
 };
 use crate::{
     net::{InboundRequest, NetHandle, Proto, peer_id_of},
@@ -35,6 +37,14 @@ use crate::{
 
 /// Most relays a message is deposited at.
 pub const MAX_HOME_RELAYS: usize = 2;
+/// How many revoked token hashes are kept (and revoked again at each registration).
+const MAX_REVOKED: usize = 16;
+/// A relay's pool of our one-time prekeys is topped up when it holds fewer than this...
+const PREKEY_LOW: u32 = 25;
+/// ...up to this many.
+const PREKEY_TARGET: u32 = 100;
+/// How long adding a contact waits for one of its relays to hand out a one-time prekey.
+const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Items per fetched page.
 const FETCH_ITEMS: u32 = 256;
 /// Envelope bytes per fetched page.
@@ -68,6 +78,13 @@ pub(super) struct RelayPage {
     pub(super) done: oneshot::Sender<Vec<[u8; 16]>>,
 }
 
+/// A sync task asks the actor for `count` new one-time prekey bundles to publish; they are
+/// answered once the new private keys are durable (an empty list when they are not).
+pub(super) struct MintRequest {
+    pub(super) count: u32,
+    pub(super) done: oneshot::Sender<Vec<Vec<u8>>>,
+}
+
 /// Loads or creates (and flushes) our mailbox token.
 pub fn load_or_create_token(table: &Table<[u8; 32]>) -> Result<MailboxToken, MessagingError> {
     if let Some(bytes) = table.get(b"token")? {
@@ -88,6 +105,113 @@ impl Actor {
             .collect()
     }
 
+    /// A contact that held our token was removed or blocked: make a new token, send it to
+    /// every remaining contact over its session, and revoke the old one at our relays (now
+    /// for those connected, at every later registration for all).
+    pub(super) fn mailbox_contact_dropped(
+        &mut self,
+        was_eligible: bool,
+    ) -> Result<(), MessagingError> {
+        if !was_eligible || self.config.home_relays.is_empty() {
+            return Ok(());
+        }
+        let old = self.mailbox_token.hash();
+        let mut revoked = self.db.mailbox_revoked.get(b"revoked")?.unwrap_or_default();
+        revoked.push(old.0);
+        if revoked.len() > MAX_REVOKED {
+            revoked.remove(0);
+        }
+        let token = MailboxToken::random(&mut self.rng);
+        self.db
+            .mailbox_self
+            .insert(b"token", token.expose_bytes())?;
+        self.db.mailbox_revoked.insert(b"revoked", &revoked)?;
+        self.mailbox_token = token;
+        self.dirty = true;
+        let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
+        let contacts: Vec<PeerKey> = self
+            .db
+            .contact_list()?
+            .iter()
+            .filter(|c| eligible(c))
+            .map(Contact::key)
+            .collect();
+        for peer in contacts {
+            let content = Content::MailboxToken {
+                token: *self.mailbox_token.expose_bytes(),
+                relays: relays.clone(),
+            };
+            if let Err(e) = self.queue(peer, vec![(content, OutKind::MailboxToken)]) {
+                tracing::warn!(error = %e, "could not queue the new mailbox token for a contact");
+            }
+        }
+        // Register the new token (and revoke the old) at the relays we are connected to.
+        for (relay, _) in self.home_relay_peers() {
+            self.sync_relay(relay);
+        }
+        Ok(())
+    }
+
+    /// Makes `count` one-time prekeys (bounded by the pool's cap), persists the pool and
+    /// answers their public bundles after the flush.
+    pub(super) fn mint_prekeys(&mut self, req: MintRequest) {
+        let room = crate::crypto::keys::MAX_ONE_TIME_PREKEYS
+            .saturating_sub(self.prekeys.one_time_prekey_count());
+        let count = (req.count as usize).min(room);
+        let mut prekeys = self.prekeys.clone();
+        let bundles: Result<Vec<Vec<u8>>, MessagingError> = (|| {
+            let ids = prekeys.generate_one_time_prekeys(&mut self.rng, count)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(prekeys.bundle(&self.keys, Some(id))?.to_bytes());
+            }
+            self.db.prekeys.insert(b"local", &*prekeys.to_bytes()?)?;
+            Ok(out)
+        })();
+        match bundles {
+            Ok(bundles) => {
+                self.prekeys = prekeys;
+                self.dirty = true;
+                let done = req.done;
+                self.after_flush.push(Box::new(move |flushed| {
+                    let _ = done.send(if flushed.is_ok() { bundles } else { Vec::new() });
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make one-time prekeys");
+                let _ = req.done.send(Vec::new());
+            }
+        }
+    }
+
+    /// Keeps a bundle claimed from a new contact's relay for the first session, if it is
+    /// genuine (verifies, carries a one-time prekey, belongs to the contact) and no session
+    /// exists yet.
+    pub(super) fn store_claimed(
+        &mut self,
+        peer: &PeerKey,
+        claimed: Option<Vec<u8>>,
+    ) -> Result<(), MessagingError> {
+        let Some(bytes) = claimed else {
+            return Ok(());
+        };
+        let contact = self.db.contacts.get(peer)?;
+        let genuine = crate::crypto::PrekeyBundle::from_bytes(&bytes)
+            .ok()
+            .filter(|b| b.verify().is_ok() && b.one_time_prekey().is_some())
+            .zip(contact)
+            .is_some_and(|(b, contact)| *b.identity() == contact.identity);
+        if !genuine {
+            tracing::warn!("a relay handed out a prekey bundle that does not verify; ignored");
+            return Ok(());
+        }
+        if self.db.sessions.get(peer)?.is_none() {
+            self.db.claimed_prekeys.insert(key(peer), &bytes)?;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
     /// Starts a sync with home relay `relay` unless one runs.
     pub(super) fn sync_relay(&mut self, relay: PeerId) {
         let Some((_, addr)) = self
@@ -103,10 +227,21 @@ impl Actor {
         }
         let net = self.net.clone();
         let pages = self.relay_pages_tx.clone();
+        let mint = self.mint_tx.clone();
         let done = self.sync_done_tx.clone();
         let hash = self.mailbox_token.hash();
+        let revoked: Vec<tern_store_forward::TokenHash> = self
+            .db
+            .mailbox_revoked
+            .get(b"revoked")
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .into_iter()
+            .map(tern_store_forward::TokenHash)
+            .collect();
         tokio::spawn(async move {
-            if let Err(e) = sync(&net, relay, addr, hash, &pages).await {
+            if let Err(e) = sync(&net, relay, addr, hash, revoked, &pages, &mint).await {
                 tracing::debug!(relay = %crate::net::short(&relay), error = %e, "mailbox sync stopped");
             }
             let _ = done.send(relay).await;
@@ -187,7 +322,9 @@ async fn sync(
     relay: PeerId,
     addr: Multiaddr,
     token_hash: tern_store_forward::TokenHash,
+    revoked: Vec<tern_store_forward::TokenHash>,
     pages: &mpsc::Sender<RelayPage>,
+    mint: &mpsc::Sender<MintRequest>,
 ) -> Result<(), String> {
     let call = |req: MbRequest| {
         let addr = addr.clone();
@@ -201,12 +338,31 @@ async fn sync(
     };
     match call(MbRequest::Register {
         add: vec![token_hash],
-        revoke: Vec::new(),
+        revoke: revoked,
     })
     .await?
     {
         MbResponse::Registered { .. } => {}
         other => return Err(format!("register refused: {other:?}")),
+    }
+    // Keep the relay's pool of our one-time prekeys topped up.
+    if let MbResponse::PrekeysPublished { available, .. } = call(MbRequest::PublishPrekeys {
+        prekeys: Vec::new(),
+    })
+    .await?
+        && available < PREKEY_LOW
+    {
+        let (done, rx) = oneshot::channel();
+        mint.send(MintRequest {
+            count: PREKEY_TARGET - available,
+            done,
+        })
+        .await
+        .map_err(|_| "messaging stopped".to_string())?;
+        let prekeys = rx.await.map_err(|_| "messaging stopped".to_string())?;
+        if !prekeys.is_empty() {
+            call(MbRequest::PublishPrekeys { prekeys }).await?;
+        }
     }
     let mut after = None;
     loop {
@@ -308,4 +464,37 @@ pub(super) async fn deposit(
 /// The `contact_mailbox` key of a contact.
 pub(super) fn key(peer: &PeerKey) -> &[u8] {
     peer
+}
+
+/// Claims one of the ticket owner's one-time prekeys (a bundle) from its relays; `None` when
+/// the ticket names none, no relay answers within a few seconds, or the pool is empty.
+pub async fn claim_prekey(
+    net: &NetHandle,
+    ticket: &crate::ticket::ContactTicket,
+) -> Option<Vec<u8>> {
+    let token = ticket.mailbox_token?;
+    let recipient = PeerBytes::new(ticket.peer_id.to_bytes()).ok()?;
+    let mb = ContactMailbox {
+        relays: ticket.relays.iter().map(|a| a.to_vec()).collect(),
+        token,
+    };
+    for (relay, addr) in mb.relay_peers() {
+        let frame = MbRequest::ClaimPrekey {
+            recipient: recipient.clone(),
+            token: MailboxToken::from_bytes(token),
+        }
+        .to_bytes();
+        let answer = tokio::time::timeout(
+            CLAIM_TIMEOUT,
+            net.request_on(Proto::Mailbox, relay, vec![addr], frame),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|b| MbResponse::from_bytes(&b).ok());
+        if let Some(MbResponse::Prekey(Some(bundle))) = answer {
+            return Some(bundle);
+        }
+    }
+    None
 }

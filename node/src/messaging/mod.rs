@@ -235,6 +235,7 @@ enum Cmd {
     ContactAdd {
         ticket: String,
         name: String,
+        claimed: Option<Vec<u8>>,
         reply: Reply<ContactView>,
     },
     ContactList {
@@ -306,15 +307,23 @@ impl MessagingHandle {
         rx.await.map_err(|_| MessagingError::ActorGone)?
     }
 
-    /// Adds a contact from its ticket under `name`.
+    /// Adds a contact from its ticket under `name`. When the ticket names relays, one of
+    /// the contact's one-time prekeys is claimed there first (`net`), so the session this
+    /// starts gets a fresh one even while the contact is offline.
     pub async fn contact_add(
         &self,
+        net: &NetHandle,
         ticket: String,
         name: String,
     ) -> Result<ContactView, MessagingError> {
+        let claimed = match ContactTicket::decode(&ticket) {
+            Ok(t) => mailbox::claim_prekey(net, &t).await,
+            Err(_) => None,
+        };
         self.call(|reply| Cmd::ContactAdd {
             ticket,
             name,
+            claimed,
             reply,
         })
         .await
@@ -424,6 +433,7 @@ struct Channels {
     mailbox_in: mpsc::Receiver<InboundRequest>,
     relay_pages: mpsc::Receiver<mailbox::RelayPage>,
     sync_done: mpsc::Receiver<PeerId>,
+    mint: mpsc::Receiver<mailbox::MintRequest>,
 }
 
 /// What one delivery attempt to a peer produced.
@@ -484,6 +494,7 @@ struct Actor {
     sync_again: std::collections::HashSet<PeerId>,
     relay_pages_tx: mpsc::Sender<mailbox::RelayPage>,
     sync_done_tx: mpsc::Sender<PeerId>,
+    mint_tx: mpsc::Sender<mailbox::MintRequest>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -504,6 +515,7 @@ pub fn spawn(
     let mailbox_token = mailbox::load_or_create_token(&db.mailbox_self)?;
     let (relay_pages_tx, relay_pages) = mpsc::channel(4);
     let (sync_done_tx, sync_done) = mpsc::channel(16);
+    let (mint_tx, mint) = mpsc::channel(4);
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
@@ -545,6 +557,7 @@ pub fn spawn(
         sync_again: Default::default(),
         relay_pages_tx,
         sync_done_tx,
+        mint_tx,
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -561,6 +574,7 @@ pub fn spawn(
             mailbox_in,
             relay_pages,
             sync_done,
+            mint,
         },
         shutdown,
     ));
@@ -606,6 +620,7 @@ impl Actor {
             mut mailbox_in,
             mut relay_pages,
             mut sync_done,
+            mut mint,
         } = channels;
         self.reconnect_contacts();
         self.start_deliveries();
@@ -625,6 +640,7 @@ impl Actor {
                 Some(req) = mailbox_in.recv() => self.handle_mailbox_request(req),
                 Some(page) = relay_pages.recv() => self.handle_relay_page(page),
                 Some(relay) = sync_done.recv() => self.sync_finished(relay),
+                Some(req) = mint.recv() => self.mint_prekeys(req),
                 _ = tokio::time::sleep_until(wake) => {}
             }
             // Drain what else is ready, so one flush covers the whole batch.
@@ -733,9 +749,10 @@ impl Actor {
             Cmd::ContactAdd {
                 ticket,
                 name,
+                claimed,
                 reply,
             } => {
-                let r = self.contact_add(&ticket, name);
+                let r = self.contact_add(&ticket, name, claimed);
                 self.reply_after_flush(reply, r);
             }
             Cmd::ContactList { reply } => {
@@ -834,7 +851,12 @@ impl Actor {
             .ok_or_else(|| MessagingError::UnknownContact(name.to_string()))
     }
 
-    fn contact_add(&mut self, ticket: &str, name: String) -> Result<ContactView, MessagingError> {
+    fn contact_add(
+        &mut self,
+        ticket: &str,
+        name: String,
+        claimed: Option<Vec<u8>>,
+    ) -> Result<ContactView, MessagingError> {
         validate_name(&name).map_err(MessagingError::InvalidName)?;
         let ticket = ContactTicket::decode(ticket)
             .map_err(|e| MessagingError::InvalidTicket(e.to_string()))?;
@@ -884,6 +906,7 @@ impl Actor {
                         Ok(())
                     })?;
                 self.store_contact_mailbox(&key, &ticket)?;
+                self.store_claimed(&key, claimed)?;
                 self.presence_contact_added(&c)?;
                 return Ok(c.view(self.keys.public()));
             }
@@ -916,6 +939,7 @@ impl Actor {
             auto_added: false,
         });
         self.store_contact_mailbox(&key, &ticket)?;
+        self.store_claimed(&key, claimed)?;
         self.presence_contact_added(&contact)?;
         Ok(contact.view(self.keys.public()))
     }
@@ -961,6 +985,7 @@ impl Actor {
         self.schedule.done(&key);
         self.session_cache.borrow_mut().remove(&key);
         self.db.contact_mailbox.remove(mailbox::key(&key))?;
+        self.mailbox_contact_dropped(presence_share::eligible(&c))?;
         self.presence_contact_dropped(presence_share::eligible(&c))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
@@ -979,6 +1004,7 @@ impl Actor {
         c.blocked = blocked;
         self.db.contacts.insert(&c.key(), &c)?;
         if blocked {
+            self.mailbox_contact_dropped(was_eligible)?;
             self.presence_contact_dropped(was_eligible)?;
         } else if !was_eligible {
             self.presence_contact_added(&c)?;
@@ -1047,16 +1073,23 @@ impl Actor {
         let contact = self.db.contacts.get(&peer)?;
         let record = self.db.sessions.get(&peer)?;
         let mut contents = contents;
+        // A one-time prekey claimed from the contact's relay, used once, for the first session.
+        let mut used_claimed = false;
         let (mut session, mut previous) = match record {
             Some(r) => (self.cached_session(&peer, &r.current)?, r.previous),
             None => {
                 let c = contact
                     .as_ref()
                     .ok_or_else(|| MessagingError::UnknownContact(hex_short(&peer)))?;
-                let bundle_bytes = c
-                    .bundle
-                    .as_ref()
-                    .ok_or_else(|| MessagingError::NoSession(c.name.clone()))?;
+                let claimed = self.db.claimed_prekeys.get(mailbox::key(&peer))?;
+                used_claimed = claimed.is_some();
+                let bundle_bytes = match &claimed {
+                    Some(b) => b,
+                    None => c
+                        .bundle
+                        .as_ref()
+                        .ok_or_else(|| MessagingError::NoSession(c.name.clone()))?,
+                };
                 let bundle = PrekeyBundle::from_bytes(bundle_bytes)?;
                 let s = Session::initiate(&mut self.rng, &self.keys, &bundle)?;
                 contents.insert(0, (self.profile_content(), OutKind::Profile));
@@ -1105,19 +1138,26 @@ impl Actor {
         };
         self.cache_session(peer, &record.current, &session);
         let db = &self.db;
-        db.store
-            .transaction(&[&db.sessions, &db.outbox, &db.history, &db.index], |tx| {
-                tx.insert(&db.sessions, &peer, &record)?;
-                for item in &items {
-                    tx.insert(&db.outbox, &peer_id_key(&peer, &item.id), item)?;
-                }
-                for m in &entries {
-                    let hk = history_key(&peer, m.timestamp, &m.id);
-                    tx.insert(&db.history, &hk, m)?;
-                    tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
-                }
-                Ok(())
-            })?;
+        let mut tables: Vec<&dyn crate::store::AnyTable> =
+            vec![&db.sessions, &db.outbox, &db.history, &db.index];
+        if used_claimed {
+            tables.push(&db.claimed_prekeys);
+        }
+        db.store.transaction(&tables, |tx| {
+            if used_claimed {
+                tx.remove(&db.claimed_prekeys, mailbox::key(&peer))?;
+            }
+            tx.insert(&db.sessions, &peer, &record)?;
+            for item in &items {
+                tx.insert(&db.outbox, &peer_id_key(&peer, &item.id), item)?;
+            }
+            for m in &entries {
+                let hk = history_key(&peer, m.timestamp, &m.id);
+                tx.insert(&db.history, &hk, m)?;
+                tx.insert(&db.index, &peer_id_key(&m.peer, &m.id), &hk)?;
+            }
+            Ok(())
+        })?;
         self.dirty = true;
         for item in &items {
             let ts = entries
@@ -1861,6 +1901,9 @@ impl Actor {
         if matches!(content, Content::PresenceKey { .. }) {
             tables.push(&db.presence_keys);
         }
+        if matches!(content, Content::MailboxToken { .. }) {
+            tables.push(&db.contact_mailbox);
+        }
         let changed = db.store.transaction(&tables, |tx| {
             tx.insert(&db.sessions, &sender, &record)?;
             if let Some(p) = &prekey_bytes {
@@ -1890,6 +1933,16 @@ impl Actor {
                         tx.remove(&db.presence_keys, &sender)?;
                     }
                 }
+            }
+            if let Content::MailboxToken { token, relays } = &content {
+                tx.insert(
+                    &db.contact_mailbox,
+                    mailbox::key(&sender),
+                    &mailbox::ContactMailbox {
+                        relays: relays.clone(),
+                        token: *token,
+                    },
+                )?;
             }
             if let Some(m) = &text_entry {
                 let hk = history_key(&sender, m.timestamp, &m.id);

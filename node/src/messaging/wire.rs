@@ -278,6 +278,14 @@ pub enum Content {
         /// The 32-byte key.
         key: Option<[u8; 32]>,
     },
+    /// The sender's current mailbox capability and home relays (sent when it rotates its
+    /// token, which revokes the old one for everyone else).
+    MailboxToken {
+        /// The token to deposit with.
+        token: [u8; 32],
+        /// The sender's home relays (binary multiaddrs with `/p2p/`).
+        relays: Vec<Vec<u8>>,
+    },
 }
 
 /// The plaintext of an envelope: versioned [`Content`].

@@ -11,8 +11,8 @@ use std::{
 };
 
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity::Keypair,
-    kad, mdns, noise, ping, relay, request_response, swarm::NetworkBehaviour,
+    StreamProtocol, Swarm, SwarmBuilder, connection_limits, dcutr, gossipsub, identify,
+    identity::Keypair, kad, mdns, noise, ping, relay, request_response, swarm::NetworkBehaviour,
     swarm::behaviour::toggle::Toggle, tcp, yamux,
 };
 
@@ -117,6 +117,10 @@ pub(crate) struct Behaviour {
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     /// Circuit relay v2 server, on relays only.
     pub(crate) relay: Toggle<relay::Behaviour>,
+    /// Circuit relay v2 client: users reachable through their home relays.
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Direct connection upgrade through relay (hole punching) after a relayed connection.
+    pub(crate) dcutr: dcutr::Behaviour,
 }
 
 /// What a swarm is for.
@@ -243,7 +247,12 @@ pub(crate) fn build_swarm(
             c.keep_alive_interval = QUIC_KEEP_ALIVE;
             c
         })
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| BuildError::Transport {
+            what: "relay client",
+            message: e.to_string(),
+        })?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(30));
@@ -301,6 +310,8 @@ pub(crate) fn build_swarm(
                     (role == Role::Relay)
                         .then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
                 ),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
             }
         })
         .map_err(|e| BuildError::Transport {

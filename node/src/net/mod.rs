@@ -135,7 +135,7 @@ pub struct RelayStatus {
 /// A snapshot of the network state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetStatus {
-    /// Addresses the node listens on.
+    /// Addresses the node listens on (including `/p2p-circuit` addresses through relays).
     pub listen_addrs: Vec<String>,
     /// Connected peers.
     pub connected_peers: Vec<String>,
@@ -489,6 +489,8 @@ struct RelayState {
     address: Multiaddr,
     peer_id: Option<PeerId>,
     connected: bool,
+    /// A circuit listener (reservation) through this relay is open.
+    circuit: Option<libp2p::core::transport::ListenerId>,
     dialing: Option<ConnectionId>,
     last_error: Option<String>,
     next_attempt: tokio::time::Instant,
@@ -509,6 +511,7 @@ struct NetActor {
     rtt: HashMap<PeerId, Duration>,
     relays: Vec<RelayState>,
     sinks: Sinks,
+    role: Role,
     topics: behaviour::JoinedTopics,
     topic_stats: HashMap<String, TopicStats>,
     pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
@@ -557,6 +560,9 @@ pub async fn spawn(
                 address,
             }) => {
                 listeners.remove(&listener_id);
+                if role == Role::Relay && is_concrete(&address) {
+                    swarm.add_external_address(address.clone());
+                }
                 events.publish(EventKind::Listening {
                     address: address.to_string(),
                 });
@@ -589,6 +595,7 @@ pub async fn spawn(
             address: address.clone(),
             peer_id: peer_id_of(address),
             connected: false,
+            circuit: None,
             dialing: None,
             last_error: None,
             next_attempt: now,
@@ -605,6 +612,7 @@ pub async fn spawn(
         rtt: HashMap::new(),
         relays,
         sinks,
+        role,
         topics,
         topic_stats: HashMap::new(),
         pending_requests: HashMap::new(),
@@ -617,19 +625,31 @@ pub async fn spawn(
     Ok((NetHandle { tx, net_events }, task))
 }
 
-/// The `/p2p/<id>` component of an address, if any.
+/// The peer an address leads to: its last `/p2p/<id>` component, if any (in a circuit
+/// address `<relay>/p2p/<relay id>/p2p-circuit/p2p/<id>` the first one is the relay's).
 pub fn peer_id_of(address: &Multiaddr) -> Option<PeerId> {
-    address.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
+    match address.iter().last() {
+        Some(Protocol::P2p(id)) => Some(id),
         _ => None,
+    }
+}
+
+/// Not an unspecified (`0.0.0.0`, `::`) address.
+fn is_concrete(address: &Multiaddr) -> bool {
+    address.iter().all(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_unspecified(),
+        _ => true,
     })
 }
 
+/// `address` without its trailing `/p2p/<id>` (a relay's id inside a circuit address stays).
 fn without_p2p(address: &Multiaddr) -> Multiaddr {
-    address
-        .iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .collect()
+    let mut a = address.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
 }
 
 impl NetActor {
@@ -948,9 +968,25 @@ impl NetActor {
                 ..
             } => self.on_dial_error(connection_id, error.to_string()),
             SwarmEvent::NewListenAddr { address, .. } => {
+                // A relay hands its addresses to the users it makes reservations for: its
+                // concrete listen addresses are its external ones.
+                if self.role == Role::Relay && is_concrete(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.events.publish(EventKind::Listening {
                     address: address.to_string(),
                 });
+                let _ = self.net_events.send(NetEvent::ListenAddrs(
+                    self.swarm.listeners().cloned().collect(),
+                ));
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                // A relay reservation ended (the relay went away): listen again on reconnect.
+                for relay in &mut self.relays {
+                    if relay.circuit == Some(listener_id) {
+                        relay.circuit = None;
+                    }
+                }
                 let _ = self.net_events.send(NetEvent::ListenAddrs(
                     self.swarm.listeners().cloned().collect(),
                 ));
@@ -984,6 +1020,17 @@ impl NetActor {
                     .behaviour_mut()
                     .kad
                     .add_address(&peer, without_p2p(&relay.address));
+                // Reachable through the relay (circuit relay v2) even behind a NAT: the
+                // circuit address shows up among our listen addresses, hence in our ticket.
+                if relay.circuit.is_none() && self.role == Role::User {
+                    let circuit = relay.address.clone().with(Protocol::P2pCircuit);
+                    match self.swarm.listen_on(circuit) {
+                        Ok(id) => relay.circuit = Some(id),
+                        Err(e) => {
+                            tracing::warn!(relay = %relay.address, error = %e, "cannot listen through the relay")
+                        }
+                    }
+                }
             }
         }
         if n == 1 {
