@@ -322,8 +322,10 @@ async fn a_removed_contacts_token_is_revoked_at_the_relay() {
 #[tokio::test]
 async fn relay_limits_hold_end_to_end() {
     use tern_store_forward::{ErrorCode, MailboxToken, PeerBytes, Request, Response};
-    let mut base = RelayConfig::default();
-    base.purge_interval_secs = 1;
+    let mut base = RelayConfig {
+        purge_interval_secs: 1,
+        ..RelayConfig::default()
+    };
     base.limits.quota_count = 3;
     base.limits.max_envelope_bytes = 1024;
     base.limits.sender_rate_per_sec = 1;
