@@ -108,19 +108,20 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     /// LAN discovery, switched by `config.mdns`.
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
-    /// `/tern/msg/1`: envelopes in, durable-store acknowledgements out.
-    pub(crate) msg: request_response::Behaviour<FrameCodec>,
+    /// `/tern/msg/1`: envelopes in, durable-store acknowledgements out (users only).
+    pub(crate) msg: Toggle<request_response::Behaviour<FrameCodec>>,
     /// Gossipsub (presence, later groups): StrictNoSign, every message validated by its
     /// capability before it is forwarded, peer scoring on.
-    pub(crate) gossip: gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>,
+    pub(crate) gossip: Toggle<gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>>,
     /// `/tern/mailbox/1`: deposits, fetches and acks on relays; notices to users.
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     /// Circuit relay v2 server, on relays only.
     pub(crate) relay: Toggle<relay::Behaviour>,
-    /// Circuit relay v2 client: users reachable through their home relays.
-    pub(crate) relay_client: relay::client::Behaviour,
-    /// Direct connection upgrade through relay (hole punching) after a relayed connection.
-    pub(crate) dcutr: dcutr::Behaviour,
+    /// Circuit relay v2 client: users reachable through their home relays (users only).
+    pub(crate) relay_client: Toggle<relay::client::Behaviour>,
+    /// Direct connection upgrade through relay (hole punching) after a relayed connection
+    /// (users only).
+    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
 }
 
 /// What a swarm is for.
@@ -285,17 +286,19 @@ pub(crate) fn build_swarm(
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
                 kad,
                 mdns: Toggle::from(mdns),
-                msg: request_response::Behaviour::with_codec(
-                    FrameCodec {
-                        max_request: MSG_MAX_REQUEST,
-                        max_response: MSG_MAX_RESPONSE,
-                    },
-                    [(MSG_PROTOCOL, request_response::ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(MSG_REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(MSG_MAX_STREAMS),
-                ),
-                gossip,
+                msg: Toggle::from((role == Role::User).then(|| {
+                    request_response::Behaviour::with_codec(
+                        FrameCodec {
+                            max_request: MSG_MAX_REQUEST,
+                            max_response: MSG_MAX_RESPONSE,
+                        },
+                        [(MSG_PROTOCOL, request_response::ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(MSG_REQUEST_TIMEOUT)
+                            .with_max_concurrent_streams(MSG_MAX_STREAMS),
+                    )
+                })),
+                gossip: Toggle::from((role == Role::User).then_some(gossip)),
                 mailbox: request_response::Behaviour::with_codec(
                     FrameCodec {
                         max_request: tern_store_forward::MAX_REQUEST_FRAME,
@@ -310,8 +313,8 @@ pub(crate) fn build_swarm(
                     (role == Role::Relay)
                         .then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
                 ),
-                relay_client,
-                dcutr: dcutr::Behaviour::new(peer_id),
+                relay_client: Toggle::from((role == Role::User).then_some(relay_client)),
+                dcutr: Toggle::from((role == Role::User).then(|| dcutr::Behaviour::new(peer_id))),
             }
         })
         .map_err(|e| BuildError::Transport {

@@ -698,18 +698,27 @@ impl NetActor {
                 addrs,
                 bytes,
                 reply,
-            } => {
-                let id = self
-                    .rr(proto)
-                    .send_request_with_addresses(&peer, bytes, addrs);
-                self.pending_requests.insert((proto, id), reply);
-            }
+            } => match self.rr(proto) {
+                Some(rr) => {
+                    let id = rr.send_request_with_addresses(&peer, bytes, addrs);
+                    self.pending_requests.insert((proto, id), reply);
+                }
+                None => {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        message: format!("this node does not speak {proto:?}"),
+                    }));
+                }
+            },
             Command::Respond {
                 proto,
                 channel,
                 bytes,
             } => {
-                if self.rr(proto).send_response(channel, bytes).is_err() {
+                if self
+                    .rr(proto)
+                    .is_none_or(|rr| rr.send_response(channel, bytes).is_err())
+                {
                     tracing::debug!("response not sent: the requester went away");
                 }
             }
@@ -726,7 +735,13 @@ impl NetActor {
             } => {
                 let t = gossipsub::IdentTopic::new(topic.clone());
                 self.topics.insert(t.hash());
-                let gossip = &mut self.swarm.behaviour_mut().gossip;
+                let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() else {
+                    let _ = reply.send(Err(NetError::Gossip {
+                        topic,
+                        message: "this node does not run gossipsub".into(),
+                    }));
+                    return;
+                };
                 let mut result = gossip
                     .subscribe(&t)
                     .map(|_| ())
@@ -746,13 +761,19 @@ impl NetActor {
             }
             Command::Unsubscribe { topic } => {
                 let t = gossipsub::IdentTopic::new(topic);
-                self.swarm.behaviour_mut().gossip.unsubscribe(&t);
+                if let Some(g) = self.swarm.behaviour_mut().gossip.as_mut() {
+                    g.unsubscribe(&t);
+                }
                 self.topics.remove(&t.hash());
             }
             Command::Publish { topic, data, reply } => {
                 let len = data.len() as u64;
                 let t = gossipsub::IdentTopic::new(topic.clone());
-                let result = match self.swarm.behaviour_mut().gossip.publish(t, data) {
+                let published = match self.swarm.behaviour_mut().gossip.as_mut() {
+                    Some(g) => g.publish(t, data),
+                    None => Err(gossipsub::PublishError::NoPeersSubscribedToTopic),
+                };
+                let result = match published {
                     Ok(_) => {
                         let stats = self.topic_stats.entry(topic).or_default();
                         stats.published += 1;
@@ -776,13 +797,18 @@ impl NetActor {
                 source,
                 acceptance,
             } => {
-                self.swarm
-                    .behaviour_mut()
-                    .gossip
-                    .report_message_validation_result(&id, &source, acceptance);
+                if let Some(g) = self.swarm.behaviour_mut().gossip.as_mut() {
+                    g.report_message_validation_result(&id, &source, acceptance);
+                }
             }
             Command::GossipScore { peer, reply } => {
-                let _ = reply.send(self.swarm.behaviour().gossip.peer_score(&peer));
+                let score = self
+                    .swarm
+                    .behaviour()
+                    .gossip
+                    .as_ref()
+                    .and_then(|g| g.peer_score(&peer));
+                let _ = reply.send(score);
             }
             Command::TopicPeers { topic, reply } => {
                 let hash = gossipsub::IdentTopic::new(topic).hash();
@@ -790,10 +816,14 @@ impl NetActor {
                     .swarm
                     .behaviour()
                     .gossip
-                    .all_peers()
-                    .filter(|(_, topics)| topics.contains(&&hash))
-                    .map(|(p, _)| *p)
-                    .collect();
+                    .as_ref()
+                    .map(|g| {
+                        g.all_peers()
+                            .filter(|(_, topics)| topics.contains(&&hash))
+                            .map(|(p, _)| *p)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let _ = reply.send(peers);
             }
             Command::TopicStats { topic, reply } => {
@@ -822,14 +852,13 @@ impl NetActor {
                 if let Err(e) = self.sinks.gossip.try_send(item) {
                     // No one to judge it now: drop it without forwarding or penalty.
                     tracing::debug!("gossip message ignored: {e}");
-                    self.swarm
-                        .behaviour_mut()
-                        .gossip
-                        .report_message_validation_result(
+                    if let Some(g) = self.swarm.behaviour_mut().gossip.as_mut() {
+                        g.report_message_validation_result(
                             &message_id,
                             &propagation_source,
                             MessageAcceptance::Ignore,
                         );
+                    }
                 }
             }
             gossipsub::Event::Subscribed { peer_id, topic, .. } => {
@@ -842,10 +871,10 @@ impl NetActor {
         }
     }
 
-    fn rr(&mut self, proto: Proto) -> &mut request_response::Behaviour<FrameCodec> {
+    fn rr(&mut self, proto: Proto) -> Option<&mut request_response::Behaviour<FrameCodec>> {
         match proto {
-            Proto::Msg => &mut self.swarm.behaviour_mut().msg,
-            Proto::Mailbox => &mut self.swarm.behaviour_mut().mailbox,
+            Proto::Msg => self.swarm.behaviour_mut().msg.as_mut(),
+            Proto::Mailbox => Some(&mut self.swarm.behaviour_mut().mailbox),
         }
     }
 
