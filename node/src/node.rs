@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
+use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -342,7 +342,7 @@ impl NodeHandle {
             .listen_addrs()
             .await?
             .into_iter()
-            .filter(is_dialable)
+            .filter(net::is_dialable)
             .collect();
         let bundle = self.inner.messaging.bundle().await?;
         let token = self.inner.messaging.mailbox_token().await?;
@@ -568,14 +568,5 @@ pub fn offline_ticket(dir: &DataDir) -> Result<ContactTicket, NodeError> {
         bundle: Some(bundle),
         mailbox_token: (!config.relays.is_empty()).then(|| *token.expose_bytes()),
         relays: config.relays,
-    })
-}
-
-/// Whether an address is worth putting in a ticket (not `0.0.0.0`/`::`, not relayed-through-nothing).
-fn is_dialable(addr: &Multiaddr) -> bool {
-    addr.iter().all(|p| match p {
-        Protocol::Ip4(ip) => !ip.is_unspecified(),
-        Protocol::Ip6(ip) => !ip.is_unspecified(),
-        _ => true,
     })
 }

@@ -312,9 +312,8 @@ impl MailboxActor {
         }
         let mut notices = Vec::new();
         for (req, reply) in batch.into_iter().zip(replies) {
-            if let Some(ServerEvent::Deposited { recipient, waiting }) = &reply.event
-                && !reply.needs_flush_failed()
-            {
+            // A reply turned into `Unavailable` by a failed flush carries no event.
+            if let Some(ServerEvent::Deposited { recipient, waiting }) = &reply.event {
                 notices.push((recipient.clone(), *waiting));
             }
             let _ = self
@@ -394,17 +393,6 @@ impl MailboxActor {
                 });
             }
         }
-    }
-}
-
-trait NeedsFlushFailed {
-    fn needs_flush_failed(&self) -> bool;
-}
-
-impl NeedsFlushFailed for Reply {
-    /// A reply turned into `Unavailable` by a failed flush carries no event worth acting on.
-    fn needs_flush_failed(&self) -> bool {
-        self.error == Some(tern_store_forward::ErrorCode::Unavailable)
     }
 }
 

@@ -9,32 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a bench binary: panics report failures
 
-use std::{
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::{Multiaddr, SwarmBuilder, noise, swarm::dummy, tcp, yamux};
-
-fn bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TERN_BIN") {
-        return p.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let b = target.join("release").join("tern");
-    assert!(
-        b.exists(),
-        "{} missing: run `cargo build --release -p tern-cli` first",
-        b.display()
-    );
-    b
-}
+use libp2p::{SwarmBuilder, noise, swarm::dummy, tcp, yamux};
+use tern_tests::RelayProcess;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -68,34 +47,10 @@ async fn main() {
         "the open-files limit ({limit}) is too low for {clients} connections: raise `ulimit -n`"
     );
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("relay");
-    let mut child = Command::new(bin())
-        .args(["--data-dir"])
-        .arg(&data)
-        .args(["relay", "--listen", "/ip4/127.0.0.1/tcp/0"])
-        .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn,tern=info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    // The relay logs its dialable address (with /p2p/) on stderr.
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: Multiaddr = loop {
-        let line = lines.next().expect("relay exited").unwrap();
-        if line.contains("relay listening")
-            && let Some(at) = line.find("/ip4/")
-        {
-            let text: String = line[at..]
-                .chars()
-                .take_while(|c| !c.is_whitespace() && !c.is_control())
-                .collect();
-            break text.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    // `target/release/tern`: build it first (see the command above).
+    let relay = RelayProcess::spawn(&dir.path().join("relay"), "/ip4/127.0.0.1/tcp/0");
+    let pid = relay.pid();
+    let addr = relay.addr.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = rss_kib(pid);
     println!("Tern relay memory ({clients} idle connections, release build)");
@@ -153,6 +108,5 @@ async fn main() {
         "  per connection: {:.1} KB (target <= 50 KB; WhatsApp ran about 30 KB)",
         per / 1000.0
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(relay);
 }

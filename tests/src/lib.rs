@@ -661,3 +661,66 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg("-l").arg(&self.path).output();
     }
 }
+
+/// A `tern relay` process (`--data-dir data relay --listen ...`, admin endpoint on an
+/// OS-chosen loopback port) and the dialable address it logged. Killed on drop.
+pub struct RelayProcess {
+    pub child: Child,
+    /// `/ip4/.../tcp/<port>/p2p/<relay id>`.
+    pub addr: tern_node::Multiaddr,
+}
+
+impl RelayProcess {
+    /// Starts the relay with the `tern` next to the running test or bench binary and waits
+    /// until it logs its address.
+    pub fn spawn(data: &Path, listen: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(tern_bin())
+            .arg("--data-dir")
+            .arg(data)
+            .args(["relay", "--listen", listen])
+            .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
+            .env("RUST_LOG", "warn,tern=info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the relay exited before listening")
+                .unwrap();
+            if line.contains("relay listening")
+                && let Some(at) = line.find("/ip4/")
+            {
+                let text: String = line[at..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && !c.is_control())
+                    .collect();
+                break text.parse().unwrap();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    /// The relay's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

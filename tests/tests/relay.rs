@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 
 use tern_node::{DataDir, Multiaddr, relay};
 use tern_store_forward::RelayConfig;
-use tern_tests::{TestNode, eventually};
+use tern_tests::{RelayProcess, TestNode, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -423,50 +423,11 @@ async fn relay_limits_hold_end_to_end() {
     r.handle.shutdown().await;
 }
 
-/// A `tern relay` process: its data directory and its dialable address.
-struct RelayProcess {
-    child: std::process::Child,
-    addr: Multiaddr,
-}
-
-fn spawn_relay_process(data: &Path, listen: &str) -> RelayProcess {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(tern_tests::tern_bin())
-        .arg("--data-dir")
-        .arg(data)
-        .args(["relay", "--listen", listen])
-        .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn,tern=info")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: Multiaddr = loop {
-        let line = lines
-            .next()
-            .expect("the relay exited before listening")
-            .unwrap();
-        if line.contains("relay listening")
-            && let Some(at) = line.find("/ip4/")
-        {
-            let text: String = line[at..]
-                .chars()
-                .take_while(|c| !c.is_whitespace() && !c.is_control())
-                .collect();
-            break text.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    RelayProcess { child, addr }
-}
-
 #[tokio::test]
 async fn a_relay_killed_with_sigkill_between_deposit_and_fetch_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay");
-    let mut relay = spawn_relay_process(&data, "/ip4/127.0.0.1/tcp/0");
+    let mut relay = RelayProcess::spawn(&data, "/ip4/127.0.0.1/tcp/0");
     let a = TestNode::spawn("alice").await;
     let raddr = relay.addr.clone();
     let mut b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
@@ -484,8 +445,7 @@ async fn a_relay_killed_with_sigkill_between_deposit_and_fetch_loses_nothing() {
     })
     .await;
     // kill -9, then the same relay again on the same address and data directory.
-    relay.child.kill().unwrap();
-    relay.child.wait().unwrap();
+    relay.kill9();
     let port = relay
         .addr
         .to_string()
@@ -493,7 +453,7 @@ async fn a_relay_killed_with_sigkill_between_deposit_and_fetch_loses_nothing() {
         .nth(4)
         .unwrap()
         .to_string();
-    let mut relay = spawn_relay_process(&data, &format!("/ip4/127.0.0.1/tcp/{port}"));
+    let relay = RelayProcess::spawn(&data, &format!("/ip4/127.0.0.1/tcp/{port}"));
     b.start_again().await;
     let h = b.wait_history("alice", LONG, |h| h.len() >= 20).await;
     let texts: Vec<String> = h.iter().map(|m| m.text.clone()).collect();
@@ -501,8 +461,7 @@ async fn a_relay_killed_with_sigkill_between_deposit_and_fetch_loses_nothing() {
     assert_eq!(texts, want);
     a.stop().await;
     b.stop().await;
-    relay.child.kill().unwrap();
-    relay.child.wait().unwrap();
+    drop(relay);
 }
 
 #[tokio::test]

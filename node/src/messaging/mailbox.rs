@@ -25,9 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Actor, Inbound, MessagingError,
-    contacts::Contact,
     db::{OutKind, OutboxItem, PeerKey},
-    presence_share::eligible,
     wire::{Content, Envelope, MsgId, Request, Response},
 };
 use crate::{
@@ -129,14 +127,7 @@ impl Actor {
         self.mailbox_token = token;
         self.dirty = true;
         let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
-        let contacts: Vec<PeerKey> = self
-            .db
-            .contact_list()?
-            .iter()
-            .filter(|c| eligible(c))
-            .map(Contact::key)
-            .collect();
-        for peer in contacts {
+        for peer in self.eligible_contacts()? {
             let content = Content::MailboxToken {
                 token: *self.mailbox_token.expose_bytes(),
                 relays: relays.clone(),

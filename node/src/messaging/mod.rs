@@ -56,7 +56,7 @@ use crate::{
     crypto::{CryptoError, IdentityKeys, LocalPrekeys, Message, PrekeyBundle, Session},
     events::{EventBus, EventKind, now_ms},
     identity::ed25519_public_of,
-    net::{InboundRequest, NetEvent, NetHandle},
+    net::{InboundRequest, NetEvent, NetHandle, is_dialable},
     store::{StoreError, Tx, TxError},
     ticket::ContactTicket,
 };
@@ -2339,15 +2339,6 @@ fn merge_addrs(into: &mut Vec<Multiaddr>, new: &[Multiaddr]) {
     // Keep the newest few.
     let excess = into.len().saturating_sub(8);
     into.drain(..excess);
-}
-
-fn is_dialable(addr: &Multiaddr) -> bool {
-    use libp2p::multiaddr::Protocol;
-    addr.iter().all(|p| match p {
-        Protocol::Ip4(ip) => !ip.is_unspecified(),
-        Protocol::Ip6(ip) => !ip.is_unspecified(),
-        _ => true,
-    })
 }
 
 fn hex_short(key: &PeerKey) -> String {

@@ -66,15 +66,19 @@ impl Actor {
         }
     }
 
-    fn queue_to_all(&mut self, key: Option<&PresenceKey>) -> Result<(), MessagingError> {
-        let contacts: Vec<PeerKey> = self
+    /// The contacts that hold our presence key and mailbox token.
+    pub(super) fn eligible_contacts(&self) -> Result<Vec<PeerKey>, MessagingError> {
+        Ok(self
             .db
             .contact_list()?
             .iter()
             .filter(|c| eligible(c))
             .map(Contact::key)
-            .collect();
-        for peer in contacts {
+            .collect())
+    }
+
+    fn queue_to_all(&mut self, key: Option<&PresenceKey>) -> Result<(), MessagingError> {
+        for peer in self.eligible_contacts()? {
             self.queue_presence_key(peer, key);
         }
         Ok(())

@@ -560,7 +560,7 @@ pub async fn spawn(
                 address,
             }) => {
                 listeners.remove(&listener_id);
-                if role == Role::Relay && is_concrete(&address) {
+                if role == Role::Relay && is_dialable(&address) {
                     swarm.add_external_address(address.clone());
                 }
                 events.publish(EventKind::Listening {
@@ -634,8 +634,9 @@ pub fn peer_id_of(address: &Multiaddr) -> Option<PeerId> {
     }
 }
 
-/// Not an unspecified (`0.0.0.0`, `::`) address.
-fn is_concrete(address: &Multiaddr) -> bool {
+/// Whether an address can be dialed by someone else: not an unspecified (`0.0.0.0`, `::`)
+/// listen address. Used for tickets, profiles and a relay's external addresses.
+pub fn is_dialable(address: &Multiaddr) -> bool {
     address.iter().all(|p| match p {
         Protocol::Ip4(ip) => !ip.is_unspecified(),
         Protocol::Ip6(ip) => !ip.is_unspecified(),
@@ -999,7 +1000,7 @@ impl NetActor {
             SwarmEvent::NewListenAddr { address, .. } => {
                 // A relay hands its addresses to the users it makes reservations for: its
                 // concrete listen addresses are its external ones.
-                if self.role == Role::Relay && is_concrete(&address) {
+                if self.role == Role::Relay && is_dialable(&address) {
                     self.swarm.add_external_address(address.clone());
                 }
                 self.events.publish(EventKind::Listening {
