@@ -16,7 +16,7 @@ use libp2p::{
     swarm::behaviour::toggle::Toggle, tcp, yamux,
 };
 
-use super::frame::FrameCodec;
+use super::{boxed::Boxed, frame::FrameCodec};
 use crate::config::Config;
 
 /// Kademlia protocol name of the Tern DHT.
@@ -109,19 +109,20 @@ pub(crate) struct Behaviour {
     /// LAN discovery, switched by `config.mdns`.
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     /// `/tern/msg/1`: envelopes in, durable-store acknowledgements out (users only).
-    pub(crate) msg: Toggle<request_response::Behaviour<FrameCodec>>,
+    pub(crate) msg: Toggle<Boxed<request_response::Behaviour<FrameCodec>>>,
     /// Gossipsub (presence, later groups): StrictNoSign, every message validated by its
     /// capability before it is forwarded, peer scoring on.
-    pub(crate) gossip: Toggle<gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>>,
+    pub(crate) gossip:
+        Toggle<Boxed<gossipsub::Behaviour<gossipsub::IdentityTransform, JoinedTopics>>>,
     /// `/tern/mailbox/1`: deposits, fetches and acks on relays; notices to users.
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     /// Circuit relay v2 server, on relays only.
     pub(crate) relay: Toggle<relay::Behaviour>,
     /// Circuit relay v2 client: users reachable through their home relays (users only).
-    pub(crate) relay_client: Toggle<relay::client::Behaviour>,
+    pub(crate) relay_client: Toggle<Boxed<relay::client::Behaviour>>,
     /// Direct connection upgrade through relay (hole punching) after a relayed connection
     /// (users only).
-    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    pub(crate) dcutr: Toggle<Boxed<dcutr::Behaviour>>,
 }
 
 /// What a swarm is for.
@@ -221,7 +222,7 @@ pub(crate) fn build_swarm(
     config: &Config,
     topics: JoinedTopics,
     role: Role,
-) -> Result<Swarm<Behaviour>, BuildError> {
+) -> Result<Swarm<Boxed<Behaviour>>, BuildError> {
     let mdns_on = config.mdns;
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
@@ -254,6 +255,7 @@ pub(crate) fn build_swarm(
             message: e.to_string(),
         })?
         .with_behaviour(|key, relay_client| {
+            // Boxed: see `boxed` (per-connection memory on relays).
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(30));
@@ -277,7 +279,7 @@ pub(crate) fn build_swarm(
             } else {
                 None
             };
-            Behaviour {
+            Boxed::new(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
@@ -287,7 +289,7 @@ pub(crate) fn build_swarm(
                 kad,
                 mdns: Toggle::from(mdns),
                 msg: Toggle::from((role == Role::User).then(|| {
-                    request_response::Behaviour::with_codec(
+                    Boxed::new(request_response::Behaviour::with_codec(
                         FrameCodec {
                             max_request: MSG_MAX_REQUEST,
                             max_response: MSG_MAX_RESPONSE,
@@ -296,9 +298,9 @@ pub(crate) fn build_swarm(
                         request_response::Config::default()
                             .with_request_timeout(MSG_REQUEST_TIMEOUT)
                             .with_max_concurrent_streams(MSG_MAX_STREAMS),
-                    )
+                    ))
                 })),
-                gossip: Toggle::from((role == Role::User).then_some(gossip)),
+                gossip: Toggle::from((role == Role::User).then(|| Boxed::new(gossip))),
                 mailbox: request_response::Behaviour::with_codec(
                     FrameCodec {
                         max_request: tern_store_forward::MAX_REQUEST_FRAME,
@@ -313,9 +315,11 @@ pub(crate) fn build_swarm(
                     (role == Role::Relay)
                         .then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
                 ),
-                relay_client: Toggle::from((role == Role::User).then_some(relay_client)),
-                dcutr: Toggle::from((role == Role::User).then(|| dcutr::Behaviour::new(peer_id))),
-            }
+                relay_client: Toggle::from((role == Role::User).then(|| Boxed::new(relay_client))),
+                dcutr: Toggle::from(
+                    (role == Role::User).then(|| Boxed::new(dcutr::Behaviour::new(peer_id))),
+                ),
+            })
         })
         .map_err(|e| BuildError::Transport {
             what: "behaviour",

@@ -6,6 +6,7 @@
 //! [`NetError::ActorGone`], never a panic.
 
 mod behaviour;
+mod boxed;
 mod frame;
 
 use std::{
@@ -20,6 +21,7 @@ pub use behaviour::{
     MSG_REQUEST_TIMEOUT, PING_INTERVAL, QUIC_IDLE_TIMEOUT_MS, QUIC_KEEP_ALIVE, Role,
     gossip_score_params, gossip_thresholds, presence_topic_params,
 };
+use boxed::Boxed;
 pub use frame::FrameCodec;
 use futures::StreamExt;
 pub use libp2p::gossipsub::{MessageAcceptance, MessageId, TopicScoreParams};
@@ -502,7 +504,7 @@ type ResponseReply = oneshot::Sender<Result<Vec<u8>, NetError>>;
 
 /// The actor that owns the swarm.
 struct NetActor {
-    swarm: Swarm<Behaviour>,
+    swarm: Swarm<Boxed<Behaviour>>,
     commands: mpsc::Receiver<Command>,
     events: EventBus,
     shutdown: CancellationToken,
@@ -874,7 +876,7 @@ impl NetActor {
 
     fn rr(&mut self, proto: Proto) -> Option<&mut request_response::Behaviour<FrameCodec>> {
         match proto {
-            Proto::Msg => self.swarm.behaviour_mut().msg.as_mut(),
+            Proto::Msg => self.swarm.behaviour_mut().msg.as_mut().map(|b| &mut **b),
             Proto::Mailbox => Some(&mut self.swarm.behaviour_mut().mailbox),
         }
     }
