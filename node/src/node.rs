@@ -104,6 +104,8 @@ pub struct NodeStatus {
     pub rejected: std::collections::BTreeMap<String, u64>,
     /// Our presence and the presence frames accepted and rejected.
     pub presence: PresenceStats,
+    /// Relayed connections upgraded to direct ones by hole punching, and failed attempts.
+    pub hole_punches: net::HolePunchStats,
 }
 
 struct Inner {
@@ -366,6 +368,7 @@ impl NodeHandle {
             listen_addrs: net.listen_addrs,
             connected_peers: net.connected_peers,
             relays: net.relays,
+            hole_punches: net.hole_punches,
             outbox: stats.outbox,
             rejected: stats.rejected,
             presence,

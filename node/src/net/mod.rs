@@ -28,7 +28,7 @@ pub use libp2p::gossipsub::{MessageAcceptance, MessageId, TopicScoreParams};
 use libp2p::{
     Multiaddr, PeerId, Swarm,
     core::ConnectedPoint,
-    gossipsub, identify, kad, mdns,
+    dcutr, gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
     ping, request_response,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
@@ -143,6 +143,8 @@ pub struct NetStatus {
     pub connected_peers: Vec<String>,
     /// Configured relays.
     pub relays: Vec<RelayStatus>,
+    /// Hole-punching outcomes since start.
+    pub hole_punches: HolePunchStats,
 }
 
 /// A network happening that capabilities react to (not shown to users).
@@ -208,6 +210,15 @@ pub struct TopicStats {
     pub published: u64,
     /// Payload bytes we published.
     pub published_bytes: u64,
+}
+
+/// Direct connection upgrades (DCUtR hole punching) since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolePunchStats {
+    /// Relayed connections upgraded to a direct one.
+    pub succeeded: u64,
+    /// Attempts that failed (the relayed connection stays in use).
+    pub failed: u64,
 }
 
 /// A request-response protocol of the node.
@@ -516,6 +527,7 @@ struct NetActor {
     role: Role,
     topics: behaviour::JoinedTopics,
     topic_stats: HashMap<String, TopicStats>,
+    hole_punches: HolePunchStats,
     pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
     net_events: broadcast::Sender<NetEvent>,
 }
@@ -617,6 +629,7 @@ pub async fn spawn(
         role,
         topics,
         topic_stats: HashMap::new(),
+        hole_punches: HolePunchStats::default(),
         pending_requests: HashMap::new(),
         net_events: net_events.clone(),
     };
@@ -1162,6 +1175,23 @@ impl NetActor {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
                 tracing::debug!(peer = %short(&peer), "DHT routing updated");
             }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    self.hole_punches.succeeded += 1;
+                    tracing::info!(peer = %short(&remote_peer_id), "direct connection by hole punching");
+                }
+                Err(e) => {
+                    self.hole_punches.failed += 1;
+                    tracing::info!(
+                        peer = %short(&remote_peer_id),
+                        error = %e,
+                        "hole punching failed; the relayed connection stays in use"
+                    );
+                }
+            },
             other => tracing::trace!(?other, "behaviour event"),
         }
     }
@@ -1256,6 +1286,7 @@ impl NetActor {
                     },
                 })
                 .collect(),
+            hole_punches: self.hole_punches,
         }
     }
 }
