@@ -115,6 +115,13 @@ pub(crate) async fn status(g: &Globals) -> anyhow::Result<()> {
             };
             out.push_str(&format!("  {} {state}\n", r.address));
         }
+        let punches = s.hole_punches;
+        if punches.succeeded + punches.failed > 0 {
+            out.push_str(&format!(
+                "hole punching: {} direct, {} failed\n",
+                punches.succeeded, punches.failed
+            ));
+        }
         out.push_str(&format!("outbox: {}", s.outbox));
         out
     })
