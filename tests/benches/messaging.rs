@@ -1,9 +1,11 @@
-//! Messaging figures between two nodes on loopback, with their baseline measured in the same
-//! run over the same connection.
+//! Messaging figures between two nodes in two processes on loopback, with their baseline
+//! measured in the same run over the same connection.
 //!
 //! Run: `cargo bench -p tern-tests --bench messaging` (env `TERN_BENCH_N`, default 10000,
 //! sets the number of round trips; `TERN_BENCH_THROUGHPUT_N`, default 20000, the messages of
-//! the throughput run).
+//! the throughput run). The bench runs alice; it starts itself again as a child process
+//! (`TERN_BENCH_ROLE=bob`) that runs bob's node until its stdin closes, so the two nodes share
+//! nothing but the machine (sled, for one, serialises transactions process-wide).
 //!
 //! - Baseline: a bare `/tern/msg/1` request-response round trip that the recipient answers
 //!   at once (a frame it refuses as malformed: no crypto, no storage).
@@ -16,6 +18,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a bench binary: panics report failures
 
 use std::{
+    io::{BufRead, Write},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -47,15 +51,54 @@ fn report(name: &str, mut v: Vec<Duration>) -> (Duration, Duration) {
     (p50, p99)
 }
 
+/// The child process: bob's node, announced as `<ticket> <tcp addr>` on stdout, stopped when
+/// stdin closes.
+async fn run_bob() {
+    let b = TestNode::spawn("bob").await;
+    let ticket = b.handle.ticket().await.unwrap().encode();
+    println!("bob: {ticket} {}", b.tcp_addr().await);
+    std::io::stdout().flush().unwrap();
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    })
+    .await
+    .unwrap();
+    b.stop().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::var("TERN_BENCH_ROLE").as_deref() == Ok("bob") {
+        return run_bob().await;
+    }
     let n = env("TERN_BENCH_N", 10_000);
     let tn = env("TERN_BENCH_THROUGHPUT_N", 20_000);
+    let mut bob = Command::new(std::env::current_exe().unwrap())
+        .arg("--bench")
+        .env("TERN_BENCH_ROLE", "bob")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stdout also carries its log: find the announcement, then keep draining.
+    let mut lines = std::io::BufReader::new(bob.stdout.take().unwrap()).lines();
+    let line = loop {
+        let l = lines
+            .next()
+            .expect("bob exited before announcing itself")
+            .unwrap();
+        if let Some(rest) = l.strip_prefix("bob: ") {
+            break rest.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let (ticket, b_addr) = line.trim().split_once(' ').expect("bob announces itself");
+    let b_addr: tern_node::Multiaddr = b_addr.parse().unwrap();
+    let b_id = tern_node::net::peer_id_of(&b_addr).unwrap();
     let mut a = TestNode::spawn("alice").await;
-    let b = TestNode::spawn("bob").await;
-    a.add_contact(&b, "bob").await;
-    let b_id = b.handle.peer_id();
-    a.handle.dial(b.tcp_addr().await).await.unwrap();
+    a.handle.contact_add(ticket, "bob").await.unwrap();
+    a.handle.dial(b_addr).await.unwrap();
     // Warm up: session set-up, connection, caches.
     for i in 0..200 {
         a.handle.send("bob", &format!("warm {i}")).await.unwrap();
@@ -147,5 +190,6 @@ async fn main() {
         total as f64 / accepted.as_secs_f64()
     );
     a.stop().await;
-    b.stop().await;
+    drop(bob.stdin.take());
+    assert!(bob.wait().unwrap().success(), "bob's process failed");
 }
