@@ -2,10 +2,13 @@
 //! is kept in the `events` table (so a client can resume with `since`, even across daemon
 //! restarts) and is broadcast to live subscribers.
 //!
-//! Invariants: `seq` strictly increases and is never reused (the counter is restored from the
-//! last stored event); [`EventBus::subscribe`] returns the backlog after `since` and a live
-//! receiver with no gap and no duplicate between the two. The log keeps the newest
-//! [`EVENT_LOG_CAP`] events.
+//! Invariants: `seq` strictly increases and is never reused, even after a power loss that
+//! takes the newest events with it (they were broadcast, so a client may have seen their
+//! `seq`): the counter resumes after the last stored event and never below a durable
+//! reservation, which is moved [`SEQ_RESERVATION`] ahead (and flushed) before a `seq`
+//! beyond it is handed out; a crash leaves a gap, never a reuse. [`EventBus::subscribe`]
+//! returns the backlog after `since` and a live receiver with no gap and no duplicate
+//! between the two. The log keeps the newest [`EVENT_LOG_CAP`] events.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +19,10 @@ use crate::store::{Store, StoreError, Table};
 
 /// How many events the log keeps for resuming.
 pub const EVENT_LOG_CAP: usize = 10_000;
+/// How many `seq`s one durable reservation covers (one flush per this many events).
+pub const SEQ_RESERVATION: u64 = 10_000;
+/// Key of the reservation in the `event_seq` table: every `seq` handed out is below it.
+const RESERVED_KEY: &[u8] = b"reserved";
 /// Live subscriber buffer; a subscriber that lags more is told to resume with `since`.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 
@@ -144,6 +151,10 @@ pub enum EventKind {
 
 struct Inner {
     next_seq: u64,
+    /// Durable bound: every `seq` handed out is below it.
+    reserved: u64,
+    reservation: Table<u64>,
+    store: Store,
     /// Entries in `log`, kept here because counting a sled tree walks all of it.
     stored: usize,
     log: Table<String>,
@@ -172,17 +183,27 @@ pub struct Subscription {
 }
 
 impl EventBus {
-    /// Opens the log in `store` and restores the counter.
+    /// Opens the log in `store` and restores the counter: after the last stored event and
+    /// not below the durable reservation (events past the last flush may be gone, but a
+    /// client may have seen their `seq`).
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         let log: Table<String> = store.table("events")?;
-        let next_seq = match log.last()? {
+        let reservation: Table<u64> = store.table("event_seq")?;
+        let after_log = match log.last()? {
             Some((k, _)) => seq_of(&k).map_or(1, |s| s + 1),
             None => 1,
         };
+        let next_seq = after_log.max(reservation.get(RESERVED_KEY)?.unwrap_or(1));
+        let reserved = next_seq.saturating_add(SEQ_RESERVATION);
+        reservation.insert(RESERVED_KEY, &reserved)?;
+        store.flush_blocking()?;
         let (tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
                 next_seq,
+                reserved,
+                reservation,
+                store: store.clone(),
                 stored: log.len(),
                 log,
                 tx,
@@ -193,6 +214,19 @@ impl EventBus {
     /// Records and broadcasts an event; returns it with its `seq`.
     pub fn publish(&self, kind: EventKind) -> Event {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.next_seq >= inner.reserved {
+            // Make the next block of `seq`s durable before handing out the first of it. If
+            // that fails the event still goes out; the reservation is retried next time.
+            let reserved = inner.next_seq.saturating_add(SEQ_RESERVATION);
+            match inner
+                .reservation
+                .insert(RESERVED_KEY, &reserved)
+                .and_then(|()| inner.store.flush_blocking().map(drop))
+            {
+                Ok(()) => inner.reserved = reserved,
+                Err(e) => tracing::warn!(error = %e, "could not reserve event sequence numbers"),
+            }
+        }
         let event = Event {
             seq: inner.next_seq,
             timestamp: now_ms(),
@@ -215,6 +249,18 @@ impl EventBus {
         }
         let _ = inner.tx.send(event.clone());
         event
+    }
+
+    /// On a clean stop: pulls the reservation back to the next `seq` (made durable by the
+    /// caller's final flush, after the last event), so the next start continues without a
+    /// gap. Events published after this move the reservation ahead again.
+    pub fn seal(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let next = inner.next_seq;
+        match inner.reservation.insert(RESERVED_KEY, &next) {
+            Ok(()) => inner.reserved = next,
+            Err(e) => tracing::warn!(error = %e, "could not seal the event sequence"),
+        }
     }
 
     /// Subscribes, returning stored events with `seq > since` and a live receiver.
@@ -291,11 +337,64 @@ mod tests {
             let bus = EventBus::open(&store).unwrap();
             bus.publish(EventKind::ShuttingDown);
             bus.publish(EventKind::ShuttingDown);
+            bus.seal();
             store.flush_blocking().unwrap();
         }
         let store = Store::open(&path).unwrap();
         let bus = EventBus::open(&store).unwrap();
+        // A clean stop: no gap.
         assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 3);
+    }
+
+    #[test]
+    fn a_seq_seen_before_a_crash_is_never_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let bus = EventBus::open(&store).unwrap();
+            assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 1);
+            store.flush_blocking().unwrap();
+        }
+        // A power loss that lost the newest events: the log holds seq 1 only, yet seq 2..=9
+        // had been broadcast. Simulated by deleting them after the fact.
+        {
+            let store = Store::open(&path).unwrap();
+            let bus = EventBus::open(&store).unwrap();
+            let seen: Vec<u64> = (0..8)
+                .map(|_| bus.publish(EventKind::ShuttingDown).seq)
+                .collect();
+            assert!(seen.iter().all(|s| *s > 1), "{seen:?}");
+            let log: Table<String> = store.table("events").unwrap();
+            for s in &seen {
+                log.remove(&s.to_be_bytes()).unwrap();
+            }
+            store.flush_blocking().unwrap();
+            let last_seen = *seen.last().unwrap();
+            drop(bus);
+            let bus = EventBus::open(&store).unwrap();
+            assert!(bus.publish(EventKind::ShuttingDown).seq > last_seen);
+        }
+    }
+
+    #[test]
+    fn crossing_a_reservation_moves_it_ahead_durably() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let store = Store::open(&path).unwrap();
+        let bus = EventBus::open(&store).unwrap();
+        let reservation: Table<u64> = store.table("event_seq").unwrap();
+        let first = reservation.get(RESERVED_KEY).unwrap().unwrap();
+        assert_eq!(first, 1 + SEQ_RESERVATION);
+        // seq 1 ..= SEQ_RESERVATION are covered; the next one moves the reservation.
+        for _ in 0..SEQ_RESERVATION {
+            bus.publish(EventKind::ShuttingDown);
+        }
+        assert_eq!(reservation.get(RESERVED_KEY).unwrap().unwrap(), first);
+        bus.publish(EventKind::ShuttingDown);
+        let moved = reservation.get(RESERVED_KEY).unwrap().unwrap();
+        assert_eq!(moved, first + SEQ_RESERVATION);
+        assert_eq!(bus.next_seq(), first + 1);
     }
 
     #[test]

@@ -537,6 +537,8 @@ impl NodeHandle {
             lock,
         }) = resources
         {
+            // A clean stop: the next start continues at the next seq, without a gap.
+            events.seal();
             drop(events);
             let flushed = store.flush().await;
             // Close the database before releasing the directory lock, even if the flush
