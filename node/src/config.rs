@@ -56,6 +56,10 @@ pub struct Config {
     /// Relay / bootstrap nodes to connect to at start, each ending in `/p2p/<peer id>`.
     /// Default: none.
     pub relays: Vec<Multiaddr>,
+    /// Seconds between two syncs with each home relay while connected (register, which keeps
+    /// the mailbox from expiring at the relay, then fetch). Syncs also run on every new
+    /// connection to a relay and on its notices. Default: 86400 (a day).
+    pub relay_sync_secs: u64,
     /// Whether to discover peers on the local network with mDNS. Default: `true`.
     pub mdns: bool,
     /// Where the local JSON-RPC API listens. Must be a loopback address.
@@ -137,6 +141,7 @@ impl Default for Config {
                     .expect("valid literal multiaddr"),
             ],
             relays: Vec::new(),
+            relay_sync_secs: 24 * 3600,
             mdns: true,
             api_bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 256,
@@ -224,6 +229,12 @@ impl Config {
                 "message_ttl_secs, inbound_rate and inbound_burst must be at least 1".into(),
             ));
         }
+        if !(1..=30 * 24 * 3600).contains(&self.relay_sync_secs) {
+            return Err(invalid(format!(
+                "relay_sync_secs {} is outside 1..=2592000",
+                self.relay_sync_secs
+            )));
+        }
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return Err(invalid("connection limits must be at least 1".into()));
         }
@@ -260,6 +271,7 @@ impl Config {
 # name:          your display name, shown to contacts (default: none)
 # listen:        peer listen addresses (default: all interfaces, OS-chosen TCP and QUIC ports)
 # relays:        relay/bootstrap multiaddrs ending in /p2p/<peer id> (default: none)
+# relay_sync_secs: seconds between syncs with each connected home relay (default: 86400)
 # mdns:          discover peers on the local network (default: true)
 # api_bind:      local JSON-RPC API address, loopback only (default: 127.0.0.1:0)
 # max_connections / max_connections_per_peer: connection limits (default: 256 / 4)

@@ -215,6 +215,7 @@ impl Node {
                 MessagingConfig {
                     listen_addrs,
                     home_relays: config.relays.clone(),
+                    relay_sync_interval: std::time::Duration::from_secs(config.relay_sync_secs),
                     known_offline: known_offline.clone(),
                     ..messaging_config
                 },

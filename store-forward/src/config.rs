@@ -84,7 +84,7 @@ pub struct RelayConfig {
     /// Free disk space (MiB) kept in reserve; below it deposits are refused with
     /// `DiskFull`. Default: 256. Env: `TERN_RELAY_MIN_FREE_DISK_MB`.
     pub min_free_disk_mb: u64,
-    /// Seconds between purges of expired envelopes. Default: 300. Env:
+    /// Seconds between purges of expired envelopes and idle mailboxes. Default: 300. Env:
     /// `TERN_RELAY_PURGE_INTERVAL_SECS`.
     pub purge_interval_secs: u64,
     /// Seconds a SIGTERM waits for in-flight requests (no new ones are accepted) before
@@ -156,7 +156,7 @@ const DOCS: &[(&str, &str, &str)] = &[
     (
         "",
         "purge_interval_secs",
-        "seconds between purges of expired envelopes (default: 300; env TERN_RELAY_PURGE_INTERVAL_SECS)",
+        "seconds between purges of expired envelopes and idle mailboxes (default: 300; env TERN_RELAY_PURGE_INTERVAL_SECS)",
     ),
     (
         "",
@@ -227,6 +227,11 @@ const DOCS: &[(&str, &str, &str)] = &[
         "limits",
         "fetch_max_bytes",
         "most envelope bytes per fetch page (default and maximum: 1047552)",
+    ),
+    (
+        "limits",
+        "mailbox_idle_secs",
+        "a mailbox whose owner has not registered for this long is deleted with its envelopes and prekeys; 0 = never (default: 7776000 = 90 days, at most 100 years)",
     ),
 ];
 
@@ -336,6 +341,7 @@ impl RelayConfig {
             }
             "LIMITS_FETCH_MAX_ITEMS" => l.fetch_max_items = env_value(var, value, INT)?,
             "LIMITS_FETCH_MAX_BYTES" => l.fetch_max_bytes = env_value(var, value, INT)?,
+            "LIMITS_MAILBOX_IDLE_SECS" => l.mailbox_idle_secs = env_value(var, value, INT)?,
             _ => {
                 return Err(ConfigError::Env {
                     var: var.to_string(),
@@ -472,6 +478,36 @@ mod tests {
         assert_eq!(c.min_free_disk_mb, 256);
         assert_eq!(c.server_options().min_free_bytes, 256 << 20);
         assert_eq!(c.limits, RelayLimits::default());
+        assert_eq!(c.limits.mailbox_idle_secs, 90 * 86400);
+    }
+
+    #[test]
+    fn mailbox_idle_secs_is_read_from_the_file_and_zero_means_never() {
+        let c = RelayConfig::from_toml_str("[limits]\nmailbox_idle_secs = 86400\n").unwrap();
+        assert_eq!(c.limits.mailbox_idle_secs, 86400);
+        assert_eq!(c.limits.quota_count, RelayLimits::default().quota_count);
+        let c = RelayConfig::from_toml_str("[limits]\nmailbox_idle_secs = 0\n").unwrap();
+        assert_eq!(c.limits.mailbox_idle_secs, 0);
+        // A config written before the setting existed keeps working, with the default.
+        let old = "purge_interval_secs = 60\n[limits]\nquota_count = 5\n";
+        assert_eq!(
+            RelayConfig::from_toml_str(old)
+                .unwrap()
+                .limits
+                .mailbox_idle_secs,
+            90 * 86400
+        );
+        // --print-config shows it with its comment, and round-trips it.
+        let mut c = RelayConfig::default();
+        c.limits.mailbox_idle_secs = 1234;
+        let text = c.to_toml_string();
+        let at = text.find("mailbox_idle_secs = 1234\n").unwrap();
+        let comment = text[..at].lines().last().unwrap();
+        assert!(
+            comment.starts_with("# ") && comment.contains("90 days"),
+            "{comment}"
+        );
+        assert_eq!(RelayConfig::from_toml_str(&text).unwrap(), c);
     }
 
     #[test]
@@ -525,6 +561,10 @@ mod tests {
             field("[limits]\nmax_envelope_bytes = 200000\n"),
             "limits.max_envelope_bytes"
         );
+        assert_eq!(
+            field("[limits]\nmailbox_idle_secs = 4000000000\n"),
+            "limits.mailbox_idle_secs"
+        );
     }
 
     #[test]
@@ -540,6 +580,7 @@ mod tests {
             ("TERN_RELAY_LOG_JSON", "1"),
             ("TERN_RELAY_LIMITS_QUOTA_COUNT", "77"),
             ("TERN_RELAY_LIMITS_SENDER_BURST", " 5 "),
+            ("TERN_RELAY_LIMITS_MAILBOX_IDLE_SECS", "604800"),
             ("TERN_RELAY_CONFIG", "/etc/tern/relay.toml"),
             ("PATH", "/usr/bin"),
         ]))
@@ -553,6 +594,7 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.limits.quota_count, 77);
         assert_eq!(c.limits.sender_burst, 5);
+        assert_eq!(c.limits.mailbox_idle_secs, 604_800);
     }
 
     #[test]
@@ -598,6 +640,8 @@ mod tests {
             ("TERN_RELAY_ADMIN_BIND", "localhost"),
             ("TERN_RELAY_MAX_CONNECTIONS", "-1"),
             ("TERN_RELAY_QUOTA_COUNT", "5"),
+            ("TERN_RELAY_LIMITS_MAILBOX_IDLE_SECS", "90d"),
+            ("TERN_RELAY_MAILBOX_IDLE_SECS", "60"),
         ];
         for (var, value) in cases {
             let e = RelayConfig::default()

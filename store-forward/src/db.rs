@@ -7,7 +7,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `m` ‖ key | `MailboxRecord { peer, tokens }` |
+//! | `m` ‖ key | `MailboxRecord { peer, tokens, registered_at }` |
 //! | `e` ‖ key ‖ seq | `ItemRecord { id, deposited_at, expires_at, from, envelope }` |
 //! | `p` ‖ key ‖ seq | a one-time prekey (raw bytes) |
 //! | `s` | `seq_reserved` (u64 BE): every seq ever used is below it |
@@ -18,6 +18,13 @@
 //! overlay, by the reads that follow) and [`MailboxDb::write_pending`] applies a whole group
 //! commit as ONE atomic `apply_batch`, right before the flush: a mailbox and its first
 //! items, a seq reservation and the items using it land together or not at all.
+//!
+//! Mailbox records written before idle expiry lack `registered_at` (`{ peer, tokens }`,
+//! the same schema version: an older build reads a new record and ignores the extra
+//! field). [`MailboxDb::load`] reads such a record as registered at `now` (the idle clock
+//! of a mailbox starts when the relay first runs a build that keeps it) and queues a
+//! rewrite in the new layout, so that a restart before its owner registers again does not
+//! restart the clock.
 //!
 //! Why no separate id index on disk: the in-memory index ([`MailboxRules`]) is the id
 //! index; at open it is rebuilt by one scan of the `e` records (decoded without copying
@@ -33,7 +40,9 @@
 //!   it);
 //! - new writes are refused with [`DbError::DiskFull`] while the disk has less free space
 //!   than the reserve (counting the pending bytes): sled 0.34 does not recover cleanly from
-//!   ENOSPC, so it never gets there. Removals are never refused (they free space).
+//!   ENOSPC, so it never gets there. Removals are never refused (they free space);
+//! - an idle mailbox is removed (its record, items and prekeys) in one write set, so the
+//!   atomic batch never leaves items or prekeys without their mailbox.
 
 use std::{
     collections::BTreeMap,
@@ -44,7 +53,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    rules::{MailboxRules, NewItem},
+    rules::{MailboxRemoval, MailboxRules, NewItem},
     wire::{MessageId, PeerBytes, PeerKey, StoredItem, TokenHash},
 };
 
@@ -106,6 +115,32 @@ fn corrupt(message: impl Into<String>) -> DbError {
 struct MailboxRecord {
     peer: PeerBytes,
     tokens: Vec<TokenHash>,
+    /// `now` of the owner's last `Register`: the idle expiry counts from it.
+    registered_at: u64,
+}
+
+/// A mailbox record as written before idle expiry: [`MailboxRecord`] without
+/// `registered_at`.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct LegacyMailboxRecord {
+    peer: PeerBytes,
+    tokens: Vec<TokenHash>,
+}
+
+/// Decodes a mailbox record of either layout; `registered_at` is `None` for a legacy one.
+/// Each layout must use every byte, so neither can be mistaken for the other (a legacy
+/// record ends where `registered_at` would start).
+fn decode_mailbox(bytes: &[u8]) -> Result<(PeerBytes, Vec<TokenHash>, Option<u64>), DbError> {
+    let current = match postcard::take_from_bytes::<MailboxRecord>(bytes) {
+        Ok((r, [])) => return Ok((r.peer, r.tokens, Some(r.registered_at))),
+        Ok((_, tail)) => format!("{} trailing bytes", tail.len()),
+        Err(e) => e.to_string(),
+    };
+    match postcard::take_from_bytes::<LegacyMailboxRecord>(bytes) {
+        Ok((r, [])) => Ok((r.peer, r.tokens, None)),
+        _ => Err(corrupt(format!("mailbox record: {current}"))),
+    }
 }
 
 /// A stored envelope with everything the index needs; decoded borrowing from the sled
@@ -195,6 +230,9 @@ impl std::fmt::Debug for Flusher {
 pub struct LoadStats {
     /// Mailboxes.
     pub mailboxes: u64,
+    /// Mailbox records without a registration time (written before idle expiry): counted
+    /// as registered at load time, rewrites queued.
+    pub upgraded: u64,
     /// Stored envelopes (expired ones included, before the purge).
     pub items: u64,
     /// Prekeys.
@@ -329,19 +367,40 @@ impl MailboxDb {
     /// Rebuilds `rules` (whose index must be empty) from what is applied to sled:
     /// mailboxes, the item index (from the item records, envelopes not copied), prekeys
     /// and the next seq.
-    /// Expired items are restored too; purge next. Pending writes are not seen: call it
-    /// with none.
-    pub fn load(&self, rules: &mut MailboxRules) -> Result<LoadStats, DbError> {
+    /// Expired items and idle mailboxes are restored too; purge next. Pending writes are
+    /// not seen: call it with none. A mailbox record without a registration time (written
+    /// before idle expiry) counts as registered at `now`, and its rewrite with that time is
+    /// queued (flush next); when the disk is below its reserve the rewrite is skipped and
+    /// the next load stamps it again.
+    pub fn load(&mut self, rules: &mut MailboxRules, now: u64) -> Result<LoadStats, DbError> {
         let mut stats = LoadStats::default();
+        let mut legacy = Vec::new();
         for entry in self.data.scan_prefix([TAG_MAILBOX]) {
             let (k, v) = entry?;
-            let record: MailboxRecord = decode("mailbox", &v)?;
-            let key = record.peer.key();
+            let (peer, tokens, registered_at) = decode_mailbox(&v)?;
+            let key = peer.key();
             if k.get(1..) != Some(key.0.as_slice()) {
                 return Err(corrupt("a mailbox is filed under another peer's key"));
             }
-            rules.restore_mailbox(key, &record.tokens);
+            rules.restore_mailbox(key, &tokens, registered_at.unwrap_or(now));
+            if registered_at.is_none() {
+                legacy.push((key, peer, tokens));
+            }
             stats.mailboxes += 1;
+        }
+        let mut skipped = 0u64;
+        for (key, peer, tokens) in legacy {
+            match self.put_mailbox(&key, &peer, &tokens, now) {
+                Ok(()) => stats.upgraded += 1,
+                Err(DbError::DiskFull { .. }) => skipped += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "disk below its reserve: mailbox records not upgraded; their idle clock starts again at the next start"
+            );
         }
         for entry in self.data.scan_prefix([TAG_ITEM]) {
             let (k, v) = entry?;
@@ -392,16 +451,18 @@ impl MailboxDb {
         }
     }
 
-    /// Creates or replaces a mailbox record.
+    /// Creates or replaces a mailbox record, with its owner's last registration.
     pub fn put_mailbox(
         &mut self,
         key: &PeerKey,
         peer: &PeerBytes,
         tokens: &[TokenHash],
+        registered_at: u64,
     ) -> Result<(), DbError> {
         let value = encode(&MailboxRecord {
             peer: peer.clone(),
             tokens: tokens.to_vec(),
+            registered_at,
         })?;
         self.space.check((33 + value.len()) as u64)?;
         self.put(&mailbox_key(key), value);
@@ -432,6 +493,19 @@ impl MailboxDb {
     pub fn remove_items(&mut self, key: &PeerKey, items: &[(u64, MessageId)]) {
         for (seq, _) in items {
             self.delete(&seq_key(TAG_ITEM, key, *seq));
+        }
+    }
+
+    /// Removes an idle mailbox: its record, the listed items and prekeys (never refused for
+    /// space). All in the pending write set, so they go in one atomic batch.
+    pub fn remove_mailbox(&mut self, removal: &MailboxRemoval) {
+        let key = &removal.key;
+        self.delete(&mailbox_key(key));
+        for (seq, _) in &removal.items {
+            self.delete(&seq_key(TAG_ITEM, key, *seq));
+        }
+        for seq in &removal.prekeys {
+            self.delete(&seq_key(TAG_PREKEY, key, *seq));
         }
     }
 
@@ -573,6 +647,24 @@ impl MailboxDb {
 }
 
 #[cfg(test)]
+impl MailboxDb {
+    /// Queues a mailbox record in the layout of builds before idle expiry (for tests of
+    /// the upgrade elsewhere in the crate).
+    pub(crate) fn put_legacy_mailbox(
+        &mut self,
+        peer: &PeerBytes,
+        tokens: &[TokenHash],
+    ) -> Result<(), DbError> {
+        let value = encode(&LegacyMailboxRecord {
+            peer: peer.clone(),
+            tokens: tokens.to_vec(),
+        })?;
+        self.put(&mailbox_key(&peer.key()), value);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::{limits::RelayLimits, wire::MailboxToken};
@@ -592,9 +684,15 @@ mod tests {
         }
     }
 
-    fn load(db: &MailboxDb) -> (MailboxRules, LoadStats) {
+    const T0: u64 = 1_700_000_000;
+
+    fn load(db: &mut MailboxDb) -> (MailboxRules, LoadStats) {
+        load_at(db, T0)
+    }
+
+    fn load_at(db: &mut MailboxDb, now: u64) -> (MailboxRules, LoadStats) {
         let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        let stats = db.load(&mut rules).unwrap();
+        let stats = db.load(&mut rules, now).unwrap();
         rules.check_invariants().unwrap();
         (rules, stats)
     }
@@ -607,8 +705,13 @@ mod tests {
         {
             let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
             assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
-            db.put_mailbox(&key, &bob, &[MailboxToken::from_bytes([1; 32]).hash()])
-                .unwrap();
+            db.put_mailbox(
+                &key,
+                &bob,
+                &[MailboxToken::from_bytes([1; 32]).hash()],
+                T0 - 50,
+            )
+            .unwrap();
             for seq in 1..=3 {
                 db.put_item(&item(key, seq, seq as u8, 4), &peer(2), &[seq as u8; 4])
                     .unwrap();
@@ -626,15 +729,17 @@ mod tests {
             db.flush().unwrap();
         }
         let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
-        let (rules, stats) = load(&db);
+        let (rules, stats) = load(&mut db);
         assert_eq!(
             stats,
             LoadStats {
                 mailboxes: 1,
+                upgraded: 0,
                 items: 2,
                 prekeys: 2
             }
         );
+        assert_eq!(rules.registered_at(&bob), Some(T0 - 50));
         assert_eq!(rules.usage(&bob), Some((2, 8)));
         assert_eq!(rules.prekeys(&bob), 2);
         assert!(
@@ -660,14 +765,14 @@ mod tests {
         let bob = peer(1);
         {
             let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
-            db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+            db.put_mailbox(&bob.key(), &bob, &[], T0).unwrap();
             db.flush().unwrap();
             db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
                 .unwrap();
             // Dropped without write_pending: the item never reached sled.
         }
-        let db = MailboxDb::open(tmp.path(), 0).unwrap();
-        let (rules, _) = load(&db);
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, _) = load(&mut db);
         assert_eq!(rules.usage(&bob), Some((0, 0)));
     }
 
@@ -676,7 +781,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let bob = peer(1);
         let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
-        db.put_mailbox(&bob.key(), &bob, &[]).unwrap();
+        db.put_mailbox(&bob.key(), &bob, &[], T0).unwrap();
         db.put_item(&item(bob.key(), 1, 1, 1), &peer(2), &[1])
             .unwrap();
         db.flush().unwrap();
@@ -684,7 +789,7 @@ mod tests {
             .unwrap();
         db.discard_pending().unwrap();
         assert_eq!(db.pending_writes(), 0);
-        let (rules, stats) = load(&db);
+        let (rules, stats) = load(&mut db);
         assert_eq!(stats.items, 1);
         assert!(rules.next_seq() > 2);
     }
@@ -696,19 +801,132 @@ mod tests {
         let key = bob.key();
         {
             let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
-            db.put_mailbox(&key, &bob, &[]).unwrap();
+            db.put_mailbox(&key, &bob, &[], T0).unwrap();
             db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
             db.flush().unwrap();
             db.remove_items(&key, &[(1, [1; 16])]);
             db.flush().unwrap();
         }
-        let db = MailboxDb::open(tmp.path(), 0).unwrap();
-        let (rules, stats) = load(&db);
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, stats) = load(&mut db);
         assert_eq!(stats.items, 0);
         assert!(
             rules.next_seq() > 1,
             "a cursor at seq 1 must not hide the next item"
         );
+    }
+
+    #[test]
+    fn old_format_mailbox_records_open_and_count_from_the_first_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let key = bob.key();
+        let tok = MailboxToken::from_bytes([1; 32]).hash();
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            // The record exactly as builds before idle expiry wrote it.
+            db.put_legacy_mailbox(&bob, &[tok]).unwrap();
+            db.put_item(&item(key, 1, 1, 4), &peer(2), &[1; 4]).unwrap();
+            db.add_prekeys(&key, 2, &[vec![9]]).unwrap();
+            db.flush().unwrap();
+        }
+        {
+            // First start of this build: registered at load time, rewrite queued.
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            let (rules, stats) = load_at(&mut db, T0 + 100);
+            assert_eq!(
+                stats,
+                LoadStats {
+                    mailboxes: 1,
+                    upgraded: 1,
+                    items: 1,
+                    prekeys: 1
+                }
+            );
+            assert_eq!(rules.registered_at(&bob), Some(T0 + 100));
+            assert_eq!(db.pending_writes(), 1);
+            db.flush().unwrap();
+        }
+        // Later starts keep that time: a restart does not restart the idle clock.
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (mut rules, stats) = load_at(&mut db, T0 + 5000);
+        assert_eq!(stats.upgraded, 0);
+        assert_eq!(db.pending_writes(), 0);
+        assert_eq!(rules.registered_at(&bob), Some(T0 + 100));
+        assert_eq!(rules.usage(&bob), Some((1, 4)));
+        assert_eq!(rules.prekeys(&bob), 1);
+        assert!(
+            rules
+                .deposit(T0 + 5000, &peer(2), &bob, &tok, [7; 16], None, 1)
+                .is_ok(),
+            "the token set survived the upgrade"
+        );
+        // An older build still reads the new record (its decoder ignores the extra field).
+        let v = db.data.get(mailbox_key(&key)).unwrap().unwrap();
+        let seen_by_old: LegacyMailboxRecord = postcard::from_bytes(&v).unwrap();
+        assert_eq!(
+            (seen_by_old.peer, seen_by_old.tokens),
+            (bob.clone(), vec![tok])
+        );
+        // A record of neither layout is corruption, not silently read as the other.
+        let mut longer = v.to_vec();
+        longer.push(0);
+        db.data.insert(mailbox_key(&key), longer).unwrap();
+        let mut fresh = MailboxRules::new(RelayLimits::default(), true);
+        assert!(matches!(
+            db.load(&mut fresh, T0),
+            Err(DbError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn remove_mailbox_deletes_its_record_items_and_prekeys_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (bob, carol) = (peer(1), peer(3));
+        let (kb, kc) = (bob.key(), carol.key());
+        {
+            let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+            db.put_mailbox(&kb, &bob, &[], T0).unwrap();
+            db.put_mailbox(&kc, &carol, &[], T0).unwrap();
+            for seq in 1..=3 {
+                db.put_item(&item(kb, seq, seq as u8, 2), &peer(2), &[0; 2])
+                    .unwrap();
+            }
+            db.add_prekeys(&kb, 4, &[vec![4], vec![5]]).unwrap();
+            db.put_item(&item(kc, 6, 6, 3), &peer(2), &[0; 3]).unwrap();
+            db.add_prekeys(&kc, 7, &[vec![7]]).unwrap();
+            db.flush().unwrap();
+            // One of Bob's items is still pending when the removal is queued.
+            db.put_item(&item(kb, 8, 8, 2), &peer(2), &[0; 2]).unwrap();
+            db.remove_mailbox(&MailboxRemoval {
+                key: kb,
+                registered_at: T0,
+                items: vec![(1, [1; 16]), (2, [2; 16]), (3, [3; 16]), (8, [8; 16])],
+                prekeys: vec![4, 5],
+            });
+            assert!(db.read_items(&kb, &[1, 8]).unwrap().is_empty());
+            assert_eq!(db.take_prekey(&kb, 4).unwrap(), None);
+            db.flush().unwrap();
+        }
+        let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
+        let (rules, stats) = load(&mut db);
+        assert_eq!(
+            stats,
+            LoadStats {
+                mailboxes: 1,
+                upgraded: 0,
+                items: 1,
+                prekeys: 1
+            }
+        );
+        assert!(!rules.is_registered(&bob));
+        assert_eq!(rules.usage(&carol), Some((1, 3)));
+        assert_eq!(rules.prekeys(&carol), 1);
+        for k in db.data.iter().keys() {
+            let k = k.unwrap();
+            assert_ne!(k.get(1..33), Some(kb.0.as_slice()), "left behind: {k:?}");
+        }
+        assert!(rules.next_seq() > 8, "seqs are never reused");
     }
 
     #[test]
@@ -733,7 +951,10 @@ mod tests {
             .unwrap();
         db.write_pending().unwrap();
         let mut rules = MailboxRules::new(RelayLimits::default(), true);
-        assert!(matches!(db.load(&mut rules), Err(DbError::Corrupt { .. })));
+        assert!(matches!(
+            db.load(&mut rules, T0),
+            Err(DbError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -742,7 +963,7 @@ mod tests {
         let bob = peer(1);
         let key = bob.key();
         let mut db = MailboxDb::open(tmp.path(), 0).unwrap();
-        db.put_mailbox(&key, &bob, &[]).unwrap();
+        db.put_mailbox(&key, &bob, &[], T0).unwrap();
         db.put_item(&item(key, 1, 1, 1), &peer(2), &[1]).unwrap();
         db.flush().unwrap();
         db.set_min_free_bytes(u64::MAX / 4);
@@ -752,7 +973,7 @@ mod tests {
         assert!(matches!(e, DbError::DiskFull { .. }), "{e}");
         assert!(e.to_string().contains("nothing was written"));
         assert!(matches!(
-            db.put_mailbox(&key, &bob, &[]),
+            db.put_mailbox(&key, &bob, &[], T0),
             Err(DbError::DiskFull { .. })
         ));
         assert!(matches!(
@@ -766,7 +987,7 @@ mod tests {
         );
         db.remove_items(&key, &[(1, [1; 16])]);
         db.flush().unwrap();
-        let (rules, _) = load(&db);
+        let (rules, _) = load(&mut db);
         assert_eq!(rules.usage(&bob), Some((0, 0)));
         // The reserve measured again lets writes through once it is lowered.
         db.set_min_free_bytes(0);

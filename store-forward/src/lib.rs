@@ -3,7 +3,8 @@
 //! A relay keeps, per recipient, a mailbox of opaque end-to-end encrypted envelopes that
 //! senders holding a capability token deposit, and that the recipient fetches and acks
 //! (deletes) when it comes online; plus a small pool of the recipient's signed one-time
-//! prekeys so a first message to an offline contact still gets a fresh one. The crate is
+//! prekeys so a first message to an offline contact still gets a fresh one. A mailbox whose
+//! owner stops registering is deleted after `mailbox_idle_secs`. The crate is
 //! I/O-light and network-free: the node's libp2p swarm carries `/tern/mailbox/1` frames and
 //! calls [`MailboxServer::handle`].
 //!

@@ -1,7 +1,8 @@
 //! The relay's published limits ([`RelayLimits`]): what the mailbox rules enforce, what
 //! `Info` answers, and the `[limits]` table of the relay config.
 //!
-//! Invariant (checked by [`RelayLimits::validate`]): every limit is at least 1,
+//! Invariant (checked by [`RelayLimits::validate`]): every limit is at least 1 (except
+//! `max_prekeys_per_mailbox` and `mailbox_idle_secs`, where 0 means "none" and "never"),
 //! `min_ttl_secs <= default_ttl_secs <= max_ttl_secs`, an envelope of the largest allowed
 //! size fits the byte quota and a fetch page, and no value exceeds what the wire protocol
 //! can carry.
@@ -14,6 +15,11 @@ use crate::wire::{MAX_ENVELOPE_BYTES, MAX_FETCH_BYTES};
 pub const MAX_FETCH_ITEMS: u32 = 8192;
 /// Largest `max_prekeys_per_mailbox`.
 pub const MAX_PREKEYS_CAP: u32 = 10_000;
+/// Default `mailbox_idle_secs`: 90 days.
+pub const DEFAULT_MAILBOX_IDLE_SECS: u64 = 90 * 24 * 3600;
+/// Largest `mailbox_idle_secs`: 100 years (keeps `registered_at + idle` far from overflow
+/// and every value printable as a TOML integer).
+pub const MAX_MAILBOX_IDLE_SECS: u64 = 100 * 365 * 24 * 3600;
 
 /// The limits a relay enforces and publishes (`Info`). Every field has a default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +55,14 @@ pub struct RelayLimits {
     /// Most envelope bytes in one fetch page (plus a fixed overhead per item). Default:
     /// 1047552 (the response frame of 1 MiB less 1 KiB), also the maximum.
     pub fetch_max_bytes: u32,
+    /// Seconds after its owner's last `Register` at which a mailbox is deleted with
+    /// everything in it (token hashes, envelopes, prekeys), so a relay does not keep
+    /// abandoned mailboxes forever. Only the owner's `Register` restarts the clock:
+    /// deposits and prekey claims by others never do. 0: mailboxes never expire (and what
+    /// an `Info` from a relay older than this field decodes to). Default: 7776000 (90
+    /// days); at most [`MAX_MAILBOX_IDLE_SECS`]. Last field: see the wire compatibility
+    /// note in docs/PROTOCOL.md.
+    pub mailbox_idle_secs: u64,
 }
 
 impl Default for RelayLimits {
@@ -67,6 +81,7 @@ impl Default for RelayLimits {
             max_prekeys_per_mailbox: 100,
             fetch_max_items: 1000,
             fetch_max_bytes: MAX_FETCH_BYTES,
+            mailbox_idle_secs: DEFAULT_MAILBOX_IDLE_SECS,
         }
     }
 }
@@ -156,6 +171,15 @@ impl RelayLimits {
                 ),
             );
         }
+        if self.mailbox_idle_secs > MAX_MAILBOX_IDLE_SECS {
+            return err(
+                "mailbox_idle_secs",
+                format!(
+                    "{} is more than 100 years (use 0 to never expire mailboxes)",
+                    self.mailbox_idle_secs
+                ),
+            );
+        }
         if self.fetch_max_bytes > MAX_FETCH_BYTES {
             return err(
                 "fetch_max_bytes",
@@ -184,6 +208,7 @@ mod tests {
         assert_eq!(l.default_ttl_secs, 14 * 86400);
         assert_eq!(l.max_ttl_secs, 30 * 86400);
         assert_eq!(l.max_prekeys_per_mailbox, 100);
+        assert_eq!(l.mailbox_idle_secs, 90 * 86400);
     }
 
     #[test]
@@ -219,11 +244,23 @@ mod tests {
             |l| l.fetch_max_bytes = MAX_FETCH_BYTES + 1,
             "fetch_max_bytes",
         );
+        bad(
+            |l| l.mailbox_idle_secs = MAX_MAILBOX_IDLE_SECS + 1,
+            "mailbox_idle_secs",
+        );
         // Zero prekeys is allowed: the relay then keeps no prekeys.
         let l = RelayLimits {
             max_prekeys_per_mailbox: 0,
             ..RelayLimits::default()
         };
         l.validate().unwrap();
+        // Zero idle seconds is allowed: mailboxes never expire; the cap itself is valid.
+        for idle in [0, 1, MAX_MAILBOX_IDLE_SECS] {
+            let l = RelayLimits {
+                mailbox_idle_secs: idle,
+                ..RelayLimits::default()
+            };
+            l.validate().unwrap();
+        }
     }
 }

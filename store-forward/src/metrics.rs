@@ -28,8 +28,11 @@ pub struct Metrics {
     pub acks: u64,
     /// Envelopes deleted by acks.
     pub acked_envelopes: u64,
-    /// Envelopes deleted because they expired.
+    /// Envelopes deleted because they expired: their TTL ran out, or their mailbox was
+    /// deleted as idle.
     pub expired_envelopes: u64,
+    /// Mailboxes deleted because their owner had not registered for `mailbox_idle_secs`.
+    pub expired_mailboxes: u64,
     /// Prekeys accepted by `PublishPrekeys`.
     pub prekeys_published: u64,
     /// Prekeys handed out by `ClaimPrekey`.
@@ -107,7 +110,7 @@ impl Metrics {
             }
         };
         let one = |v: u64| vec![(String::new(), v.to_string())];
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "tern_relay_requests_total",
                 "Mailbox requests handled.",
@@ -150,8 +153,13 @@ impl Metrics {
             ),
             (
                 "tern_relay_expired_envelopes_total",
-                "Envelopes deleted because they expired.",
+                "Envelopes deleted because they or their idle mailbox expired.",
                 self.expired_envelopes,
+            ),
+            (
+                "tern_relay_expired_mailboxes_total",
+                "Mailboxes deleted because their owner stopped registering.",
+                self.expired_mailboxes,
             ),
             (
                 "tern_relay_prekeys_published_total",
@@ -294,6 +302,7 @@ pub(crate) mod tests {
     fn exposition_is_valid_and_complete() {
         let mut m = Metrics {
             deposits: 7,
+            expired_mailboxes: 2,
             bytes_stored: 1234,
             accepting_registrations: true,
             ..Metrics::default()
@@ -312,8 +321,14 @@ pub(crate) mod tests {
             },
         ]);
         let samples = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        assert_eq!(samples, 12 + ErrorCode::ALL.len() + 5 + 2);
+        assert_eq!(samples, 13 + ErrorCode::ALL.len() + 5 + 2);
         assert!(text.contains("tern_relay_deposits_total 7\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE tern_relay_expired_mailboxes_total counter\ntern_relay_expired_mailboxes_total 2\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("tern_relay_rejections_total{reason=\"quota\"} 3\n"));
         assert!(text.contains("tern_relay_rejections_total{reason=\"disk_full\"} 0\n"));
         assert!(text.contains("tern_relay_stored_bytes 1234\n"));

@@ -1,13 +1,25 @@
-//! The mailbox rules as an I/O-free state machine: capability, quota, TTL, rate, paging.
+//! The mailbox rules as an I/O-free state machine: capability, quota, TTL, rate, paging,
+//! idle expiry of mailboxes.
 //!
 //! [`MailboxRules`] holds an in-memory index only (never envelope bytes, so a relay's memory
 //! grows with the number of stored items, not their size): per mailbox the registered
-//! token hashes, its usage (count, bytes), the stored ids with their `seq`, size and expiry,
-//! and the prekey count; one global expiry order; one token bucket per recent sender.
-//! `now` (unix seconds) is always an argument: there is no clock, disk or randomness here.
+//! token hashes, the time of its owner's last `Register`, its usage (count, bytes), the
+//! stored ids with their `seq`, size and expiry, and the prekey count; one global expiry
+//! order of items and one of mailboxes by last registration; one token bucket per recent
+//! sender. `now` (unix seconds) is always an argument: there is no clock, disk or
+//! randomness here.
+//!
+//! Idle expiry: a mailbox whose owner has not registered for `mailbox_idle_secs` (0: never)
+//! is idle; deposits and prekey claims treat it as gone (`Unauthorized`) and
+//! [`MailboxRules::purge_idle`] deletes it with its token hashes, envelopes and prekeys.
+//! Only the owner's `Register` restarts the clock. Not `Fetch` or `Ack`: a node registers
+//! at the start of every sync anyway, and counting them would cost a disk write per fetch
+//! (or an index that no longer equals the disk). Never a deposit or claim by someone else:
+//! a sender holding a token must not keep an abandoned mailbox alive.
 //!
 //! Every request is decided in two steps. A decision method (`register`, `deposit`,
-//! `fetch`, `ack`, `publish_prekeys`, `claim_prekey`, `purge`) checks the rules and returns
+//! `fetch`, `ack`, `publish_prekeys`, `claim_prekey`, `purge`, `purge_idle`) checks the
+//! rules and returns
 //! what to persist (the payload of an [`Effect`]), without touching the index (only the
 //! sender's token bucket is charged). The persistence layer writes it, and only when that
 //! succeeded calls [`MailboxRules::apply`] with the [`Effect`]. So the index always equals what is on disk, even when a write
@@ -15,7 +27,8 @@
 //!
 //! Invariants (checked by the proptest below): a mailbox's `(count, bytes)` equals the sum
 //! over its stored items; a deposit never takes a mailbox over its quota and never evicts
-//! anything; the expiry order holds exactly the stored items; `seq` strictly increases.
+//! anything; the expiry order holds exactly the stored items; the idle order holds exactly
+//! the mailboxes with their last registration; `seq` strictly increases.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
@@ -125,6 +138,8 @@ pub struct MailboxUpdate {
     pub peer: PeerBytes,
     /// The full token set after the update, sorted.
     pub tokens: Vec<TokenHash>,
+    /// `now` of this registration: the idle expiry counts from it.
+    pub registered_at: u64,
 }
 
 /// Stored envelopes to delete (acked or expired).
@@ -134,6 +149,20 @@ pub struct Removal {
     pub key: PeerKey,
     /// `(seq, id)` of each, in `seq` order, no duplicates.
     pub items: Vec<(u64, MessageId)>,
+}
+
+/// An idle mailbox to delete with everything in it (decided by
+/// [`MailboxRules::purge_idle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxRemoval {
+    /// The mailbox.
+    pub key: PeerKey,
+    /// Its owner's last registration (for logs).
+    pub registered_at: u64,
+    /// `(seq, id)` of every stored envelope, in `seq` order (expired ones included).
+    pub items: Vec<(u64, MessageId)>,
+    /// The number of every stored prekey, ascending.
+    pub prekeys: Vec<u64>,
 }
 
 /// Prekeys to append, numbered `first_seq..first_seq + count`.
@@ -169,6 +198,8 @@ pub enum Effect {
     AddPrekeys(PrekeyAppend),
     /// Remove a prekey (and hand it out).
     TakePrekey(PrekeyClaim),
+    /// Delete an idle mailbox: its token hashes, envelopes and prekeys.
+    RemoveMailbox(MailboxRemoval),
 }
 
 /// The decision on a `Register`.
@@ -228,6 +259,9 @@ struct ItemMeta {
 #[derive(Debug, Default)]
 struct Mailbox {
     tokens: HashSet<TokenHash>,
+    /// `now` of the owner's last `Register` (or of the load, for a record written before
+    /// this was kept): the mailbox is idle `mailbox_idle_secs` after it.
+    registered_at: u64,
     count: u32,
     bytes: u64,
     items: HashMap<MessageId, ItemMeta>,
@@ -314,6 +348,9 @@ pub struct MailboxRules {
     mailboxes: HashMap<PeerKey, Mailbox>,
     /// (expires_at, seq, mailbox) of every stored item.
     expiry: BTreeSet<(u64, u64, PeerKey)>,
+    /// (registered_at, mailbox) of every mailbox, so the idle purge reads only the idle
+    /// ones.
+    idle: BTreeSet<(u64, PeerKey)>,
     /// The next seq to hand out; starts at 1 so `after: Some(0)` means "from the start".
     next_seq: u64,
     senders: SenderLimiter,
@@ -354,6 +391,7 @@ impl MailboxRules {
             accept_registrations,
             mailboxes: HashMap::new(),
             expiry: BTreeSet::new(),
+            idle: BTreeSet::new(),
             next_seq: 1,
             senders: SenderLimiter {
                 buckets: HashMap::new(),
@@ -380,6 +418,14 @@ impl MailboxRules {
         self.accept_registrations = accept;
     }
 
+    /// Whether `mb` is idle at `now`: its owner last registered `mailbox_idle_secs` or more
+    /// ago (never when that limit is 0). An idle mailbox awaits [`MailboxRules::purge_idle`]
+    /// and takes no deposits or claims meanwhile.
+    fn is_idle(&self, mb: &Mailbox, now: u64) -> bool {
+        let idle = self.limits.mailbox_idle_secs;
+        idle != 0 && mb.registered_at.saturating_add(idle) <= now
+    }
+
     fn rate_limit(&mut self, now: u64, peer: &PeerBytes) -> Result<(), Refusal> {
         let (rate, burst) = (self.limits.sender_rate_per_sec, self.limits.sender_burst);
         if self.senders.take(peer.key(), now, rate, burst) {
@@ -389,7 +435,8 @@ impl MailboxRules {
         }
     }
 
-    /// `Register` from `peer`: creates or updates its mailbox.
+    /// `Register` from `peer`: creates or updates its mailbox, and restarts its idle clock
+    /// at `now` (also when the mailbox is idle but not purged yet).
     pub fn register(
         &mut self,
         now: u64,
@@ -428,6 +475,7 @@ impl MailboxRules {
                 key,
                 peer: peer.clone(),
                 tokens,
+                registered_at: now,
             },
             waiting: existing.map_or(0, |m| m.count),
             created: existing.is_none(),
@@ -443,7 +491,8 @@ impl MailboxRules {
     }
 
     /// `Deposit` of an envelope of `size` bytes from `sender` into `recipient`'s mailbox
-    /// with the capability whose hash is `token`.
+    /// with the capability whose hash is `token`. An idle mailbox is refused like a missing
+    /// one, and a deposit never restarts the idle clock.
     #[allow(clippy::too_many_arguments)] // one argument per field of the request
     pub fn deposit(
         &mut self,
@@ -460,7 +509,7 @@ impl MailboxRules {
         let mb = self
             .mailboxes
             .get(&key)
-            .filter(|m| m.tokens.contains(token))
+            .filter(|m| m.tokens.contains(token) && !self.is_idle(m, now))
             .ok_or(Refusal::Unauthorized)?;
         if size > self.limits.max_envelope_bytes as usize {
             return Err(Refusal::TooLarge {
@@ -578,7 +627,7 @@ impl MailboxRules {
 
     /// `ClaimPrekey` by `sender` from `recipient`'s pool with the capability whose hash is
     /// `token`: the oldest prekey of the pool ([`Effect::TakePrekey`]), `None` when the
-    /// pool is empty.
+    /// pool is empty. An idle mailbox is refused like a missing one.
     pub fn claim_prekey(
         &mut self,
         now: u64,
@@ -591,7 +640,7 @@ impl MailboxRules {
         let mb = self
             .mailboxes
             .get(&key)
-            .filter(|m| m.tokens.contains(token))
+            .filter(|m| m.tokens.contains(token) && !self.is_idle(m, now))
             .ok_or(Refusal::Unauthorized)?;
         Ok(mb.prekeys.front().map(|&seq| PrekeyClaim { key, seq }))
     }
@@ -616,6 +665,33 @@ impl MailboxRules {
             .collect()
     }
 
+    /// The mailboxes idle at `now` (their owner last registered `mailbox_idle_secs` or more
+    /// ago; none when that limit is 0), oldest registration first, each with every stored
+    /// envelope and prekey: [`Effect::RemoveMailbox`] deletes them all. Apply each right
+    /// after persisting it, as for every decision.
+    pub fn purge_idle(&self, now: u64) -> Vec<MailboxRemoval> {
+        let idle = self.limits.mailbox_idle_secs;
+        if idle == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for &(registered_at, key) in &self.idle {
+            if registered_at.saturating_add(idle) > now {
+                break;
+            }
+            let Some(mb) = self.mailboxes.get(&key) else {
+                continue;
+            };
+            out.push(MailboxRemoval {
+                key,
+                registered_at,
+                items: mb.order.iter().map(|(&seq, &id)| (seq, id)).collect(),
+                prekeys: mb.prekeys.iter().copied().collect(),
+            });
+        }
+        out
+    }
+
     /// Forgets the token buckets of senders that have been quiet long enough to be full.
     pub fn prune_senders(&mut self, now: u64) {
         let (rate, burst) = (self.limits.sender_rate_per_sec, self.limits.sender_burst);
@@ -625,10 +701,12 @@ impl MailboxRules {
     /// Records a persisted effect in the index.
     pub fn apply(&mut self, effect: &Effect) {
         match effect {
-            Effect::PutMailbox(MailboxUpdate { key, tokens, .. }) => {
-                let mb = self.mailboxes.entry(*key).or_default();
-                mb.tokens = tokens.iter().copied().collect();
-            }
+            Effect::PutMailbox(MailboxUpdate {
+                key,
+                tokens,
+                registered_at,
+                ..
+            }) => self.put_mailbox(*key, tokens, *registered_at),
             Effect::PutItem(item) => {
                 self.insert_item(item.key, item.seq, item.id, item.size, item.expires_at)
             }
@@ -674,7 +752,31 @@ impl MailboxRules {
                     self.stored_prekeys -= 1;
                 }
             }
+            // Drops what the index holds for the mailbox (the removal lists exactly that
+            // when applied right after its decision); a second apply finds nothing.
+            Effect::RemoveMailbox(MailboxRemoval { key, .. }) => {
+                let Some(mb) = self.mailboxes.remove(key) else {
+                    return;
+                };
+                self.idle.remove(&(mb.registered_at, *key));
+                for meta in mb.items.values() {
+                    self.expiry.remove(&(meta.expires_at, meta.seq, *key));
+                }
+                self.stored_items -= u64::from(mb.count);
+                self.stored_bytes -= mb.bytes;
+                self.stored_prekeys -= mb.prekeys.len() as u64;
+            }
         }
+    }
+
+    /// Creates mailbox `key` or replaces its token set and last registration.
+    fn put_mailbox(&mut self, key: PeerKey, tokens: &[TokenHash], registered_at: u64) {
+        let mb = self.mailboxes.entry(key).or_default();
+        // A new mailbox has `registered_at` 0 and no entry in `idle`: removing is a no-op.
+        self.idle.remove(&(mb.registered_at, key));
+        mb.registered_at = registered_at;
+        mb.tokens = tokens.iter().copied().collect();
+        self.idle.insert((registered_at, key));
     }
 
     fn insert_item(&mut self, key: PeerKey, seq: u64, id: MessageId, size: u32, expires_at: u64) {
@@ -701,9 +803,14 @@ impl MailboxRules {
         self.next_seq = self.next_seq.max(seq.saturating_add(1));
     }
 
-    /// Restores a mailbox read from disk (at open).
-    pub(crate) fn restore_mailbox(&mut self, key: PeerKey, tokens: &[TokenHash]) {
-        self.mailboxes.entry(key).or_default().tokens = tokens.iter().copied().collect();
+    /// Restores a mailbox read from disk (at open) with its owner's last registration.
+    pub(crate) fn restore_mailbox(
+        &mut self,
+        key: PeerKey,
+        tokens: &[TokenHash],
+        registered_at: u64,
+    ) {
+        self.put_mailbox(key, tokens, registered_at);
     }
 
     /// Restores a stored item read from disk; `false` if its mailbox is unknown or the
@@ -747,6 +854,7 @@ impl MailboxRules {
     pub(crate) fn clear_index(&mut self) {
         self.mailboxes.clear();
         self.expiry.clear();
+        self.idle.clear();
         self.stored_items = 0;
         self.stored_bytes = 0;
         self.stored_prekeys = 0;
@@ -771,9 +879,14 @@ impl MailboxRules {
             .is_some_and(|m| m.expires_at <= now)
     }
 
-    /// Whether `peer` has a mailbox.
+    /// Whether `peer` has a mailbox (an idle one not purged yet included).
     pub fn is_registered(&self, peer: &PeerBytes) -> bool {
         self.mailboxes.contains_key(&peer.key())
+    }
+
+    /// When `peer` last registered its mailbox (`None` without one).
+    pub fn registered_at(&self, peer: &PeerBytes) -> Option<u64> {
+        self.mailboxes.get(&peer.key()).map(|m| m.registered_at)
     }
 
     /// Envelopes stored for `peer` (0 without a mailbox), expired ones awaiting purge
@@ -849,6 +962,9 @@ impl MailboxRules {
                     return Err(format!("{key:?}: seq {seq} >= next_seq {}", self.next_seq));
                 }
             }
+            if !self.idle.contains(&(mb.registered_at, *key)) {
+                return Err(format!("{key:?}: missing from the idle order"));
+            }
             items += mb.items.len() as u64;
             bytes += sum;
             prekeys += mb.prekeys.len() as u64;
@@ -870,6 +986,13 @@ impl MailboxRules {
         }
         if self.stored_bytes != bytes || self.stored_prekeys != prekeys {
             return Err("byte or prekey totals disagree".into());
+        }
+        if self.idle.len() != self.mailboxes.len() {
+            return Err(format!(
+                "idle order has {} entries for {} mailboxes",
+                self.idle.len(),
+                self.mailboxes.len()
+            ));
         }
         Ok(())
     }
@@ -968,7 +1091,8 @@ mod tests {
             MailboxUpdate {
                 key: bob.key(),
                 peer: bob.clone(),
-                tokens: vec![]
+                tokens: vec![],
+                registered_at: T0,
             }
         );
         // Not applied yet: the old token still works (the index follows the disk).
@@ -1438,7 +1562,7 @@ mod tests {
     #[test]
     fn restore_rebuilds_the_same_index() {
         let mut r = MailboxRules::new(limits(), true);
-        r.restore_mailbox(peer(1).key(), &[token(1).hash()]);
+        r.restore_mailbox(peer(1).key(), &[token(1).hash()], T0 - 7);
         assert!(r.restore_item(peer(1).key(), 5, id(1), 10, T0 + 100));
         assert!(
             !r.restore_item(peer(1).key(), 5, id(2), 10, T0 + 100),
@@ -1458,6 +1582,216 @@ mod tests {
         assert_eq!(r.next_seq(), 1000);
         assert_eq!(r.waiting(&peer(1)), 1);
         assert_eq!(r.prekeys(&peer(1)), 4);
+        assert_eq!(r.registered_at(&peer(1)), Some(T0 - 7));
+        r.check_invariants().unwrap();
+    }
+
+    const IDLE: u64 = 90 * 86400;
+
+    /// Decides and applies a purge of expired items and idle mailboxes, as the server does.
+    fn purge_all(r: &mut MailboxRules, now: u64) -> Vec<MailboxRemoval> {
+        for e in r.purge(now) {
+            r.apply(&Effect::RemoveItems(e));
+        }
+        let idle = r.purge_idle(now);
+        for e in &idle {
+            r.apply(&Effect::RemoveMailbox(e.clone()));
+        }
+        idle
+    }
+
+    fn publish(r: &mut MailboxRules, now: u64, p: &PeerBytes, count: usize) -> u64 {
+        let g = r.publish_prekeys(now, p, count).unwrap();
+        let first = g.append.first_seq;
+        r.apply(&Effect::AddPrekeys(g.append));
+        first
+    }
+
+    #[test]
+    fn idle_mailbox_is_purged_with_everything_in_it() {
+        let mut r = rules_with_bob();
+        assert_eq!(r.limits().mailbox_idle_secs, IDLE, "the default");
+        let (bob, carol, alice) = (peer(1), peer(3), peer(2));
+        register(&mut r, T0 + 5, &carol, &[token(3).hash()]);
+        for i in 0..3 {
+            deposit(&mut r, T0 + 10, &alice, &bob, &token(1), id(i), 100).unwrap();
+        }
+        deposit(&mut r, T0 + 10, &alice, &carol, &token(3), id(9), 7).unwrap();
+        let first_prekey = publish(&mut r, T0 + 20, &bob, 2);
+        publish(&mut r, T0 + 20, &carol, 1);
+        // One second before the deadline nothing is idle, and deposits still work.
+        assert!(r.purge_idle(T0 + IDLE - 1).is_empty());
+        deposit(&mut r, T0 + IDLE - 1, &alice, &bob, &token(1), id(3), 100).unwrap();
+        // At the deadline Bob's mailbox is idle: gone for senders even before the purge.
+        assert_eq!(
+            deposit(&mut r, T0 + IDLE, &alice, &bob, &token(1), id(4), 1),
+            Err(Refusal::Unauthorized)
+        );
+        assert_eq!(
+            r.claim_prekey(T0 + IDLE, &alice, &bob, &token(1).hash()),
+            Err(Refusal::Unauthorized)
+        );
+        let removals = r.purge_idle(T0 + IDLE);
+        assert_eq!(
+            removals,
+            vec![MailboxRemoval {
+                key: bob.key(),
+                registered_at: T0,
+                // Expired or not: 1-3 outlived their TTL, 8 did not.
+                items: vec![(1, id(0)), (2, id(1)), (3, id(2)), (8, id(3))],
+                prekeys: vec![first_prekey, first_prekey + 1],
+            }]
+        );
+        // Deciding changes nothing; applying removes the lot.
+        assert!(r.is_registered(&bob));
+        let next_seq = r.next_seq();
+        for e in &removals {
+            r.apply(&Effect::RemoveMailbox(e.clone()));
+        }
+        assert!(!r.is_registered(&bob));
+        assert_eq!((r.waiting(&bob), r.prekeys(&bob)), (0, 0));
+        assert_eq!(r.registered_at(&bob), None);
+        assert_eq!(
+            (
+                r.mailbox_count(),
+                r.stored_items(),
+                r.stored_bytes(),
+                r.stored_prekeys()
+            ),
+            (1, 1, 7, 1),
+            "only Carol's mailbox is left"
+        );
+        assert_eq!(r.next_seq(), next_seq, "seqs are never reused");
+        r.check_invariants().unwrap();
+        // Applying the same removal again is harmless; nothing more is idle.
+        r.apply(&Effect::RemoveMailbox(removals[0].clone()));
+        r.check_invariants().unwrap();
+        assert!(r.purge_idle(T0 + IDLE).is_empty());
+        // The owner's token no longer opens anything, and Bob comes back to a new, empty
+        // mailbox.
+        assert_eq!(
+            deposit(&mut r, T0 + IDLE, &alice, &bob, &token(1), id(5), 1),
+            Err(Refusal::Unauthorized)
+        );
+        let reg = register(&mut r, T0 + IDLE + 1, &bob, &[token(1).hash()]);
+        assert!(reg.created);
+        assert_eq!(reg.waiting, 0);
+        assert!(deposit(&mut r, T0 + IDLE + 1, &alice, &bob, &token(1), id(0), 1).is_ok());
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_mailbox_registered_again_within_the_window_survives() {
+        let mut r = rules_with_bob();
+        let (bob, alice) = (peer(1), peer(2));
+        deposit(&mut r, T0, &alice, &bob, &token(1), id(1), 10).unwrap();
+        let again = T0 + IDLE - 1;
+        let reg = register(&mut r, again, &bob, &[]);
+        assert!(!reg.created);
+        assert_eq!(reg.update.registered_at, again);
+        assert_eq!(r.registered_at(&bob), Some(again));
+        assert!(purge_all(&mut r, T0 + IDLE).is_empty());
+        assert!(r.is_registered(&bob));
+        assert_eq!(r.waiting(&bob), 0, "its envelope expired by TTL meanwhile");
+        deposit(&mut r, again + 10, &alice, &bob, &token(1), id(2), 10).unwrap();
+        assert!(purge_all(&mut r, again + IDLE - 1).is_empty());
+        assert_eq!(r.waiting(&bob), 0, "the deposit expired by TTL too");
+        // An owner that is idle but not purged yet revives its mailbox by registering.
+        assert_eq!(
+            deposit(&mut r, again + IDLE, &alice, &bob, &token(1), id(3), 1),
+            Err(Refusal::Unauthorized)
+        );
+        register(&mut r, again + IDLE, &bob, &[]);
+        deposit(&mut r, again + IDLE, &alice, &bob, &token(1), id(3), 1).unwrap();
+        assert!(purge_all(&mut r, again + IDLE).is_empty());
+        assert_eq!(r.waiting(&bob), 1);
+        // Its first registration is long past; only the last one counts.
+        let removed = r.purge_idle(again + 2 * IDLE);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].registered_at, again + IDLE);
+        assert_eq!(removed[0].items, vec![(3, id(3))]);
+        r.apply(&Effect::RemoveMailbox(removed[0].clone()));
+        assert!(!r.is_registered(&bob));
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn activity_by_others_does_not_keep_a_mailbox_alive() {
+        let mut r = rules_with_bob();
+        let (bob, alice, eve) = (peer(1), peer(2), peer(6));
+        register(&mut r, T0, &eve, &[]);
+        publish(&mut r, T0, &bob, 50);
+        // A stranger holding Bob's token deposits and claims every day until the end...
+        let mut n = 0;
+        let mut day = T0;
+        while day < T0 + IDLE {
+            deposit(&mut r, day, &alice, &bob, &token(1), id(n), 1).unwrap();
+            if n < 50 {
+                let claim = r
+                    .claim_prekey(day, &alice, &bob, &token(1).hash())
+                    .unwrap()
+                    .unwrap();
+                r.apply(&Effect::TakePrekey(claim));
+            }
+            // ...and registers its own mailbox (which is not Bob's).
+            register(&mut r, day, &eve, &[token(1).hash()]);
+            n += 1;
+            day += 86400;
+        }
+        assert_eq!(r.registered_at(&bob), Some(T0));
+        // Bob's own fetches and acks do not count either (only Register does; see the
+        // module docs).
+        let page = r.fetch(T0 + IDLE - 1, &bob, None, 10, u32::MAX).unwrap();
+        assert!(!page.seqs.is_empty());
+        let ack = r.ack(&bob, &[id(n - 1)]).unwrap();
+        assert_eq!(ack.items.len(), 1);
+        r.apply(&Effect::RemoveItems(ack));
+        let removed = purge_all(&mut r, T0 + IDLE);
+        assert_eq!(removed.len(), 1, "Eve registered on the last day");
+        assert_eq!(removed[0].key, bob.key());
+        assert!(!r.is_registered(&bob) && r.is_registered(&eve));
+        assert_eq!((r.stored_items(), r.stored_prekeys()), (0, 0));
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn idle_seconds_zero_never_expire_a_mailbox() {
+        let mut r = MailboxRules::new(
+            RelayLimits {
+                mailbox_idle_secs: 0,
+                ..limits()
+            },
+            true,
+        );
+        register(&mut r, T0, &peer(1), &[token(1).hash()]);
+        let later = T0 + 10 * 365 * 86400;
+        assert!(r.purge_idle(later).is_empty());
+        assert!(r.purge_idle(u64::MAX).is_empty());
+        assert!(deposit(&mut r, later, &peer(2), &peer(1), &token(1), id(1), 1).is_ok());
+    }
+
+    #[test]
+    fn idle_mailboxes_are_purged_oldest_first_and_only_those() {
+        let mut r = MailboxRules::new(
+            RelayLimits {
+                mailbox_idle_secs: 100,
+                ..limits()
+            },
+            true,
+        );
+        for (p, at) in [(3u8, T0 + 20), (1, T0), (2, T0 + 10), (4, T0 + 30)] {
+            register(&mut r, at, &peer(p), &[]);
+        }
+        let keys = |v: Vec<MailboxRemoval>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
+        assert_eq!(keys(r.purge_idle(T0 + 99)), vec![]);
+        assert_eq!(
+            keys(r.purge_idle(T0 + 120)),
+            vec![peer(1).key(), peer(2).key(), peer(3).key()]
+        );
+        // The clock never overflows near the end of time.
+        register(&mut r, u64::MAX - 5, &peer(5), &[]);
+        assert_eq!(purge_all(&mut r, u64::MAX - 1).len(), 4);
+        assert!(r.is_registered(&peer(5)));
         r.check_invariants().unwrap();
     }
 
@@ -1505,10 +1839,13 @@ mod tests {
                 sender_rate_per_sec: 5,
                 sender_burst: 20,
                 max_tokens_per_mailbox: 3,
+                mailbox_idle_secs: 100_000,
                 ..RelayLimits::default()
             };
             let mut r = MailboxRules::new(l.clone(), true);
             let mut now = T0;
+            // The model of idle expiry: each owner's last applied registration.
+            let mut registered: HashMap<u8, u64> = HashMap::new();
             // A write that fails (storage error) is simply not applied.
             let mut fail_next = false;
             for op in ops {
@@ -1519,6 +1856,7 @@ mod tests {
                         if let Ok(reg) = r.register(now, &peer(p), &add, &revoke)
                             && !std::mem::take(&mut fail_next) {
                             r.apply(&Effect::PutMailbox(reg.update));
+                            registered.insert(p, now);
                         }
                     }
                     Op::Deposit { from, to, tok, id: i, size, ttl } => {
@@ -1546,6 +1884,12 @@ mod tests {
                     Op::Purge => {
                         for e in r.purge(now) { r.apply(&Effect::RemoveItems(e)); }
                         prop_assert!(r.purge(now).is_empty());
+                        for e in r.purge_idle(now) {
+                            prop_assert!(e.registered_at + l.mailbox_idle_secs <= now);
+                            r.apply(&Effect::RemoveMailbox(e));
+                        }
+                        prop_assert!(r.purge_idle(now).is_empty());
+                        registered.retain(|_, at| *at + l.mailbox_idle_secs > now);
                     }
                     Op::Tick(s) => now += s,
                     Op::Fail => fail_next = true,
@@ -1558,6 +1902,8 @@ mod tests {
                         prop_assert!(count <= l.quota_count);
                         prop_assert!(bytes <= l.quota_bytes);
                     }
+                    // Only the owner's registrations (and the purge) move the idle clock.
+                    prop_assert_eq!(r.registered_at(&peer(p)), registered.get(&p).copied());
                 }
             }
         }

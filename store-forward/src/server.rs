@@ -14,7 +14,9 @@
 //! into `Error { Unavailable }` (the client retries; a retried deposit is then acknowledged
 //! as a duplicate once the data is on disk). Replies to reads (`Fetch`, `Info`), to `Ack`
 //! (losing a delete only means a re-delivery the recipient deduplicates) and errors never
-//! need the flush. An envelope is deleted only by its recipient's `Ack` or by expiry.
+//! need the flush. An envelope is deleted only by its recipient's `Ack`, by its expiry, or
+//! with its whole mailbox when the owner has not registered for `mailbox_idle_secs` (the
+//! idle purge, run by [`MailboxServer::purge`] with the expiry purge).
 
 use std::path::Path;
 
@@ -145,11 +147,16 @@ pub struct MailboxServer {
     db: MailboxDb,
     rules: MailboxRules,
     metrics: Metrics,
+    /// The `now` given to [`MailboxServer::open`]: the registration time of mailbox
+    /// records written before idle expiry, also when the index is reloaded after a failed
+    /// write.
+    opened_at: u64,
 }
 
 impl MailboxServer {
     /// Opens the store in directory `path`, rebuilds the index, and purges what expired by
-    /// `now` (unix seconds).
+    /// `now` (unix seconds): envelopes past their TTL and idle mailboxes. A mailbox stored
+    /// before idle expiry existed counts as registered at `now`.
     pub fn open(
         path: &Path,
         limits: RelayLimits,
@@ -157,23 +164,31 @@ impl MailboxServer {
         now: u64,
     ) -> Result<Self, ServerError> {
         limits.validate()?;
-        let db = MailboxDb::open(path, options.min_free_bytes)?;
+        let mut db = MailboxDb::open(path, options.min_free_bytes)?;
         let mut rules = MailboxRules::new(limits, options.accept_registrations);
-        let stats: LoadStats = db.load(&mut rules)?;
+        let stats: LoadStats = db.load(&mut rules, now)?;
         let mut metrics = Metrics::default();
         for code in ErrorCode::ALL {
             metrics.rejections.insert(code, 0);
         }
-        let mut server = Self { db, rules, metrics };
+        let mut server = Self {
+            db,
+            rules,
+            metrics,
+            opened_at: now,
+        };
         let purged = server.purge(now);
-        if purged > 0 {
+        // Purges and the upgrade of old mailbox records are queued writes.
+        if server.db.pending_writes() > 0 {
             server.flush()?;
         }
         tracing::info!(
             mailboxes = stats.mailboxes,
             envelopes = stats.items,
             prekeys = stats.prekeys,
+            upgraded = stats.upgraded,
             purged,
+            expired_mailboxes = server.metrics.expired_mailboxes,
             "mailbox store opened"
         );
         Ok(server)
@@ -222,7 +237,8 @@ impl MailboxServer {
             Request::Register { add, revoke } => {
                 let reg = self.rules.register(now, peer, &add, &revoke)?;
                 let u = &reg.update;
-                self.db.put_mailbox(&u.key, &u.peer, &u.tokens)?;
+                self.db
+                    .put_mailbox(&u.key, &u.peer, &u.tokens, u.registered_at)?;
                 self.rules.apply(&Effect::PutMailbox(reg.update));
                 self.metrics.registrations += 1;
                 if reg.created {
@@ -376,7 +392,7 @@ impl MailboxServer {
             tracing::warn!("mailbox batch write failed, reloading the index: {e}");
             self.db.discard_pending()?;
             self.rules.clear_index();
-            self.db.load(&mut self.rules)?;
+            self.db.load(&mut self.rules, self.opened_at)?;
             return Err(e.into());
         }
         Ok(())
@@ -407,9 +423,11 @@ impl MailboxServer {
         self.rules.waiting(recipient)
     }
 
-    /// Deletes what expired by `now` (queued: applied by the next flush; losing a purge
-    /// only delays it) and forgets idle senders' buckets. Returns how many envelopes were
-    /// deleted.
+    /// Deletes what expired by `now`: envelopes past their TTL, then idle mailboxes (whose
+    /// owner has not registered for `mailbox_idle_secs`) with their token hashes,
+    /// envelopes and prekeys; and forgets idle senders' buckets. Queued: applied by the
+    /// next flush (losing a purge only delays it). Returns how many envelopes were deleted,
+    /// those of idle mailboxes included.
     pub fn purge(&mut self, now: u64) -> u64 {
         let mut removed = 0;
         for removal in self.rules.purge(now) {
@@ -417,7 +435,24 @@ impl MailboxServer {
             removed += removal.items.len() as u64;
             self.rules.apply(&Effect::RemoveItems(removal));
         }
+        let (mut mailboxes, mut prekeys) = (0u64, 0u64);
+        for removal in self.rules.purge_idle(now) {
+            self.db.remove_mailbox(&removal);
+            removed += removal.items.len() as u64;
+            prekeys += removal.prekeys.len() as u64;
+            mailboxes += 1;
+            self.rules.apply(&Effect::RemoveMailbox(removal));
+        }
+        if mailboxes > 0 {
+            tracing::info!(
+                mailboxes,
+                prekeys,
+                idle_secs = self.rules.limits().mailbox_idle_secs,
+                "idle mailboxes expired"
+            );
+        }
         self.metrics.expired_envelopes += removed;
+        self.metrics.expired_mailboxes += mailboxes;
         self.rules.prune_senders(now);
         removed
     }
@@ -999,6 +1034,165 @@ mod tests {
         let left = fetch_all(&mut s, &bob);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, [3; 16]);
+    }
+
+    #[test]
+    fn idle_mailboxes_are_purged_with_their_envelopes_and_prekeys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bob, carol, alice) = (peer(1), peer(3), peer(2));
+        let idle = limits().mailbox_idle_secs;
+        {
+            let mut s = open(dir.path());
+            register(&mut s, &bob, &[token(1).hash()]);
+            register(&mut s, &carol, &[token(3).hash()]);
+            ask(
+                &mut s,
+                &bob,
+                &Request::PublishPrekeys {
+                    prekeys: vec![vec![1], vec![2]],
+                },
+            );
+            // Alice keeps depositing for Bob (unexpired at the purge); Carol comes back.
+            for i in 0..2u8 {
+                let (r, _) = call(
+                    &mut s,
+                    T0 + idle - 10,
+                    &alice,
+                    &deposit_req(&bob, &token(1), i, vec![i; 10]),
+                );
+                assert!(matches!(r, Response::Deposited { .. }), "{r:?}");
+            }
+            let (r, _) = call(
+                &mut s,
+                T0 + idle - 5,
+                &carol,
+                &Request::Register {
+                    add: vec![],
+                    revoke: vec![],
+                },
+            );
+            assert_eq!(r, Response::Registered { waiting: 0 });
+            call(
+                &mut s,
+                T0 + idle - 5,
+                &alice,
+                &deposit_req(&carol, &token(3), 9, vec![9; 5]),
+            );
+            s.flush().unwrap();
+            assert_eq!(s.purge(T0 + idle - 1), 0);
+            assert!(s.rules().is_registered(&bob));
+            assert_eq!(
+                s.purge(T0 + idle),
+                2,
+                "Bob's envelopes went with his mailbox"
+            );
+            assert!(!s.rules().is_registered(&bob));
+            assert_eq!(s.waiting(&carol), 1);
+            let m = s.metrics();
+            assert_eq!(
+                (
+                    m.expired_mailboxes,
+                    m.expired_envelopes,
+                    m.mailboxes,
+                    m.envelopes_stored,
+                    m.prekeys_stored
+                ),
+                (1, 2, 1, 1, 0)
+            );
+            let text = m.render_prometheus(&[]);
+            check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert!(
+                text.contains("tern_relay_expired_mailboxes_total 1\n"),
+                "{text}"
+            );
+            let (r, _) = call(
+                &mut s,
+                T0 + idle,
+                &alice,
+                &deposit_req(&bob, &token(1), 3, vec![3]),
+            );
+            assert_eq!(code(&r), Some(ErrorCode::Unauthorized));
+            assert!(s.pending_writes() > 0, "the purge is queued");
+            s.flush().unwrap();
+        }
+        // On disk: Bob's mailbox, envelopes and prekeys are gone, Carol's are intact.
+        let mut s = MailboxServer::open(dir.path(), limits(), options(), T0 + idle + 1).unwrap();
+        s.rules().check_invariants().unwrap();
+        assert!(!s.rules().is_registered(&bob));
+        assert_eq!(s.rules().prekeys(&bob), 0);
+        assert_eq!(s.metrics().expired_mailboxes, 0, "counters restart");
+        let (r, _) = call(
+            &mut s,
+            T0 + idle + 1,
+            &carol,
+            &Request::Fetch {
+                after: None,
+                max_items: 10,
+                max_bytes: u32::MAX,
+            },
+        );
+        let Response::Batch { items, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].id, [9; 16]);
+        // Bob comes back to a new, empty mailbox.
+        let (r, _) = call(
+            &mut s,
+            T0 + idle + 1,
+            &bob,
+            &Request::Register {
+                add: vec![token(1).hash()],
+                revoke: vec![],
+            },
+        );
+        assert_eq!(r, Response::Registered { waiting: 0 });
+    }
+
+    #[test]
+    fn mailboxes_from_before_idle_expiry_count_from_the_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob = peer(1);
+        let idle = limits().mailbox_idle_secs;
+        {
+            let mut s = open(dir.path());
+            s.db.put_legacy_mailbox(&bob, &[token(1).hash()]).unwrap();
+            s.flush().unwrap();
+        }
+        // Long after the record was written (it carries no time): the clock starts now.
+        let first = T0 + 1000 * 86400;
+        {
+            let mut s = MailboxServer::open(dir.path(), limits(), options(), first).unwrap();
+            assert_eq!(s.rules().registered_at(&bob), Some(first));
+            assert_eq!(s.pending_writes(), 0, "the upgrade was flushed at open");
+            let (r, _) = call(
+                &mut s,
+                first,
+                &bob,
+                &Request::PublishPrekeys {
+                    prekeys: vec![vec![1]],
+                },
+            );
+            assert!(matches!(r, Response::PrekeysPublished { accepted: 1, .. }));
+            s.flush().unwrap();
+        }
+        // A restart does not restart the clock...
+        {
+            let s = MailboxServer::open(dir.path(), limits(), options(), first + idle - 1).unwrap();
+            assert_eq!(s.rules().registered_at(&bob), Some(first));
+            assert_eq!(s.rules().prekeys(&bob), 1);
+        }
+        // ...and the mailbox expires one idle period after the first open, at open.
+        {
+            let s = MailboxServer::open(dir.path(), limits(), options(), first + idle).unwrap();
+            assert!(!s.rules().is_registered(&bob));
+            assert_eq!(s.metrics().expired_mailboxes, 1);
+            assert_eq!(s.rules().stored_prekeys(), 0);
+            assert_eq!(s.pending_writes(), 0, "the purge at open was flushed");
+        }
+        let s = MailboxServer::open(dir.path(), limits(), options(), first + idle).unwrap();
+        assert!(!s.rules().is_registered(&bob), "and stays done");
+        assert_eq!(s.metrics().expired_mailboxes, 0);
     }
 
     #[test]

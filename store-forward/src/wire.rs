@@ -8,6 +8,10 @@
 //! panic or a large allocation. The format is documented in docs/PROTOCOL.md, section
 //! "Mailbox protocol /tern/mailbox/1".
 //!
+//! Compatibility: `Info` gained [`RelayLimits::mailbox_idle_secs`] as a last field;
+//! [`Response::from_bytes`] still reads the older 13-field `Info` (as `mailbox_idle_secs:
+//! 0`, no idle expiry, which is what those relays do).
+//!
 //! Secrets: a [`MailboxToken`] is a capability; its `Debug` is redacted and it is zeroed on
 //! drop. The relay only ever keeps its [`TokenHash`].
 
@@ -591,9 +595,66 @@ impl Response {
         encode(self)
     }
 
-    /// Decodes and checks the version and the frame size.
+    /// Decodes and checks the version and the frame size. Also reads an `Info` in the
+    /// layout of relays that predate `mailbox_idle_secs` (13 fields), as
+    /// `mailbox_idle_secs: 0`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
-        decode("response", bytes, MAX_RESPONSE_FRAME)
+        let err = match decode("response", bytes, MAX_RESPONSE_FRAME) {
+            Ok(r) => return Ok(r),
+            Err(e @ (WireError::Version { .. } | WireError::TooLarge { .. })) => return Err(e),
+            Err(e) => e,
+        };
+        if let [WIRE_VERSION, INFO_VARIANT, rest @ ..] = bytes
+            && let Ok((old, [])) = postcard::take_from_bytes::<RelayLimitsV1>(rest)
+        {
+            return Ok(Self::Info(old.into()));
+        }
+        Err(err)
+    }
+}
+
+/// The postcard variant index of [`Response::Info`] (a one-byte varint).
+const INFO_VARIANT: u8 = 5;
+
+/// [`RelayLimits`] as relays before idle expiry sent it in `Info`: the same fields in the
+/// same order, without the last (`mailbox_idle_secs`). Such relays never expire a mailbox,
+/// so it decodes as `mailbox_idle_secs: 0`.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct RelayLimitsV1 {
+    max_envelope_bytes: u32,
+    quota_count: u32,
+    quota_bytes: u64,
+    min_ttl_secs: u64,
+    default_ttl_secs: u64,
+    max_ttl_secs: u64,
+    sender_rate_per_sec: u32,
+    sender_burst: u32,
+    max_mailboxes: u32,
+    max_tokens_per_mailbox: u32,
+    max_prekeys_per_mailbox: u32,
+    fetch_max_items: u32,
+    fetch_max_bytes: u32,
+}
+
+impl From<RelayLimitsV1> for RelayLimits {
+    fn from(o: RelayLimitsV1) -> Self {
+        Self {
+            max_envelope_bytes: o.max_envelope_bytes,
+            quota_count: o.quota_count,
+            quota_bytes: o.quota_bytes,
+            min_ttl_secs: o.min_ttl_secs,
+            default_ttl_secs: o.default_ttl_secs,
+            max_ttl_secs: o.max_ttl_secs,
+            sender_rate_per_sec: o.sender_rate_per_sec,
+            sender_burst: o.sender_burst,
+            max_mailboxes: o.max_mailboxes,
+            max_tokens_per_mailbox: o.max_tokens_per_mailbox,
+            max_prekeys_per_mailbox: o.max_prekeys_per_mailbox,
+            fetch_max_items: o.fetch_max_items,
+            fetch_max_bytes: o.fetch_max_bytes,
+            mailbox_idle_secs: 0,
+        }
     }
 }
 
@@ -680,6 +741,88 @@ mod tests {
         for r in all {
             assert_eq!(Response::from_bytes(&r.to_bytes()).unwrap(), r);
         }
+    }
+
+    /// `Info(RelayLimits::default())` as relays before `mailbox_idle_secs` sent it.
+    const OLD_DEFAULT_INFO: [u8; 34] = [
+        0x01, 0x05, 0x80, 0x80, 0x06, 0x90, 0x4e, 0x80, 0x80, 0x80, 0x80, 0x01, 0x90, 0x1c, 0x80,
+        0xea, 0x49, 0x80, 0x9a, 0x9e, 0x01, 0x64, 0xe8, 0x07, 0x90, 0x4e, 0x80, 0x08, 0x64, 0xe8,
+        0x07, 0x80, 0xf8, 0x3f,
+    ];
+
+    #[test]
+    fn info_of_an_older_relay_decodes_as_no_idle_expiry() {
+        let expected = RelayLimits {
+            mailbox_idle_secs: 0,
+            ..RelayLimits::default()
+        };
+        assert_eq!(
+            Response::from_bytes(&OLD_DEFAULT_INFO).unwrap(),
+            Response::Info(expected)
+        );
+        // The new layout is the old one plus the idle period (varint 7776000) at the end.
+        let new = Response::Info(RelayLimits::default()).to_bytes();
+        assert_eq!(new[1], INFO_VARIANT);
+        assert_eq!(&new[..OLD_DEFAULT_INFO.len()], &OLD_DEFAULT_INFO[..]);
+        assert_eq!(&new[OLD_DEFAULT_INFO.len()..], &[0x80, 0xce, 0xda, 0x03]);
+        // The legacy struct encodes like the old layout, for any values.
+        let odd = RelayLimitsV1 {
+            max_envelope_bytes: 1,
+            quota_count: 2,
+            quota_bytes: u64::MAX,
+            min_ttl_secs: 4,
+            default_ttl_secs: 5,
+            max_ttl_secs: 6,
+            sender_rate_per_sec: 7,
+            sender_burst: 8,
+            max_mailboxes: 9,
+            max_tokens_per_mailbox: 10,
+            max_prekeys_per_mailbox: 0,
+            fetch_max_items: 12,
+            fetch_max_bytes: u32::MAX,
+        };
+        let mut frame = vec![WIRE_VERSION, INFO_VARIANT];
+        frame.extend(postcard::to_stdvec(&odd).unwrap());
+        let Response::Info(l) = Response::from_bytes(&frame).unwrap() else {
+            panic!("not an Info")
+        };
+        assert_eq!(
+            (l.quota_bytes, l.max_prekeys_per_mailbox, l.fetch_max_bytes),
+            (u64::MAX, 0, u32::MAX)
+        );
+        assert_eq!(l.mailbox_idle_secs, 0);
+        let mut odd_new = l;
+        odd_new.mailbox_idle_secs = 99;
+        let mut new_frame = frame;
+        new_frame.push(99);
+        assert_eq!(
+            Response::from_bytes(&new_frame).unwrap(),
+            Response::Info(odd_new)
+        );
+        // Neither layout with a byte missing or extra, nor a legacy body under another
+        // variant, decodes.
+        let mut short = OLD_DEFAULT_INFO.to_vec();
+        short.pop();
+        assert!(matches!(
+            Response::from_bytes(&short),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut long = new;
+        long.push(0);
+        assert!(matches!(
+            Response::from_bytes(&long),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut other = OLD_DEFAULT_INFO.to_vec();
+        other[1] = 7;
+        assert!(Response::from_bytes(&other).is_err());
+        // Other versions are still refused as such.
+        let mut v2 = OLD_DEFAULT_INFO.to_vec();
+        v2[0] = 2;
+        assert!(matches!(
+            Response::from_bytes(&v2),
+            Err(WireError::Version { got: 2, .. })
+        ));
     }
 
     #[test]

@@ -320,6 +320,32 @@ async fn a_relayed_connection_is_upgraded_to_a_direct_one_by_hole_punching() {
     r.handle.shutdown().await;
 }
 
+/// A user that stays connected re-registers on its own schedule (`relay_sync_secs`), so a
+/// relay never forgets the mailbox of a user who is online but gets no notices.
+#[tokio::test]
+async fn a_connected_user_registers_again_on_its_sync_schedule() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let b = TestNode::spawn_with("bob", |c| {
+        c.relays = vec![raddr];
+        c.relay_sync_secs = 1;
+    })
+    .await;
+    let first = eventually("a first registration", LONG, || async {
+        let n = r.metric("tern_relay_registrations_total").await;
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    eventually("two more registrations", LONG, || async {
+        (r.metric("tern_relay_registrations_total").await >= first + 2.0).then_some(())
+    })
+    .await;
+    let status = b.handle.status().await.unwrap();
+    assert!(status.relays.iter().all(|x| x.connected), "{status:?}");
+    b.stop().await;
+    r.handle.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_removed_contacts_token_is_revoked_at_the_relay() {
     let r = start_relay().await;

@@ -239,6 +239,19 @@ impl Actor {
         });
     }
 
+    /// Syncs every home relay once per `relay_sync_interval`: a long-lived connection gets
+    /// no new-connection sync, and a relay forgets a mailbox whose owner stops registering.
+    pub(super) fn sync_relays_if_due(&mut self) {
+        let now = std::time::Instant::now();
+        if now < self.next_relay_sync {
+            return;
+        }
+        self.next_relay_sync = now + self.config.relay_sync_interval;
+        for (relay, _) in self.home_relay_peers() {
+            self.sync_relay(relay);
+        }
+    }
+
     /// A sync ended: start another if a notice came meanwhile.
     pub(super) fn sync_finished(&mut self, relay: PeerId) {
         self.syncing.remove(&relay);

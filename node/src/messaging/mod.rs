@@ -90,6 +90,9 @@ pub struct MessagingConfig {
     pub listen_addrs: Vec<Multiaddr>,
     /// Our home relays (with `/p2p/`), where our mailbox lives. Default: none.
     pub home_relays: Vec<Multiaddr>,
+    /// How often each connected home relay is synced (register + fetch) besides on connect
+    /// and on notices: registering keeps our mailbox from expiring there.
+    pub relay_sync_interval: Duration,
     /// Contacts presence says are offline: their envelopes go straight to their relays.
     pub known_offline: KnownOffline,
 }
@@ -132,6 +135,7 @@ impl Default for MessagingConfig {
             retry: RetryPolicy::default(),
             listen_addrs: Vec::new(),
             home_relays: Vec::new(),
+            relay_sync_interval: Duration::from_secs(24 * 3600),
             known_offline: KnownOffline::default(),
         }
     }
@@ -480,6 +484,8 @@ struct Actor {
     storage_failed: Option<String>,
     /// When the dedup set is next pruned.
     next_prune: Instant,
+    /// When every home relay is next synced (besides on connect and on notices).
+    next_relay_sync: Instant,
     /// Our dialable listen addresses, announced in our profile.
     my_addrs: Vec<Multiaddr>,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
@@ -519,6 +525,7 @@ pub fn spawn(
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
+    let next_relay_sync = Instant::now() + config.relay_sync_interval;
     let my_addrs = config
         .listen_addrs
         .iter()
@@ -549,6 +556,7 @@ pub fn spawn(
         undo: Vec::new(),
         storage_failed: None,
         next_prune: Instant::now(),
+        next_relay_sync,
         my_addrs,
         session_cache: Default::default(),
         presence_notes,
@@ -628,8 +636,9 @@ impl Actor {
             let wake = self
                 .schedule
                 .next_due()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                .map_or(self.next_relay_sync, |due| due.min(self.next_relay_sync))
+                .min(Instant::now() + Duration::from_secs(3600));
+            let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -671,6 +680,7 @@ impl Actor {
         }
         self.flush_and_answer().await;
         self.prune_seen_if_due();
+        self.sync_relays_if_due();
         self.start_deliveries();
         // Expiring messages or pruning may have written something: make it durable (and
         // publish its events) now rather than at the next wake-up.
