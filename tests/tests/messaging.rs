@@ -330,7 +330,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
             .to_bytes(),
         ciphertext: vec![1, 2, 3],
     });
-    let r = Response::from_bytes(&ask(forged.to_bytes()).await.unwrap()).unwrap();
+    let r = Response::from_bytes(&ask(forged.clone().to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(r, Response::Rejected(_, RejectReason::WrongParty)),
         "{r:?}"
@@ -346,7 +346,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
             .to_bytes(),
         ciphertext: vec![0x01; 200],
     });
-    let r = Response::from_bytes(&ask(bogus.to_bytes()).await.unwrap()).unwrap();
+    let r = Response::from_bytes(&ask(bogus.clone().to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(
             r,
@@ -354,6 +354,55 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
         ),
         "{r:?}"
     );
+
+    // Batches: each envelope answered on its own, in order; empty or oversize ones refused.
+    let mut forged_batch = Vec::new();
+    for (i, env) in [forged, bogus].into_iter().enumerate() {
+        let wire::Request::Deliver(mut e) = env else {
+            unreachable!()
+        };
+        e.id = wire::MsgId([20 + i as u8; 16]);
+        forged_batch.push(e);
+    }
+    let r = Response::from_bytes(
+        &ask(wire::Request::DeliverBatch(forged_batch.clone()).to_bytes())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    match r {
+        Response::Batch(answers) => {
+            assert_eq!(answers.len(), 2, "{answers:?}");
+            assert_eq!(
+                answers[0],
+                wire::Answer::Rejected(wire::MsgId([20; 16]), RejectReason::WrongParty)
+            );
+            assert!(
+                matches!(
+                    answers[1],
+                    wire::Answer::Rejected(id, RejectReason::Malformed | RejectReason::Undecryptable)
+                        if id == wire::MsgId([21; 16])
+                ),
+                "{answers:?}"
+            );
+        }
+        other => panic!("not a batch answer: {other:?}"),
+    }
+    for batch in [
+        Vec::new(),
+        std::iter::repeat_n(forged_batch[0].clone(), wire::MAX_BATCH_ENVELOPES + 1).collect(),
+    ] {
+        let r = Response::from_bytes(
+            &ask(wire::Request::DeliverBatch(batch).to_bytes())
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Response::Rejected(_, RejectReason::Malformed)),
+            "{r:?}"
+        );
+    }
 
     let status = b.handle.status().await.unwrap();
     assert!(

@@ -1647,10 +1647,41 @@ impl Actor {
                 return Inbound::Respond(Response::Rejected(zero, RejectReason::Malformed));
             }
         };
-        let (envelope, ephemeral) = match request {
-            Request::Deliver(e) => (e, false),
-            Request::Ephemeral(e) => (e, true),
-        };
+        match request {
+            Request::Deliver(e) => self.accept_envelope(peer, e, false),
+            Request::Ephemeral(e) => self.accept_envelope(peer, e, true),
+            Request::DeliverBatch(list) => {
+                if list.is_empty() || list.len() > wire::MAX_BATCH_ENVELOPES {
+                    self.count_rejected("malformed");
+                    return Inbound::Respond(Response::Rejected(zero, RejectReason::Malformed));
+                }
+                let mut answers = Vec::with_capacity(list.len());
+                for envelope in list {
+                    match self.accept_envelope(peer, envelope, false) {
+                        Inbound::Respond(Response::Stored(id)) => {
+                            answers.push(wire::Answer::Stored(id));
+                        }
+                        Inbound::Respond(Response::Rejected(id, reason)) => {
+                            answers.push(wire::Answer::Rejected(id, reason));
+                        }
+                        // Answers only ephemeral envelopes and batches get; never here.
+                        Inbound::Respond(Response::Seen(id)) => {
+                            answers.push(wire::Answer::Rejected(id, RejectReason::Malformed));
+                        }
+                        Inbound::Respond(Response::Batch(_)) => {
+                            answers.push(wire::Answer::Rejected(zero, RejectReason::Malformed));
+                        }
+                        // A blocked sender: every envelope of the batch is its own.
+                        Inbound::Drop => return Inbound::Drop,
+                    }
+                }
+                Inbound::Respond(Response::Batch(answers))
+            }
+        }
+    }
+
+    /// Judges one envelope from `peer`: checks, decrypts, commits (flushed with the batch).
+    fn accept_envelope(&mut self, peer: PeerId, envelope: Envelope, ephemeral: bool) -> Inbound {
         let id = envelope.id;
         if self.storage_failed.is_some() {
             // Nothing can be made durable right now; the sender keeps it and retries.
@@ -2170,45 +2201,94 @@ async fn deliver(
     } else {
         DELIVERY_WINDOW
     };
-    let mut queue = items.into_iter();
+    // Envelopes travel in batches; a recipient from before batches gets one per request.
+    let mut batching = true;
+    let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
     loop {
         while failure.is_none() && in_flight.len() < window {
-            let Some(item) = queue.next() else { break };
-            let request = match Envelope::from_bytes(&item.envelope) {
-                Ok(env) => Request::Deliver(env).to_bytes(),
+            let Some(first) = queue.pop_front() else {
+                break;
+            };
+            let mut sent = vec![first];
+            if batching && window > 1 {
+                let mut bytes = sent[0].envelope.len();
+                while sent.len() < wire::MAX_BATCH_ENVELOPES {
+                    match queue.front() {
+                        Some(next) if bytes + next.envelope.len() <= wire::MAX_BATCH_BYTES => {
+                            bytes += next.envelope.len();
+                            sent.extend(queue.pop_front());
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let mut envelopes = Vec::with_capacity(sent.len());
+            sent.retain(|item| match Envelope::from_bytes(&item.envelope) {
+                Ok(env) => {
+                    envelopes.push(env);
+                    true
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "corrupt outbox item skipped");
                     outcomes.push((item.id, Outcome::Rejected(RejectReason::Malformed)));
-                    continue;
+                    false
                 }
-            };
+            });
+            let request = match envelopes.len() {
+                0 => continue,
+                1 => Request::Deliver(envelopes.remove(0)),
+                _ => Request::DeliverBatch(envelopes),
+            }
+            .to_bytes();
             let net = net.clone();
             let addrs = addrs.clone();
-            in_flight
-                .push_back(async move { (item.id, net.request(peer_id, addrs, request).await) });
+            in_flight.push_back(async move { (sent, net.request(peer_id, addrs, request).await) });
         }
-        let Some((id, result)) = in_flight.next().await else {
+        let Some((sent, result)) = in_flight.next().await else {
             break;
         };
         window = DELIVERY_WINDOW;
-        match result.map(|b| Response::from_bytes(&b)) {
-            Ok(Ok(Response::Stored(got) | Response::Seen(got))) if got == id => {
-                outcomes.push((id, Outcome::Stored))
+        let answers: Vec<Response> = match result.map(|b| Response::from_bytes(&b)) {
+            Ok(Ok(Response::Batch(answers))) if answers.len() == sent.len() && sent.len() > 1 => {
+                answers.into_iter().map(Response::from).collect()
             }
-            Ok(Ok(Response::Rejected(_, reason))) => {
-                outcomes.push((id, Outcome::Rejected(reason)));
-                if reason.is_transient() && failure.is_none() {
-                    failure = Some(format!("recipient answered {reason:?}"));
+            Ok(Ok(Response::Rejected(_, RejectReason::Malformed))) if sent.len() > 1 => {
+                // A recipient from before batches: send these again, one per request.
+                batching = false;
+                for item in sent.into_iter().rev() {
+                    queue.push_front(item);
                 }
+                continue;
             }
+            Ok(Ok(answer)) if sent.len() == 1 => vec![answer],
             Ok(Ok(other)) => {
                 failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
+                continue;
             }
             Ok(Err(e)) => {
                 failure.get_or_insert_with(|| format!("bad answer: {e}"));
+                continue;
             }
             Err(e) => {
                 failure.get_or_insert_with(|| e.to_string());
+                continue;
+            }
+        };
+        for (item, answer) in sent.iter().zip(answers) {
+            let id = item.id;
+            match answer {
+                Response::Stored(got) | Response::Seen(got) if got == id => {
+                    outcomes.push((id, Outcome::Stored));
+                }
+                Response::Rejected(_, reason) => {
+                    outcomes.push((id, Outcome::Rejected(reason)));
+                    if reason.is_transient() && failure.is_none() {
+                        failure = Some(format!("recipient answered {reason:?}"));
+                    }
+                }
+                other => {
+                    failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
+                }
             }
         }
     }

@@ -15,6 +15,11 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 pub use crate::net::MSG_MAX_REQUEST as MAX_REQUEST_FRAME;
 /// Largest `/tern/msg/1` response frame.
 pub use crate::net::MSG_MAX_RESPONSE as MAX_RESPONSE_FRAME;
+/// Most envelopes in one [`Request::DeliverBatch`].
+pub const MAX_BATCH_ENVELOPES: usize = 64;
+/// Most envelope bytes a sender packs into one [`Request::DeliverBatch`] (the frame limit,
+/// [`MAX_REQUEST_FRAME`], leaves room for the framing).
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Version byte of [`Envelope`], [`Request`], [`Response`] and [`Plaintext`].
 pub const WIRE_VERSION: u8 = 1;
 
@@ -175,6 +180,11 @@ pub enum Request {
     Deliver(Envelope),
     /// An ephemeral envelope (typing): process if possible, never store, never retry.
     Ephemeral(Envelope),
+    /// Store these envelopes (1 ..= [`MAX_BATCH_ENVELOPES`], each judged on its own), then
+    /// answer [`Response::Batch`] with one answer per envelope, in order. Added after the
+    /// first release: a recipient from before answers `Rejected(0, Malformed)`, and the
+    /// sender then sends one envelope per request.
+    DeliverBatch(Vec<Envelope>),
 }
 
 impl Request {
@@ -220,6 +230,27 @@ pub enum Response {
     Seen(MsgId),
     /// Refused.
     Rejected(MsgId, RejectReason),
+    /// The answers to a [`Request::DeliverBatch`], one per envelope, in order.
+    Batch(Vec<Answer>),
+}
+
+/// The answer to one envelope of a [`Request::DeliverBatch`] (its own type, so a batch
+/// answer cannot nest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Durably stored (or already stored before).
+    Stored(MsgId),
+    /// Refused.
+    Rejected(MsgId, RejectReason),
+}
+
+impl From<Answer> for Response {
+    fn from(a: Answer) -> Self {
+        match a {
+            Answer::Stored(id) => Response::Stored(id),
+            Answer::Rejected(id, reason) => Response::Rejected(id, reason),
+        }
+    }
 }
 
 impl Response {
@@ -358,6 +389,27 @@ mod tests {
         let mut truncated = req.to_bytes();
         truncated.truncate(truncated.len() - 5);
         assert!(Request::from_bytes(&truncated).is_err());
+    }
+
+    #[test]
+    fn a_full_batch_and_its_answers_fit_their_frames() {
+        let env = |i: u8| Envelope {
+            id: MsgId([i; 16]),
+            sender: [1; 32],
+            recipient: [2; 32],
+            ciphertext: vec![9; MAX_BATCH_BYTES / MAX_BATCH_ENVELOPES],
+        };
+        let req = Request::DeliverBatch((0..MAX_BATCH_ENVELOPES as u8).map(env).collect());
+        let bytes = req.to_bytes();
+        assert!(bytes.len() <= MAX_REQUEST_FRAME, "{}", bytes.len());
+        assert_eq!(Request::from_bytes(&bytes).unwrap(), req);
+        let answers: Vec<Answer> = (0..MAX_BATCH_ENVELOPES as u8)
+            .map(|i| Answer::Rejected(MsgId([i; 16]), RejectReason::Unavailable))
+            .collect();
+        let resp = Response::Batch(answers);
+        let bytes = resp.to_bytes();
+        assert!(bytes.len() <= MAX_RESPONSE_FRAME, "{}", bytes.len());
+        assert_eq!(Response::from_bytes(&bytes).unwrap(), resp);
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub const IDENTIFY_PROTOCOL: &str = "/tern/id/1.0.0";
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/msg/1");
 /// Largest `/tern/msg/1` request frame: a 64 KiB text plus encryption and envelope overhead.
 pub const MSG_MAX_REQUEST: usize = 96 * 1024;
-/// Largest `/tern/msg/1` response frame.
-pub const MSG_MAX_RESPONSE: usize = 1024;
+/// Largest `/tern/msg/1` response frame (room for the answers to a full batch).
+pub const MSG_MAX_RESPONSE: usize = 4096;
 /// Store-and-forward mailboxes on relays.
 pub const MAILBOX_PROTOCOL: StreamProtocol = StreamProtocol::new(tern_store_forward::PROTOCOL);
 /// How long a `/tern/msg/1` request may wait for its response.
