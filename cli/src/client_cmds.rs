@@ -113,7 +113,12 @@ pub(crate) async fn status(g: &Globals) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 )
             };
-            out.push_str(&format!("  {} {state}\n", r.address));
+            let mailbox = if r.mailbox_registered_at.is_some() {
+                ", mailbox registered"
+            } else {
+                ""
+            };
+            out.push_str(&format!("  {} {state}{mailbox}\n", r.address));
         }
         let punches = s.hole_punches;
         if punches.succeeded + punches.failed > 0 {

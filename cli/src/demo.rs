@@ -125,6 +125,13 @@ async fn wait_for<T>(
 
 /// Runs the scenario.
 pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
+    // Quiet unless asked: `RUST_LOG=tern_node=debug tern demo` shows the nodes' logs.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let mut t = Transcript {
         start: Instant::now(),
         steps: Vec::new(),
@@ -315,6 +322,23 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
     wait_for(&mut alice, "bob back", presence("bob", "online")).await?;
     t.say("alice", "sees bob online again");
 
+    // Bob's mailbox must be registered at his relay before he leaves (it is within moments
+    // of connecting; on a loaded machine the demo could otherwise outrun it).
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while !bob
+        .handle
+        .status()
+        .await?
+        .relays
+        .iter()
+        .any(|r| r.mailbox_registered_at.is_some())
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "bob's mailbox was not registered at his relay within {STEP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     bob.handle.shutdown().await?;
     t.say(
         "bob",

@@ -78,6 +78,10 @@ pub struct Config {
     pub inbound_rate: u32,
     /// Inbound envelope burst accepted from one peer. Default: 40000.
     pub inbound_burst: u32,
+    /// Most message requests (conversations strangers started, not yet accepted, blocked
+    /// or removed) kept at once; beyond it strangers are refused until some are handled.
+    /// 0: only contacts can write to you. Default: 1000.
+    pub max_message_requests: u32,
     /// Free disk space (MiB) kept in reserve: below it the node refuses writes (sends fail
     /// with a clear error, inbound envelopes wait at their senders). Default: 64.
     pub min_free_disk_mb: u64,
@@ -150,6 +154,7 @@ impl Default for Config {
             message_ttl_secs: 7 * 24 * 3600,
             inbound_rate: 20_000,
             inbound_burst: 40_000,
+            max_message_requests: 1_000,
             min_free_disk_mb: 64,
             presence: PresenceConfig::default(),
         }
@@ -229,6 +234,12 @@ impl Config {
                 "message_ttl_secs, inbound_rate and inbound_burst must be at least 1".into(),
             ));
         }
+        if self.max_message_requests > 100_000 {
+            return Err(invalid(format!(
+                "max_message_requests {} is more than 100000",
+                self.max_message_requests
+            )));
+        }
         if !(1..=30 * 24 * 3600).contains(&self.relay_sync_secs) {
             return Err(invalid(format!(
                 "relay_sync_secs {} is outside 1..=2592000",
@@ -278,6 +289,7 @@ impl Config {
 # idle_timeout_secs: how long an idle connection stays open (default: 60)
 # message_ttl_secs: how long a message may wait for delivery before it fails (default: 604800, at most 2592000)
 # inbound_rate / inbound_burst: envelopes per second / burst accepted from one peer (default: 20000 / 40000)
+# max_message_requests: strangers' conversations kept until you accept, block or remove them; 0 only contacts can write (default: 1000)
 # min_free_disk_mb: free disk space kept in reserve; below it writes are refused (default: 64)
 # [presence] share: who sees your online state and last seen, \"contacts\" or \"nobody\" (default: contacts)
 # [presence] heartbeat_ms / missed_beats: heartbeat interval and missed beats before offline (default: 30000 / 3)

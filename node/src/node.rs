@@ -195,6 +195,7 @@ impl Node {
             message_ttl: std::time::Duration::from_secs(config.message_ttl_secs),
             inbound_rate: config.inbound_rate,
             inbound_burst: config.inbound_burst,
+            max_message_requests: config.max_message_requests as usize,
             name: config.name.clone(),
             ..MessagingConfig::default()
         };
@@ -368,7 +369,19 @@ impl NodeHandle {
             peer_id: self.peer_id().to_string(),
             listen_addrs: net.listen_addrs,
             connected_peers: net.connected_peers,
-            relays: net.relays,
+            relays: net
+                .relays
+                .into_iter()
+                .map(|mut r| {
+                    r.mailbox_registered_at = r
+                        .address
+                        .parse::<Multiaddr>()
+                        .ok()
+                        .and_then(|a| net::peer_id_of(&a))
+                        .and_then(|p| stats.relay_registrations.get(&p).copied());
+                    r
+                })
+                .collect(),
             hole_punches: net.hole_punches,
             outbox: stats.outbox,
             rejected: stats.rejected,

@@ -514,3 +514,47 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Strangers can start at most `max_message_requests` conversations at once: beyond that
+/// they are refused (`RateLimited`, so they retry), until the user handles a request.
+#[tokio::test]
+async fn message_requests_beyond_the_budget_wait_until_one_is_handled() {
+    let b = TestNode::spawn_with("bob", |c| c.max_message_requests = 1).await;
+    let a = TestNode::spawn("alice").await;
+    let c = TestNode::spawn("carol").await;
+    // Both know bob; bob knows neither.
+    a.add_contact(&b, "bob").await;
+    c.add_contact(&b, "bob").await;
+    let b_addr = b.tcp_addr().await;
+    a.handle.dial(b_addr.clone()).await.unwrap();
+    c.handle.dial(b_addr).await.unwrap();
+    a.handle.send("bob", "hi from alice").await.unwrap();
+    c.handle.send("bob", "hi from carol").await.unwrap();
+    // One of them becomes a message request, the other is refused for now.
+    let first = eventually("one message request and one refusal", LONG, || async {
+        let contacts = b.handle.contact_list().await.unwrap();
+        let refused = b
+            .handle
+            .status()
+            .await
+            .unwrap()
+            .rejected
+            .get("requests_full")
+            .copied()
+            .unwrap_or(0);
+        (contacts.len() == 1 && refused > 0).then(|| contacts[0].name.clone())
+    })
+    .await;
+    assert_eq!(b.handle.contact_list().await.unwrap().len(), 1);
+    // Bob removes that request: the other stranger's retry gets through.
+    b.handle.contact_remove(&first).await.unwrap();
+    let second = eventually("the other message request", LONG, || async {
+        let contacts = b.handle.contact_list().await.unwrap();
+        (contacts.len() == 1 && contacts[0].name != first).then(|| contacts[0].name.clone())
+    })
+    .await;
+    b.wait_history(&second, LONG, |h| h.len() == 1).await;
+    a.stop().await;
+    c.stop().await;
+    b.stop().await;
+}

@@ -341,7 +341,13 @@ async fn a_connected_user_registers_again_on_its_sync_schedule() {
     })
     .await;
     let status = b.handle.status().await.unwrap();
-    assert!(status.relays.iter().all(|x| x.connected), "{status:?}");
+    assert!(
+        status
+            .relays
+            .iter()
+            .all(|x| x.connected && x.mailbox_registered_at.is_some()),
+        "{status:?}"
+    );
     b.stop().await;
     r.handle.shutdown().await;
 }

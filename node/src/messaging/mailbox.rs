@@ -232,10 +232,24 @@ impl Actor {
             .map(tern_store_forward::TokenHash)
             .collect();
         tokio::spawn(async move {
-            if let Err(e) = sync(&net, relay, addr, hash, revoked, &pages, &mint).await {
+            let mut registered = false;
+            let r = sync(
+                &net,
+                relay,
+                addr,
+                Registration {
+                    token_hash: hash,
+                    revoked,
+                },
+                &pages,
+                &mint,
+                &mut registered,
+            )
+            .await;
+            if let Err(e) = r {
                 tracing::debug!(relay = %crate::net::short(&relay), error = %e, "mailbox sync stopped");
             }
-            let _ = done.send(relay).await;
+            let _ = done.send((relay, registered)).await;
         });
     }
 
@@ -252,8 +266,12 @@ impl Actor {
         }
     }
 
-    /// A sync ended: start another if a notice came meanwhile.
-    pub(super) fn sync_finished(&mut self, relay: PeerId) {
+    /// A sync ended (`registered`: its registration succeeded): start another if a notice
+    /// came meanwhile.
+    pub(super) fn sync_finished(&mut self, relay: PeerId, registered: bool) {
+        if registered {
+            self.relay_registered.insert(relay, crate::events::now_ms());
+        }
         self.syncing.remove(&relay);
         if self.sync_again.remove(&relay) {
             self.sync_relay(relay);
@@ -321,15 +339,26 @@ impl Actor {
     }
 }
 
+/// What a sync registers: our token's hash, and the hashes it revokes.
+struct Registration {
+    token_hash: tern_store_forward::TokenHash,
+    revoked: Vec<tern_store_forward::TokenHash>,
+}
+
+/// One sync with `relay`: register (sets `registered`), top up prekeys, fetch every page.
 async fn sync(
     net: &NetHandle,
     relay: PeerId,
     addr: Multiaddr,
-    token_hash: tern_store_forward::TokenHash,
-    revoked: Vec<tern_store_forward::TokenHash>,
+    registration: Registration,
     pages: &mpsc::Sender<RelayPage>,
     mint: &mpsc::Sender<MintRequest>,
+    registered: &mut bool,
 ) -> Result<(), String> {
+    let Registration {
+        token_hash,
+        revoked,
+    } = registration;
     let call = |req: MbRequest| {
         let addr = addr.clone();
         async move {
@@ -346,7 +375,7 @@ async fn sync(
     })
     .await?
     {
-        MbResponse::Registered { .. } => {}
+        MbResponse::Registered { .. } => *registered = true,
         other => return Err(format!("register refused: {other:?}")),
     }
     // Keep the relay's pool of our one-time prekeys topped up.

@@ -93,6 +93,10 @@ pub struct MessagingConfig {
     /// How often each connected home relay is synced (register + fetch) besides on connect
     /// and on notices: registering keeps our mailbox from expiring there.
     pub relay_sync_interval: Duration,
+    /// Most message requests (contacts a stranger's first message created) kept at once;
+    /// a stranger writing beyond that is refused `RateLimited` until the user accepts,
+    /// blocks or removes some. 0: strangers cannot start conversations. Default: 1,000.
+    pub max_message_requests: usize,
     /// Contacts presence says are offline: their envelopes go straight to their relays.
     pub known_offline: KnownOffline,
 }
@@ -136,6 +140,7 @@ impl Default for MessagingConfig {
             listen_addrs: Vec::new(),
             home_relays: Vec::new(),
             relay_sync_interval: Duration::from_secs(24 * 3600),
+            max_message_requests: 1_000,
             known_offline: KnownOffline::default(),
         }
     }
@@ -231,6 +236,9 @@ pub struct MessagingStats {
     pub outbox: u64,
     /// Inbound envelopes refused since start, by reason.
     pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Home relays (by peer id) where our mailbox registration succeeded since start, with
+    /// the time (ms since the epoch) of the last one.
+    pub relay_registrations: std::collections::BTreeMap<PeerId, u64>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, MessagingError>>;
@@ -436,7 +444,7 @@ struct Channels {
     net_events: broadcast::Receiver<NetEvent>,
     mailbox_in: mpsc::Receiver<InboundRequest>,
     relay_pages: mpsc::Receiver<mailbox::RelayPage>,
-    sync_done: mpsc::Receiver<PeerId>,
+    sync_done: mpsc::Receiver<(PeerId, bool)>,
     mint: mpsc::Receiver<mailbox::MintRequest>,
 }
 
@@ -486,6 +494,8 @@ struct Actor {
     next_prune: Instant,
     /// When every home relay is next synced (besides on connect and on notices).
     next_relay_sync: Instant,
+    /// Contacts that are message requests (auto-added, not yet accepted).
+    message_requests: usize,
     /// Our dialable listen addresses, announced in our profile.
     my_addrs: Vec<Multiaddr>,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
@@ -499,7 +509,9 @@ struct Actor {
     syncing: std::collections::HashSet<PeerId>,
     sync_again: std::collections::HashSet<PeerId>,
     relay_pages_tx: mpsc::Sender<mailbox::RelayPage>,
-    sync_done_tx: mpsc::Sender<PeerId>,
+    sync_done_tx: mpsc::Sender<(PeerId, bool)>,
+    /// Last successful mailbox registration (ms since the epoch) per home relay.
+    relay_registered: std::collections::BTreeMap<PeerId, u64>,
     mint_tx: mpsc::Sender<mailbox::MintRequest>,
 }
 
@@ -526,6 +538,7 @@ pub fn spawn(
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
     let next_relay_sync = Instant::now() + config.relay_sync_interval;
+    let message_requests = count_message_requests(&db)?;
     let my_addrs = config
         .listen_addrs
         .iter()
@@ -557,6 +570,7 @@ pub fn spawn(
         storage_failed: None,
         next_prune: Instant::now(),
         next_relay_sync,
+        message_requests,
         my_addrs,
         session_cache: Default::default(),
         presence_notes,
@@ -565,6 +579,7 @@ pub fn spawn(
         sync_again: Default::default(),
         relay_pages_tx,
         sync_done_tx,
+        relay_registered: Default::default(),
         mint_tx,
     };
     // Everything queued before a restart is due at once.
@@ -631,6 +646,11 @@ impl Actor {
             mut mint,
         } = channels;
         self.reconnect_contacts();
+        // A home relay may have connected before this task subscribed to network events:
+        // sync with each now (a sync dials if needed; a later connection syncs again).
+        for (relay, _) in self.home_relay_peers() {
+            self.sync_relay(relay);
+        }
         self.start_deliveries();
         loop {
             let wake = self
@@ -648,7 +668,7 @@ impl Actor {
                 ev = net_events.recv() => self.handle_net_event(ev),
                 Some(req) = mailbox_in.recv() => self.handle_mailbox_request(req),
                 Some(page) = relay_pages.recv() => self.handle_relay_page(page),
-                Some(relay) = sync_done.recv() => self.sync_finished(relay),
+                Some((relay, registered)) = sync_done.recv() => self.sync_finished(relay, registered),
                 Some(req) = mint.recv() => self.mint_prekeys(req),
                 _ = tokio::time::sleep_until(wake) => {}
             }
@@ -763,6 +783,7 @@ impl Actor {
                 reply,
             } => {
                 let r = self.contact_add(&ticket, name, claimed);
+                self.recount_message_requests();
                 self.reply_after_flush(reply, r);
             }
             Cmd::ContactList { reply } => {
@@ -780,6 +801,7 @@ impl Actor {
             }
             Cmd::ContactRemove { name, reply } => {
                 let r = self.contact_remove(&name);
+                self.recount_message_requests();
                 self.reply_after_flush(reply, r);
             }
             Cmd::ContactBlock {
@@ -788,6 +810,7 @@ impl Actor {
                 reply,
             } => {
                 let r = self.contact_block(&name, blocked);
+                self.recount_message_requests();
                 self.reply_after_flush(reply, r);
             }
             Cmd::Send { to, text, reply } => {
@@ -813,6 +836,7 @@ impl Actor {
                         .iter()
                         .map(|(k, v)| ((*k).to_string(), *v))
                         .collect(),
+                    relay_registrations: self.relay_registered.clone(),
                 }));
             }
             Cmd::MailboxToken { reply } => {
@@ -1364,12 +1388,15 @@ impl Actor {
             }
             Ok(NetEvent::Disconnected(_) | NetEvent::Subscribed { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::debug!(n, "missed network events; retrying every queue");
+                tracing::debug!(n, "missed network events; retrying every queue and relay");
                 let now = Instant::now();
                 if let Ok(peers) = self.db.outbox_peers() {
                     for p in peers {
                         self.schedule.reachable(&p, now);
                     }
+                }
+                for (relay, _) in self.home_relay_peers() {
+                    self.sync_relay(relay);
                 }
             }
             Err(broadcast::error::RecvError::Closed) => {}
@@ -1723,6 +1750,11 @@ impl Actor {
                 return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
             }
         }
+        if contact.is_none() && self.message_requests >= self.config.max_message_requests {
+            // A stranger while the message requests are full: it may retry later.
+            self.count_rejected("requests_full");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::RateLimited));
+        }
         let opened = match self.open(&envelope, &sender, contact.as_ref()) {
             Ok(o) => o,
             Err(reason) => {
@@ -2009,6 +2041,9 @@ impl Actor {
             self.prekeys = p;
         }
         self.dirty = true;
+        if new_contact.is_some() {
+            self.message_requests += 1;
+        }
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
         let name = contact.name.clone();
@@ -2126,6 +2161,15 @@ impl Actor {
     }
 
     /// Publishes `kind` once the current batch is durable (never if its flush fails).
+    /// Counts the message requests again (after the user added, removed or blocked a
+    /// contact); on a read error the old count stays.
+    fn recount_message_requests(&mut self) {
+        match count_message_requests(&self.db) {
+            Ok(n) => self.message_requests = n,
+            Err(e) => tracing::warn!(error = %e, "cannot count message requests"),
+        }
+    }
+
     fn publish_after_flush(&mut self, kind: EventKind) {
         let events = self.events.clone();
         self.after_flush.push(Box::new(move |flushed| {
@@ -2154,6 +2198,16 @@ impl Actor {
         }
         Ok(format!("peer-{peer}"))
     }
+}
+
+/// Contacts that are message requests: created by a stranger's first message, not yet
+/// accepted (added by ticket) or blocked.
+fn count_message_requests(db: &MessagingDb) -> Result<usize, MessagingError> {
+    Ok(db
+        .contact_list()?
+        .iter()
+        .filter(|c| c.auto_added && !c.blocked)
+        .count())
 }
 
 fn reason_name(reason: RejectReason) -> &'static str {

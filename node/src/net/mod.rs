@@ -132,6 +132,10 @@ pub struct RelayStatus {
     /// The last dial error, while not connected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When (ms since the epoch) our mailbox was last registered there (a sync with it
+    /// succeeded), if it was since start: contacts can then leave messages there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox_registered_at: Option<u64>,
 }
 
 /// A snapshot of the network state.
@@ -1284,6 +1288,7 @@ impl NetActor {
                     } else {
                         r.last_error.clone()
                     },
+                    mailbox_registered_at: None,
                 })
                 .collect(),
             hole_punches: self.hole_punches,
