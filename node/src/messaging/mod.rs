@@ -2260,21 +2260,9 @@ async fn deliver(
     let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
     loop {
         while failure.is_none() && in_flight.len() < window {
-            let Some(first) = queue.pop_front() else {
+            let mut sent = take_request(&mut queue, batching && window > 1);
+            if sent.is_empty() {
                 break;
-            };
-            let mut sent = vec![first];
-            if batching && window > 1 {
-                let mut bytes = sent[0].envelope.len();
-                while sent.len() < wire::MAX_BATCH_ENVELOPES {
-                    match queue.front() {
-                        Some(next) if bytes + next.envelope.len() <= wire::MAX_BATCH_BYTES => {
-                            bytes += next.envelope.len();
-                            sent.extend(queue.pop_front());
-                        }
-                        _ => break,
-                    }
-                }
             }
             let mut envelopes = Vec::with_capacity(sent.len());
             sent.retain(|item| match Envelope::from_bytes(&item.envelope) {
@@ -2370,6 +2358,30 @@ async fn deliver(
         outcomes,
         failure,
     }
+}
+
+/// Takes the items of the next `/tern/msg/1` request off the front of `queue`, in order:
+/// one (when not `batch`), or as many as fit [`wire::MAX_BATCH_ENVELOPES`] and
+/// [`wire::MAX_BATCH_BYTES`] (an envelope larger than that goes alone). Empty when `queue` is.
+fn take_request(
+    queue: &mut std::collections::VecDeque<OutboxItem>,
+    batch: bool,
+) -> Vec<OutboxItem> {
+    let Some(first) = queue.pop_front() else {
+        return Vec::new();
+    };
+    let mut bytes = first.envelope.len();
+    let mut taken = vec![first];
+    while batch && taken.len() < wire::MAX_BATCH_ENVELOPES {
+        match queue.front() {
+            Some(next) if bytes + next.envelope.len() <= wire::MAX_BATCH_BYTES => {
+                bytes += next.envelope.len();
+                taken.extend(queue.pop_front());
+            }
+            _ => break,
+        }
+    }
+    taken
 }
 
 /// How long an accepted envelope's id is remembered for deduplication: far beyond the
@@ -2492,6 +2504,42 @@ fn hex_short(key: &PeerKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_take_the_queue_in_order_within_the_batch_limits() {
+        let item = |n: u8, len: usize| OutboxItem {
+            id: MsgId([n; 16]),
+            peer: [0; 32],
+            envelope: vec![0; len],
+            kind: OutKind::Text,
+            created_at: 0,
+            expires_at: 1,
+        };
+        let ids = |v: &[OutboxItem]| v.iter().map(|i| i.id.0[0]).collect::<Vec<u8>>();
+        let mut queue: std::collections::VecDeque<OutboxItem> =
+            (0..100).map(|n| item(n, 100)).collect();
+        assert_eq!(ids(&take_request(&mut queue, false)), vec![0]);
+        assert_eq!(
+            ids(&take_request(&mut queue, true)),
+            (1..=64).collect::<Vec<u8>>()
+        );
+        assert_eq!(
+            ids(&take_request(&mut queue, true)),
+            (65..100).collect::<Vec<u8>>()
+        );
+        assert!(take_request(&mut queue, true).is_empty());
+        // Bytes: 40 KiB + 30 KiB do not fit in 64 KiB; an oversize envelope goes alone.
+        let mut queue: std::collections::VecDeque<OutboxItem> = [
+            item(1, 40 * 1024),
+            item(2, 30 * 1024),
+            item(3, 90 * 1024),
+            item(4, 10),
+        ]
+        .into();
+        for n in 1..=4 {
+            assert_eq!(ids(&take_request(&mut queue, true)), vec![n]);
+        }
+    }
 
     #[test]
     fn progress_reports_every_state_passed_in_order() {
