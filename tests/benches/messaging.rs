@@ -9,9 +9,10 @@
 //!
 //! - Baseline: a bare `/tern/msg/1` request-response round trip that the recipient answers
 //!   at once (a frame it refuses as malformed: no crypto, no storage).
-//! - Round trip: `send` (encrypt, commit, flush) -> recipient stores and flushes ->
-//!   `Stored` -> recipient's encrypted `delivered` receipt (commit, flush) -> sender stores it
-//!   (commit, flush) -> `receipt delivered` event. Four durable flushes sit on this path.
+//! - Round trip: `send` (encrypt, commit, flush) -> recipient stores, seals its encrypted
+//!   `delivered` receipt, flushes -> answer carrying the receipt -> sender records `sent`,
+//!   opens the receipt, records `delivered`, flushes -> `receipt delivered` event. Three
+//!   durable flushes (journal `fdatasync`s) sit on this path.
 //! - Throughput: 1 KiB messages with many sends in flight, until the sender has seen `sent`
 //!   (durably stored on both sides) for every one.
 

@@ -388,20 +388,39 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
         }
         other => panic!("not a batch answer: {other:?}"),
     }
+    // The same batch asking for a receipt: the same answers, and no receipt (nothing was
+    // stored).
+    let r = Response::from_bytes(
+        &ask(wire::Request::DeliverReceipted(forged_batch.clone()).to_bytes())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    match r {
+        Response::Receipted(answers, receipt) => {
+            assert_eq!(answers.len(), 2, "{answers:?}");
+            assert_eq!(
+                answers[0],
+                wire::Answer::Rejected(wire::MsgId([20; 16]), RejectReason::WrongParty)
+            );
+            assert!(receipt.is_none(), "{receipt:?}");
+        }
+        other => panic!("not a receipted answer: {other:?}"),
+    }
     for batch in [
         Vec::new(),
         std::iter::repeat_n(forged_batch[0].clone(), wire::MAX_BATCH_ENVELOPES + 1).collect(),
     ] {
-        let r = Response::from_bytes(
-            &ask(wire::Request::DeliverBatch(batch).to_bytes())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        assert!(
-            matches!(r, Response::Rejected(_, RejectReason::Malformed)),
-            "{r:?}"
-        );
+        for request in [
+            wire::Request::DeliverBatch(batch.clone()),
+            wire::Request::DeliverReceipted(batch),
+        ] {
+            let r = Response::from_bytes(&ask(request.to_bytes()).await.unwrap()).unwrap();
+            assert!(
+                matches!(r, Response::Rejected(_, RejectReason::Malformed)),
+                "{r:?}"
+            );
+        }
     }
 
     let status = b.handle.status().await.unwrap();

@@ -452,6 +452,8 @@ struct Channels {
 struct DeliveryResult {
     peer: PeerKey,
     outcomes: Vec<(MsgId, Outcome)>,
+    /// Receipts the recipient put in its answers.
+    receipts: Vec<Envelope>,
     failure: Option<String>,
 }
 
@@ -483,6 +485,9 @@ struct Actor {
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
+    /// While a [`Request::DeliverReceipted`] is judged: the text messages it holds, for the
+    /// receipt in the answer (instead of `pending_receipts`).
+    piggyback: Option<Vec<MsgId>>,
     rejected: std::collections::BTreeMap<&'static str, u64>,
     /// Outgoing envelopes committed in the current batch, removed again if its flush fails
     /// (the sender was told it failed, so it must not go out later).
@@ -565,6 +570,7 @@ pub fn spawn(
         after_flush: Vec::new(),
         responses: Vec::new(),
         pending_receipts: HashMap::new(),
+        piggyback: None,
         rejected: Default::default(),
         undo: Vec::new(),
         storage_failed: None,
@@ -738,9 +744,7 @@ impl Actor {
                     self.storage_failed = Some(e.clone());
                 }
             }
-            for f in self.after_flush.drain(..) {
-                f(result.clone());
-            }
+            // Peers first (they wait on the network), then callers and events.
             let responses: Vec<_> = self.responses.drain(..).collect();
             if result.is_ok() {
                 for (channel, bytes) in responses {
@@ -748,6 +752,9 @@ impl Actor {
                         break;
                     }
                 }
+            }
+            for f in self.after_flush.drain(..) {
+                f(result.clone());
             }
         }
     }
@@ -1135,17 +1142,8 @@ impl Actor {
         let mut items = Vec::new();
         let mut entries = Vec::new();
         for (content, kind) in contents {
-            let random = self.random8();
-            let id = self.ids.next(now, random);
-            let ad = Envelope::associated_data(&id, &self.me, &peer);
-            let message =
-                session.encrypt(&mut self.rng, &Plaintext(content.clone()).to_bytes(), &ad)?;
-            let envelope = Envelope {
-                id,
-                sender: self.me,
-                recipient: peer,
-                ciphertext: message.to_bytes(),
-            };
+            let envelope = self.seal(&mut session, peer, &content)?;
+            let id = envelope.id;
             if let Content::Text { text, sent_at } = &content {
                 entries.push(StoredMessage {
                     id,
@@ -1548,6 +1546,7 @@ impl Actor {
         let DeliveryResult {
             peer,
             outcomes,
+            receipts,
             failure,
         } = res;
         let db = &self.db;
@@ -1603,6 +1602,16 @@ impl Actor {
             match change {
                 Ok(state) => self.publish_receipt(&id, &peer, state),
                 Err(why) => self.publish_failed(&id, &peer, &why),
+            }
+        }
+        // Receipts that came back in the answers: processed like envelopes delivered to us.
+        if let Some(peer_id) = peer_id_of_key(&peer) {
+            for envelope in receipts {
+                if let Inbound::Respond(Response::Rejected(_, reason)) =
+                    self.accept_envelope(peer_id, envelope, Via::Answer)
+                {
+                    tracing::debug!(peer = %hex_short(&peer), ?reason, "receipt in an answer refused");
+                }
             }
         }
         let now = Instant::now();
@@ -1675,41 +1684,127 @@ impl Actor {
             }
         };
         match request {
-            Request::Deliver(e) => self.accept_envelope(peer, e, false),
-            Request::Ephemeral(e) => self.accept_envelope(peer, e, true),
-            Request::DeliverBatch(list) => {
-                if list.is_empty() || list.len() > wire::MAX_BATCH_ENVELOPES {
-                    self.count_rejected("malformed");
-                    return Inbound::Respond(Response::Rejected(zero, RejectReason::Malformed));
-                }
-                let mut answers = Vec::with_capacity(list.len());
-                for envelope in list {
-                    match self.accept_envelope(peer, envelope, false) {
-                        Inbound::Respond(Response::Stored(id)) => {
-                            answers.push(wire::Answer::Stored(id));
-                        }
-                        Inbound::Respond(Response::Rejected(id, reason)) => {
-                            answers.push(wire::Answer::Rejected(id, reason));
-                        }
-                        // Answers only ephemeral envelopes and batches get; never here.
-                        Inbound::Respond(Response::Seen(id)) => {
-                            answers.push(wire::Answer::Rejected(id, RejectReason::Malformed));
-                        }
-                        Inbound::Respond(Response::Batch(_)) => {
-                            answers.push(wire::Answer::Rejected(zero, RejectReason::Malformed));
-                        }
-                        // A blocked sender: every envelope of the batch is its own.
-                        Inbound::Drop => return Inbound::Drop,
-                    }
-                }
-                Inbound::Respond(Response::Batch(answers))
+            Request::Deliver(e) => self.accept_envelope(peer, e, Via::Request),
+            Request::Ephemeral(e) => self.accept_envelope(peer, e, Via::Ephemeral),
+            Request::DeliverBatch(list) => match self.accept_batch(peer, list) {
+                Ok(answers) => Inbound::Respond(Response::Batch(answers)),
+                Err(refused) => refused.into(),
+            },
+            Request::DeliverReceipted(list) => {
+                self.piggyback = Some(Vec::new());
+                let answers = self.accept_batch(peer, list);
+                let ids = self.piggyback.take().unwrap_or_default();
+                let answers = match answers {
+                    Ok(answers) => answers,
+                    Err(refused) => return refused.into(),
+                };
+                let receipt = match ed25519_public_of(&peer).map(|k| k.to_bytes()) {
+                    Some(sender) if !ids.is_empty() => self.seal_receipt(sender, ids),
+                    _ => None,
+                };
+                Inbound::Respond(Response::Receipted(answers, receipt))
             }
         }
     }
 
+    /// Judges each envelope of a batch on its own, or refuses the whole request.
+    fn accept_batch(
+        &mut self,
+        peer: PeerId,
+        list: Vec<Envelope>,
+    ) -> Result<Vec<wire::Answer>, Refused> {
+        let zero = MsgId([0; 16]);
+        if list.is_empty() || list.len() > wire::MAX_BATCH_ENVELOPES {
+            self.count_rejected("malformed");
+            return Err(Refused::Malformed);
+        }
+        let mut answers = Vec::with_capacity(list.len());
+        for envelope in list {
+            match self.accept_envelope(peer, envelope, Via::Request) {
+                Inbound::Respond(Response::Stored(id)) => answers.push(wire::Answer::Stored(id)),
+                Inbound::Respond(Response::Rejected(id, reason)) => {
+                    answers.push(wire::Answer::Rejected(id, reason));
+                }
+                // Answers only ephemeral envelopes and batches get; never here.
+                Inbound::Respond(Response::Seen(id)) => {
+                    answers.push(wire::Answer::Rejected(id, RejectReason::Malformed));
+                }
+                Inbound::Respond(Response::Batch(_) | Response::Receipted(..)) => {
+                    answers.push(wire::Answer::Rejected(zero, RejectReason::Malformed));
+                }
+                // A blocked sender: every envelope of the batch is its own.
+                Inbound::Drop => return Err(Refused::Blocked),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Encrypts a `delivered` receipt for `ids` to `peer` with the current session and
+    /// commits the advanced session (flushed with the batch, before the answer carrying it
+    /// leaves). Without a session, or if that fails, the receipt is queued in the outbox
+    /// instead and `None` returned.
+    fn seal_receipt(&mut self, peer: PeerKey, ids: Vec<MsgId>) -> Option<Envelope> {
+        let sealed = (|| -> Result<Option<Envelope>, MessagingError> {
+            let Some(record) = self.db.sessions.get(&peer)? else {
+                return Ok(None);
+            };
+            let mut session = self.cached_session(&peer, &record.current)?;
+            let content = Content::Receipt {
+                kind: ReceiptKind::Delivered,
+                ids: ids.clone(),
+            };
+            let envelope = self.seal(&mut session, peer, &content)?;
+            let record = SessionRecord {
+                current: session.to_bytes()?.to_vec(),
+                previous: record.previous,
+            };
+            let db = &self.db;
+            db.store.transaction(&[&db.sessions], |tx| {
+                tx.insert(&db.sessions, &peer, &record)?;
+                Ok(())
+            })?;
+            self.cache_session(peer, &record.current, &session);
+            self.dirty = true;
+            Ok(Some(envelope))
+        })();
+        match sealed {
+            Ok(Some(envelope)) => Some(envelope),
+            Ok(None) => {
+                self.pending_receipts.entry(peer).or_default().extend(ids);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not seal a receipt; it is queued instead");
+                self.pending_receipts.entry(peer).or_default().extend(ids);
+                None
+            }
+        }
+    }
+
+    /// Encrypts `content` to `peer` under a fresh id with `session` (which advances).
+    fn seal(
+        &mut self,
+        session: &mut Session,
+        peer: PeerKey,
+        content: &Content,
+    ) -> Result<Envelope, MessagingError> {
+        let random = self.random8();
+        let id = self.ids.next(now_ms(), random);
+        let ad = Envelope::associated_data(&id, &self.me, &peer);
+        let message =
+            session.encrypt(&mut self.rng, &Plaintext(content.clone()).to_bytes(), &ad)?;
+        Ok(Envelope {
+            id,
+            sender: self.me,
+            recipient: peer,
+            ciphertext: message.to_bytes(),
+        })
+    }
+
     /// Judges one envelope from `peer`: checks, decrypts, commits (flushed with the batch).
-    fn accept_envelope(&mut self, peer: PeerId, envelope: Envelope, ephemeral: bool) -> Inbound {
+    fn accept_envelope(&mut self, peer: PeerId, envelope: Envelope, via: Via) -> Inbound {
         let id = envelope.id;
+        let ephemeral = via == Via::Ephemeral;
         if self.storage_failed.is_some() {
             // Nothing can be made durable right now; the sender keeps it and retries.
             self.count_rejected("storage");
@@ -1726,7 +1821,8 @@ impl Actor {
         let bucket = self.limits.entry(peer).or_insert_with(|| {
             TokenBucket::new(self.config.inbound_burst, self.config.inbound_rate, now)
         });
-        if !bucket.take(now) {
+        // A receipt in an answer was asked for (one per request we made): not limited.
+        if via != Via::Answer && !bucket.take(now) {
             self.count_rejected("rate_limited");
             return Inbound::Respond(Response::Rejected(id, RejectReason::RateLimited));
         }
@@ -1743,7 +1839,19 @@ impl Actor {
             return Inbound::Drop;
         }
         match self.db.seen.contains(&peer_id_key(&sender, &id)) {
-            Ok(true) => return Inbound::Respond(Response::Stored(id)),
+            Ok(true) => {
+                // A repeat: our answer (and its receipt) may have been lost on the way.
+                if self.piggyback.is_some()
+                    && self
+                        .db
+                        .index
+                        .contains(&peer_id_key(&sender, &id))
+                        .unwrap_or(false)
+                {
+                    self.piggyback.get_or_insert_default().push(id);
+                }
+                return Inbound::Respond(Response::Stored(id));
+            }
             Ok(false) => {}
             Err(_) => {
                 self.count_rejected("unavailable");
@@ -2092,7 +2200,10 @@ impl Actor {
             }));
         }
         if text_entry.is_some() {
-            self.pending_receipts.entry(sender).or_default().push(id);
+            match self.piggyback.as_mut() {
+                Some(ids) => ids.push(id),
+                None => self.pending_receipts.entry(sender).or_default().push(id),
+            }
         }
         if let Content::PresenceKey { key } = &content
             && let Some(note) = Self::presence_key_note(&sender, *key)
@@ -2220,6 +2331,36 @@ fn reason_name(reason: RejectReason) -> &'static str {
     }
 }
 
+/// Why a whole batch request is refused.
+enum Refused {
+    /// Empty or too many envelopes.
+    Malformed,
+    /// From a blocked peer: no answer at all.
+    Blocked,
+}
+
+impl From<Refused> for Inbound {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Malformed => {
+                Inbound::Respond(Response::Rejected(MsgId([0; 16]), RejectReason::Malformed))
+            }
+            Refused::Blocked => Inbound::Drop,
+        }
+    }
+}
+
+/// How an envelope reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// In a `/tern/msg/1` request or a relay page: stored, rate-limited per peer.
+    Request,
+    /// An ephemeral request (typing): processed, never stored.
+    Ephemeral,
+    /// A receipt in the answer to our own request: stored, not rate-limited.
+    Answer,
+}
+
 enum Inbound {
     Respond(Response),
     Drop,
@@ -2255,12 +2396,15 @@ async fn deliver(
     } else {
         DELIVERY_WINDOW
     };
-    // Envelopes travel in batches; a recipient from before batches gets one per request.
-    let mut batching = true;
+    // Envelopes travel in batches answered with a receipt; a recipient from before gets
+    // plain batches, or one envelope per request.
+    let mut mode = Framing::Receipted;
+    let mut receipts = Vec::new();
     let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
     loop {
         while failure.is_none() && in_flight.len() < window {
-            let mut sent = take_request(&mut queue, batching && window > 1);
+            let framing = mode;
+            let mut sent = take_request(&mut queue, framing != Framing::Single && window > 1);
             if sent.is_empty() {
                 break;
             }
@@ -2276,33 +2420,47 @@ async fn deliver(
                     false
                 }
             });
-            let request = match envelopes.len() {
-                0 => continue,
-                1 => Request::Deliver(envelopes.remove(0)),
+            let request = match (framing, envelopes.len()) {
+                (_, 0) => continue,
+                (Framing::Receipted, _) => Request::DeliverReceipted(envelopes),
+                (_, 1) => Request::Deliver(envelopes.remove(0)),
                 _ => Request::DeliverBatch(envelopes),
             }
             .to_bytes();
             let net = net.clone();
             let addrs = addrs.clone();
-            in_flight.push_back(async move { (sent, net.request(peer_id, addrs, request).await) });
+            in_flight.push_back(async move {
+                (framing, sent, net.request(peer_id, addrs, request).await)
+            });
         }
-        let Some((sent, result)) = in_flight.next().await else {
+        let Some((framing, sent, result)) = in_flight.next().await else {
             break;
         };
         window = DELIVERY_WINDOW;
+        let n = sent.len();
         let answers: Vec<Response> = match result.map(|b| Response::from_bytes(&b)) {
-            Ok(Ok(Response::Batch(answers))) if answers.len() == sent.len() && sent.len() > 1 => {
+            Ok(Ok(Response::Receipted(answers, receipt)))
+                if framing == Framing::Receipted && answers.len() == n =>
+            {
+                receipts.extend(receipt);
                 answers.into_iter().map(Response::from).collect()
             }
-            Ok(Ok(Response::Rejected(_, RejectReason::Malformed))) if sent.len() > 1 => {
-                // A recipient from before batches: send these again, one per request.
-                batching = false;
+            Ok(Ok(Response::Batch(answers)))
+                if framing == Framing::Batch && answers.len() == n && n > 1 =>
+            {
+                answers.into_iter().map(Response::from).collect()
+            }
+            Ok(Ok(Response::Rejected(_, RejectReason::Malformed)))
+                if framing == Framing::Receipted || (framing == Framing::Batch && n > 1) =>
+            {
+                // A recipient from before this framing: send these again, the older way.
+                mode = mode.min(framing.older());
                 for item in sent.into_iter().rev() {
                     queue.push_front(item);
                 }
                 continue;
             }
-            Ok(Ok(answer)) if sent.len() == 1 => vec![answer],
+            Ok(Ok(answer)) if framing != Framing::Receipted && n == 1 => vec![answer],
             Ok(Ok(other)) => {
                 failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
                 continue;
@@ -2356,7 +2514,30 @@ async fn deliver(
     DeliveryResult {
         peer,
         outcomes,
+        receipts,
         failure,
+    }
+}
+
+/// How envelopes are framed into `/tern/msg/1` requests, newest first (ordered so that
+/// falling back is `min`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Framing {
+    /// One envelope per [`Request::Deliver`] (the first release).
+    Single,
+    /// [`Request::DeliverBatch`].
+    Batch,
+    /// [`Request::DeliverReceipted`]: batches answered with the recipient's receipt.
+    Receipted,
+}
+
+impl Framing {
+    /// The framing a recipient that refused this one as malformed understands.
+    fn older(self) -> Self {
+        match self {
+            Self::Receipted => Self::Batch,
+            Self::Batch | Self::Single => Self::Single,
+        }
     }
 }
 

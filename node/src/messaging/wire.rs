@@ -185,6 +185,12 @@ pub enum Request {
     /// first release: a recipient from before answers `Rejected(0, Malformed)`, and the
     /// sender then sends one envelope per request.
     DeliverBatch(Vec<Envelope>),
+    /// Like [`Request::DeliverBatch`], answered [`Response::Receipted`]: the answers plus
+    /// the recipient's encrypted `delivered` receipt for the text messages among them, in
+    /// the same frame (one round trip instead of two, and the recipient queues nothing).
+    /// A recipient from before answers `Rejected(0, Malformed)`; the sender then falls
+    /// back to [`Request::DeliverBatch`].
+    DeliverReceipted(Vec<Envelope>),
 }
 
 impl Request {
@@ -232,6 +238,12 @@ pub enum Response {
     Rejected(MsgId, RejectReason),
     /// The answers to a [`Request::DeliverBatch`], one per envelope, in order.
     Batch(Vec<Answer>),
+    /// The answers to a [`Request::DeliverReceipted`], one per envelope, in order, and an
+    /// envelope from the recipient to the sender carrying a `delivered` receipt for the text
+    /// messages it holds among them (`None` when there are none). The receipt is end-to-end
+    /// encrypted like any envelope; the sender processes it as if it had been delivered to
+    /// it, and does not answer it.
+    Receipted(Vec<Answer>, Option<Envelope>),
 }
 
 /// The answer to one envelope of a [`Request::DeliverBatch`] (its own type, so a batch
@@ -406,7 +418,30 @@ mod tests {
         let answers: Vec<Answer> = (0..MAX_BATCH_ENVELOPES as u8)
             .map(|i| Answer::Rejected(MsgId([i; 16]), RejectReason::Unavailable))
             .collect();
-        let resp = Response::Batch(answers);
+        let resp = Response::Batch(answers.clone());
+        let bytes = resp.to_bytes();
+        assert!(bytes.len() <= MAX_RESPONSE_FRAME, "{}", bytes.len());
+        assert_eq!(Response::from_bytes(&bytes).unwrap(), resp);
+        // With a receipt for every one of them: the receipt's plaintext is a list of
+        // 16-byte ids, sealed by the ratchet (a header of 32 + 4 + 4 bytes and a 16-byte
+        // tag), well under 2 KiB of ciphertext.
+        let receipt = Plaintext(Content::Receipt {
+            kind: ReceiptKind::Delivered,
+            ids: (0..MAX_BATCH_ENVELOPES as u8)
+                .map(|i| MsgId([i; 16]))
+                .collect(),
+        })
+        .to_bytes();
+        assert!(receipt.len() < 1100, "{}", receipt.len());
+        let resp = Response::Receipted(
+            answers,
+            Some(Envelope {
+                id: MsgId([7; 16]),
+                sender: [2; 32],
+                recipient: [1; 32],
+                ciphertext: vec![9; 2048],
+            }),
+        );
         let bytes = resp.to_bytes();
         assert!(bytes.len() <= MAX_RESPONSE_FRAME, "{}", bytes.len());
         assert_eq!(Response::from_bytes(&bytes).unwrap(), resp);

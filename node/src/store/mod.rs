@@ -1,0 +1,1062 @@
+//! The node's persistent store: one sled database behind a narrow, typed interface.
+//!
+//! Everything above this module sees [`Store`] and [`Table`], never sled itself, so the engine
+//! can be swapped without touching protocol code. Invariants:
+//! - the `meta` tree holds `schema_version`; opening a database written by a newer Tern fails,
+//!   an older one is migrated step by step before anything else reads it;
+//! - values are versioned postcard (or raw bytes) chosen by the caller of [`Table`];
+//! - nothing is acknowledged to anyone before [`Store::flush`] returned: sled writes are
+//!   durable only after a flush;
+//! - writes stop, with [`StoreError::DiskFull`], while the disk has less free space than the
+//!   configured reserve. sled does not recover cleanly from running out of space (it stops
+//!   writing, and data flushed just before can be lost on the next open), so the store never
+//!   lets it get there.
+
+mod journal;
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    fs::File,
+    marker::PhantomData,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Free disk space kept in reserve by default: 64 MiB.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 * 1024 * 1024;
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+const META_TREE: &str = "meta";
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an error (I/O, full disk, corruption).
+    #[error("database error: {}", describe(.0))]
+    Db(#[from] sled::Error),
+    /// The database was written by a newer Tern.
+    #[error("database schema {found} is newer than this Tern supports ({supported}); upgrade Tern")]
+    NewerSchema {
+        /// The schema found on disk.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// A stored value does not decode.
+    #[error("corrupt value in table {table}: {message}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// Decoder message.
+        message: String,
+    },
+    /// The disk is (almost) full: writing now could lose data, so nothing was written.
+    #[error(
+        "the disk is almost full: {free_mib} MiB free, Tern keeps {reserve_mib} MiB in reserve; free some space"
+    )]
+    DiskFull {
+        /// Free space in MiB.
+        free_mib: u64,
+        /// The reserve in MiB.
+        reserve_mib: u64,
+    },
+    /// A transaction was aborted by its closure.
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+    /// A write failed half way; the store accepts nothing more until it is opened again
+    /// (opening repairs it from its journal).
+    #[error("the database stopped after a failed write ({0}); restart Tern")]
+    Broken(String),
+}
+
+/// A readable description of a sled error (I/O errors by their OS message).
+fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => match io.get_ref() {
+            // sled wraps OS errors in a custom error whose text is the Debug form.
+            Some(inner) => {
+                let text = inner.to_string();
+                if text.contains("code: 28") || io.kind() == std::io::ErrorKind::StorageFull {
+                    "the disk is full (no space left on device)".to_string()
+                } else {
+                    format!("I/O error: {text}")
+                }
+            }
+            None if io.kind() == std::io::ErrorKind::StorageFull => {
+                "the disk is full (no space left on device)".to_string()
+            }
+            None => format!("I/O error: {io}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Refuses writes while free disk space is below a reserve. Free space is measured with
+/// `statvfs` at most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes written since
+/// the last measurement could have eaten into the reserve.
+#[derive(Debug)]
+struct SpaceGuard {
+    dir: PathBuf,
+    reserve: u64,
+    state: Mutex<SpaceState>,
+}
+
+#[derive(Debug)]
+struct SpaceState {
+    checked: Option<Instant>,
+    free: u64,
+    written: u64,
+}
+
+/// How often free space is measured at most (when few bytes are written).
+const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+impl SpaceGuard {
+    fn check(&self, incoming: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // sled writes a little more than the payload (log headers, page rewrites).
+        let incoming = incoming.saturating_mul(2).saturating_add(4096);
+        let stale = st
+            .checked
+            .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
+        let headroom = st.free.saturating_sub(self.reserve);
+        if (stale || st.written.saturating_add(incoming) > headroom / 2)
+            && let Ok(s) = nix::sys::statvfs::statvfs(&self.dir)
+        {
+            #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
+            let blocks = u64::from(s.blocks_available());
+            st.free = blocks.saturating_mul(s.fragment_size());
+            st.checked = Some(Instant::now());
+            st.written = 0;
+        }
+        if st.free
+            < self
+                .reserve
+                .saturating_add(st.written)
+                .saturating_add(incoming)
+        {
+            return Err(StoreError::DiskFull {
+                free_mib: st.free / (1024 * 1024),
+                reserve_mib: self.reserve / (1024 * 1024),
+            });
+        }
+        st.written = st.written.saturating_add(incoming);
+        Ok(())
+    }
+}
+
+/// The `meta` key holding the seq of the last journal record applied to sled.
+const JOURNAL_SEQ_KEY: &[u8] = b"journal_seq";
+/// Journal bytes after which a flush also checkpoints (sled flush, fresh journal file).
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One write of a transaction, as it is applied to sled.
+struct Write {
+    tree: sled::Tree,
+    name: &'static str,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+}
+
+/// What a store's handles share.
+struct Shared {
+    db: sled::Db,
+    meta: sled::Tree,
+    space: Option<SpaceGuard>,
+    /// Files of the write-ahead journal; `None` for a temporary store.
+    files: Option<journal::Files>,
+    /// The single writer: held for the whole of a transaction and for every write, so the
+    /// journal's order is sled's order.
+    writer: Mutex<Writer>,
+    /// Held while the journal is synced or checkpointed (one `fdatasync` at a time).
+    syncing: Mutex<()>,
+    /// The last record known durable.
+    synced: AtomicU64,
+}
+
+struct Writer {
+    /// The last record written.
+    seq: u64,
+    /// The journal file appended to, its number, the end of its records and its size.
+    file: Option<Arc<File>>,
+    number: u64,
+    len: u64,
+    size: u64,
+    /// Set when a write could not be completed (the journal or sled failed half way):
+    /// nothing more is written or acknowledged until the store is opened again, which
+    /// repairs it from the journal.
+    broken: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Db(sled::Error::Io(e))
+}
+
+impl Shared {
+    /// Journals `writes` as one record, then applies them to sled. Caller holds `writer`.
+    fn commit(&self, w: &mut Writer, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = &w.broken {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        let seq = w.seq + 1;
+        if let Some(file) = &w.file {
+            let ops: Vec<journal::OpRef<'_>> = writes
+                .iter()
+                .map(|x| journal::OpRef {
+                    tree: x.name,
+                    key: &x.key,
+                    value: x.value.as_deref(),
+                })
+                .collect();
+            let bytes = journal::encode_ref(seq, &ops);
+            if let Some(g) = &self.space {
+                // Growing the file writes a whole chunk of zeros.
+                let grows = w.len + bytes.len() as u64 > w.size;
+                g.check(bytes.len() as u64 + if grows { journal::CHUNK } else { 0 })?;
+            }
+            // On failure nothing counts: the next record is written at the same place.
+            journal::append(file, w.len, &mut w.size, &bytes).map_err(io_error)?;
+            w.len += bytes.len() as u64;
+        }
+        let applied = (|| -> Result<(), sled::Error> {
+            for x in writes {
+                match x.value {
+                    Some(v) => drop(x.tree.insert(x.key, v)?),
+                    None => drop(x.tree.remove(x.key)?),
+                }
+            }
+            if w.file.is_some() {
+                self.meta.insert(JOURNAL_SEQ_KEY, &seq.to_be_bytes())?;
+            }
+            Ok(())
+        })();
+        w.seq = seq;
+        if let Err(e) = applied {
+            w.broken = Some(format!("database write failed half way: {e}"));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Makes every record written so far durable (group commit), checkpointing first when
+    /// the journal has grown large.
+    fn sync(&self) -> Result<(), StoreError> {
+        let Some(files) = &self.files else {
+            self.db.flush()?;
+            return Ok(());
+        };
+        let target = lock(&self.writer).seq;
+        let _syncing = lock(&self.syncing);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let (file, upto, big) = {
+            let w = lock(&self.writer);
+            if let Some(why) = &w.broken {
+                return Err(StoreError::Broken(why.clone()));
+            }
+            (w.file.clone(), w.seq, w.len >= CHECKPOINT_BYTES)
+        };
+        let (file, upto) = if big {
+            self.checkpoint(files)?;
+            let w = lock(&self.writer);
+            (w.file.clone(), w.seq)
+        } else {
+            (file, upto)
+        };
+        if let Some(file) = file {
+            file.sync_data().map_err(io_error)?;
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Starts a fresh journal file, flushes sled (which then holds every record of the
+    /// older files) and deletes the older files. Caller holds `syncing`.
+    fn checkpoint(&self, files: &journal::Files) -> Result<(), StoreError> {
+        let current = {
+            let mut w = lock(&self.writer);
+            let next = w.number + 1;
+            let (file, size) = files.create(next).map_err(io_error)?;
+            w.file = Some(Arc::new(file));
+            w.number = next;
+            w.len = 0;
+            w.size = size;
+            next
+        };
+        self.db.flush()?;
+        for n in files.list().map_err(io_error)? {
+            if n < current {
+                files.remove(n).map_err(io_error)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies the journal's records that sled does not hold entirely, in order, stopping at a
+/// gap; then flushes sled and starts an empty journal. Returns the writer.
+fn recover(db: &sled::Db, meta: &sled::Tree, files: &journal::Files) -> Result<Writer, StoreError> {
+    let applied = meta
+        .get(JOURNAL_SEQ_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let numbers = files.list().map_err(io_error)?;
+    let mut next = applied + 1;
+    let mut replayed = 0usize;
+    'files: for n in &numbers {
+        for record in files.read(*n).map_err(io_error)? {
+            if record.seq < next {
+                continue;
+            }
+            if record.seq > next {
+                tracing::warn!(
+                    expected = next,
+                    found = record.seq,
+                    "journal has a gap; records after it are not applied"
+                );
+                break 'files;
+            }
+            for op in record.ops {
+                let tree = db.open_tree(&op.tree)?;
+                match op.value {
+                    Some(v) => drop(tree.insert(op.key, v)?),
+                    None => drop(tree.remove(op.key)?),
+                }
+            }
+            meta.insert(JOURNAL_SEQ_KEY, &record.seq.to_be_bytes())?;
+            next += 1;
+            replayed += 1;
+        }
+    }
+    db.flush()?;
+    if replayed > 0 {
+        tracing::info!(records = replayed, "database repaired from its journal");
+    }
+    let number = numbers.last().map_or(1, |n| n + 1);
+    let (file, size) = files.create(number).map_err(io_error)?;
+    for n in numbers {
+        files.remove(n).map_err(io_error)?;
+    }
+    Ok(Writer {
+        seq: next - 1,
+        file: Some(Arc::new(file)),
+        number,
+        len: 0,
+        size,
+        broken: None,
+    })
+}
+
+/// Where the journal of the database at `path` lives: next to it, `<path>.journal`.
+pub fn journal_dir(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".journal");
+    path.with_file_name(name)
+}
+
+/// The database. Cheap to clone (one shared state behind an `Arc`).
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and brings its schema up to date, with the
+    /// default disk reserve ([`DEFAULT_DISK_RESERVE`]).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_reserve(path, DEFAULT_DISK_RESERVE)
+    }
+
+    /// Opens the database, refusing writes while the disk has less than `reserve` bytes free.
+    /// Records of the journal that sled does not hold yet (after a crash) are applied first.
+    pub fn open_with_reserve(path: &Path, reserve: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let meta = db.open_tree(META_TREE)?;
+        let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
+        let writer = recover(&db, &meta, &files)?;
+        let synced = AtomicU64::new(writer.seq);
+        let store = Self {
+            shared: Arc::new(Shared {
+                db,
+                meta,
+                space: Some(SpaceGuard {
+                    dir: path.to_owned(),
+                    reserve,
+                    state: Mutex::new(SpaceState {
+                        checked: None,
+                        free: 0,
+                        written: 0,
+                    }),
+                }),
+                files: Some(files),
+                writer: Mutex::new(writer),
+                syncing: Mutex::new(()),
+                synced,
+            }),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// A throwaway in-memory database (tests and benchmarks): no journal, nothing durable.
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        let meta = db.open_tree(META_TREE)?;
+        let store = Self {
+            shared: Arc::new(Shared {
+                db,
+                meta,
+                space: None,
+                files: None,
+                writer: Mutex::new(Writer {
+                    seq: 0,
+                    file: None,
+                    number: 0,
+                    len: 0,
+                    size: 0,
+                    broken: None,
+                }),
+                syncing: Mutex::new(()),
+                synced: AtomicU64::new(0),
+            }),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Fails with [`StoreError::DiskFull`] if writing `bytes` would eat into the reserve.
+    pub fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        match &self.shared.space {
+            Some(g) => g.check(bytes),
+            None => Ok(()),
+        }
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let meta = &self.shared.meta;
+        let found = match meta.get(SCHEMA_KEY)? {
+            None => 0,
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    table: META_TREE,
+                    message: "schema_version is not 4 bytes".into(),
+                })?;
+                u32::from_be_bytes(bytes)
+            }
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        // Migration steps run in order; version 0 (a fresh database) -> 1 needs no data change.
+        if found < SCHEMA_VERSION {
+            meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            meta.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version on disk.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .shared
+            .meta
+            .get(SCHEMA_KEY)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// A typed table (a sled tree) named `name`.
+    pub fn table<V>(&self, name: &'static str) -> Result<Table<V>, StoreError> {
+        Ok(Table {
+            name,
+            tree: self.shared.db.open_tree(name)?,
+            shared: self.shared.clone(),
+            _v: PhantomData,
+        })
+    }
+
+    /// Makes every write so far durable (one `fdatasync` of the journal, shared with the
+    /// writers waiting at the same time). Call before acknowledging anything.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.sync())
+            .await
+            .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))?
+    }
+
+    /// Blocking flush, for shutdown paths outside async code.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.shared.sync()
+    }
+
+    /// Runs `f` over `tables` and then commits its writes atomically: either every write in
+    /// it lands or none does (also across a crash: the journal holds them as one record).
+    /// Writers are serialised: `f` sees no other writer's partial work, and must not write
+    /// through [`Table`] itself (that would wait for the transaction to end).
+    pub fn transaction<R>(
+        &self,
+        tables: &[&dyn AnyTable],
+        f: impl Fn(&Tx<'_>) -> Result<R, TxError>,
+    ) -> Result<R, StoreError> {
+        let mut w = lock(&self.shared.writer);
+        let tx = Tx {
+            tables,
+            space: self.shared.space.as_ref(),
+            writes: RefCell::new(Vec::new()),
+            overlay: RefCell::new(HashMap::new()),
+        };
+        let r = f(&tx).map_err(|e| e.0)?;
+        self.shared.commit(&mut w, tx.writes.into_inner())?;
+        Ok(r)
+    }
+
+    /// Bytes used on disk (approximate): sled's files and the journal.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        let journal = lock(&self.shared.writer).size;
+        Ok(self.shared.db.size_on_disk()? + journal)
+    }
+}
+
+/// Any table, for naming the tables a transaction touches.
+pub trait AnyTable {
+    /// The table's name.
+    fn name(&self) -> &'static str;
+    /// The sled tree behind it.
+    fn tree(&self) -> &sled::Tree;
+}
+
+impl<V> AnyTable for Table<V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+}
+
+/// An error inside a transaction: the transaction is abandoned and nothing it wrote lands.
+#[derive(Debug)]
+pub struct TxError(StoreError);
+
+impl TxError {
+    /// Aborts the transaction with `error`; nothing it wrote lands.
+    pub fn abort(error: StoreError) -> Self {
+        Self(error)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<sled::Error> for TxError {
+    fn from(e: sled::Error) -> Self {
+        Self(e.into())
+    }
+}
+
+/// A transaction's writes by (table, key), for reading them back: `None` is removed.
+type Overlay = HashMap<(usize, Vec<u8>), Option<Vec<u8>>>;
+
+/// The view of the tables inside [`Store::transaction`]: reads see the transaction's own
+/// writes; the writes are applied when it ends well.
+pub struct Tx<'a> {
+    tables: &'a [&'a dyn AnyTable],
+    space: Option<&'a SpaceGuard>,
+    writes: RefCell<Vec<Write>>,
+    overlay: RefCell<Overlay>,
+}
+
+impl Tx<'_> {
+    fn index<V>(&self, table: &Table<V>) -> Result<usize, TxError> {
+        self.tables
+            .iter()
+            .position(|t| t.name() == table.name)
+            .ok_or_else(|| {
+                TxError::abort(StoreError::Aborted(format!(
+                    "table {} is not part of this transaction",
+                    table.name
+                )))
+            })
+    }
+
+    fn raw(&self, i: usize, key: &[u8]) -> Result<Option<Vec<u8>>, TxError> {
+        if let Some(v) = self.overlay.borrow().get(&(i, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(self.tables[i].tree().get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn write(&self, i: usize, key: &[u8], value: Option<Vec<u8>>) {
+        self.overlay
+            .borrow_mut()
+            .insert((i, key.to_vec()), value.clone());
+        self.writes.borrow_mut().push(Write {
+            tree: self.tables[i].tree().clone(),
+            name: self.tables[i].name(),
+            key: key.to_vec(),
+            value,
+        });
+    }
+
+    /// Reads `key` of `table`.
+    pub fn get<V: Serialize + DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &[u8],
+    ) -> Result<Option<V>, TxError> {
+        match self.raw(self.index(table)?, key)? {
+            None => Ok(None),
+            Some(bytes) => table.decode(&bytes).map(Some).map_err(TxError::abort),
+        }
+    }
+
+    /// Writes `value` under `key` of `table`.
+    pub fn insert<V: Serialize + DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &[u8],
+        value: &V,
+    ) -> Result<(), TxError> {
+        let i = self.index(table)?;
+        let bytes = table.encode(value).map_err(TxError::abort)?;
+        if let Some(g) = self.space {
+            g.check((key.len() + bytes.len()) as u64)
+                .map_err(TxError::abort)?;
+        }
+        self.write(i, key, Some(bytes));
+        Ok(())
+    }
+
+    /// Removes `key` of `table`; returns whether it existed.
+    pub fn remove<V>(&self, table: &Table<V>, key: &[u8]) -> Result<bool, TxError> {
+        let i = self.index(table)?;
+        let existed = self.raw(i, key)?.is_some();
+        if existed {
+            self.write(i, key, None);
+        }
+        Ok(existed)
+    }
+}
+
+/// A typed view of one tree: byte keys, values encoded with postcard.
+pub struct Table<V> {
+    name: &'static str,
+    tree: sled::Tree,
+    shared: Arc<Shared>,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> Clone for Table<V> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            tree: self.tree.clone(),
+            shared: self.shared.clone(),
+            _v: PhantomData,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Table<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("name", &self.name).finish()
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    fn decode(&self, bytes: &[u8]) -> Result<V, StoreError> {
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+            table: self.name,
+            message: e.to_string(),
+        })
+    }
+
+    fn encode(&self, value: &V) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(value).map_err(|e| StoreError::Corrupt {
+            table: self.name,
+            message: e.to_string(),
+        })
+    }
+
+    fn write(&self, key: &[u8], value: Option<Vec<u8>>) -> Write {
+        Write {
+            tree: self.tree.clone(),
+            name: self.name,
+            key: key.to_vec(),
+            value,
+        }
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<V>, StoreError> {
+        self.tree.get(key)?.map(|v| self.decode(&v)).transpose()
+    }
+
+    /// Stores `value` under `key` (durable only after [`Store::flush`]).
+    pub fn insert(&self, key: &[u8], value: &V) -> Result<(), StoreError> {
+        let bytes = self.encode(value)?;
+        if let Some(g) = &self.shared.space {
+            g.check((key.len() + bytes.len()) as u64)?;
+        }
+        let mut w = lock(&self.shared.writer);
+        self.shared
+            .commit(&mut w, vec![self.write(key, Some(bytes))])
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub fn remove(&self, key: &[u8]) -> Result<bool, StoreError> {
+        let mut w = lock(&self.shared.writer);
+        if !self.tree.contains_key(key)? {
+            return Ok(false);
+        }
+        self.shared.commit(&mut w, vec![self.write(key, None)])?;
+        Ok(true)
+    }
+
+    /// Whether `key` exists.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Number of entries (walks the tree).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Entries with keys `>= from`, in key order, at most `limit`.
+    pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.range(from..).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
+    pub fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix).take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// The last `limit` entries whose key starts with `prefix`, returned in key order.
+    pub fn scan_prefix_last(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix).rev().take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), self.decode(&v)?));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Number of keys starting with `prefix`.
+    pub fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree.scan_prefix(prefix) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The last entry in key order.
+    pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
+        self.tree
+            .last()?
+            .map(|(k, v)| Ok((k.to_vec(), self.decode(&v)?)))
+            .transpose()
+    }
+
+    /// Removes the first `n` entries in key order (one atomic write); returns how many
+    /// were removed.
+    pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
+        let mut w = lock(&self.shared.writer);
+        let mut writes = Vec::new();
+        for key in self.tree.iter().keys().take(n) {
+            writes.push(self.write(&key?, None));
+        }
+        let removed = writes.len();
+        self.shared.commit(&mut w, writes)?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_is_written_and_newer_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+            let meta = &s.shared.meta;
+            meta.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+            s.flush_blocking().unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::NewerSchema { found: 99, .. }) => {}
+            other => panic!("expected NewerSchema, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn typed_table_round_trip_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<(String, u64)> = s.table("things").unwrap();
+            t.insert(b"a", &("x".into(), 1)).unwrap();
+            t.insert(b"b", &("y".into(), 2)).unwrap();
+            s.flush().await.unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let t: Table<(String, u64)> = s.table("things").unwrap();
+        assert_eq!(t.get(b"a").unwrap(), Some(("x".into(), 1)));
+        assert_eq!(t.scan_from(b"b", 10).unwrap().len(), 1);
+        assert_eq!(t.last().unwrap().unwrap().0, b"b".to_vec());
+        assert_eq!(t.remove_first(1).unwrap(), 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn transaction_is_all_or_nothing() {
+        let s = Store::temporary().unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        let b: Table<String> = s.table("b").unwrap();
+        s.transaction(&[&a, &b], |tx| {
+            tx.insert(&a, b"k", &1)?;
+            tx.insert(&b, b"k", &"one".to_string())?;
+            Ok(())
+        })
+        .unwrap();
+        let err = s
+            .transaction(&[&a, &b], |tx| {
+                tx.insert(&a, b"k", &2)?;
+                tx.remove(&b, b"k")?;
+                Err::<(), _>(TxError::abort(StoreError::Aborted("no".into())))
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Aborted(_)));
+        assert_eq!(
+            a.get(b"k").unwrap(),
+            Some(1),
+            "nothing of the aborted tx landed"
+        );
+        assert_eq!(b.get(b"k").unwrap(), Some("one".to_string()));
+        // A table outside the transaction is refused.
+        let c: Table<u32> = s.table("c").unwrap();
+        assert!(s.transaction(&[&a], |tx| tx.insert(&c, b"k", &1)).is_err());
+    }
+
+    #[test]
+    fn a_transaction_reads_its_own_writes() {
+        let s = Store::temporary().unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        a.insert(b"gone", &7).unwrap();
+        let seen = s
+            .transaction(&[&a], |tx| {
+                tx.insert(&a, b"k", &1)?;
+                let first = tx.get(&a, b"k")?;
+                tx.insert(&a, b"k", &2)?;
+                let removed = tx.remove(&a, b"gone")?;
+                let again = tx.remove(&a, b"gone")?;
+                Ok((
+                    first,
+                    tx.get(&a, b"k")?,
+                    removed,
+                    again,
+                    tx.get(&a, b"gone")?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(seen, (Some(1), Some(2), true, false, None));
+        assert_eq!(a.get(b"k").unwrap(), Some(2));
+        assert_eq!(a.get(b"gone").unwrap(), None);
+    }
+
+    /// Writes a journal file by hand, as a crash would leave it: records sled never got.
+    fn leave_journal(path: &Path, number: u64, records: &[journal::Record]) {
+        let files = journal::Files::open(&journal_dir(path)).unwrap();
+        let (f, mut size) = files.create(number).unwrap();
+        let mut len = 0;
+        for r in records {
+            let bytes = journal::encode(r);
+            journal::append(&f, len, &mut size, &bytes).unwrap();
+            len += bytes.len() as u64;
+        }
+    }
+
+    fn op(tree: &str, key: &[u8], value: Option<u32>) -> journal::Op {
+        journal::Op {
+            tree: tree.into(),
+            key: key.to_vec(),
+            value: value.map(|v| postcard::to_stdvec(&v).unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_applies_the_journal_records_sled_lacks_and_no_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let applied = {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            t.insert(b"old", &1).unwrap();
+            t.insert(b"kept", &5).unwrap();
+            s.flush().await.unwrap();
+            lock(&s.shared.writer).seq
+        };
+        // The journal of a crash: an old record sled holds already (not applied again),
+        // the next two (applied in order), then one after a gap (never applied).
+        leave_journal(
+            &path,
+            1000,
+            &[
+                journal::Record {
+                    seq: applied,
+                    ops: vec![op("t", b"kept", Some(0))],
+                },
+                journal::Record {
+                    seq: applied + 1,
+                    ops: vec![op("t", b"a", Some(1)), op("u", b"b", Some(2))],
+                },
+                journal::Record {
+                    seq: applied + 2,
+                    ops: vec![op("t", b"a", Some(3)), op("t", b"old", None)],
+                },
+                journal::Record {
+                    seq: applied + 4,
+                    ops: vec![op("t", b"late", Some(9))],
+                },
+            ],
+        );
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        let u: Table<u32> = s.table("u").unwrap();
+        assert_eq!(t.get(b"kept").unwrap(), Some(5));
+        assert_eq!(t.get(b"a").unwrap(), Some(3));
+        assert_eq!(u.get(b"b").unwrap(), Some(2));
+        assert_eq!(t.get(b"old").unwrap(), None);
+        assert_eq!(t.get(b"late").unwrap(), None);
+        // The journal starts over; new writes continue the sequence and survive a reopen
+        // that finds them only in the journal.
+        assert_eq!(lock(&s.shared.writer).seq, applied + 2);
+        assert_eq!(
+            journal::Files::open(&journal_dir(&path))
+                .unwrap()
+                .list()
+                .unwrap(),
+            vec![1001]
+        );
+        t.insert(b"new", &4).unwrap();
+        s.flush().await.unwrap();
+        let records = journal::Files::open(&journal_dir(&path))
+            .unwrap()
+            .read(1001)
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].seq, applied + 3);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_starts_a_new_journal_file_and_loses_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        t.insert(b"a", &1).unwrap();
+        s.flush().await.unwrap();
+        let files = journal::Files::open(&journal_dir(&path)).unwrap();
+        let before = files.list().unwrap();
+        s.shared.checkpoint(&files).unwrap();
+        t.insert(b"b", &2).unwrap();
+        s.flush().await.unwrap();
+        let after = files.list().unwrap();
+        assert_eq!(after, vec![before[0] + 1]);
+        assert_eq!(files.read(after[0]).unwrap().len(), 1);
+        drop((s, t));
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        assert_eq!(
+            (t.get(b"a").unwrap(), t.get(b"b").unwrap()),
+            (Some(1), Some(2))
+        );
+    }
+
+    #[test]
+    fn corrupt_value_is_a_typed_error() {
+        let s = Store::temporary().unwrap();
+        let raw: Table<Vec<u8>> = s.table("t").unwrap();
+        raw.insert(b"k", &vec![]).unwrap();
+        let typed: Table<(u64, String, [u8; 32])> = s.table("t").unwrap();
+        assert!(matches!(
+            typed.get(b"k"),
+            Err(StoreError::Corrupt { table: "t", .. })
+        ));
+    }
+}
