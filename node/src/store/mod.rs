@@ -320,7 +320,13 @@ fn recover(db: &sled::Db, meta: &sled::Tree, files: &journal::Files) -> Result<W
     let numbers = files.list().map_err(io_error)?;
     let mut next = applied + 1;
     let mut replayed = 0usize;
-    'files: for n in &numbers {
+    // A database without a schema version was never opened: its journal, if any, is left
+    // from one that was deleted, and must not be replayed into this one.
+    let orphaned = meta.get(SCHEMA_KEY)?.is_none() && !numbers.is_empty();
+    if orphaned {
+        tracing::warn!("a journal without its database was found and is discarded");
+    }
+    'files: for n in numbers.iter().filter(|_| !orphaned) {
         for record in files.read(*n).map_err(io_error)? {
             if record.seq < next {
                 continue;
@@ -1021,6 +1027,31 @@ mod tests {
             .unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].seq, applied + 3);
+    }
+
+    #[tokio::test]
+    async fn a_journal_whose_database_was_deleted_is_not_replayed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            t.insert(b"a", &1).unwrap();
+            s.flush().await.unwrap();
+        }
+        leave_journal(
+            &path,
+            1000,
+            &[journal::Record {
+                seq: 1,
+                ops: vec![op("t", b"stale", Some(1))],
+            }],
+        );
+        std::fs::remove_dir_all(&path).unwrap();
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        assert_eq!(t.get(b"stale").unwrap(), None);
+        assert_eq!(t.get(b"a").unwrap(), None);
     }
 
     #[tokio::test]
