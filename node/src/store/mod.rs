@@ -174,6 +174,8 @@ struct Shared {
     space: Option<SpaceGuard>,
     /// Files of the write-ahead journal; `None` for a temporary store.
     files: Option<journal::Files>,
+    /// sled's directory; `None` for a temporary store.
+    path: Option<PathBuf>,
     /// The single writer: held for the whole of a transaction and for every write, so the
     /// journal's order is sled's order.
     writer: Mutex<Writer>,
@@ -191,9 +193,9 @@ struct Writer {
     number: u64,
     len: u64,
     size: u64,
-    /// Set when a write could not be completed (the journal or sled failed half way):
-    /// nothing more is written or acknowledged until the store is opened again, which
-    /// repairs it from the journal.
+    /// Set when sled failed half way through a record, a journal sync failed or a
+    /// checkpoint failed: nothing more is written or acknowledged until the store is opened
+    /// again, which repairs it from the journal.
     broken: Option<String>,
 }
 
@@ -225,8 +227,13 @@ impl Shared {
                 })
                 .collect();
             let bytes = journal::encode_ref(seq, &ops);
-            if let Some(g) = &self.space {
-                // Growing the file writes a whole chunk of zeros.
+            if let Some(g) = self
+                .space
+                .as_ref()
+                .filter(|_| writes.iter().any(|x| x.value.is_some()))
+            {
+                // Growing the file writes a whole chunk of zeros. (Removals are not guarded:
+                // they are what frees space.)
                 let grows = w.len + bytes.len() as u64 > w.size;
                 g.check(bytes.len() as u64 + if grows { journal::CHUNK } else { 0 })?;
             }
@@ -280,27 +287,41 @@ impl Shared {
         } else {
             (file, upto)
         };
-        if let Some(file) = file {
-            file.sync_data().map_err(io_error)?;
+        if let Some(file) = file
+            && let Err(e) = file.sync_data()
+        {
+            // Linux may drop the failed pages and report success next time: nothing
+            // written so far can be trusted to be on disk.
+            lock(&self.writer).broken = Some(format!("journal sync failed: {e}"));
+            return Err(io_error(e));
         }
         self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Starts a fresh journal file, flushes sled (which then holds every record of the
-    /// older files) and deletes the older files. Caller holds `syncing`.
+    /// Makes sled hold every record written so far, durably, then starts a fresh journal
+    /// file and deletes the older ones. Writers wait meanwhile (so sled is made durable at a
+    /// record boundary). Caller holds `syncing`.
     fn checkpoint(&self, files: &journal::Files) -> Result<(), StoreError> {
-        let current = {
-            let mut w = lock(&self.writer);
+        let mut w = lock(&self.writer);
+        let done = (|| -> Result<u64, StoreError> {
             let next = w.number + 1;
             let (file, size) = files.create(next).map_err(io_error)?;
+            sync_sled(&self.db, self.path.as_deref())?;
             w.file = Some(Arc::new(file));
             w.number = next;
             w.len = 0;
             w.size = size;
-            next
+            Ok(next)
+        })();
+        let current = match done {
+            Ok(n) => n,
+            Err(e) => {
+                w.broken = Some(format!("checkpoint failed: {e}"));
+                return Err(e);
+            }
         };
-        self.db.flush()?;
+        drop(w);
         for n in files.list().map_err(io_error)? {
             if n < current {
                 files.remove(n).map_err(io_error)?;
@@ -310,9 +331,30 @@ impl Shared {
     }
 }
 
-/// Applies the journal's records that sled does not hold entirely, in order, stopping at a
-/// gap; then flushes sled and starts an empty journal. Returns the writer.
-fn recover(db: &sled::Db, meta: &sled::Tree, files: &journal::Files) -> Result<Writer, StoreError> {
+/// Flushes sled and makes its file durable (sled's own flush uses `sync_file_range`, which
+/// records neither the disk cache nor a new file size).
+fn sync_sled(db: &sled::Db, path: Option<&Path>) -> Result<(), StoreError> {
+    db.flush()?;
+    if let Some(path) = path {
+        File::open(path.join("db"))
+            .and_then(|f| f.sync_all())
+            .map_err(io_error)?;
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error)?;
+    }
+    Ok(())
+}
+
+/// Applies the journal's records that sled does not hold entirely, in order, makes sled
+/// durable and starts an empty journal. Returns the writer. A gap in the records (a
+/// damaged journal) refuses to open, keeping the files.
+fn recover(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    files: &journal::Files,
+    path: &Path,
+) -> Result<Writer, StoreError> {
     let applied = meta
         .get(JOURNAL_SEQ_KEY)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -326,18 +368,21 @@ fn recover(db: &sled::Db, meta: &sled::Tree, files: &journal::Files) -> Result<W
     if orphaned {
         tracing::warn!("a journal without its database was found and is discarded");
     }
-    'files: for n in numbers.iter().filter(|_| !orphaned) {
+    for n in numbers.iter().filter(|_| !orphaned) {
         for record in files.read(*n).map_err(io_error)? {
             if record.seq < next {
                 continue;
             }
             if record.seq > next {
-                tracing::warn!(
-                    expected = next,
-                    found = record.seq,
-                    "journal has a gap; records after it are not applied"
-                );
-                break 'files;
+                return Err(StoreError::Corrupt {
+                    table: "journal",
+                    message: format!(
+                        "record {} follows record {} in {}; the journal is kept as it is",
+                        record.seq,
+                        next - 1,
+                        journal_dir(path).display()
+                    ),
+                });
             }
             for op in record.ops {
                 let tree = db.open_tree(&op.tree)?;
@@ -351,7 +396,7 @@ fn recover(db: &sled::Db, meta: &sled::Tree, files: &journal::Files) -> Result<W
             replayed += 1;
         }
     }
-    db.flush()?;
+    sync_sled(db, Some(path))?;
     if replayed > 0 {
         tracing::info!(records = replayed, "database repaired from its journal");
     }
@@ -399,13 +444,16 @@ impl Store {
     /// Opens the database, refusing writes while the disk has less than `reserve` bytes free.
     /// Records of the journal that sled does not hold yet (after a crash) are applied first.
     pub fn open_with_reserve(path: &Path, reserve: u64) -> Result<Self, StoreError> {
+        // sled is made durable only at checkpoints (the journal is what flushes make
+        // durable), so that its own periodic flush cannot make half a record durable.
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
             .open()?;
         let meta = db.open_tree(META_TREE)?;
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
-        let writer = recover(&db, &meta, &files)?;
+        let writer = recover(&db, &meta, &files, path)?;
         let synced = AtomicU64::new(writer.seq);
         let store = Self {
             shared: Arc::new(Shared {
@@ -421,6 +469,7 @@ impl Store {
                     }),
                 }),
                 files: Some(files),
+                path: Some(path.to_owned()),
                 writer: Mutex::new(writer),
                 syncing: Mutex::new(()),
                 synced,
@@ -440,6 +489,7 @@ impl Store {
                 meta,
                 space: None,
                 files: None,
+                path: None,
                 writer: Mutex::new(Writer {
                     seq: 0,
                     file: None,
@@ -485,7 +535,7 @@ impl Store {
         // Migration steps run in order; version 0 (a fresh database) -> 1 needs no data change.
         if found < SCHEMA_VERSION {
             meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-            meta.flush()?;
+            sync_sled(&self.shared.db, self.shared.path.as_deref())?;
         }
         Ok(())
     }
@@ -978,7 +1028,7 @@ mod tests {
             lock(&s.shared.writer).seq
         };
         // The journal of a crash: an old record sled holds already (not applied again),
-        // the next two (applied in order), then one after a gap (never applied).
+        // then the next two (applied in order).
         leave_journal(
             &path,
             1000,
@@ -995,10 +1045,6 @@ mod tests {
                     seq: applied + 2,
                     ops: vec![op("t", b"a", Some(3)), op("t", b"old", None)],
                 },
-                journal::Record {
-                    seq: applied + 4,
-                    ops: vec![op("t", b"late", Some(9))],
-                },
             ],
         );
         let s = Store::open(&path).unwrap();
@@ -1008,7 +1054,6 @@ mod tests {
         assert_eq!(t.get(b"a").unwrap(), Some(3));
         assert_eq!(u.get(b"b").unwrap(), Some(2));
         assert_eq!(t.get(b"old").unwrap(), None);
-        assert_eq!(t.get(b"late").unwrap(), None);
         // The journal starts over; new writes continue the sequence and survive a reopen
         // that finds them only in the journal.
         assert_eq!(lock(&s.shared.writer).seq, applied + 2);
@@ -1027,6 +1072,43 @@ mod tests {
             .unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].seq, applied + 3);
+    }
+
+    #[tokio::test]
+    async fn a_journal_with_a_gap_refuses_to_open_and_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let applied = {
+            let s = Store::open(&path).unwrap();
+            s.flush().await.unwrap();
+            lock(&s.shared.writer).seq
+        };
+        leave_journal(
+            &path,
+            1000,
+            &[
+                journal::Record {
+                    seq: applied + 1,
+                    ops: vec![op("t", b"a", Some(1))],
+                },
+                journal::Record {
+                    seq: applied + 3,
+                    ops: vec![op("t", b"late", Some(9))],
+                },
+            ],
+        );
+        match Store::open(&path) {
+            Err(StoreError::Corrupt {
+                table: "journal",
+                message,
+            }) => {
+                assert!(message.contains("follows record"), "{message}");
+            }
+            other => panic!("expected a corrupt journal, got {other:?}"),
+        }
+        let files = journal::Files::open(&journal_dir(&path)).unwrap();
+        assert!(files.list().unwrap().contains(&1000));
+        assert_eq!(files.read(1000).unwrap().len(), 2);
     }
 
     #[tokio::test]
