@@ -554,7 +554,8 @@ impl NodeHandle {
             // A clean stop: the next start continues at the next seq, without a gap.
             events.seal();
             drop(events);
-            let flushed = store.flush().await;
+            // Flushed and checkpointed: the next start has no journal to apply.
+            let flushed = store.close().await;
             // Close the database before releasing the directory lock, even if the flush
             // failed (a full disk): the lock must not outlive the node.
             drop(store);

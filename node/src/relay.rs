@@ -66,7 +66,7 @@ pub struct RelayHandle {
     net_task: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
     _lock: DataDirLock,
-    _store: Store,
+    store: Store,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -119,6 +119,10 @@ impl RelayHandle {
         }
         self.net_shutdown.cancel();
         let _ = self.net_task.await;
+        // The node's own store (its event log): flushed and checkpointed.
+        if let Err(e) = self.store.close().await {
+            tracing::warn!(error = %e, "could not close the relay's node store");
+        }
         tracing::info!("relay stopped");
     }
 }
@@ -208,7 +212,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
         net_task,
         drain_timeout: config.drain_timeout(),
         _lock: lock,
-        _store: store,
+        store,
     })
 }
 

@@ -575,6 +575,24 @@ impl Store {
         self.shared.sync()
     }
 
+    /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
+    /// so the next open has nothing to apply again.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.sync()?;
+            match &shared.files {
+                Some(files) => {
+                    let _syncing = lock(&shared.syncing);
+                    shared.checkpoint(files)
+                }
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Broken(format!("close task failed: {e}")))?
+    }
+
     /// Runs `f` over `tables` and then commits its writes atomically: either every write in
     /// it lands or none does (also across a crash: the journal holds them as one record).
     /// Writers are serialised: `f` sees no other writer's partial work, and must not write
@@ -1072,6 +1090,25 @@ mod tests {
             .unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].seq, applied + 3);
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_reopens_with_nothing_to_apply() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            t.insert(b"a", &1).unwrap();
+            s.close().await.unwrap();
+            let files = journal::Files::open(&journal_dir(&path)).unwrap();
+            let numbers = files.list().unwrap();
+            assert_eq!(numbers.len(), 1);
+            assert!(files.read(numbers[0]).unwrap().is_empty());
+        }
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        assert_eq!(t.get(b"a").unwrap(), Some(1));
     }
 
     #[tokio::test]
