@@ -1610,7 +1610,8 @@ impl Actor {
                 if let Inbound::Respond(Response::Rejected(_, reason)) =
                     self.accept_envelope(peer_id, envelope, Via::Answer)
                 {
-                    tracing::debug!(peer = %hex_short(&peer), ?reason, "receipt in an answer refused");
+                    // Not sent again: those messages stay `sent` (they are stored there).
+                    tracing::warn!(peer = %hex_short(&peer), ?reason, "receipt in an answer refused");
                 }
             }
         }
@@ -1841,14 +1842,14 @@ impl Actor {
         match self.db.seen.contains(&peer_id_key(&sender, &id)) {
             Ok(true) => {
                 // A repeat: our answer (and its receipt) may have been lost on the way.
-                if self.piggyback.is_some()
+                if let Some(ids) = self.piggyback.as_mut()
                     && self
                         .db
                         .index
                         .contains(&peer_id_key(&sender, &id))
                         .unwrap_or(false)
                 {
-                    self.piggyback.get_or_insert_default().push(id);
+                    ids.push(id);
                 }
                 return Inbound::Respond(Response::Stored(id));
             }
@@ -2438,39 +2439,21 @@ async fn deliver(
         };
         window = DELIVERY_WINDOW;
         let n = sent.len();
-        let answers: Vec<Response> = match result.map(|b| Response::from_bytes(&b)) {
-            Ok(Ok(Response::Receipted(answers, receipt)))
-                if framing == Framing::Receipted && answers.len() == n =>
-            {
+        let answers = match read_answer(framing, n, result.map_err(|e| e.to_string())) {
+            Answered::Answers(answers, receipt) => {
                 receipts.extend(receipt);
-                answers.into_iter().map(Response::from).collect()
+                answers
             }
-            Ok(Ok(Response::Batch(answers)))
-                if framing == Framing::Batch && answers.len() == n && n > 1 =>
-            {
-                answers.into_iter().map(Response::from).collect()
-            }
-            Ok(Ok(Response::Rejected(_, RejectReason::Malformed)))
-                if framing == Framing::Receipted || (framing == Framing::Batch && n > 1) =>
-            {
+            Answered::Older(older) => {
                 // A recipient from before this framing: send these again, the older way.
-                mode = mode.min(framing.older());
+                mode = mode.min(older);
                 for item in sent.into_iter().rev() {
                     queue.push_front(item);
                 }
                 continue;
             }
-            Ok(Ok(answer)) if framing != Framing::Receipted && n == 1 => vec![answer],
-            Ok(Ok(other)) => {
-                failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
-                continue;
-            }
-            Ok(Err(e)) => {
-                failure.get_or_insert_with(|| format!("bad answer: {e}"));
-                continue;
-            }
-            Err(e) => {
-                failure.get_or_insert_with(|| e.to_string());
+            Answered::Failed(why) => {
+                failure.get_or_insert(why);
                 continue;
             }
         };
@@ -2516,6 +2499,48 @@ async fn deliver(
         outcomes,
         receipts,
         failure,
+    }
+}
+
+/// What the answer to one request of a delivery says.
+#[derive(Debug, PartialEq)]
+enum Answered {
+    /// One answer per envelope sent, in order, and the receipt that came with them.
+    Answers(Vec<Response>, Option<Envelope>),
+    /// The recipient predates this framing: send the same envelopes again in this one.
+    Older(Framing),
+    /// The request failed (network, or an answer that does not fit the request).
+    Failed(String),
+}
+
+/// Judges the answer (or the network error) to a request of `n` envelopes framed as
+/// `framing`. Pure, so the fallback rules have their own tests.
+fn read_answer(framing: Framing, n: usize, result: Result<Vec<u8>, String>) -> Answered {
+    let response = match result.map(|b| Response::from_bytes(&b)) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Answered::Failed(format!("bad answer: {e}")),
+        Err(e) => return Answered::Failed(e),
+    };
+    match response {
+        Response::Receipted(answers, receipt)
+            if framing == Framing::Receipted && answers.len() == n =>
+        {
+            Answered::Answers(answers.into_iter().map(Response::from).collect(), receipt)
+        }
+        Response::Batch(answers) if framing == Framing::Batch && answers.len() == n && n > 1 => {
+            Answered::Answers(answers.into_iter().map(Response::from).collect(), None)
+        }
+        Response::Rejected(_, RejectReason::Malformed)
+            if framing == Framing::Receipted || (framing == Framing::Batch && n > 1) =>
+        {
+            Answered::Older(framing.older())
+        }
+        answer @ (Response::Stored(_) | Response::Seen(_) | Response::Rejected(..))
+            if framing != Framing::Receipted && n == 1 =>
+        {
+            Answered::Answers(vec![answer], None)
+        }
+        other => Answered::Failed(format!("unexpected answer {other:?}")),
     }
 }
 
@@ -2720,6 +2745,74 @@ mod tests {
         for n in 1..=4 {
             assert_eq!(ids(&take_request(&mut queue, true)), vec![n]);
         }
+    }
+
+    #[test]
+    fn answers_fall_back_one_framing_at_a_time_and_must_fit_the_request() {
+        let id = |i: u8| MsgId([i; 16]);
+        let bytes = |r: Response| Ok(r.to_bytes());
+        let malformed = || bytes(Response::Rejected(id(0), RejectReason::Malformed));
+        let receipt = Envelope {
+            id: id(9),
+            sender: [2; 32],
+            recipient: [1; 32],
+            ciphertext: vec![1, 2, 3],
+        };
+        // The newest framing: answers and the receipt.
+        let two = vec![wire::Answer::Stored(id(1)), wire::Answer::Stored(id(2))];
+        assert_eq!(
+            read_answer(
+                Framing::Receipted,
+                2,
+                bytes(Response::Receipted(two.clone(), Some(receipt.clone())))
+            ),
+            Answered::Answers(
+                vec![Response::Stored(id(1)), Response::Stored(id(2))],
+                Some(receipt)
+            )
+        );
+        // A recipient from before: Receipted -> Batch -> Single, for any size.
+        assert_eq!(
+            read_answer(Framing::Receipted, 1, malformed()),
+            Answered::Older(Framing::Batch)
+        );
+        assert_eq!(
+            read_answer(Framing::Batch, 2, malformed()),
+            Answered::Older(Framing::Single)
+        );
+        // One envelope alone: a refusal is that envelope's answer, not a fallback.
+        assert_eq!(
+            read_answer(Framing::Single, 1, malformed()),
+            Answered::Answers(
+                vec![Response::Rejected(id(0), RejectReason::Malformed)],
+                None
+            )
+        );
+        // Answers that do not fit the request fail it.
+        for (framing, n, answer) in [
+            (
+                Framing::Receipted,
+                3,
+                Response::Receipted(two.clone(), None),
+            ),
+            (Framing::Receipted, 2, Response::Batch(two.clone())),
+            (Framing::Receipted, 1, Response::Stored(id(1))),
+            (Framing::Batch, 2, Response::Receipted(two.clone(), None)),
+            (Framing::Single, 1, Response::Batch(two.clone())),
+        ] {
+            assert!(
+                matches!(read_answer(framing, n, bytes(answer)), Answered::Failed(_)),
+                "{framing:?} {n}"
+            );
+        }
+        assert!(matches!(
+            read_answer(Framing::Batch, 2, Ok(vec![9, 9])),
+            Answered::Failed(m) if m.starts_with("bad answer")
+        ));
+        assert_eq!(
+            read_answer(Framing::Single, 1, Err("dial failed".into())),
+            Answered::Failed("dial failed".into())
+        );
     }
 
     #[test]

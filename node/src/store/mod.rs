@@ -227,15 +227,14 @@ impl Shared {
                 })
                 .collect();
             let bytes = journal::encode_ref(seq, &ops);
-            if let Some(g) = self
-                .space
-                .as_ref()
-                .filter(|_| writes.iter().any(|x| x.value.is_some()))
+            // Inserts were checked where they were made (`Tx::insert`, `Table::insert`);
+            // growing the file writes a whole chunk of zeros. Removals are not guarded:
+            // they are what frees space.
+            if let Some(g) = &self.space
+                && w.len + bytes.len() as u64 > w.size
+                && writes.iter().any(|x| x.value.is_some())
             {
-                // Growing the file writes a whole chunk of zeros. (Removals are not guarded:
-                // they are what frees space.)
-                let grows = w.len + bytes.len() as u64 > w.size;
-                g.check(bytes.len() as u64 + if grows { journal::CHUNK } else { 0 })?;
+                g.check(journal::CHUNK)?;
             }
             // On failure nothing counts: the next record is written at the same place.
             journal::append(file, w.len, &mut w.size, &bytes).map_err(io_error)?;
@@ -661,8 +660,9 @@ impl From<sled::Error> for TxError {
     }
 }
 
-/// A transaction's writes by (table, key), for reading them back: `None` is removed.
-type Overlay = HashMap<(usize, Vec<u8>), Option<Vec<u8>>>;
+/// A transaction's latest write to each (table, key): its index in the writes, so a value
+/// is held once.
+type Overlay = HashMap<(usize, Vec<u8>), usize>;
 
 /// The view of the tables inside [`Store::transaction`]: reads see the transaction's own
 /// writes; the writes are applied when it ends well.
@@ -687,17 +687,18 @@ impl Tx<'_> {
     }
 
     fn raw(&self, i: usize, key: &[u8]) -> Result<Option<Vec<u8>>, TxError> {
-        if let Some(v) = self.overlay.borrow().get(&(i, key.to_vec())) {
-            return Ok(v.clone());
+        if let Some(&at) = self.overlay.borrow().get(&(i, key.to_vec())) {
+            return Ok(self.writes.borrow()[at].value.clone());
         }
         Ok(self.tables[i].tree().get(key)?.map(|v| v.to_vec()))
     }
 
     fn write(&self, i: usize, key: &[u8], value: Option<Vec<u8>>) {
+        let mut writes = self.writes.borrow_mut();
         self.overlay
             .borrow_mut()
-            .insert((i, key.to_vec()), value.clone());
-        self.writes.borrow_mut().push(Write {
+            .insert((i, key.to_vec()), writes.len());
+        writes.push(Write {
             tree: self.tables[i].tree().clone(),
             name: self.tables[i].name(),
             key: key.to_vec(),
@@ -835,24 +836,27 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         self.tree.is_empty()
     }
 
+    /// Decodes the entries `items` yields.
+    fn collect(
+        &self,
+        items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        items
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((k.to_vec(), self.decode(&v)?))
+            })
+            .collect()
+    }
+
     /// Entries with keys `>= from`, in key order, at most `limit`.
     pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.range(from..).take(limit) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), self.decode(&v)?));
-        }
-        Ok(out)
+        self.collect(self.tree.range(from..).take(limit))
     }
 
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), self.decode(&v)?));
-        }
-        Ok(out)
+        self.collect(self.tree.scan_prefix(prefix))
     }
 
     /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
@@ -861,12 +865,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix).take(limit) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), self.decode(&v)?));
-        }
-        Ok(out)
+        self.collect(self.tree.scan_prefix(prefix).take(limit))
     }
 
     /// The last `limit` entries whose key starts with `prefix`, returned in key order.
@@ -875,11 +874,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix).rev().take(limit) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), self.decode(&v)?));
-        }
+        let mut out = self.collect(self.tree.scan_prefix(prefix).rev().take(limit))?;
         out.reverse();
         Ok(out)
     }
