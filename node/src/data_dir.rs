@@ -81,6 +81,11 @@ impl DataDir {
         self.root.join("db")
     }
 
+    /// `events.log`: the event log for clients resuming with `since`.
+    pub fn events_path(&self) -> PathBuf {
+        self.root.join("events.log")
+    }
+
     /// `api.json`.
     pub fn api_path(&self) -> PathBuf {
         self.root.join("api.json")

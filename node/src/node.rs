@@ -163,7 +163,7 @@ impl Node {
             &data_dir.db_path(),
             config.min_free_disk_mb.saturating_mul(1024 * 1024),
         )?;
-        let events = EventBus::open(&store)?;
+        let events = EventBus::open(&store, &data_dir.events_path())?;
         let shutdown = CancellationToken::new();
         let net_shutdown = CancellationToken::new();
         let (inbound_tx, inbound_rx) =

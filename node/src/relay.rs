@@ -164,7 +164,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
     )?;
     // The node's own small store holds the event log (listen addresses, connections).
     let store = Store::open(&data_dir.db_path()).map_err(NodeError::from)?;
-    let events = EventBus::open(&store).map_err(NodeError::from)?;
+    let events = EventBus::open(&store, &data_dir.events_path()).map_err(NodeError::from)?;
     let shutdown = CancellationToken::new();
     let net_shutdown = CancellationToken::new();
     let (msg_tx, _) = mpsc::channel(1);

@@ -836,15 +836,22 @@ impl Actor {
             }
             Cmd::Typing { to, typing, reply } => self.typing(&to, typing, reply),
             Cmd::Stats { reply } => {
-                let _ = reply.send(Ok(MessagingStats {
-                    outbox: self.db.outbox.len() as u64,
-                    rejected: self
-                        .rejected
-                        .iter()
-                        .map(|(k, v)| ((*k).to_string(), *v))
-                        .collect(),
-                    relay_registrations: self.relay_registered.clone(),
-                }));
+                let rejected = self
+                    .rejected
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), *v))
+                    .collect();
+                let relay_registrations = self.relay_registered.clone();
+                // Counting walks the whole outbox: not on this task, which would stall
+                // every delivery meanwhile.
+                let outbox = self.db.outbox.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(Ok(MessagingStats {
+                        outbox: outbox.len() as u64,
+                        rejected,
+                        relay_registrations,
+                    }));
+                });
             }
             Cmd::MailboxToken { reply } => {
                 let _ = reply.send(Ok(*self.mailbox_token.expose_bytes()));

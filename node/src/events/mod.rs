@@ -1,6 +1,6 @@
 //! The node's event stream: every observable change gets a monotonically increasing `seq`,
-//! is kept in the `events` table (so a client can resume with `since`, even across daemon
-//! restarts) and is broadcast to live subscribers.
+//! is kept in the event log file ([`file`]; so a client can resume with `since`, even
+//! across daemon restarts) and is broadcast to live subscribers.
 //!
 //! Invariants: `seq` strictly increases and is never reused, even after a power loss that
 //! takes the newest events with it (they were broadcast, so a client may have seen their
@@ -8,16 +8,24 @@
 //! reservation, which is moved [`SEQ_RESERVATION`] ahead (and flushed) before a `seq`
 //! beyond it is handed out; a crash leaves a gap, never a reuse. [`EventBus::subscribe`]
 //! returns the backlog after `since` and a live receiver with no gap and no duplicate
-//! between the two. The log keeps the newest [`EVENT_LOG_CAP`] events.
+//! between the two. The log keeps at least the newest [`EVENT_LOG_CAP`] events.
 
-use std::sync::{Arc, Mutex};
+mod file;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::store::{Store, StoreError, Table};
 
-/// How many events the log keeps for resuming.
+use self::file::EventFile;
+
+/// How many events the log keeps for resuming, at least (up to twice as many between two
+/// compactions of its file).
 pub const EVENT_LOG_CAP: usize = 10_000;
 /// How many `seq`s one durable reservation covers (one flush per this many events).
 pub const SEQ_RESERVATION: u64 = 10_000;
@@ -155,9 +163,7 @@ struct Inner {
     reserved: u64,
     reservation: Table<u64>,
     store: Store,
-    /// Entries in `log`, kept here because counting a sled tree walks all of it.
-    stored: usize,
-    log: Table<String>,
+    log: EventFile,
     tx: broadcast::Sender<Event>,
 }
 
@@ -183,16 +189,27 @@ pub struct Subscription {
 }
 
 impl EventBus {
-    /// Opens the log in `store` and restores the counter: after the last stored event and
-    /// not below the durable reservation (events past the last flush may be gone, but a
-    /// client may have seen their `seq`).
-    pub fn open(store: &Store) -> Result<Self, StoreError> {
-        let log: Table<String> = store.table("events")?;
+    /// Opens the log file at `log_path` (its `seq` reservation lives in `store`) and
+    /// restores the counter: after the last stored event and not below the durable
+    /// reservation (events past the last flush may be gone, but a client may have seen
+    /// their `seq`). Events an older version kept in the store's `events` table move to the
+    /// file.
+    pub fn open(store: &Store, log_path: &Path) -> Result<Self, StoreError> {
+        let io = |e: std::io::Error| io_error(log_path, e);
+        let mut log = EventFile::open(log_path, EVENT_LOG_CAP).map_err(io)?;
+        let old: Table<String> = store.table("events")?;
+        if !old.is_empty() {
+            for (key, json) in old.scan_from(&[], usize::MAX)? {
+                if let Some(seq) = seq_of(&key)
+                    && log.last_seq().is_none_or(|last| seq > last)
+                {
+                    log.append(seq, &json).map_err(io)?;
+                }
+            }
+            old.remove_first(usize::MAX)?;
+        }
         let reservation: Table<u64> = store.table("event_seq")?;
-        let after_log = match log.last()? {
-            Some((k, _)) => seq_of(&k).map_or(1, |s| s + 1),
-            None => 1,
-        };
+        let after_log = log.last_seq().map_or(1, |s| s + 1);
         let next_seq = after_log.max(reservation.get(RESERVED_KEY)?.unwrap_or(1));
         let reserved = next_seq.saturating_add(SEQ_RESERVATION);
         reservation.insert(RESERVED_KEY, &reserved)?;
@@ -204,7 +221,6 @@ impl EventBus {
                 reserved,
                 reservation,
                 store: store.clone(),
-                stored: log.len(),
                 log,
                 tx,
             })),
@@ -234,18 +250,12 @@ impl EventBus {
         };
         inner.next_seq += 1;
         match serde_json::to_string(&event) {
-            Ok(json) => match inner.log.insert(&event.seq.to_be_bytes(), &json) {
-                Ok(()) => inner.stored += 1,
-                Err(e) => {
+            Ok(json) => {
+                if let Err(e) = inner.log.append(event.seq, &json) {
                     tracing::warn!(error = %e, "could not store event; live subscribers still get it")
                 }
-            },
+            }
             Err(e) => tracing::warn!(error = %e, "event does not serialize"),
-        }
-        if inner.stored > EVENT_LOG_CAP + EVENT_LOG_CAP / 10 {
-            let excess = inner.stored - EVENT_LOG_CAP;
-            let removed = inner.log.remove_first(excess).unwrap_or(0);
-            inner.stored = inner.stored.saturating_sub(removed);
         }
         let _ = inner.tx.send(event.clone());
         event
@@ -269,15 +279,13 @@ impl EventBus {
         let live = inner.tx.subscribe();
         let backlog = match since {
             None => Vec::new(),
-            Some(since) => {
-                let from = since.saturating_add(1).to_be_bytes();
-                inner
-                    .log
-                    .scan_from(&from, EVENT_LOG_CAP)?
-                    .into_iter()
-                    .filter_map(|(_, json)| serde_json::from_str(&json).ok())
-                    .collect()
-            }
+            Some(since) => inner
+                .log
+                .read_after(since)
+                .map_err(|e| io_error(Path::new("events.log"), e))?
+                .iter()
+                .filter_map(|json| serde_json::from_str(json).ok())
+                .collect(),
         };
         Ok(Subscription { backlog, live })
     }
@@ -289,6 +297,14 @@ impl EventBus {
             .unwrap_or_else(|p| p.into_inner())
             .next_seq
     }
+}
+
+/// An I/O error of the event log file, as a store error naming the file.
+fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Db(sled::Error::Io(std::io::Error::new(
+        e.kind(),
+        format!("event log {}: {e}", path.display()),
+    )))
 }
 
 fn seq_of(key: &[u8]) -> Option<u64> {
@@ -317,7 +333,8 @@ mod tests {
     #[tokio::test]
     async fn seq_increases_and_resume_has_no_gap() {
         let store = Store::temporary().unwrap();
-        let bus = EventBus::open(&store).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&store, &tmp.path().join("events.log")).unwrap();
         for n in 0..5 {
             bus.publish(connected(n));
         }
@@ -332,16 +349,17 @@ mod tests {
     fn counter_survives_reopen() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("db");
+        let log = tmp.path().join("events.log");
         {
             let store = Store::open(&path).unwrap();
-            let bus = EventBus::open(&store).unwrap();
+            let bus = EventBus::open(&store, &log).unwrap();
             bus.publish(EventKind::ShuttingDown);
             bus.publish(EventKind::ShuttingDown);
             bus.seal();
             store.flush_blocking().unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let bus = EventBus::open(&store).unwrap();
+        let bus = EventBus::open(&store, &log).unwrap();
         // A clean stop: no gap.
         assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 3);
     }
@@ -350,9 +368,10 @@ mod tests {
     fn a_seq_seen_before_a_crash_is_never_reused() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("db");
+        let log = tmp.path().join("events.log");
         {
             let store = Store::open(&path).unwrap();
-            let bus = EventBus::open(&store).unwrap();
+            let bus = EventBus::open(&store, &log).unwrap();
             assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 1);
             store.flush_blocking().unwrap();
         }
@@ -360,29 +379,57 @@ mod tests {
         // had been broadcast. Simulated by deleting them after the fact.
         {
             let store = Store::open(&path).unwrap();
-            let bus = EventBus::open(&store).unwrap();
+            let bus = EventBus::open(&store, &log).unwrap();
             let seen: Vec<u64> = (0..8)
                 .map(|_| bus.publish(EventKind::ShuttingDown).seq)
                 .collect();
             assert!(seen.iter().all(|s| *s > 1), "{seen:?}");
-            let log: Table<String> = store.table("events").unwrap();
-            for s in &seen {
-                log.remove(&s.to_be_bytes()).unwrap();
-            }
             store.flush_blocking().unwrap();
             let last_seen = *seen.last().unwrap();
             drop(bus);
-            let bus = EventBus::open(&store).unwrap();
+            let text = std::fs::read_to_string(&log).unwrap();
+            std::fs::write(&log, format!("{}\n", text.lines().next().unwrap())).unwrap();
+            let bus = EventBus::open(&store, &log).unwrap();
             assert!(bus.publish(EventKind::ShuttingDown).seq > last_seen);
         }
+    }
+
+    #[test]
+    fn events_an_older_version_kept_in_the_store_move_to_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let log = tmp.path().join("events.log");
+        let store = Store::open(&path).unwrap();
+        let old: Table<String> = store.table("events").unwrap();
+        for seq in [4u64, 5] {
+            let e = Event {
+                seq,
+                timestamp: 1,
+                kind: connected(seq as u32),
+            };
+            old.insert(&seq.to_be_bytes(), &serde_json::to_string(&e).unwrap())
+                .unwrap();
+        }
+        let bus = EventBus::open(&store, &log).unwrap();
+        assert!(old.is_empty());
+        let seqs: Vec<u64> = bus
+            .subscribe(Some(0))
+            .unwrap()
+            .backlog
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(bus.publish(EventKind::ShuttingDown).seq, 6);
     }
 
     #[test]
     fn crossing_a_reservation_moves_it_ahead_durably() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("db");
+        let log = tmp.path().join("events.log");
         let store = Store::open(&path).unwrap();
-        let bus = EventBus::open(&store).unwrap();
+        let bus = EventBus::open(&store, &log).unwrap();
         let reservation: Table<u64> = store.table("event_seq").unwrap();
         let first = reservation.get(RESERVED_KEY).unwrap().unwrap();
         assert_eq!(first, 1 + SEQ_RESERVATION);
