@@ -296,11 +296,47 @@ fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, DbEr
     postcard::from_bytes(bytes).map_err(|e| corrupt(format!("{what} record: {e}")))
 }
 
+/// Makes sure a sled database exists at `path`, creating a missing one atomically: sled
+/// 0.34 writes its `conf` file with two `write`s and no sync, and a process killed between
+/// them leaves a database that never opens again ("Read corrupted data"). So a new
+/// database is made in `<path>.creating`, flushed, and renamed into place (both directories
+/// synced); a leftover from a creation that was killed is started over. An existing
+/// database is left alone. Both Tern stores call this before opening theirs.
+pub fn create_sled_dir(path: &Path) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("a database path needs a file name"))?;
+    let mut creating_name = file_name.to_os_string();
+    creating_name.push(".creating");
+    let creating = path.with_file_name(creating_name);
+    if creating.exists() {
+        std::fs::remove_dir_all(&creating)?;
+    }
+    {
+        let db = sled::Config::new()
+            .path(&creating)
+            .open()
+            .map_err(std::io::Error::other)?;
+        db.flush().map_err(std::io::Error::other)?;
+    }
+    std::fs::File::open(&creating)?.sync_all()?;
+    std::fs::rename(&creating, path)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
+}
+
 impl MailboxDb {
     /// Opens (or creates) the database in directory `path`, refusing writes while the disk
     /// holding it has less than `min_free_bytes` free. Checks the schema; call
     /// [`MailboxDb::load`] next.
     pub fn open(path: &Path, min_free_bytes: u64) -> Result<Self, DbError> {
+        create_sled_dir(path).map_err(|e| DbError::Sled(sled::Error::Io(e)))?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -668,6 +704,23 @@ impl MailboxDb {
 mod tests {
     use super::*;
     use crate::{limits::RelayLimits, wire::MailboxToken};
+
+    #[test]
+    fn a_creation_killed_half_way_is_started_over_and_never_leaves_a_broken_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mailbox");
+        // What a kill between sled's two writes of `conf` leaves: the text without its crc,
+        // which sled 0.34 then refuses for ever. Here it is in the half-made directory.
+        let creating = tmp.path().join("mailbox.creating");
+        std::fs::create_dir(&creating).unwrap();
+        std::fs::write(creating.join("conf"), b"segment_size: 524288\nuse_compression: fal").unwrap();
+        create_sled_dir(&path).unwrap();
+        assert!(!creating.exists());
+        MailboxDb::open(&path, 0).unwrap();
+        // An existing database is left as it is.
+        create_sled_dir(&path).unwrap();
+        MailboxDb::open(&path, 0).unwrap();
+    }
 
     fn peer(n: u8) -> PeerBytes {
         PeerBytes::new(vec![n; 38]).unwrap()

@@ -459,6 +459,8 @@ struct DeliveryResult {
 
 enum Outcome {
     Stored,
+    /// Stored and decrypted by the recipient, which said so in its answer.
+    Delivered,
     /// Deposited at (at least one of) the recipient's relays.
     Relayed,
     Rejected(RejectReason),
@@ -1576,6 +1578,17 @@ impl Actor {
                                 changed.push((*id, Ok("sent")));
                             }
                         }
+                        Outcome::Delivered => {
+                            tx.remove(&db.outbox, &key)?;
+                            if item.kind == OutKind::Text
+                                && let Some(previous) =
+                                    set_state(tx, db, &peer, id, MsgState::Delivered)?
+                            {
+                                for name in progress_names(previous, &MsgState::Delivered) {
+                                    changed.push((*id, Ok(name)));
+                                }
+                            }
+                        }
                         Outcome::Relayed => {
                             // A relay holds it durably: the recipient fetches it later.
                             tx.remove(&db.outbox, &key)?;
@@ -1629,7 +1642,7 @@ impl Actor {
         });
         let progressed = outcomes
             .iter()
-            .any(|(_, o)| matches!(o, Outcome::Stored | Outcome::Relayed));
+            .any(|(_, o)| matches!(o, Outcome::Stored | Outcome::Delivered | Outcome::Relayed));
         match failure.or(transient) {
             Some(error) if progressed => {
                 let r = self.rng.next_u32();
@@ -1712,6 +1725,32 @@ impl Actor {
                 };
                 Inbound::Respond(Response::Receipted(answers, receipt))
             }
+            Request::DeliverConfirmed(list) => {
+                // The text messages among them (stored now or before) are answered
+                // `Delivered`: nothing is sealed, nothing queued.
+                self.piggyback = Some(Vec::new());
+                let answers = self.accept_batch(peer, list);
+                let texts: std::collections::HashSet<MsgId> = self
+                    .piggyback
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                match answers {
+                    Ok(answers) => Inbound::Respond(Response::Batch(
+                        answers
+                            .into_iter()
+                            .map(|a| match a {
+                                wire::Answer::Stored(id) if texts.contains(&id) => {
+                                    wire::Answer::Delivered(id)
+                                }
+                                other => other,
+                            })
+                            .collect(),
+                    )),
+                    Err(refused) => refused.into(),
+                }
+            }
         }
     }
 
@@ -1737,7 +1776,9 @@ impl Actor {
                 Inbound::Respond(Response::Seen(id)) => {
                     answers.push(wire::Answer::Rejected(id, RejectReason::Malformed));
                 }
-                Inbound::Respond(Response::Batch(_) | Response::Receipted(..)) => {
+                Inbound::Respond(
+                    Response::Batch(_) | Response::Receipted(..) | Response::Delivered(_),
+                ) => {
                     answers.push(wire::Answer::Rejected(zero, RejectReason::Malformed));
                 }
                 // A blocked sender: every envelope of the batch is its own.
@@ -2406,7 +2447,7 @@ async fn deliver(
     };
     // Envelopes travel in batches answered with a receipt; a recipient from before gets
     // plain batches, or one envelope per request.
-    let mut mode = Framing::Receipted;
+    let mut mode = Framing::Confirmed;
     let mut receipts = Vec::new();
     let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
     loop {
@@ -2430,6 +2471,7 @@ async fn deliver(
             });
             let request = match (framing, envelopes.len()) {
                 (_, 0) => continue,
+                (Framing::Confirmed, _) => Request::DeliverConfirmed(envelopes),
                 (Framing::Receipted, _) => Request::DeliverReceipted(envelopes),
                 (_, 1) => Request::Deliver(envelopes.remove(0)),
                 _ => Request::DeliverBatch(envelopes),
@@ -2469,6 +2511,9 @@ async fn deliver(
             match answer {
                 Response::Stored(got) | Response::Seen(got) if got == id => {
                     outcomes.push((id, Outcome::Stored));
+                }
+                Response::Delivered(got) if got == id => {
+                    outcomes.push((id, Outcome::Delivered));
                 }
                 Response::Rejected(_, reason) => {
                     outcomes.push((id, Outcome::Rejected(reason)));
@@ -2534,16 +2579,25 @@ fn read_answer(framing: Framing, n: usize, result: Result<Vec<u8>, String>) -> A
         {
             Answered::Answers(answers.into_iter().map(Response::from).collect(), receipt)
         }
-        Response::Batch(answers) if framing == Framing::Batch && answers.len() == n && n > 1 => {
+        // `Delivered` answers only to the framing that asks for them.
+        Response::Batch(answers)
+            if answers.len() == n
+                && (framing == Framing::Confirmed
+                    || (framing == Framing::Batch
+                        && n > 1
+                        && !answers
+                            .iter()
+                            .any(|a| matches!(a, wire::Answer::Delivered(_))))) =>
+        {
             Answered::Answers(answers.into_iter().map(Response::from).collect(), None)
         }
         Response::Rejected(_, RejectReason::Malformed)
-            if framing == Framing::Receipted || (framing == Framing::Batch && n > 1) =>
+            if framing >= Framing::Receipted || (framing == Framing::Batch && n > 1) =>
         {
             Answered::Older(framing.older())
         }
         answer @ (Response::Stored(_) | Response::Seen(_) | Response::Rejected(..))
-            if framing != Framing::Receipted && n == 1 =>
+            if framing <= Framing::Batch && n == 1 =>
         {
             Answered::Answers(vec![answer], None)
         }
@@ -2561,12 +2615,15 @@ enum Framing {
     Batch,
     /// [`Request::DeliverReceipted`]: batches answered with the recipient's receipt.
     Receipted,
+    /// [`Request::DeliverConfirmed`]: batches whose answers are the `delivered` receipts.
+    Confirmed,
 }
 
 impl Framing {
     /// The framing a recipient that refused this one as malformed understands.
     fn older(self) -> Self {
         match self {
+            Self::Confirmed => Self::Receipted,
             Self::Receipted => Self::Batch,
             Self::Batch | Self::Single => Self::Single,
         }
@@ -2765,8 +2822,17 @@ mod tests {
             recipient: [1; 32],
             ciphertext: vec![1, 2, 3],
         };
-        // The newest framing: answers and the receipt.
+        // The newest framing: the answers are the receipts.
         let two = vec![wire::Answer::Stored(id(1)), wire::Answer::Stored(id(2))];
+        let confirmed = vec![wire::Answer::Delivered(id(1)), wire::Answer::Stored(id(2))];
+        assert_eq!(
+            read_answer(Framing::Confirmed, 2, bytes(Response::Batch(confirmed.clone()))),
+            Answered::Answers(
+                vec![Response::Delivered(id(1)), Response::Stored(id(2))],
+                None
+            )
+        );
+        // The one before: answers and a sealed receipt.
         assert_eq!(
             read_answer(
                 Framing::Receipted,
@@ -2778,7 +2844,11 @@ mod tests {
                 Some(receipt)
             )
         );
-        // A recipient from before: Receipted -> Batch -> Single, for any size.
+        // A recipient from before: Confirmed -> Receipted -> Batch -> Single, for any size.
+        assert_eq!(
+            read_answer(Framing::Confirmed, 1, malformed()),
+            Answered::Older(Framing::Receipted)
+        );
         assert_eq!(
             read_answer(Framing::Receipted, 1, malformed()),
             Answered::Older(Framing::Batch)
@@ -2806,6 +2876,13 @@ mod tests {
             (Framing::Receipted, 1, Response::Stored(id(1))),
             (Framing::Batch, 2, Response::Receipted(two.clone(), None)),
             (Framing::Single, 1, Response::Batch(two.clone())),
+            (Framing::Confirmed, 3, Response::Batch(two.clone())),
+            (Framing::Confirmed, 1, Response::Stored(id(1))),
+            (Framing::Confirmed, 1, Response::Delivered(id(1))),
+            (Framing::Confirmed, 2, Response::Receipted(two.clone(), None)),
+            // `Delivered` is an answer only the newest framing asks for.
+            (Framing::Batch, 2, Response::Batch(confirmed.clone())),
+            (Framing::Single, 1, Response::Delivered(id(1))),
         ] {
             assert!(
                 matches!(read_answer(framing, n, bytes(answer)), Answered::Failed(_)),

@@ -191,6 +191,14 @@ pub enum Request {
     /// A recipient from before answers `Rejected(0, Malformed)`; the sender then falls
     /// back to [`Request::DeliverBatch`].
     DeliverReceipted(Vec<Envelope>),
+    /// Like [`Request::DeliverBatch`], answered [`Response::Batch`] in which each text
+    /// message the recipient decrypted and durably stored (now, or before for a repeat) is
+    /// answered [`Answer::Delivered`] instead of [`Answer::Stored`]: the `delivered`
+    /// receipt is the answer itself, authenticated by the connection (its Noise handshake
+    /// binds it to the recipient's identity key), so it costs no ratchet step and no second
+    /// message. A recipient from before answers `Rejected(0, Malformed)`; the sender then
+    /// falls back to [`Request::DeliverReceipted`].
+    DeliverConfirmed(Vec<Envelope>),
 }
 
 impl Request {
@@ -244,6 +252,9 @@ pub enum Response {
     /// encrypted like any envelope; the sender processes it as if it had been delivered to
     /// it, and does not answer it.
     Receipted(Vec<Answer>, Option<Envelope>),
+    /// Stored and decrypted by the recipient: only ever inside the answers to a
+    /// [`Request::DeliverConfirmed`], never a response on its own.
+    Delivered(MsgId),
 }
 
 /// The answer to one envelope of a [`Request::DeliverBatch`] (its own type, so a batch
@@ -254,6 +265,9 @@ pub enum Answer {
     Stored(MsgId),
     /// Refused.
     Rejected(MsgId, RejectReason),
+    /// A text message decrypted and durably stored by the recipient (or before): its
+    /// `delivered` receipt. Only in answers to a [`Request::DeliverConfirmed`].
+    Delivered(MsgId),
 }
 
 impl From<Answer> for Response {
@@ -261,6 +275,7 @@ impl From<Answer> for Response {
         match a {
             Answer::Stored(id) => Response::Stored(id),
             Answer::Rejected(id, reason) => Response::Rejected(id, reason),
+            Answer::Delivered(id) => Response::Delivered(id),
         }
     }
 }

@@ -443,6 +443,7 @@ impl Store {
     /// Opens the database, refusing writes while the disk has less than `reserve` bytes free.
     /// Records of the journal that sled does not hold yet (after a crash) are applied first.
     pub fn open_with_reserve(path: &Path, reserve: u64) -> Result<Self, StoreError> {
+        tern_store_forward::db::create_sled_dir(path).map_err(io_error)?;
         // sled is made durable only at checkpoints (the journal is what flushes make
         // durable), so that its own periodic flush cannot make half a record durable.
         let db = sled::Config::new()
