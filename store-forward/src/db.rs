@@ -713,7 +713,11 @@ mod tests {
         // which sled 0.34 then refuses for ever. Here it is in the half-made directory.
         let creating = tmp.path().join("mailbox.creating");
         std::fs::create_dir(&creating).unwrap();
-        std::fs::write(creating.join("conf"), b"segment_size: 524288\nuse_compression: fal").unwrap();
+        std::fs::write(
+            creating.join("conf"),
+            b"segment_size: 524288\nuse_compression: fal",
+        )
+        .unwrap();
         create_sled_dir(&path).unwrap();
         assert!(!creating.exists());
         MailboxDb::open(&path, 0).unwrap();

@@ -128,7 +128,10 @@ impl EventFile {
         let tmp = self.path.with_extension("log.tmp");
         std::fs::write(&tmp, &kept)?;
         std::fs::rename(&tmp, &self.path)?;
-        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
         self.index.drain(..drop);
         for (_, offset) in &mut self.index {
             *offset -= keep_from;
@@ -240,11 +243,17 @@ mod tests {
         }
         // The 21st append went past twice the cap: 12..=21 are kept.
         assert_eq!(f.len(), 10);
-        assert_eq!(seqs(&f.read_after(0).unwrap()), (12..=21).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&f.read_after(0).unwrap()),
+            (12..=21).collect::<Vec<_>>()
+        );
         f.append(22, &line(22)).unwrap();
         drop(f);
         let f = EventFile::open(&path, 10).unwrap();
-        assert_eq!(seqs(&f.read_after(15).unwrap()), (16..=22).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&f.read_after(15).unwrap()),
+            (16..=22).collect::<Vec<_>>()
+        );
         assert!(!path.with_extension("log.tmp").exists());
     }
 }

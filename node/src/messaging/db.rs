@@ -28,6 +28,7 @@ pub const MAX_PREVIOUS_SESSIONS: usize = 4;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// Encoded `crypto::Session` used to encrypt.
+    #[serde(with = "serde_bytes")]
     pub current: Vec<u8>,
     /// Older sessions, newest first.
     pub previous: Vec<Vec<u8>>,
@@ -56,6 +57,7 @@ pub struct OutboxItem {
     /// The recipient.
     pub peer: PeerKey,
     /// The encoded `wire::Envelope`.
+    #[serde(with = "serde_bytes")]
     pub envelope: Vec<u8>,
     /// What it is.
     pub kind: OutKind,
@@ -246,6 +248,25 @@ impl MessagingDb {
             .outbox
             .scan_prefix_first(peer, limit)?
             .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Up to `limit` queued items for `peer` that come after `after`, oldest first.
+    pub fn outbox_after(
+        &self,
+        peer: &PeerKey,
+        after: &MsgId,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let from = peer_id_key(peer, after);
+        Ok(self
+            .outbox
+            .scan_from(&from, limit.saturating_add(1))?
+            .into_iter()
+            .filter(|(k, _)| *k != from)
+            .take_while(|(k, _)| k.starts_with(peer))
+            .take(limit)
             .map(|(_, v)| v)
             .collect())
     }

@@ -55,7 +55,7 @@ use self::{
 use crate::{
     crypto::{CryptoError, IdentityKeys, LocalPrekeys, Message, PrekeyBundle, Session},
     events::{EventBus, EventKind, now_ms},
-    identity::ed25519_public_of,
+    identity::{ed25519_key_bytes_of, ed25519_public_of},
     net::{InboundRequest, NetEvent, NetHandle, is_dialable},
     store::{StoreError, Tx, TxError},
     ticket::ContactTicket,
@@ -67,6 +67,9 @@ pub const COMMAND_CHANNEL_CAPACITY: usize = 1024;
 pub const INBOUND_CHANNEL_CAPACITY: usize = 4096;
 /// Most items handled between two flushes.
 const BATCH_LIMIT: usize = 1024;
+/// Most texts, and text bytes, queued in one transaction.
+const SEND_CHUNK_TEXTS: usize = 64;
+const SEND_CHUNK_BYTES: usize = 1024 * 1024;
 /// Most envelopes in flight to one peer.
 const DELIVERY_WINDOW: usize = 64;
 /// Most outbox items one delivery attempt takes.
@@ -448,13 +451,21 @@ struct Channels {
     mint: mpsc::Receiver<mailbox::MintRequest>,
 }
 
-/// What one delivery attempt to a peer produced.
+/// What a delivery attempt to a peer produced: sent as each request is answered (`last`
+/// false), and once at the end (`last` true).
 struct DeliveryResult {
     peer: PeerKey,
     outcomes: Vec<(MsgId, Outcome)>,
     /// Receipts the recipient put in its answers.
     receipts: Vec<Envelope>,
     failure: Option<String>,
+    /// The attempt is over: the schedule decides what comes next.
+    last: bool,
+    /// Whether any item of the whole attempt was stored (at the peer or a relay).
+    progressed: bool,
+    /// The attempt runs low: the next queued items after this id, please (none: the queue
+    /// is drained).
+    more: Option<(MsgId, oneshot::Sender<Vec<OutboxItem>>)>,
 }
 
 enum Outcome {
@@ -487,6 +498,10 @@ struct Actor {
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
+    /// Running deliveries asking for the items after this id, answered after the flush.
+    refills: Vec<(PeerKey, MsgId, oneshot::Sender<Vec<OutboxItem>>)>,
+    /// Texts `send` accepted in this turn and not queued yet: (recipient, text, reply).
+    pending_sends: Vec<(String, String, Reply<MsgId>)>,
     /// While a [`Request::DeliverReceipted`] is judged: the text messages it holds, for the
     /// receipt in the answer (instead of `pending_receipts`).
     piggyback: Option<Vec<MsgId>>,
@@ -572,6 +587,8 @@ pub fn spawn(
         after_flush: Vec::new(),
         responses: Vec::new(),
         pending_receipts: HashMap::new(),
+        pending_sends: Vec::new(),
+        refills: Vec::new(),
         piggyback: None,
         rejected: Default::default(),
         undo: Vec::new(),
@@ -700,6 +717,7 @@ impl Actor {
     }
 
     async fn finish_batch(&mut self) {
+        self.queue_pending_sends();
         let receipts: Vec<(PeerKey, Vec<MsgId>)> = self.pending_receipts.drain().collect();
         for (peer, ids) in receipts {
             if let Err(e) = self.queue(peer, receipt_contents(ReceiptKind::Delivered, &ids)) {
@@ -707,6 +725,12 @@ impl Actor {
             }
         }
         self.flush_and_answer().await;
+        // Everything in the outbox is durable now: running deliveries may take more of it,
+        // and due ones start.
+        for (peer, after, reply) in std::mem::take(&mut self.refills) {
+            let items = self.more_items(&peer, &after);
+            let _ = reply.send(items);
+        }
         self.prune_seen_if_due();
         self.sync_relays_if_due();
         self.start_deliveries();
@@ -784,6 +808,11 @@ impl Actor {
     }
 
     fn handle_command(&mut self, cmd: Cmd) {
+        // Texts wait to be queued together, but never past another command (which could
+        // change what they depend on: a contact, a block).
+        if !matches!(cmd, Cmd::Send { .. }) {
+            self.queue_pending_sends();
+        }
         match cmd {
             Cmd::ContactAdd {
                 ticket,
@@ -822,10 +851,7 @@ impl Actor {
                 self.recount_message_requests();
                 self.reply_after_flush(reply, r);
             }
-            Cmd::Send { to, text, reply } => {
-                let r = self.send_text(&to, text);
-                self.reply_after_flush(reply, r);
-            }
+            Cmd::Send { to, text, reply } => self.pending_sends.push((to, text, reply)),
             Cmd::History { with, limit, reply } => {
                 let _ = reply.send(self.history(&with, limit));
             }
@@ -1091,26 +1117,92 @@ impl Actor {
         Ok(())
     }
 
-    fn send_text(&mut self, to: &str, text: String) -> Result<MsgId, MessagingError> {
-        if text.is_empty() {
-            return Err(MessagingError::Empty);
+    /// Queues the texts `send` accepted in this turn: those to one recipient in one
+    /// transaction (one session write and one journal record for all), in the order they
+    /// were sent. Each caller is answered after the flush. If that transaction fails, each
+    /// text is queued alone, so every caller gets its own answer.
+    fn queue_pending_sends(&mut self) {
+        type Texts = Vec<(String, Reply<MsgId>)>;
+        let mut groups: Vec<(String, Texts)> = Vec::new();
+        for (to, text, reply) in std::mem::take(&mut self.pending_sends) {
+            match groups.iter_mut().find(|(name, _)| *name == to) {
+                Some((_, texts)) => texts.push((text, reply)),
+                None => groups.push((to, vec![(text, reply)])),
+            }
         }
-        if text.len() > MAX_TEXT_BYTES {
-            return Err(MessagingError::TooLarge {
-                len: text.len(),
-                max: MAX_TEXT_BYTES,
-            });
+        for (to, texts) in groups {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            // One lookup for the group; each text is still checked on its own.
+            let contact = self.contact(&to).ok().filter(|c| !c.blocked);
+            for (text, reply) in texts {
+                let checked = match &contact {
+                    Some(c) => check_text(&text).map(|()| c.key()),
+                    None => self.check_send(&to, &text),
+                };
+                match checked {
+                    Ok(peer) => {
+                        bytes += text.len();
+                        chunk.push((peer, text, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+                if chunk.len() >= SEND_CHUNK_TEXTS || bytes >= SEND_CHUNK_BYTES {
+                    self.queue_texts(std::mem::take(&mut chunk));
+                    bytes = 0;
+                }
+            }
+            self.queue_texts(chunk);
         }
+    }
+
+    /// Queues `texts` (all to one peer) in one transaction; see [`Self::queue_pending_sends`].
+    fn queue_texts(&mut self, mut texts: Vec<(PeerKey, String, Reply<MsgId>)>) {
+        let Some(&(peer, ..)) = texts.first() else {
+            return;
+        };
+        let sent_at = now_ms();
+        let contents = texts
+            .iter()
+            .map(|(_, text, _)| {
+                let text = text.clone();
+                (Content::Text { text, sent_at }, OutKind::Text)
+            })
+            .collect();
+        match self.queue(peer, contents) {
+            Ok(ids) => {
+                // A new session queues its profile first: the texts' ids are the last.
+                let ids = &ids[ids.len().saturating_sub(texts.len())..];
+                for ((_, _, reply), id) in texts.into_iter().zip(ids) {
+                    self.reply_after_flush(reply, Ok(*id));
+                }
+            }
+            Err(e) if texts.len() == 1 => {
+                if let Some((_, _, reply)) = texts.pop() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                for (peer, text, reply) in texts {
+                    let r = self
+                        .queue(peer, vec![(Content::Text { text, sent_at }, OutKind::Text)])
+                        .and_then(|ids| ids.last().copied().ok_or(MessagingError::Empty));
+                    self.reply_after_flush(reply, r);
+                }
+            }
+        }
+    }
+
+    /// Whether `text` may be sent to the contact named `to`; its key if so.
+    fn check_send(&self, to: &str, text: &str) -> Result<PeerKey, MessagingError> {
+        check_text(text)?;
         let c = self.contact(to)?;
         if c.blocked {
             return Err(MessagingError::Blocked(c.name));
         }
-        let sent_at = now_ms();
-        let ids = self.queue(
-            c.key(),
-            vec![(Content::Text { text, sent_at }, OutKind::Text)],
-        )?;
-        ids.last().copied().ok_or(MessagingError::Empty)
+        Ok(c.key())
     }
 
     /// Encrypts `contents` for `peer` (starting a session if needed, then announcing our
@@ -1369,14 +1461,14 @@ impl Actor {
     fn handle_net_event(&mut self, ev: Result<NetEvent, broadcast::error::RecvError>) {
         match ev {
             Ok(NetEvent::Connected(peer)) => {
-                if let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) {
+                if let Some(key) = ed25519_key_bytes_of(&peer) {
                     self.schedule.reachable(&key, Instant::now());
                 }
                 // A home relay: register and fetch what waits for us.
                 self.sync_relay(peer);
             }
             Ok(NetEvent::Identified { peer, listen_addrs }) => {
-                let Some(key) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
+                let Some(key) = ed25519_key_bytes_of(&peer) else {
                     return;
                 };
                 if let Ok(Some(mut c)) = self.db.contacts.get(&key) {
@@ -1450,7 +1542,13 @@ impl Actor {
                     // (a dial to a vanished host can take many seconds to fail).
                     let offline = mailbox.is_some() && self.config.known_offline.contains(&peer_id);
                     tokio::spawn(async move {
-                        let r = deliver(net, peer, peer_id, addrs, items, mailbox, offline).await;
+                        let target = Target {
+                            peer,
+                            peer_id,
+                            addrs,
+                            mailbox,
+                        };
+                        let r = deliver(net, target, items, offline, results.clone()).await;
                         let _ = results.send(r).await;
                     });
                 }
@@ -1466,14 +1564,14 @@ impl Actor {
         }
     }
 
-    /// Loads a peer's due items, failing the expired ones first.
-    #[allow(clippy::type_complexity)] // one-off tuple of what a delivery task needs
-    fn prepare_delivery(
+    /// Fails the expired ones among `items` (removed from the outbox, `messageFailed`) and
+    /// returns the others.
+    fn drop_expired(
         &mut self,
         peer: &PeerKey,
-    ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
+        mut items: Vec<OutboxItem>,
+    ) -> Result<Vec<OutboxItem>, MessagingError> {
         let now = now_ms();
-        let mut items = self.db.outbox_for(peer, DELIVERY_BATCH)?;
         let expired: Vec<OutboxItem> = items
             .iter()
             .filter(|i| i.expires_at <= now)
@@ -1506,6 +1604,38 @@ impl Actor {
             }
             items.retain(|i| i.expires_at > now);
         }
+        Ok(items)
+    }
+
+    /// The next queued items for a running delivery to `peer`, after `after` (empty when
+    /// there are none, or the contact is blocked now).
+    fn more_items(&mut self, peer: &PeerKey, after: &MsgId) -> Vec<OutboxItem> {
+        let blocked = matches!(self.db.contacts.get(peer), Ok(Some(c)) if c.blocked);
+        if blocked {
+            return Vec::new();
+        }
+        match self
+            .db
+            .outbox_after(peer, after, DELIVERY_BATCH)
+            .map_err(MessagingError::from)
+            .and_then(|items| self.drop_expired(peer, items))
+        {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Loads a peer's due items, failing the expired ones first.
+    #[allow(clippy::type_complexity)] // one-off tuple of what a delivery task needs
+    fn prepare_delivery(
+        &mut self,
+        peer: &PeerKey,
+    ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
+        let items = self.db.outbox_for(peer, DELIVERY_BATCH)?;
+        let items = self.drop_expired(peer, items)?;
         if items.is_empty() {
             return Ok(None);
         }
@@ -1557,6 +1687,9 @@ impl Actor {
             outcomes,
             receipts,
             failure,
+            last,
+            progressed,
+            more,
         } = res;
         let db = &self.db;
         let mut updates = Vec::new();
@@ -1617,11 +1750,14 @@ impl Actor {
             Ok(changed) => updates = changed,
             Err(e) => tracing::error!(error = %e, "could not record delivery results"),
         }
-        self.dirty = true;
-        for (id, change) in updates {
-            match change {
-                Ok(state) => self.publish_receipt(&id, &peer, state),
-                Err(why) => self.publish_failed(&id, &peer, &why),
+        self.dirty |= !outcomes.is_empty();
+        if !updates.is_empty() {
+            let labels = self.peer_labels(&peer);
+            for (id, change) in updates {
+                match change {
+                    Ok(state) => self.publish_receipt_labeled(&id, &labels, state),
+                    Err(why) => self.publish_failed(&id, &peer, &why),
+                }
             }
         }
         // Receipts that came back in the answers: processed like envelopes delivered to us.
@@ -1635,15 +1771,18 @@ impl Actor {
                 }
             }
         }
+        if let Some((after, reply)) = more {
+            // Answered after this batch's flush: the outbox may hold items queued in this
+            // batch, and nothing leaves before it is durable.
+            self.refills.push((peer, after, reply));
+        }
+        if !last {
+            return;
+        }
+        // The attempt is over: what next is the schedule's call. (A transient refusal made
+        // the attempt stop with a failure.)
         let now = Instant::now();
-        let transient = outcomes.iter().find_map(|(_, o)| match o {
-            Outcome::Rejected(r) if r.is_transient() => Some(format!("recipient busy: {r:?}")),
-            _ => None,
-        });
-        let progressed = outcomes
-            .iter()
-            .any(|(_, o)| matches!(o, Outcome::Stored | Outcome::Delivered | Outcome::Relayed));
-        match failure.or(transient) {
+        match failure {
             Some(error) if progressed => {
                 let r = self.rng.next_u32();
                 self.schedule.slow_down(&peer, now, r);
@@ -1672,12 +1811,13 @@ impl Actor {
         }
     }
 
-    fn publish_receipt(&mut self, id: &MsgId, peer: &PeerKey, state: &str) {
-        let (peer_id, to) = self.peer_labels(peer);
+    /// Publishes (after the flush) that `id` reached `state`; `labels` are the peer's
+    /// (looked up once per batch).
+    fn publish_receipt_labeled(&mut self, id: &MsgId, labels: &(String, String), state: &str) {
         self.publish_after_flush(EventKind::Receipt {
             id: id.to_hex(),
-            peer_id,
-            to,
+            peer_id: labels.0.clone(),
+            to: labels.1.clone(),
             state: state.to_string(),
         });
     }
@@ -1719,7 +1859,7 @@ impl Actor {
                     Ok(answers) => answers,
                     Err(refused) => return refused.into(),
                 };
-                let receipt = match ed25519_public_of(&peer).map(|k| k.to_bytes()) {
+                let receipt = match ed25519_key_bytes_of(&peer) {
                     Some(sender) if !ids.is_empty() => self.seal_receipt(sender, ids),
                     _ => None,
                 };
@@ -1859,7 +1999,7 @@ impl Actor {
             self.count_rejected("storage");
             return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
         }
-        let Some(sender) = ed25519_public_of(&peer).map(|k| k.to_bytes()) else {
+        let Some(sender) = ed25519_key_bytes_of(&peer) else {
             return Inbound::Respond(Response::Rejected(id, RejectReason::WrongParty));
         };
         if envelope.sender != sender || envelope.recipient != self.me {
@@ -2426,17 +2566,26 @@ struct Opened {
 /// transport failure.
 async fn deliver(
     net: NetHandle,
-    peer: PeerKey,
-    peer_id: PeerId,
-    addrs: Vec<Multiaddr>,
+    target: Target,
     items: Vec<OutboxItem>,
-    mailbox: Option<mailbox::ContactMailbox>,
     known_offline: bool,
+    results: mpsc::Sender<DeliveryResult>,
 ) -> DeliveryResult {
-    let all = items.clone();
-    let mut outcomes = Vec::with_capacity(items.len());
+    let Target {
+        peer,
+        peer_id,
+        addrs,
+        mailbox,
+    } = target;
+    // What was taken and is not answered yet (handed to the relays if the peer fails us).
+    let mut open: std::collections::BTreeMap<MsgId, OutboxItem> =
+        items.iter().map(|i| (i.id, i.clone())).collect();
+    let mut outcomes = Vec::new();
+    let mut progressed = false;
     let mut failure = known_offline.then(|| "the recipient is offline".to_string());
     let items = if known_offline { Vec::new() } else { items };
+    // The last item taken, and whether the actor may have more after it.
+    let mut cursor = items.last().map(|i| i.id);
     let mut in_flight = FuturesOrdered::new();
     // A profile opens a new session: it goes alone, so the recipient knows who writes before
     // the first message arrives.
@@ -2445,12 +2594,36 @@ async fn deliver(
     } else {
         DELIVERY_WINDOW
     };
-    // Envelopes travel in batches answered with a receipt; a recipient from before gets
-    // plain batches, or one envelope per request.
+    // Envelopes travel in batches whose answers are the receipts; a recipient from before
+    // gets batches answered with a sealed receipt, plain batches, or one envelope per request.
     let mut mode = Framing::Confirmed;
-    let mut receipts = Vec::new();
     let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
     loop {
+        // Running low: ask the actor for the items queued after the last one taken, so the
+        // requests keep flowing instead of stopping for a new attempt.
+        if failure.is_none()
+            && queue.is_empty()
+            && in_flight.len() <= window / 2
+            && let Some(after) = cursor
+        {
+            let (reply, more) = oneshot::channel();
+            let ask = DeliveryResult {
+                peer,
+                outcomes: std::mem::take(&mut outcomes),
+                receipts: Vec::new(),
+                failure: None,
+                last: false,
+                progressed,
+                more: Some((after, reply)),
+            };
+            let more = match results.send(ask).await {
+                Ok(()) => more.await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            cursor = more.last().map(|i| i.id);
+            open.extend(more.iter().map(|i| (i.id, i.clone())));
+            queue.extend(more);
+        }
         while failure.is_none() && in_flight.len() < window {
             let framing = mode;
             let mut sent = take_request(&mut queue, framing != Framing::Single && window > 1);
@@ -2465,6 +2638,7 @@ async fn deliver(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "corrupt outbox item skipped");
+                    open.remove(&item.id);
                     outcomes.push((item.id, Outcome::Rejected(RejectReason::Malformed)));
                     false
                 }
@@ -2488,6 +2662,7 @@ async fn deliver(
         };
         window = DELIVERY_WINDOW;
         let n = sent.len();
+        let mut receipts = Vec::new();
         let answers = match read_answer(framing, n, result.map_err(|e| e.to_string())) {
             Answered::Answers(answers, receipt) => {
                 receipts.extend(receipt);
@@ -2508,29 +2683,41 @@ async fn deliver(
         };
         for (item, answer) in sent.iter().zip(answers) {
             let id = item.id;
-            match answer {
-                Response::Stored(got) | Response::Seen(got) if got == id => {
-                    outcomes.push((id, Outcome::Stored));
-                }
-                Response::Delivered(got) if got == id => {
-                    outcomes.push((id, Outcome::Delivered));
-                }
+            let outcome = match answer {
+                Response::Stored(got) | Response::Seen(got) if got == id => Outcome::Stored,
+                Response::Delivered(got) if got == id => Outcome::Delivered,
                 Response::Rejected(_, reason) => {
-                    outcomes.push((id, Outcome::Rejected(reason)));
                     if reason.is_transient() && failure.is_none() {
                         failure = Some(format!("recipient answered {reason:?}"));
                     }
+                    Outcome::Rejected(reason)
                 }
                 other => {
                     failure.get_or_insert_with(|| format!("unexpected answer {other:?}"));
+                    continue;
                 }
-            }
+            };
+            progressed |= matches!(outcome, Outcome::Stored | Outcome::Delivered);
+            open.remove(&id);
+            outcomes.push((id, outcome));
+        }
+        // Each answer is recorded as it comes (outbox, states, events).
+        let partial = DeliveryResult {
+            peer,
+            outcomes: std::mem::take(&mut outcomes),
+            receipts,
+            failure: None,
+            last: false,
+            progressed,
+            more: None,
+        };
+        if results.send(partial).await.is_err() {
+            failure.get_or_insert_with(|| "the messaging task stopped".to_string());
         }
     }
     // The recipient could not be reached: hand what was not delivered to its relays.
     if let (Some(error), Some(mb)) = (&failure, &mailbox) {
-        let done: std::collections::HashSet<MsgId> = outcomes.iter().map(|(id, _)| *id).collect();
-        let rest: Vec<OutboxItem> = all.into_iter().filter(|i| !done.contains(&i.id)).collect();
+        let rest: Vec<OutboxItem> = open.into_values().collect();
         if !rest.is_empty() && !error.starts_with("recipient answered") {
             let n = rest.len();
             let stored = mailbox::deposit(&net, peer_id, mb, rest, now_ms()).await;
@@ -2543,15 +2730,27 @@ async fn deliver(
                 // Everything is durable somewhere: this attempt did not fail.
                 failure = None;
             }
+            progressed |= !stored.is_empty();
             outcomes.extend(stored.into_iter().map(|id| (id, Outcome::Relayed)));
         }
     }
     DeliveryResult {
         peer,
         outcomes,
-        receipts,
+        receipts: Vec::new(),
         failure,
+        last: true,
+        progressed,
+        more: None,
     }
+}
+
+/// Where a delivery goes.
+struct Target {
+    peer: PeerKey,
+    peer_id: PeerId,
+    addrs: Vec<Multiaddr>,
+    mailbox: Option<mailbox::ContactMailbox>,
 }
 
 /// What the answer to one request of a delivery says.
@@ -2664,6 +2863,20 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
+
+/// Whether `text` may be sent: not empty, at most [`MAX_TEXT_BYTES`].
+fn check_text(text: &str) -> Result<(), MessagingError> {
+    if text.is_empty() {
+        return Err(MessagingError::Empty);
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(MessagingError::TooLarge {
+            len: text.len(),
+            max: MAX_TEXT_BYTES,
+        });
+    }
+    Ok(())
+}
 
 /// Receipts for `ids`, split so that each fits a frame.
 fn receipt_contents(kind: ReceiptKind, ids: &[MsgId]) -> Vec<(Content, OutKind)> {
@@ -2826,7 +3039,11 @@ mod tests {
         let two = vec![wire::Answer::Stored(id(1)), wire::Answer::Stored(id(2))];
         let confirmed = vec![wire::Answer::Delivered(id(1)), wire::Answer::Stored(id(2))];
         assert_eq!(
-            read_answer(Framing::Confirmed, 2, bytes(Response::Batch(confirmed.clone()))),
+            read_answer(
+                Framing::Confirmed,
+                2,
+                bytes(Response::Batch(confirmed.clone()))
+            ),
             Answered::Answers(
                 vec![Response::Delivered(id(1)), Response::Stored(id(2))],
                 None
@@ -2879,7 +3096,11 @@ mod tests {
             (Framing::Confirmed, 3, Response::Batch(two.clone())),
             (Framing::Confirmed, 1, Response::Stored(id(1))),
             (Framing::Confirmed, 1, Response::Delivered(id(1))),
-            (Framing::Confirmed, 2, Response::Receipted(two.clone(), None)),
+            (
+                Framing::Confirmed,
+                2,
+                Response::Receipted(two.clone(), None),
+            ),
             // `Delivered` is an answer only the newest framing asks for.
             (Framing::Batch, 2, Response::Batch(confirmed.clone())),
             (Framing::Single, 1, Response::Delivered(id(1))),

@@ -146,7 +146,9 @@ pub struct Envelope {
     pub sender: [u8; 32],
     /// The recipient's ed25519 public key.
     pub recipient: [u8; 32],
-    /// A `crypto::session::Message` encoding.
+    /// A `crypto::session::Message` encoding (postcard writes it as a length and the bytes
+    /// either way; as bytes it is copied at once rather than byte by byte).
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
 }
 

@@ -37,8 +37,10 @@ pub(super) struct Op {
     /// The sled tree.
     pub(super) tree: String,
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub(super) key: Vec<u8>,
     /// The new value, `None` to remove.
+    #[serde(with = "serde_bytes")]
     pub(super) value: Option<Vec<u8>>,
 }
 
@@ -48,8 +50,10 @@ pub(super) struct OpRef<'a> {
     /// The sled tree.
     pub(super) tree: &'a str,
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub(super) key: &'a [u8],
     /// The new value, `None` to remove.
+    #[serde(with = "serde_bytes")]
     pub(super) value: Option<&'a [u8]>,
 }
 
