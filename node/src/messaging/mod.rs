@@ -2584,8 +2584,10 @@ async fn deliver(
     let mut progressed = false;
     let mut failure = known_offline.then(|| "the recipient is offline".to_string());
     let items = if known_offline { Vec::new() } else { items };
-    // The last item taken, and whether the actor may have more after it.
-    let mut cursor = items.last().map(|i| i.id);
+    // The last item taken, while the actor may have more after it: only a full batch says
+    // so (a short one emptied the queue; what is queued later gets the next attempt).
+    let full = |batch: &[OutboxItem]| batch.len() >= DELIVERY_BATCH;
+    let mut cursor = items.last().filter(|_| full(&items)).map(|i| i.id);
     let mut in_flight = FuturesOrdered::new();
     // A profile opens a new session: it goes alone, so the recipient knows who writes before
     // the first message arrives.
@@ -2598,6 +2600,7 @@ async fn deliver(
     // gets batches answered with a sealed receipt, plain batches, or one envelope per request.
     let mut mode = Framing::Confirmed;
     let mut queue: std::collections::VecDeque<OutboxItem> = items.into();
+    let mut receipts = Vec::new();
     loop {
         // Running low: ask the actor for the items queued after the last one taken, so the
         // requests keep flowing instead of stopping for a new attempt.
@@ -2620,7 +2623,7 @@ async fn deliver(
                 Ok(()) => more.await.unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
-            cursor = more.last().map(|i| i.id);
+            cursor = more.last().filter(|_| full(&more)).map(|i| i.id);
             open.extend(more.iter().map(|i| (i.id, i.clone())));
             queue.extend(more);
         }
@@ -2662,7 +2665,6 @@ async fn deliver(
         };
         window = DELIVERY_WINDOW;
         let n = sent.len();
-        let mut receipts = Vec::new();
         let answers = match read_answer(framing, n, result.map_err(|e| e.to_string())) {
             Answered::Answers(answers, receipt) => {
                 receipts.extend(receipt);
@@ -2701,11 +2703,18 @@ async fn deliver(
             open.remove(&id);
             outcomes.push((id, outcome));
         }
-        // Each answer is recorded as it comes (outbox, states, events).
+        // Each answer is recorded as it comes (outbox, states, events), except the last,
+        // which goes with the end of the attempt (one actor turn, not two, before what is
+        // queued next can go).
+        let finishing =
+            in_flight.is_empty() && (failure.is_some() || (queue.is_empty() && cursor.is_none()));
+        if finishing {
+            continue;
+        }
         let partial = DeliveryResult {
             peer,
             outcomes: std::mem::take(&mut outcomes),
-            receipts,
+            receipts: std::mem::take(&mut receipts),
             failure: None,
             last: false,
             progressed,
@@ -2737,7 +2746,7 @@ async fn deliver(
     DeliveryResult {
         peer,
         outcomes,
-        receipts: Vec::new(),
+        receipts,
         failure,
         last: true,
         progressed,
