@@ -52,6 +52,25 @@ fn report(name: &str, mut v: Vec<Duration>) -> (Duration, Duration) {
     (p50, p99)
 }
 
+/// `n` timings of `fdatasync` after a 200-byte write into a pre-allocated file on the disk
+/// the nodes' data directories are on (the temporary directory).
+fn fdatasync_times(n: usize) -> Vec<Duration> {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("sync")).unwrap();
+    file.write_all_at(&vec![0; 1 << 20], 0).unwrap();
+    file.sync_all().unwrap();
+    (0..n)
+        .map(|i| {
+            file.write_all_at(&[1; 200], (i as u64 * 200) % (1 << 20))
+                .unwrap();
+            let t = Instant::now();
+            file.sync_data().unwrap();
+            t.elapsed()
+        })
+        .collect()
+}
+
 /// The child process: bob's node, announced as `<ticket> <tcp addr>` on stdout, stopped when
 /// stdin closes.
 async fn run_bob() {
@@ -110,6 +129,8 @@ async fn main() {
     .await;
 
     println!("Tern messaging figures (two nodes, loopback TCP, release build)");
+    // Context for the round trip: three durable flushes sit on it, each an `fdatasync`.
+    report("fdatasync of a small write, alone", fdatasync_times(2000));
     // Baseline: bare request-response round trips on the same connection.
     let net = a.handle.net().clone();
     let mut bare = Vec::with_capacity(n);
