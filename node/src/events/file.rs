@@ -11,7 +11,7 @@
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom, Write},
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
 
@@ -37,18 +37,17 @@ pub(crate) struct EventFile {
 impl EventFile {
     /// Opens (or creates) the log at `path`, keeping at least the newest `cap` events.
     pub(crate) fn open(path: &Path, cap: usize) -> io::Result<Self> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (index, end) = scan(&bytes);
-        if end < bytes.len() as u64 {
+        let len = file.metadata()?.len();
+        let (index, end) = scan(BufReader::new(&file))?;
+        if end < len {
             tracing::warn!(
                 path = %path.display(),
-                dropped_bytes = bytes.len() as u64 - end,
+                dropped_bytes = len - end,
                 "event log ends in a torn or garbled line; cut after the last good one"
             );
             file.set_len(end)?;
@@ -98,15 +97,19 @@ impl EventFile {
         Ok(())
     }
 
-    /// The lines of the events with `seq > since`, oldest first.
-    pub(crate) fn read_after(&self, since: u64) -> io::Result<Vec<String>> {
+    /// The lines of the (at most `limit`) oldest events with `seq > since`, oldest first.
+    pub(crate) fn read_after(&self, since: u64, limit: usize) -> io::Result<Vec<String>> {
         let first = self.index.partition_point(|(s, _)| *s <= since);
         let Some(&(_, from)) = self.index.get(first) else {
             return Ok(Vec::new());
         };
+        let to = self
+            .index
+            .get(first.saturating_add(limit))
+            .map_or(self.end, |(_, offset)| *offset);
         let mut file = File::open(&self.path)?;
         file.seek(SeekFrom::Start(from))?;
-        let mut bytes = vec![0; (self.end - from) as usize];
+        let mut bytes = vec![0; (to - from) as usize];
         file.read_exact(&mut bytes)?;
         Ok(bytes
             .split(|b| *b == b'\n')
@@ -121,12 +124,20 @@ impl EventFile {
         let Some(&(_, keep_from)) = self.index.get(drop) else {
             return Ok(());
         };
-        let mut kept = vec![0; (self.end - keep_from) as usize];
         let mut reader = File::open(&self.path)?;
         reader.seek(SeekFrom::Start(keep_from))?;
-        reader.read_exact(&mut kept)?;
         let tmp = self.path.with_extension("log.tmp");
-        std::fs::write(&tmp, &kept)?;
+        // Copied through a small buffer: the kept lines may be large (texts up to 64 KiB).
+        let copied = io::copy(
+            &mut reader.take(self.end - keep_from),
+            &mut File::create(&tmp)?,
+        )?;
+        if copied != self.end - keep_from {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "event log shorter than its index",
+            ));
+        }
         std::fs::rename(&tmp, &self.path)?;
         self.file = OpenOptions::new()
             .read(true)
@@ -141,23 +152,29 @@ impl EventFile {
     }
 }
 
-/// Indexes the whole lines of `bytes` up to the first bad one; returns the index and the
-/// length of the good part.
-fn scan(bytes: &[u8]) -> (VecDeque<(u64, u64)>, u64) {
+/// Indexes the whole lines read from `reader` (one at a time, so the file is never held
+/// in memory) up to the first bad one; returns the index and the length of the good part.
+fn scan(mut reader: impl BufRead) -> io::Result<(VecDeque<(u64, u64)>, u64)> {
     let mut index = VecDeque::new();
-    let mut at = 0usize;
-    while let Some(len) = bytes[at..].iter().position(|b| *b == b'\n') {
-        let line = &bytes[at..at + len];
-        let Ok(SeqOnly { seq }) = serde_json::from_slice(line) else {
+    let mut at = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        // End of file, or a last line without its newline (torn).
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        let Ok(SeqOnly { seq }) = serde_json::from_slice(&line[..n - 1]) else {
             break;
         };
         if index.back().is_some_and(|(last, _)| seq <= *last) {
             break;
         }
-        index.push_back((seq, at as u64));
-        at += len + 1;
+        index.push_back((seq, at));
+        at += n as u64;
     }
-    (index, at as u64)
+    Ok((index, at))
 }
 
 #[cfg(test)]
@@ -184,14 +201,15 @@ mod tests {
             for s in 1..=5 {
                 f.append(s, &line(s)).unwrap();
             }
-            assert_eq!(seqs(&f.read_after(2).unwrap()), vec![3, 4, 5]);
+            assert_eq!(seqs(&f.read_after(2, 100).unwrap()), vec![3, 4, 5]);
+            assert_eq!(seqs(&f.read_after(1, 2).unwrap()), vec![2, 3]);
         }
         let mut f = EventFile::open(&path, 100).unwrap();
         assert_eq!(f.last_seq(), Some(5));
-        assert_eq!(seqs(&f.read_after(0).unwrap()), vec![1, 2, 3, 4, 5]);
-        assert!(f.read_after(5).unwrap().is_empty());
+        assert_eq!(seqs(&f.read_after(0, 100).unwrap()), vec![1, 2, 3, 4, 5]);
+        assert!(f.read_after(5, 100).unwrap().is_empty());
         f.append(6, &line(6)).unwrap();
-        assert_eq!(seqs(&f.read_after(4).unwrap()), vec![5, 6]);
+        assert_eq!(seqs(&f.read_after(4, 100).unwrap()), vec![5, 6]);
     }
 
     #[test]
@@ -217,7 +235,7 @@ mod tests {
             f.append(3, &line(3)).unwrap();
             drop(f);
             let f = EventFile::open(&path, 100).unwrap();
-            assert_eq!(seqs(&f.read_after(0).unwrap()), vec![1, 2, 3]);
+            assert_eq!(seqs(&f.read_after(0, 100).unwrap()), vec![1, 2, 3]);
             std::fs::remove_file(&path).unwrap();
         }
     }
@@ -230,7 +248,7 @@ mod tests {
         assert!(f.append(5, &line(5)).is_err());
         assert!(f.append(4, &line(4)).is_err());
         assert!(f.append(6, "{\n}").is_err());
-        assert_eq!(seqs(&f.read_after(0).unwrap()), vec![5]);
+        assert_eq!(seqs(&f.read_after(0, 100).unwrap()), vec![5]);
     }
 
     #[test]
@@ -244,14 +262,14 @@ mod tests {
         // The 21st append went past twice the cap: 12..=21 are kept.
         assert_eq!(f.len(), 10);
         assert_eq!(
-            seqs(&f.read_after(0).unwrap()),
+            seqs(&f.read_after(0, 100).unwrap()),
             (12..=21).collect::<Vec<_>>()
         );
         f.append(22, &line(22)).unwrap();
         drop(f);
         let f = EventFile::open(&path, 10).unwrap();
         assert_eq!(
-            seqs(&f.read_after(15).unwrap()),
+            seqs(&f.read_after(15, 100).unwrap()),
             (16..=22).collect::<Vec<_>>()
         );
         assert!(!path.with_extension("log.tmp").exists());

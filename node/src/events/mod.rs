@@ -281,7 +281,7 @@ impl EventBus {
             None => Vec::new(),
             Some(since) => inner
                 .log
-                .read_after(since)
+                .read_after(since, EVENT_LOG_CAP)
                 .map_err(|e| io_error(Path::new("events.log"), e))?
                 .iter()
                 .filter_map(|json| serde_json::from_str(json).ok())
