@@ -298,3 +298,58 @@ impl MessagingDb {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(peer: u8, n: u8) -> OutboxItem {
+        OutboxItem {
+            id: MsgId([n; 16]),
+            peer: [peer; 32],
+            envelope: vec![n; 8],
+            kind: OutKind::Text,
+            created_at: 1,
+            expires_at: 2,
+        }
+    }
+
+    #[test]
+    fn outbox_after_continues_one_peers_queue_past_the_cursor_only() {
+        let db = MessagingDb::open(&Store::temporary().unwrap()).unwrap();
+        // Peers 1, 2 and 3 each have queued items; the cursor walks peer 2's.
+        for peer in [1u8, 2, 3] {
+            for n in [10u8, 20, 30, 40] {
+                let i = item(peer, n);
+                db.outbox.insert(&peer_id_key(&i.peer, &i.id), &i).unwrap();
+            }
+        }
+        let ids = |items: Vec<OutboxItem>| -> Vec<(u8, u8)> {
+            items.iter().map(|i| (i.peer[0], i.id.0[0])).collect()
+        };
+        let p2 = [2u8; 32];
+        assert_eq!(
+            ids(db.outbox_after(&p2, &MsgId([10; 16]), 2).unwrap()),
+            [(2, 20), (2, 30)]
+        );
+        // Never past the peer's own items, and never the cursor itself.
+        assert_eq!(
+            ids(db.outbox_after(&p2, &MsgId([30; 16]), 10).unwrap()),
+            [(2, 40)]
+        );
+        assert!(
+            db.outbox_after(&p2, &MsgId([40; 16]), 10)
+                .unwrap()
+                .is_empty()
+        );
+        // A cursor that is no longer queued (answered since) still finds what follows it.
+        assert_eq!(
+            ids(db.outbox_after(&p2, &MsgId([15; 16]), 10).unwrap()),
+            [(2, 20), (2, 30), (2, 40)]
+        );
+        assert_eq!(
+            ids(db.outbox_after(&[3u8; 32], &MsgId([0; 16]), 1).unwrap()),
+            [(3, 10)]
+        );
+    }
+}
