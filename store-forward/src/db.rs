@@ -316,9 +316,7 @@ pub fn create_sled_dir(path: &Path) -> std::io::Result<()> {
         std::fs::remove_dir_all(&creating)?;
     }
     {
-        let db = sled::Config::new()
-            .path(&creating)
-            .open()
+        let db = open_sled(&sled::Config::new().path(&creating).flush_every_ms(None))
             .map_err(std::io::Error::other)?;
         db.flush().map_err(std::io::Error::other)?;
     }
@@ -331,16 +329,36 @@ pub fn create_sled_dir(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(parent)?.sync_all()
 }
 
+/// Opens `config`'s database, waiting up to 2 s for its file lock: sled 0.34 releases the
+/// lock of a database dropped a moment ago only when its background threads let go of the
+/// file, so a quick reopen (a restart, a test) can find it still held. A lock that stays
+/// held (another process has the database open) is the error it was.
+pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl MailboxDb {
     /// Opens (or creates) the database in directory `path`, refusing writes while the disk
     /// holding it has less than `min_free_bytes` free. Checks the schema; call
     /// [`MailboxDb::load`] next.
     pub fn open(path: &Path, min_free_bytes: u64) -> Result<Self, DbError> {
         create_sled_dir(path).map_err(|e| DbError::Sled(sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = open_sled(
+            &sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput),
+        )?;
         let meta = db.open_tree(META)?;
         let found = match meta.get(SCHEMA_KEY)? {
             None => 0,

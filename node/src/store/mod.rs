@@ -446,11 +446,12 @@ impl Store {
         tern_store_forward::db::create_sled_dir(path).map_err(io_error)?;
         // sled is made durable only at checkpoints (the journal is what flushes make
         // durable), so that its own periodic flush cannot make half a record durable.
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
+        let db = tern_store_forward::db::open_sled(
+            &sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(None),
+        )?;
         let meta = db.open_tree(META_TREE)?;
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
         let writer = recover(&db, &meta, &files, path)?;
