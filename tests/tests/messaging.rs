@@ -217,6 +217,60 @@ async fn offline_recipient_gets_queued_messages_when_back() {
     b.stop().await;
 }
 
+/// A backlog longer than the ratchet's skip window (`MAX_SKIP`, 1,000 messages) flows at
+/// full speed when the recipient returns: requests overtaking each other on the way must
+/// not lose the messages they passed (`TooEarly` is retried; the sender keeps its
+/// envelopes in flight within the window).
+#[tokio::test]
+async fn a_backlog_longer_than_the_skip_window_arrives_whole_and_in_order() {
+    let a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "hello").await.unwrap();
+    a.wait_history("bob", LONG, |h| all(h, 1, "delivered"))
+        .await;
+    b.stop_keep().await;
+    let n = 2_200;
+    let text = |i: usize| format!("{i:05} {}", "k".repeat(1024));
+    let senders = 16;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let handle = a.handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in (s..n).step_by(senders) {
+                ids.push((i, handle.send("bob", &text(i)).await.unwrap()));
+            }
+            ids
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(a.handle.status().await.unwrap().outbox >= n as u64);
+
+    b.start_again().await;
+    let h = a
+        .wait_history("bob", Duration::from_secs(240), |h| {
+            h.len() == n + 1
+                && h.iter()
+                    .all(|m| m.state == "delivered" || m.state == "failed")
+        })
+        .await;
+    let failed = h.iter().filter(|m| m.state == "failed").count();
+    assert_eq!(failed, 0, "{failed} of {n} messages failed");
+    let got = b.wait_history("alice", LONG, |h| h.len() > n).await;
+    assert_eq!(got.len(), n + 1, "each message exactly once");
+    let ids = |h: &[tern_node::messaging::HistoryItem]| -> Vec<String> {
+        h.iter().map(|m| m.id.clone()).collect()
+    };
+    assert_eq!(ids(&got), ids(&h), "the same messages in the same order");
+    let texts: std::collections::HashSet<String> = (0..n).map(text).collect();
+    assert!(got[1..].iter().all(|m| texts.contains(&m.text)));
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn typing_reaches_a_connected_contact_and_is_never_stored() {
     let a = TestNode::spawn("alice").await;

@@ -33,6 +33,9 @@ use super::x3dh::AD_LEN;
 pub const MAX_SKIP: u32 = 1000;
 /// Maximum number of skipped message keys stored per session.
 pub const MAX_SKIPPED_KEYS: usize = 2000;
+/// How far ahead of the receiving chain a message may be and still count as
+/// [`crate::crypto::Session::decryptable_later`] (its predecessors may be on their way).
+pub const MAX_AHEAD_LATER: u32 = 4 * MAX_SKIP;
 /// Maximum plaintext length of one message (1 MiB).
 pub const MAX_PLAINTEXT_LEN: usize = 1 << 20;
 /// Length of the Poly1305 tag appended to each ciphertext.
@@ -317,6 +320,19 @@ impl DoubleRatchet {
     }
 
     /// RatchetDecrypt, transactional.
+    /// Whether `header` continues the current receiving chain beyond the keys skipped at
+    /// once (`MAX_SKIP`) but at most [`MAX_AHEAD_LATER`] ahead: once the messages before it
+    /// are decrypted, it is within reach. Reads only public header fields.
+    pub(crate) fn decryptable_later(&self, header: &Header) -> bool {
+        let Some(chain) = &self.receiving else {
+            return false;
+        };
+        let ahead = u64::from(header.index).saturating_sub(u64::from(chain.index));
+        self.their_ratchet == Some(header.ratchet_key)
+            && ahead > u64::from(MAX_SKIP)
+            && ahead <= u64::from(MAX_AHEAD_LATER)
+    }
+
     pub(crate) fn decrypt(
         &mut self,
         message: &RatchetMessage,

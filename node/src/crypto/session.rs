@@ -329,6 +329,20 @@ impl Session {
         }
     }
 
+    /// Whether `message` belongs to this session's current receiving chain but lies too far
+    /// ahead to decrypt now ([`CryptoError::TooFarAhead`]), and close enough that it can be
+    /// decrypted once the messages before it have been: worth retrying later, unlike a
+    /// message that does not belong here. Nothing is authenticated: only the peer knows
+    /// the header's ratchet key, but a header is not proof of anything.
+    pub fn decryptable_later(&self, message: &Message) -> bool {
+        match message {
+            Message::Normal(m) => self.ratchet.decryptable_later(m.header()),
+            Message::PreKey(m) => {
+                self.matches(m) && self.ratchet.decryptable_later(m.message.header())
+            }
+        }
+    }
+
     /// Whether `message` is a first-flight message of this (responder) session.
     pub fn matches(&self, message: &PreKeyMessage) -> bool {
         matches!(&self.role, Role::Responder { base_key }

@@ -70,10 +70,17 @@ const BATCH_LIMIT: usize = 1024;
 /// Most texts, and text bytes, queued in one transaction.
 const SEND_CHUNK_TEXTS: usize = 64;
 const SEND_CHUNK_BYTES: usize = 1024 * 1024;
-/// Most envelopes in flight to one peer.
+/// Most requests in flight to one peer.
 const DELIVERY_WINDOW: usize = 64;
+/// Most envelopes in flight to one peer (give or take one request). Requests may overtake
+/// each other on the way, so this stays well below the ratchet's `MAX_SKIP` (1,000): the
+/// recipient refuses a message further ahead than that as `TooEarly`.
+const DELIVERY_AHEAD: usize = 512;
 /// Most outbox items one delivery attempt takes.
 const DELIVERY_BATCH: usize = 512;
+/// Longest a recorded answer (outbox removal, `sent` / `delivered` state) waits for a flush
+/// of its own when no other write brings one sooner.
+const BOOKKEEPING_FLUSH: Duration = Duration::from_millis(50);
 
 /// Messaging settings.
 #[derive(Debug, Clone)]
@@ -495,6 +502,10 @@ struct Actor {
     results_tx: mpsc::Sender<DeliveryResult>,
     // Work to finish once the current batch is flushed.
     dirty: bool,
+    /// Since when answers were recorded that no flush covers yet. They are facts the peer
+    /// made durable already (so their events go out at once); the next flush covers them,
+    /// at the latest [`BOOKKEEPING_FLUSH`] later.
+    unflushed_since: Option<Instant>,
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
@@ -594,6 +605,7 @@ pub fn spawn(
         undo: Vec::new(),
         storage_failed: None,
         next_prune: Instant::now(),
+        unflushed_since: None,
         next_relay_sync,
         message_requests,
         my_addrs,
@@ -683,6 +695,9 @@ impl Actor {
                 .next_due()
                 .map_or(self.next_relay_sync, |due| due.min(self.next_relay_sync))
                 .min(Instant::now() + Duration::from_secs(3600));
+            let wake = self
+                .unflushed_since
+                .map_or(wake, |since| wake.min(since + BOOKKEEPING_FLUSH));
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
@@ -711,7 +726,8 @@ impl Actor {
             }
             self.finish_batch().await;
         }
-        // Answer what is pending so callers are not left hanging.
+        // Answer what is pending so callers are not left hanging (and flush everything).
+        self.dirty |= self.unflushed_since.is_some();
         self.finish_batch().await;
         tracing::debug!("messaging task stopped");
     }
@@ -744,7 +760,11 @@ impl Actor {
     /// Flushes what the batch wrote, then answers callers and peers and publishes events
     /// (or, if the flush failed, withdraws the batch's outgoing envelopes and answers errors).
     async fn flush_and_answer(&mut self) {
+        let bookkeeping_due = self
+            .unflushed_since
+            .is_some_and(|since| since.elapsed() >= BOOKKEEPING_FLUSH);
         if self.dirty
+            || bookkeeping_due
             || self.storage_failed.is_some()
             || !self.after_flush.is_empty()
             || !self.responses.is_empty()
@@ -759,6 +779,7 @@ impl Actor {
             self.dirty = false;
             match &result {
                 Ok(()) => {
+                    self.unflushed_since = None;
                     if self.storage_failed.take().is_some() {
                         tracing::info!("storage works again");
                     }
@@ -1750,13 +1771,23 @@ impl Actor {
             Ok(changed) => updates = changed,
             Err(e) => tracing::error!(error = %e, "could not record delivery results"),
         }
-        self.dirty |= !outcomes.is_empty();
+        // What the peer (or a relay) made durable is reported at once; the record of it
+        // waits for the next flush (a crash before it only sends those envelopes again, and
+        // the recipient answers the same). A refusal is reported once it is durable.
+        if !outcomes.is_empty() {
+            self.unflushed_since.get_or_insert_with(Instant::now);
+        }
         if !updates.is_empty() {
             let labels = self.peer_labels(&peer);
             for (id, change) in updates {
                 match change {
-                    Ok(state) => self.publish_receipt_labeled(&id, &labels, state),
-                    Err(why) => self.publish_failed(&id, &peer, &why),
+                    Ok(state) => {
+                        self.events.publish(receipt_event(&id, &labels, state));
+                    }
+                    Err(why) => {
+                        self.dirty = true;
+                        self.publish_failed(&id, &peer, &why);
+                    }
                 }
             }
         }
@@ -1809,17 +1840,6 @@ impl Actor {
                 }
             }
         }
-    }
-
-    /// Publishes (after the flush) that `id` reached `state`; `labels` are the peer's
-    /// (looked up once per batch).
-    fn publish_receipt_labeled(&mut self, id: &MsgId, labels: &(String, String), state: &str) {
-        self.publish_after_flush(EventKind::Receipt {
-            id: id.to_hex(),
-            peer_id: labels.0.clone(),
-            to: labels.1.clone(),
-            state: state.to_string(),
-        });
     }
 
     fn handle_inbound(&mut self, req: InboundRequest) {
@@ -2098,6 +2118,7 @@ impl Actor {
         );
 
         // An existing session that decrypts it.
+        let mut too_early = false;
         for (i, s) in sessions.iter().enumerate() {
             if let Message::PreKey(pk) = &message
                 && !s.matches(pk)
@@ -2105,7 +2126,11 @@ impl Actor {
                 continue;
             }
             let mut candidate = s.clone();
-            if let Ok(pt) = candidate.decrypt(&message, &ad) {
+            let decrypted = candidate.decrypt(&message, &ad);
+            too_early |= i == 0
+                && matches!(decrypted, Err(CryptoError::TooFarAhead { .. }))
+                && s.decryptable_later(&message);
+            if let Ok(pt) = decrypted {
                 let content = Plaintext::from_bytes(&pt)
                     .map_err(|_| RejectReason::Malformed)?
                     .0;
@@ -2119,6 +2144,11 @@ impl Actor {
                     new_identity: None,
                 });
             }
+        }
+        // Far ahead on the current session's receiving chain: the envelopes before it are
+        // delayed (requests overtake each other), so it can be decrypted once they are in.
+        if too_early {
+            return Err(RejectReason::TooEarly);
         }
         // A first message starting a new session.
         let Message::PreKey(pk) = &message else {
@@ -2460,7 +2490,6 @@ impl Actor {
         }
     }
 
-    /// Publishes `kind` once the current batch is durable (never if its flush fails).
     /// Counts the message requests again (after the user added, removed or blocked a
     /// contact); on a read error the old count stays.
     fn recount_message_requests(&mut self) {
@@ -2470,6 +2499,7 @@ impl Actor {
         }
     }
 
+    /// Publishes `kind` once the current batch is durable (never if its flush fails).
     fn publish_after_flush(&mut self, kind: EventKind) {
         let events = self.events.clone();
         self.after_flush.push(Box::new(move |flushed| {
@@ -2517,6 +2547,7 @@ fn reason_name(reason: RejectReason) -> &'static str {
         RejectReason::Undecryptable => "undecryptable",
         RejectReason::RateLimited => "rate_limited",
         RejectReason::Unavailable => "unavailable",
+        RejectReason::TooEarly => "too_early",
     }
 }
 
@@ -2562,8 +2593,8 @@ struct Opened {
     new_identity: Option<crate::crypto::IdentityPublic>,
 }
 
-/// Sends a peer's items in order, up to [`DELIVERY_WINDOW`] in flight, stopping at the first
-/// transport failure.
+/// Sends a peer's items in order, up to [`DELIVERY_WINDOW`] requests and [`DELIVERY_AHEAD`]
+/// envelopes in flight, stopping at the first transport failure.
 async fn deliver(
     net: NetHandle,
     target: Target,
@@ -2589,6 +2620,7 @@ async fn deliver(
     let full = |batch: &[OutboxItem]| batch.len() >= DELIVERY_BATCH;
     let mut cursor = items.last().filter(|_| full(&items)).map(|i| i.id);
     let mut in_flight = FuturesOrdered::new();
+    let mut envelopes_in_flight = 0;
     // A profile opens a new session: it goes alone, so the recipient knows who writes before
     // the first message arrives.
     let mut window = if items.first().is_some_and(|i| i.kind == OutKind::Profile) {
@@ -2627,7 +2659,8 @@ async fn deliver(
             open.extend(more.iter().map(|i| (i.id, i.clone())));
             queue.extend(more);
         }
-        while failure.is_none() && in_flight.len() < window {
+        while failure.is_none() && in_flight.len() < window && envelopes_in_flight < DELIVERY_AHEAD
+        {
             let framing = mode;
             let mut sent = take_request(&mut queue, framing != Framing::Single && window > 1);
             if sent.is_empty() {
@@ -2656,6 +2689,7 @@ async fn deliver(
             .to_bytes();
             let net = net.clone();
             let addrs = addrs.clone();
+            envelopes_in_flight += sent.len();
             in_flight.push_back(async move {
                 (framing, sent, net.request(peer_id, addrs, request).await)
             });
@@ -2665,6 +2699,7 @@ async fn deliver(
         };
         window = DELIVERY_WINDOW;
         let n = sent.len();
+        envelopes_in_flight -= n;
         let answers = match read_answer(framing, n, result.map_err(|e| e.to_string())) {
             Answered::Answers(answers, receipt) => {
                 receipts.extend(receipt);
@@ -2874,6 +2909,16 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_RECEIPT_IDS: usize = 1000;
 
 /// Whether `text` may be sent: not empty, at most [`MAX_TEXT_BYTES`].
+/// The event saying that `id` reached `state`; `labels` are the peer's id and contact name.
+fn receipt_event(id: &MsgId, labels: &(String, String), state: &str) -> EventKind {
+    EventKind::Receipt {
+        id: id.to_hex(),
+        peer_id: labels.0.clone(),
+        to: labels.1.clone(),
+        state: state.to_string(),
+    }
+}
+
 fn check_text(text: &str) -> Result<(), MessagingError> {
     if text.is_empty() {
         return Err(MessagingError::Empty);

@@ -228,12 +228,15 @@ pub enum RejectReason {
     RateLimited,
     /// The recipient could not store it (for example a full disk); try later.
     Unavailable,
+    /// Its session is valid but it is further ahead of the messages decrypted so far than
+    /// the recipient skips at once (earlier ones are still on their way); try later.
+    TooEarly,
 }
 
 impl RejectReason {
     /// Whether the sender should retry later (the same envelope may succeed).
     pub fn is_transient(self) -> bool {
-        matches!(self, Self::RateLimited | Self::Unavailable)
+        matches!(self, Self::RateLimited | Self::Unavailable | Self::TooEarly)
     }
 }
 

@@ -3,7 +3,9 @@
 use super::{established, pair, rng, snapshot};
 use crate::crypto::error::CryptoError;
 use crate::crypto::keys::{IdentityKeys, LocalPrekeys, PrekeyBundle};
-use crate::crypto::ratchet::{MAX_PLAINTEXT_LEN, MAX_SKIP, MAX_SKIPPED_KEYS, RatchetMessage};
+use crate::crypto::ratchet::{
+    MAX_AHEAD_LATER, MAX_PLAINTEXT_LEN, MAX_SKIP, MAX_SKIPPED_KEYS, RatchetMessage,
+};
 use crate::crypto::session::{Message, PreKeyMessage, Session};
 
 fn prekey(m: Message) -> PreKeyMessage {
@@ -340,6 +342,46 @@ fn max_skip_enforced() {
     bob.decrypt(msgs.last().unwrap(), b"").unwrap();
     assert_eq!(bob.skipped_message_keys(), MAX_SKIP as usize);
     bob.decrypt(&msgs[0], b"").unwrap();
+}
+
+#[test]
+fn a_message_beyond_max_skip_on_the_current_chain_is_decryptable_later() {
+    let mut r = rng(16);
+    let (mut alice, mut bob) = established(&mut r);
+    // Bob follows alice's current chain.
+    let first = alice.encrypt(&mut r, b"first", b"").unwrap();
+    bob.decrypt(&first, b"").unwrap();
+    let msgs: Vec<Message> = (0..=MAX_SKIP + 1)
+        .map(|i| {
+            alice
+                .encrypt(&mut r, format!("m{i}").as_bytes(), b"")
+                .unwrap()
+        })
+        .collect();
+    let far = msgs.last().unwrap();
+    assert!(matches!(
+        bob.decrypt(far, b"").unwrap_err(),
+        CryptoError::TooFarAhead { .. }
+    ));
+    assert!(bob.decryptable_later(far));
+    // Within reach (and behind) is not "later"; a forged header far beyond the bound, or
+    // one naming another chain, is not either.
+    assert!(!bob.decryptable_later(&msgs[0]));
+    let mut b = far.to_bytes();
+    b[37..41].copy_from_slice(&(MAX_AHEAD_LATER + 2).to_be_bytes());
+    assert!(!bob.decryptable_later(&Message::from_bytes(&b).unwrap()));
+    let mut b = far.to_bytes();
+    b[5] ^= 1;
+    assert!(!bob.decryptable_later(&Message::from_bytes(&b).unwrap()));
+    // Once the messages before it are in, it decrypts.
+    for m in &msgs[..100] {
+        bob.decrypt(m, b"").unwrap();
+    }
+    assert!(!bob.decryptable_later(far));
+    assert_eq!(
+        bob.decrypt(far, b"").unwrap(),
+        format!("m{}", MAX_SKIP + 1).as_bytes()
+    );
 }
 
 #[test]
