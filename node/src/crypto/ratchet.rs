@@ -319,7 +319,6 @@ impl DoubleRatchet {
         Ok(RatchetMessage { header, ciphertext })
     }
 
-    /// RatchetDecrypt, transactional.
     /// Whether `header` continues the current receiving chain beyond the keys skipped at
     /// once (`MAX_SKIP`) but at most [`MAX_AHEAD_LATER`] ahead: once the messages before it
     /// are decrypted, it is within reach. Reads only public header fields.
@@ -333,6 +332,7 @@ impl DoubleRatchet {
             && ahead <= u64::from(MAX_AHEAD_LATER)
     }
 
+    /// RatchetDecrypt, transactional.
     pub(crate) fn decrypt(
         &mut self,
         message: &RatchetMessage,

@@ -31,10 +31,10 @@ pub const EVENT_LOG_CAP: usize = 10_000;
 pub const SEQ_RESERVATION: u64 = 10_000;
 /// Key of the reservation in the `event_seq` table: every `seq` handed out is below it.
 const RESERVED_KEY: &[u8] = b"reserved";
-/// Live subscriber buffer; a subscriber that lags more is told to resume with `since`. One
-/// turn of the messaging task can publish a few thousand events (a delivery batch of 512
-/// texts answered `Delivered` is 1,024 receipts: `sent` and `delivered` for each).
-pub const EVENT_CHANNEL_CAPACITY: usize = 8192;
+/// Live subscriber buffer; a subscriber that lags more is told to resume with `since` (one
+/// turn of the messaging task can publish more: 512 texts answered `Delivered` are 1,024
+/// receipts). Kept small because it holds whole events (a `message` carries up to 64 KiB).
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 
 /// One event, as delivered to API subscribers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -81,6 +81,12 @@ const DELIVERY_BATCH: usize = 512;
 /// Longest a recorded answer (outbox removal, `sent` / `delivered` state) waits for a flush
 /// of its own when no other write brings one sooner.
 const BOOKKEEPING_FLUSH: Duration = Duration::from_millis(50);
+/// After a failed flush, how long recorded answers wait before the next attempt (besides
+/// any other write that flushes).
+const FAILED_FLUSH_RETRY: Duration = Duration::from_secs(1);
+/// How long a message may be refused `TooEarly` (the ones before it on its chain never
+/// arrive, for example lost with a relay) before the sender gives it up as failed.
+const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
 
 /// Messaging settings.
 #[derive(Debug, Clone)]
@@ -506,6 +512,9 @@ struct Actor {
     /// made durable already (so their events go out at once); the next flush covers them,
     /// at the latest [`BOOKKEEPING_FLUSH`] later.
     unflushed_since: Option<Instant>,
+    /// Outgoing messages refused `TooEarly`, and since when (in memory: a restart gives
+    /// them the full [`TOO_EARLY_LIMIT`] again).
+    too_early: HashMap<(PeerKey, MsgId), Instant>,
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
@@ -606,6 +615,7 @@ pub fn spawn(
         storage_failed: None,
         next_prune: Instant::now(),
         unflushed_since: None,
+        too_early: HashMap::new(),
         next_relay_sync,
         message_requests,
         my_addrs,
@@ -789,6 +799,11 @@ impl Actor {
                     tracing::error!(error = %e, "flush failed; nothing is acknowledged");
                     self.undo_batch();
                     self.storage_failed = Some(e.clone());
+                    // Recorded answers still wait for a flush: try again in a second, not
+                    // at once in a loop.
+                    if self.unflushed_since.is_some() {
+                        self.unflushed_since = Some(Instant::now() + FAILED_FLUSH_RETRY);
+                    }
                 }
             }
             // Peers first (they wait on the network), then callers and events.
@@ -1712,6 +1727,7 @@ impl Actor {
             progressed,
             more,
         } = res;
+        let outcomes = give_up_too_early(&mut self.too_early, &peer, outcomes, Instant::now());
         let db = &self.db;
         let mut updates = Vec::new();
         let r = db
@@ -2908,7 +2924,41 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
 
-/// Whether `text` may be sent: not empty, at most [`MAX_TEXT_BYTES`].
+/// Turns a `TooEarly` refusal that has lasted [`TOO_EARLY_LIMIT`] (counted in `since`, by
+/// message) into a permanent one, so the message fails, and forgets the refusals of
+/// messages answered otherwise. Pure: `now` is given.
+fn give_up_too_early(
+    since: &mut HashMap<(PeerKey, MsgId), Instant>,
+    peer: &PeerKey,
+    outcomes: Vec<(MsgId, Outcome)>,
+    now: Instant,
+) -> Vec<(MsgId, Outcome)> {
+    let refused = |o: &Outcome| matches!(o, Outcome::Rejected(RejectReason::TooEarly));
+    if since.is_empty() && !outcomes.iter().any(|(_, o)| refused(o)) {
+        return outcomes;
+    }
+    if since.len() > 65_536 {
+        // Refusals of messages that left the outbox otherwise (expired, contact removed).
+        since.retain(|_, t| now.saturating_duration_since(*t) < 2 * TOO_EARLY_LIMIT);
+    }
+    outcomes
+        .into_iter()
+        .map(|(id, outcome)| {
+            if !refused(&outcome) {
+                since.remove(&(*peer, id));
+                return (id, outcome);
+            }
+            let first = *since.entry((*peer, id)).or_insert(now);
+            if now.saturating_duration_since(first) >= TOO_EARLY_LIMIT {
+                since.remove(&(*peer, id));
+                (id, Outcome::Rejected(RejectReason::Undecryptable))
+            } else {
+                (id, outcome)
+            }
+        })
+        .collect()
+}
+
 /// The event saying that `id` reached `state`; `labels` are the peer's id and contact name.
 fn receipt_event(id: &MsgId, labels: &(String, String), state: &str) -> EventKind {
     EventKind::Receipt {
@@ -2919,6 +2969,7 @@ fn receipt_event(id: &MsgId, labels: &(String, String), state: &str) -> EventKin
     }
 }
 
+/// Whether `text` may be sent: not empty, at most [`MAX_TEXT_BYTES`].
 fn check_text(text: &str) -> Result<(), MessagingError> {
     if text.is_empty() {
         return Err(MessagingError::Empty);
@@ -3172,6 +3223,61 @@ mod tests {
             read_answer(Framing::Single, 1, Err("dial failed".into())),
             Answered::Failed("dial failed".into())
         );
+    }
+
+    #[test]
+    fn a_message_refused_too_early_for_ten_minutes_is_given_up() {
+        let peer = [7; 32];
+        let (a, b) = (MsgId([1; 16]), MsgId([2; 16]));
+        let too_early = || Outcome::Rejected(RejectReason::TooEarly);
+        let mut since = HashMap::new();
+        let t0 = Instant::now();
+        let kinds = |v: Vec<(MsgId, Outcome)>| -> Vec<(MsgId, Option<RejectReason>)> {
+            v.into_iter()
+                .map(|(id, o)| match o {
+                    Outcome::Rejected(r) => (id, Some(r)),
+                    _ => (id, None),
+                })
+                .collect()
+        };
+        // Refused: kept (transient), remembered from the first refusal.
+        let r = give_up_too_early(
+            &mut since,
+            &peer,
+            vec![(a, too_early()), (b, too_early())],
+            t0,
+        );
+        assert_eq!(
+            kinds(r),
+            vec![
+                (a, Some(RejectReason::TooEarly)),
+                (b, Some(RejectReason::TooEarly))
+            ]
+        );
+        let later = t0 + TOO_EARLY_LIMIT - Duration::from_secs(1);
+        let r = give_up_too_early(&mut since, &peer, vec![(a, too_early())], later);
+        assert_eq!(kinds(r), vec![(a, Some(RejectReason::TooEarly))]);
+        // b got through meanwhile: forgotten.
+        let r = give_up_too_early(&mut since, &peer, vec![(b, Outcome::Delivered)], later);
+        assert_eq!(kinds(r), vec![(b, None)]);
+        assert!(!since.contains_key(&(peer, b)));
+        // a, still refused after the limit: given up as undecryptable, and forgotten.
+        let r = give_up_too_early(
+            &mut since,
+            &peer,
+            vec![(a, too_early())],
+            t0 + TOO_EARLY_LIMIT,
+        );
+        assert_eq!(kinds(r), vec![(a, Some(RejectReason::Undecryptable))]);
+        assert!(since.is_empty());
+        // Other refusals pass through untouched.
+        let r = give_up_too_early(
+            &mut since,
+            &peer,
+            vec![(a, Outcome::Rejected(RejectReason::RateLimited))],
+            t0,
+        );
+        assert_eq!(kinds(r), vec![(a, Some(RejectReason::RateLimited))]);
     }
 
     #[test]
