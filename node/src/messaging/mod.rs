@@ -87,6 +87,9 @@ const FAILED_FLUSH_RETRY: Duration = Duration::from_secs(1);
 /// How long a message may be refused `TooEarly` (the ones before it on its chain never
 /// arrive, for example lost with a relay) before the sender gives it up as failed.
 const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
+/// What the user is told of a message given up after [`TOO_EARLY_LIMIT`].
+const TOO_EARLY_GIVEN_UP: &str = "the recipient could not decrypt it for 10 minutes: \
+     messages sent before it never reached them (for example lost with a relay)";
 
 /// Messaging settings.
 #[derive(Debug, Clone)]
@@ -488,6 +491,8 @@ enum Outcome {
     /// Deposited at (at least one of) the recipient's relays.
     Relayed,
     Rejected(RejectReason),
+    /// Given up by this node, with the reason the user is told.
+    GaveUp(&'static str),
 }
 
 type AfterFlush = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -508,10 +513,10 @@ struct Actor {
     results_tx: mpsc::Sender<DeliveryResult>,
     // Work to finish once the current batch is flushed.
     dirty: bool,
-    /// Since when answers were recorded that no flush covers yet. They are facts the peer
-    /// made durable already (so their events go out at once); the next flush covers them,
-    /// at the latest [`BOOKKEEPING_FLUSH`] later.
-    unflushed_since: Option<Instant>,
+    /// Answers recorded that no flush covers yet. They are facts the peer made durable
+    /// already (so their events go out at once); the next flush covers them, at the latest
+    /// [`BOOKKEEPING_FLUSH`] later.
+    unflushed: LazyFlush,
     /// Outgoing messages refused `TooEarly`, and since when (in memory: a restart gives
     /// them the full [`TOO_EARLY_LIMIT`] again).
     too_early: HashMap<(PeerKey, MsgId), Instant>,
@@ -614,7 +619,7 @@ pub fn spawn(
         undo: Vec::new(),
         storage_failed: None,
         next_prune: Instant::now(),
-        unflushed_since: None,
+        unflushed: LazyFlush::default(),
         too_early: HashMap::new(),
         next_relay_sync,
         message_requests,
@@ -705,9 +710,7 @@ impl Actor {
                 .next_due()
                 .map_or(self.next_relay_sync, |due| due.min(self.next_relay_sync))
                 .min(Instant::now() + Duration::from_secs(3600));
-            let wake = self
-                .unflushed_since
-                .map_or(wake, |since| wake.min(since + BOOKKEEPING_FLUSH));
+            let wake = self.unflushed.deadline().map_or(wake, |due| wake.min(due));
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
@@ -737,7 +740,7 @@ impl Actor {
             self.finish_batch().await;
         }
         // Answer what is pending so callers are not left hanging (and flush everything).
-        self.dirty |= self.unflushed_since.is_some();
+        self.dirty |= self.unflushed.deadline().is_some();
         self.finish_batch().await;
         tracing::debug!("messaging task stopped");
     }
@@ -770,9 +773,7 @@ impl Actor {
     /// Flushes what the batch wrote, then answers callers and peers and publishes events
     /// (or, if the flush failed, withdraws the batch's outgoing envelopes and answers errors).
     async fn flush_and_answer(&mut self) {
-        let bookkeeping_due = self
-            .unflushed_since
-            .is_some_and(|since| since.elapsed() >= BOOKKEEPING_FLUSH);
+        let bookkeeping_due = self.unflushed.due(Instant::now());
         if self.dirty
             || bookkeeping_due
             || self.storage_failed.is_some()
@@ -789,7 +790,7 @@ impl Actor {
             self.dirty = false;
             match &result {
                 Ok(()) => {
-                    self.unflushed_since = None;
+                    self.unflushed.flushed();
                     if self.storage_failed.take().is_some() {
                         tracing::info!("storage works again");
                     }
@@ -799,11 +800,7 @@ impl Actor {
                     tracing::error!(error = %e, "flush failed; nothing is acknowledged");
                     self.undo_batch();
                     self.storage_failed = Some(e.clone());
-                    // Recorded answers still wait for a flush: try again in a second, not
-                    // at once in a loop.
-                    if self.unflushed_since.is_some() {
-                        self.unflushed_since = Some(Instant::now() + FAILED_FLUSH_RETRY);
-                    }
+                    self.unflushed.failed(Instant::now());
                 }
             }
             // Peers first (they wait on the network), then callers and events.
@@ -1778,6 +1775,16 @@ impl Actor {
                                 changed.push((*id, Err(why)));
                             }
                         }
+                        Outcome::GaveUp(why) => {
+                            tx.remove(&db.outbox, &key)?;
+                            let why = why.to_string();
+                            if item.kind == OutKind::Text
+                                && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
+                                    .is_some()
+                            {
+                                changed.push((*id, Err(why)));
+                            }
+                        }
                         Outcome::Rejected(_) => {}
                     }
                 }
@@ -1791,7 +1798,7 @@ impl Actor {
         // waits for the next flush (a crash before it only sends those envelopes again, and
         // the recipient answers the same). A refusal is reported once it is durable.
         if !outcomes.is_empty() {
-            self.unflushed_since.get_or_insert_with(Instant::now);
+            self.unflushed.recorded(Instant::now());
         }
         if !updates.is_empty() {
             let labels = self.peer_labels(&peer);
@@ -1800,10 +1807,7 @@ impl Actor {
                     Ok(state) => {
                         self.events.publish(receipt_event(&id, &labels, state));
                     }
-                    Err(why) => {
-                        self.dirty = true;
-                        self.publish_failed(&id, &peer, &why);
-                    }
+                    Err(why) => self.publish_failed(&id, &peer, &why),
                 }
             }
         }
@@ -2924,6 +2928,43 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
 
+/// When recorded answers (writes that need no flush of their own) must be flushed: at most
+/// [`BOOKKEEPING_FLUSH`] after the first one, or [`FAILED_FLUSH_RETRY`] after a failed
+/// flush (not at once in a loop). Pure: times are given.
+#[derive(Debug, Default)]
+struct LazyFlush {
+    due: Option<Instant>,
+}
+
+impl LazyFlush {
+    /// An answer was recorded at `now`.
+    fn recorded(&mut self, now: Instant) {
+        self.due.get_or_insert(now + BOOKKEEPING_FLUSH);
+    }
+
+    /// When a flush is due, if anything waits for one.
+    fn deadline(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Whether a flush is due at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.due.is_some_and(|due| now >= due)
+    }
+
+    /// A flush succeeded: it covered everything recorded.
+    fn flushed(&mut self) {
+        self.due = None;
+    }
+
+    /// A flush failed at `now`: what waits is tried again later.
+    fn failed(&mut self, now: Instant) {
+        if self.due.is_some() {
+            self.due = Some(now + FAILED_FLUSH_RETRY);
+        }
+    }
+}
+
 /// Turns a `TooEarly` refusal that has lasted [`TOO_EARLY_LIMIT`] (counted in `since`, by
 /// message) into a permanent one, so the message fails, and forgets the refusals of
 /// messages answered otherwise. Pure: `now` is given.
@@ -2951,7 +2992,7 @@ fn give_up_too_early(
             let first = *since.entry((*peer, id)).or_insert(now);
             if now.saturating_duration_since(first) >= TOO_EARLY_LIMIT {
                 since.remove(&(*peer, id));
-                (id, Outcome::Rejected(RejectReason::Undecryptable))
+                (id, Outcome::GaveUp(TOO_EARLY_GIVEN_UP))
             } else {
                 (id, outcome)
             }
@@ -3226,6 +3267,31 @@ mod tests {
     }
 
     #[test]
+    fn recorded_answers_are_flushed_within_the_deadline_and_retried_after_a_failure() {
+        let t0 = Instant::now();
+        let mut lazy = LazyFlush::default();
+        assert_eq!(lazy.deadline(), None);
+        assert!(!lazy.due(t0 + Duration::from_secs(3600)));
+        // The first answer sets the deadline; later ones do not move it.
+        lazy.recorded(t0);
+        lazy.recorded(t0 + Duration::from_millis(30));
+        assert_eq!(lazy.deadline(), Some(t0 + BOOKKEEPING_FLUSH));
+        assert!(!lazy.due(t0 + BOOKKEEPING_FLUSH - Duration::from_millis(1)));
+        assert!(lazy.due(t0 + BOOKKEEPING_FLUSH));
+        // A failed flush: retried a second later, not at once.
+        let t1 = t0 + BOOKKEEPING_FLUSH;
+        lazy.failed(t1);
+        assert!(!lazy.due(t1 + BOOKKEEPING_FLUSH));
+        assert!(lazy.due(t1 + FAILED_FLUSH_RETRY));
+        // A flush covers everything.
+        lazy.flushed();
+        assert_eq!(lazy.deadline(), None);
+        // A failed flush with nothing waiting schedules nothing.
+        lazy.failed(t1);
+        assert_eq!(lazy.deadline(), None);
+    }
+
+    #[test]
     fn a_message_refused_too_early_for_ten_minutes_is_given_up() {
         let peer = [7; 32];
         let (a, b) = (MsgId([1; 16]), MsgId([2; 16]));
@@ -3268,7 +3334,10 @@ mod tests {
             vec![(a, too_early())],
             t0 + TOO_EARLY_LIMIT,
         );
-        assert_eq!(kinds(r), vec![(a, Some(RejectReason::Undecryptable))]);
+        assert!(
+            matches!(r.as_slice(), [(id, Outcome::GaveUp(TOO_EARLY_GIVEN_UP))] if *id == a),
+            "given up"
+        );
         assert!(since.is_empty());
         // Other refusals pass through untouched.
         let r = give_up_too_early(
