@@ -35,7 +35,10 @@ use futures::{StreamExt, stream::FuturesOrdered};
 use libp2p::{Multiaddr, PeerId, request_response::ResponseChannel};
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot},
+    task::{JoinError, JoinHandle},
+};
 use tokio_util::sync::CancellationToken;
 
 pub use self::presence_share::{PresenceNote, PresenceNotes};
@@ -534,6 +537,12 @@ struct Actor {
     /// Outgoing envelopes committed in the current batch, removed again if its flush fails
     /// (the sender was told it failed, so it must not go out later).
     undo: Vec<(PeerKey, MsgId, Option<u64>)>,
+    /// Envelopes queued in the batch being flushed and in the current one: no delivery
+    /// takes them before they are durable.
+    not_durable: NotDurable,
+    /// The previous batch, while its flush runs (one at a time: the current batch gathers
+    /// meanwhile and is flushed next).
+    flushing: Option<Flushing>,
     /// Set while the last flush failed (for example a full disk): inbound envelopes are
     /// refused as `Unavailable` until a flush succeeds again.
     storage_failed: Option<String>,
@@ -617,6 +626,8 @@ pub fn spawn(
         piggyback: None,
         rejected: Default::default(),
         undo: Vec::new(),
+        not_durable: NotDurable::default(),
+        flushing: None,
         storage_failed: None,
         next_prune: Instant::now(),
         unflushed: LazyFlush::default(),
@@ -710,11 +721,21 @@ impl Actor {
                 .next_due()
                 .map_or(self.next_relay_sync, |due| due.min(self.next_relay_sync))
                 .min(Instant::now() + Duration::from_secs(3600));
-            let wake = self.unflushed.deadline().map_or(wake, |due| wake.min(due));
+            // While a flush runs, its end starts the next one: no earlier wake-up for it.
+            let wake = match (&self.flushing, self.unflushed.deadline()) {
+                (None, Some(due)) => wake.min(due),
+                _ => wake,
+            };
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(flushed) = async {
+                    match self.flushing.as_mut() {
+                        Some(f) => Some((&mut f.task).await),
+                        None => None,
+                    }
+                }, if self.flushing.is_some() => self.flush_done(flushed).await,
                 Some(cmd) = cmds.recv() => self.handle_command(cmd),
                 Some(req) = inbound.recv() => self.handle_inbound(req),
                 Some(res) = results.recv() => self.handle_delivery_result(res),
@@ -737,15 +758,27 @@ impl Actor {
                     break;
                 }
             }
-            self.finish_batch().await;
+            self.finish_batch();
         }
         // Answer what is pending so callers are not left hanging (and flush everything).
         self.dirty |= self.unflushed.deadline().is_some();
-        self.finish_batch().await;
+        loop {
+            if let Some(f) = self.flushing.as_mut() {
+                let flushed = (&mut f.task).await;
+                self.flush_done(flushed).await;
+            } else {
+                self.finish_batch();
+                if self.flushing.is_none() {
+                    break;
+                }
+            }
+        }
         tracing::debug!("messaging task stopped");
     }
 
-    async fn finish_batch(&mut self) {
+    /// Ends an actor turn: queues what waits to be queued, starts due deliveries with what
+    /// is durable, and starts the flush of this batch unless one runs already.
+    fn finish_batch(&mut self) {
         self.queue_pending_sends();
         let receipts: Vec<(PeerKey, Vec<MsgId>)> = self.pending_receipts.drain().collect();
         for (peer, ids) in receipts {
@@ -753,80 +786,103 @@ impl Actor {
                 tracing::warn!(error = %e, "could not queue delivered receipts");
             }
         }
-        self.flush_and_answer().await;
-        // Everything in the outbox is durable now: running deliveries may take more of it,
-        // and due ones start.
-        for (peer, after, reply) in std::mem::take(&mut self.refills) {
-            let items = self.more_items(&peer, &after);
-            let _ = reply.send(items);
-        }
         self.prune_seen_if_due();
         self.sync_relays_if_due();
         self.start_deliveries();
-        // Expiring messages or pruning may have written something: make it durable (and
-        // publish its events) now rather than at the next wake-up.
-        if self.dirty || !self.after_flush.is_empty() {
-            self.flush_and_answer().await;
-        }
+        self.answer_refills();
+        self.start_flush();
     }
 
-    /// Flushes what the batch wrote, then answers callers and peers and publishes events
-    /// (or, if the flush failed, withdraws the batch's outgoing envelopes and answers errors).
-    async fn flush_and_answer(&mut self) {
-        let bookkeeping_due = self.unflushed.due(Instant::now());
-        if self.dirty
-            || bookkeeping_due
-            || self.storage_failed.is_some()
+    /// Starts flushing the current batch, if it needs it and no flush runs. What the batch
+    /// owes (answers to peers, replies, events, its undo list) moves with it and is released
+    /// when its flush ends ([`Self::flush_done`]); the actor goes on with the next batch
+    /// meanwhile.
+    fn start_flush(&mut self) {
+        if self.flushing.is_some() {
+            return;
+        }
+        let needed = self.dirty
+            || self.unflushed.due(Instant::now())
             || !self.after_flush.is_empty()
-            || !self.responses.is_empty()
-        {
-            let result = self
-                .db
-                .store
-                .flush()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            self.dirty = false;
-            match &result {
-                Ok(()) => {
-                    self.unflushed.flushed();
-                    if self.storage_failed.take().is_some() {
-                        tracing::info!("storage works again");
-                    }
-                    self.undo.clear();
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "flush failed; nothing is acknowledged");
-                    self.undo_batch();
-                    self.storage_failed = Some(e.clone());
-                    self.unflushed.failed(Instant::now());
+            || !self.responses.is_empty();
+        if !needed {
+            return;
+        }
+        self.dirty = false;
+        self.not_durable.flush_started();
+        self.flushing = Some(Flushing {
+            task: self.db.store.start_flush(),
+            after_flush: std::mem::take(&mut self.after_flush),
+            responses: std::mem::take(&mut self.responses),
+            undo: std::mem::take(&mut self.undo),
+            recorded: self.unflushed.flush_started(),
+        });
+    }
+
+    /// The running flush ended: answers peers, then callers and events (or, if it failed,
+    /// withdraws the batch's outgoing envelopes and answers errors), makes the batch's
+    /// envelopes deliverable, and ends the turn.
+    async fn flush_done(&mut self, flushed: Result<Result<(), StoreError>, JoinError>) {
+        let Some(batch) = self.flushing.take() else {
+            return;
+        };
+        let result = match flushed {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("flush task failed: {e}")),
+        };
+        let durable = self.not_durable.flush_done(result.is_ok());
+        match &result {
+            Ok(()) => {
+                if self.storage_failed.take().is_some() {
+                    tracing::info!("storage works again");
                 }
             }
-            // Peers first (they wait on the network), then callers and events.
-            let responses: Vec<_> = self.responses.drain(..).collect();
-            if result.is_ok() {
-                for (channel, bytes) in responses {
-                    if self.net.respond(channel, bytes).await.is_err() {
-                        break;
-                    }
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed; nothing is acknowledged");
+                self.undo_batch(&batch.undo);
+                self.storage_failed = Some(e.clone());
+                self.unflushed.failed(batch.recorded, Instant::now());
+            }
+        }
+        // Peers first (they wait on the network), then callers and events.
+        if result.is_ok() {
+            for (channel, bytes) in batch.responses {
+                if self.net.respond(channel, bytes).await.is_err() {
+                    break;
                 }
             }
-            for f in self.after_flush.drain(..) {
-                f(result.clone());
+        }
+        let now = Instant::now();
+        for peer in durable {
+            self.schedule.enqueue(peer, now);
+        }
+        for f in batch.after_flush {
+            f(result.clone());
+        }
+        self.finish_batch();
+    }
+
+    /// Answers the running deliveries that asked for more items. One whose next items are
+    /// still being made durable waits for the flush that does it.
+    fn answer_refills(&mut self) {
+        for (peer, after, reply) in std::mem::take(&mut self.refills) {
+            let items = self.more_items(&peer, &after);
+            if items.is_empty() && self.not_durable.first(&peer).is_some() {
+                self.refills.push((peer, after, reply));
+            } else {
+                let _ = reply.send(items);
             }
         }
     }
 
     /// Removes what this batch queued for sending: its flush failed and the callers were
     /// told so.
-    fn undo_batch(&mut self) {
-        let undo: Vec<_> = self.undo.drain(..).collect();
+    fn undo_batch(&self, undo: &[(PeerKey, MsgId, Option<u64>)]) {
         let db = &self.db;
         let r = db
             .store
             .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
-                for (peer, id, ts) in &undo {
+                for (peer, id, ts) in undo {
                     tx.remove(&db.outbox, &peer_id_key(peer, id))?;
                     if let Some(ts) = ts {
                         tx.remove(&db.history, &history_key(peer, *ts, id))?;
@@ -1332,7 +1388,10 @@ impl Actor {
                 .map(|m| m.timestamp);
             self.undo.push((peer, item.id, ts));
         }
-        self.schedule.enqueue(peer, Instant::now());
+        // Due once durable (`flush_done`).
+        if let Some(first) = items.first() {
+            self.not_durable.queued(peer, first.id);
+        }
         Ok(items.iter().map(|i| i.id).collect())
     }
 
@@ -1651,7 +1710,7 @@ impl Actor {
             .db
             .outbox_after(peer, after, DELIVERY_BATCH)
             .map_err(MessagingError::from)
-            .and_then(|items| self.drop_expired(peer, items))
+            .and_then(|items| self.drop_expired(peer, self.not_durable.durable_only(peer, items)))
         {
             Ok(items) => items,
             Err(e) => {
@@ -1668,7 +1727,7 @@ impl Actor {
         peer: &PeerKey,
     ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
         let items = self.db.outbox_for(peer, DELIVERY_BATCH)?;
-        let items = self.drop_expired(peer, items)?;
+        let items = self.drop_expired(peer, self.not_durable.durable_only(peer, items))?;
         if items.is_empty() {
             return Ok(None);
         }
@@ -1823,8 +1882,7 @@ impl Actor {
             }
         }
         if let Some((after, reply)) = more {
-            // Answered after this batch's flush: the outbox may hold items queued in this
-            // batch, and nothing leaves before it is durable.
+            // Answered at the end of the turn, with what is durable by then.
             self.refills.push((peer, after, reply));
         }
         if !last {
@@ -2928,6 +2986,67 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
 
+/// A batch whose flush runs, with what it releases when the flush ends.
+struct Flushing {
+    task: JoinHandle<Result<(), StoreError>>,
+    after_flush: Vec<AfterFlush>,
+    responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    undo: Vec<(PeerKey, MsgId, Option<u64>)>,
+    /// Whether it covers recorded answers ([`LazyFlush`]).
+    recorded: bool,
+}
+
+/// Which queued envelopes are not durable yet: those of the batch being flushed and of the
+/// current batch, by peer (the first id of each; ids only grow, so the ones after it are
+/// not durable either). Nothing leaves before it is on disk, the ratchet state that sealed it
+/// included: a crash must not make the next start seal another message with the same key.
+/// Pure: the actor reports queuing and flushes.
+#[derive(Debug, Default)]
+struct NotDurable {
+    flushing: HashMap<PeerKey, MsgId>,
+    current: HashMap<PeerKey, MsgId>,
+}
+
+impl NotDurable {
+    /// `id` (and what follows) was queued for `peer` in the current batch.
+    fn queued(&mut self, peer: PeerKey, id: MsgId) {
+        self.current.entry(peer).or_insert(id);
+    }
+
+    /// The current batch's flush starts (the previous one ended).
+    fn flush_started(&mut self) {
+        debug_assert!(self.flushing.is_empty(), "one flush at a time");
+        self.flushing = std::mem::take(&mut self.current);
+    }
+
+    /// The running flush ended. Returns the peers whose envelopes became durable (none if
+    /// it failed: they were withdrawn).
+    fn flush_done(&mut self, ok: bool) -> Vec<PeerKey> {
+        let batch = std::mem::take(&mut self.flushing);
+        if ok {
+            batch.into_keys().collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The first of `peer`'s envelopes that is not durable yet, if any.
+    fn first(&self, peer: &PeerKey) -> Option<MsgId> {
+        self.flushing
+            .get(peer)
+            .or_else(|| self.current.get(peer))
+            .copied()
+    }
+
+    /// `items` (`peer`'s queue, in order) without the ones not durable yet.
+    fn durable_only(&self, peer: &PeerKey, mut items: Vec<OutboxItem>) -> Vec<OutboxItem> {
+        if let Some(first) = self.first(peer) {
+            items.retain(|i| i.id < first);
+        }
+        items
+    }
+}
+
 /// When recorded answers (writes that need no flush of their own) must be flushed: at most
 /// [`BOOKKEEPING_FLUSH`] after the first one, or [`FAILED_FLUSH_RETRY`] after a failed
 /// flush (not at once in a loop). Pure: times are given.
@@ -2952,14 +3071,15 @@ impl LazyFlush {
         self.due.is_some_and(|due| now >= due)
     }
 
-    /// A flush succeeded: it covered everything recorded.
-    fn flushed(&mut self) {
-        self.due = None;
+    /// A flush starts: it covers everything recorded so far. Returns whether anything was.
+    fn flush_started(&mut self) -> bool {
+        self.due.take().is_some()
     }
 
-    /// A flush failed at `now`: what waits is tried again later.
-    fn failed(&mut self, now: Instant) {
-        if self.due.is_some() {
+    /// A flush failed at `now`; `covered` is what [`Self::flush_started`] said. What it
+    /// covered, and what was recorded since, is tried again later.
+    fn failed(&mut self, covered: bool, now: Instant) {
+        if covered || self.due.is_some() {
             self.due = Some(now + FAILED_FLUSH_RETRY);
         }
     }
@@ -3267,6 +3387,41 @@ mod tests {
     }
 
     #[test]
+    fn only_envelopes_of_finished_flushes_are_deliverable() {
+        let (p, q) = ([1; 32], [2; 32]);
+        let item = |n: u8| OutboxItem {
+            id: MsgId([n; 16]),
+            peer: p,
+            envelope: Vec::new(),
+            kind: OutKind::Text,
+            created_at: 0,
+            expires_at: u64::MAX,
+        };
+        let ids = |items: Vec<OutboxItem>| items.iter().map(|i| i.id.0[0]).collect::<Vec<_>>();
+        let queue = || (1..=6).map(item).collect::<Vec<_>>();
+        let mut nd = NotDurable::default();
+        // 1 and 2 were durable before; 3 and 4 are queued in the current batch.
+        nd.queued(p, MsgId([3; 16]));
+        nd.queued(p, MsgId([4; 16]));
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2]);
+        assert_eq!(nd.first(&q), None);
+        // Its flush runs while 5 and 6 are queued in the next batch: still not 3 or 4.
+        nd.flush_started();
+        nd.queued(p, MsgId([5; 16]));
+        nd.queued(q, MsgId([6; 16]));
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2]);
+        assert_eq!(nd.first(&q), Some(MsgId([6; 16])));
+        // It ends: 3 and 4 may go, not 5.
+        assert_eq!(nd.flush_done(true), vec![p]);
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2, 3, 4]);
+        // The next flush fails: nothing becomes deliverable, and nothing stays pending.
+        nd.flush_started();
+        assert!(nd.flush_done(false).is_empty());
+        assert_eq!(nd.first(&p), None);
+        assert_eq!(nd.first(&q), None);
+    }
+
+    #[test]
     fn recorded_answers_are_flushed_within_the_deadline_and_retried_after_a_failure() {
         let t0 = Instant::now();
         let mut lazy = LazyFlush::default();
@@ -3278,17 +3433,25 @@ mod tests {
         assert_eq!(lazy.deadline(), Some(t0 + BOOKKEEPING_FLUSH));
         assert!(!lazy.due(t0 + BOOKKEEPING_FLUSH - Duration::from_millis(1)));
         assert!(lazy.due(t0 + BOOKKEEPING_FLUSH));
-        // A failed flush: retried a second later, not at once.
+        // A flush starts: it covers them, nothing waits any more.
         let t1 = t0 + BOOKKEEPING_FLUSH;
-        lazy.failed(t1);
+        assert!(lazy.flush_started());
+        assert_eq!(lazy.deadline(), None);
+        // It failed: retried a second later, not at once.
+        lazy.failed(true, t1);
         assert!(!lazy.due(t1 + BOOKKEEPING_FLUSH));
         assert!(lazy.due(t1 + FAILED_FLUSH_RETRY));
-        // A flush covers everything.
-        lazy.flushed();
+        // The retry covers them; it succeeds: nothing waits.
+        assert!(lazy.flush_started());
+        assert!(!lazy.flush_started());
         assert_eq!(lazy.deadline(), None);
-        // A failed flush with nothing waiting schedules nothing.
-        lazy.failed(t1);
+        // A failed flush that covered nothing, with nothing recorded since, schedules nothing.
+        lazy.failed(false, t1);
         assert_eq!(lazy.deadline(), None);
+        // One recorded while a flush ran is due after a failure, a second later.
+        lazy.recorded(t1);
+        lazy.failed(false, t1);
+        assert_eq!(lazy.deadline(), Some(t1 + FAILED_FLUSH_RETRY));
     }
 
     #[test]

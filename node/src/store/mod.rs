@@ -565,10 +565,17 @@ impl Store {
     /// Makes every write so far durable (one `fdatasync` of the journal, shared with the
     /// writers waiting at the same time). Call before acknowledging anything.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.sync())
+        self.start_flush()
             .await
             .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))?
+    }
+
+    /// Starts [`Store::flush`] on the blocking pool and returns at once: the flush covers
+    /// every write made before this call (and possibly later ones). For a writer that goes
+    /// on with its next batch while the previous one is made durable.
+    pub fn start_flush(&self) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.sync())
     }
 
     /// Blocking flush, for shutdown paths outside async code.
