@@ -1998,11 +1998,49 @@ impl Actor {
         peer: PeerId,
         list: Vec<Envelope>,
     ) -> Result<Vec<wire::Answer>, Refused> {
-        let zero = MsgId([0; 16]);
         if list.is_empty() || list.len() > wire::MAX_BATCH_ENVELOPES {
             self.count_rejected("malformed");
             return Err(Refused::Malformed);
         }
+        // One atomic commit for the whole request: a session written by every envelope is
+        // written once.
+        let store = self.db.store.clone();
+        let owed = self.after_flush.len();
+        let (answers, committed) = store.group(|| self.accept_each(peer, list));
+        let mut answers = answers?;
+        if let Err(e) = committed {
+            // None of it is stored: it is all refused for now (the sender keeps it and
+            // retries), and nothing it would have announced is.
+            tracing::warn!(error = %e, "could not store a batch of inbound messages");
+            for f in self.after_flush.drain(owed..) {
+                f(Err(e.to_string()));
+            }
+            if let Some(ids) = self.piggyback.as_mut() {
+                ids.clear();
+            }
+            if let Some(sender) = ed25519_key_bytes_of(&peer)
+                && let Some(ids) = self.pending_receipts.get_mut(&sender)
+            {
+                let refused: std::collections::HashSet<MsgId> =
+                    answers.iter().map(wire::Answer::id).collect();
+                ids.retain(|id| !refused.contains(id));
+            }
+            for a in &mut answers {
+                self.count_rejected("unavailable");
+                *a = wire::Answer::Rejected(a.id(), RejectReason::Unavailable);
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Judges each envelope of a batch on its own (committing nothing: the caller groups
+    /// the writes), or refuses the whole request.
+    fn accept_each(
+        &mut self,
+        peer: PeerId,
+        list: Vec<Envelope>,
+    ) -> Result<Vec<wire::Answer>, Refused> {
+        let zero = MsgId([0; 16]);
         let mut answers = Vec::with_capacity(list.len());
         for envelope in list {
             match self.accept_envelope(peer, envelope, Via::Request) {

@@ -275,6 +275,15 @@ pub enum Answer {
     Delivered(MsgId),
 }
 
+impl Answer {
+    /// The id of the envelope it answers.
+    pub fn id(&self) -> MsgId {
+        match self {
+            Answer::Stored(id) | Answer::Rejected(id, _) | Answer::Delivered(id) => *id,
+        }
+    }
+}
+
 impl From<Answer> for Response {
     fn from(a: Answer) -> Self {
         match a {

@@ -207,9 +207,108 @@ fn io_error(e: std::io::Error) -> StoreError {
     StoreError::Db(sled::Error::Io(e))
 }
 
+thread_local! {
+    /// The write group open on this thread, if any ([`Store::group`]).
+    static GROUP: RefCell<Option<Group>> = const { RefCell::new(None) };
+}
+
+/// Writes gathered by [`Store::group`]: the last value of each key, in the order keys were
+/// first written.
+struct Group {
+    /// The store they belong to (its `Shared`'s address).
+    store: usize,
+    writes: Vec<Write>,
+    at: HashMap<(&'static str, Vec<u8>), usize>,
+    /// Set when gathered writes could not be committed (see [`Shared::settle_group`]).
+    failed: Option<String>,
+}
+
+/// Clears this thread's group however [`Store::group`]'s closure ends (a panic too).
+struct GroupGuard;
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        GROUP.with(|g| g.borrow_mut().take());
+    }
+}
+
 impl Shared {
-    /// Journals `writes` as one record, then applies them to sled. Caller holds `writer`.
+    fn address(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// The group's latest write of `key` in `tree` on this thread: `Some(None)` for a
+    /// removal, `None` if the group did not write it.
+    fn group_read(&self, tree: &'static str, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        GROUP.with(|g| {
+            let g = g.borrow();
+            let g = g.as_ref().filter(|g| g.store == self.address())?;
+            let &i = g.at.get(&(tree, key.to_vec()))?;
+            Some(g.writes[i].value.clone())
+        })
+    }
+
+    /// The value of `key` in `tree` as this thread sees it (its group's writes first).
+    fn read(
+        &self,
+        name: &'static str,
+        tree: &sled::Tree,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, sled::Error> {
+        match self.group_read(name, key) {
+            Some(v) => Ok(v),
+            None => Ok(tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Commits what this thread's group gathered so far (before a scan, which reads sled
+    /// only, or a flush). A failure is kept for the end of the group.
+    fn settle_group(&self) {
+        let Some(writes) = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            let g = g.as_mut().filter(|g| g.store == self.address())?;
+            g.at.clear();
+            Some(std::mem::take(&mut g.writes))
+        }) else {
+            return;
+        };
+        let mut w = lock(&self.writer);
+        if let Err(e) = self.commit_now(&mut w, writes) {
+            GROUP.with(|g| {
+                if let Some(g) = g.borrow_mut().as_mut() {
+                    g.failed.get_or_insert(e.to_string());
+                }
+            });
+        }
+    }
+
+    /// Journals `writes` as one record and applies them to sled; inside a group on this
+    /// thread, adds them to the group instead. Caller holds `writer`.
     fn commit(&self, w: &mut Writer, writes: Vec<Write>) -> Result<(), StoreError> {
+        let writes = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            let Some(g) = g.as_mut().filter(|g| g.store == self.address()) else {
+                return Some(writes);
+            };
+            for x in writes {
+                match g.at.get(&(x.name, x.key.clone())) {
+                    Some(&i) => g.writes[i].value = x.value,
+                    None => {
+                        g.at.insert((x.name, x.key.clone()), g.writes.len());
+                        g.writes.push(x);
+                    }
+                }
+            }
+            None
+        });
+        match writes {
+            Some(writes) => self.commit_now(w, writes),
+            None => Ok(()),
+        }
+    }
+
+    /// Journals `writes` as one record, then applies them to sled. Caller holds `writer`.
+    fn commit_now(&self, w: &mut Writer, writes: Vec<Write>) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
@@ -574,12 +673,14 @@ impl Store {
     /// every write made before this call (and possibly later ones). For a writer that goes
     /// on with its next batch while the previous one is made durable.
     pub fn start_flush(&self) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        self.shared.settle_group();
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.sync())
     }
 
     /// Blocking flush, for shutdown paths outside async code.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.shared.settle_group();
         self.shared.sync()
     }
 
@@ -612,6 +713,7 @@ impl Store {
     ) -> Result<R, StoreError> {
         let mut w = lock(&self.shared.writer);
         let tx = Tx {
+            shared: &self.shared,
             tables,
             space: self.shared.space.as_ref(),
             writes: RefCell::new(Vec::new()),
@@ -620,6 +722,43 @@ impl Store {
         let r = f(&tx).map_err(|e| e.0)?;
         self.shared.commit(&mut w, tx.writes.into_inner())?;
         Ok(r)
+    }
+
+    /// Runs `f` with this thread's writes to this store gathered, and commits them when it
+    /// ends as one atomic record holding the last value of each key: a key written many
+    /// times (a ratchet session by every message of a batch) is journaled and applied once.
+    /// Reads on this thread see the gathered writes; other threads see none of them until
+    /// the end. A scan or a flush inside `f` commits what was gathered so far first (scans
+    /// read sled), splitting the group there. Returns `f`'s result and whether the commit
+    /// worked (if not, none of the writes since the last split landed). A group inside a
+    /// group joins it.
+    pub fn group<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), StoreError>) {
+        if GROUP.with(|g| g.borrow().is_some()) {
+            return (f(), Ok(()));
+        }
+        GROUP.with(|g| {
+            *g.borrow_mut() = Some(Group {
+                store: self.shared.address(),
+                writes: Vec::new(),
+                at: HashMap::new(),
+                failed: None,
+            })
+        });
+        let guard = GroupGuard;
+        let r = f();
+        let group = GROUP.with(|g| g.borrow_mut().take());
+        drop(guard);
+        let committed = match group {
+            None => Ok(()),
+            Some(Group {
+                failed: Some(why), ..
+            }) => Err(StoreError::Aborted(why)),
+            Some(g) => {
+                let mut w = lock(&self.shared.writer);
+                self.shared.commit_now(&mut w, g.writes)
+            }
+        };
+        (r, committed)
     }
 
     /// Bytes used on disk (approximate): sled's files and the journal.
@@ -676,6 +815,7 @@ type Overlay = HashMap<(usize, Vec<u8>), usize>;
 /// The view of the tables inside [`Store::transaction`]: reads see the transaction's own
 /// writes; the writes are applied when it ends well.
 pub struct Tx<'a> {
+    shared: &'a Shared,
     tables: &'a [&'a dyn AnyTable],
     space: Option<&'a SpaceGuard>,
     writes: RefCell<Vec<Write>>,
@@ -699,7 +839,8 @@ impl Tx<'_> {
         if let Some(&at) = self.overlay.borrow().get(&(i, key.to_vec())) {
             return Ok(self.writes.borrow()[at].value.clone());
         }
-        Ok(self.tables[i].tree().get(key)?.map(|v| v.to_vec()))
+        let t = self.tables[i];
+        Ok(self.shared.read(t.name(), t.tree(), key)?)
     }
 
     fn write(&self, i: usize, key: &[u8], value: Option<Vec<u8>>) {
@@ -806,7 +947,10 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The value under `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<V>, StoreError> {
-        self.tree.get(key)?.map(|v| self.decode(&v)).transpose()
+        self.shared
+            .read(self.name, &self.tree, key)?
+            .map(|v| self.decode(&v))
+            .transpose()
     }
 
     /// Stores `value` under `key` (durable only after [`Store::flush`]).
@@ -823,7 +967,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Removes `key`; returns whether it existed.
     pub fn remove(&self, key: &[u8]) -> Result<bool, StoreError> {
         let mut w = lock(&self.shared.writer);
-        if !self.tree.contains_key(key)? {
+        if self.shared.read(self.name, &self.tree, key)?.is_none() {
             return Ok(false);
         }
         self.shared.commit(&mut w, vec![self.write(key, None)])?;
@@ -832,17 +976,20 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Whether `key` exists.
     pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(key)?)
+        match self.shared.group_read(self.name, key) {
+            Some(v) => Ok(v.is_some()),
+            None => Ok(self.tree.contains_key(key)?),
+        }
     }
 
     /// Number of entries (walks the tree).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.scan().len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.scan().is_empty()
     }
 
     /// Decodes the entries `items` yields.
@@ -860,12 +1007,12 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Entries with keys `>= from`, in key order, at most `limit`.
     pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.tree.range(from..).take(limit))
+        self.collect(self.scan().range(from..).take(limit))
     }
 
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.tree.scan_prefix(prefix))
+        self.collect(self.scan().scan_prefix(prefix))
     }
 
     /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
@@ -874,7 +1021,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.tree.scan_prefix(prefix).take(limit))
+        self.collect(self.scan().scan_prefix(prefix).take(limit))
     }
 
     /// The last `limit` entries whose key starts with `prefix`, returned in key order.
@@ -883,7 +1030,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = self.collect(self.tree.scan_prefix(prefix).rev().take(limit))?;
+        let mut out = self.collect(self.scan().scan_prefix(prefix).rev().take(limit))?;
         out.reverse();
         Ok(out)
     }
@@ -891,7 +1038,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Number of keys starting with `prefix`.
     pub fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut n = 0;
-        for item in self.tree.scan_prefix(prefix) {
+        for item in self.scan().scan_prefix(prefix) {
             item?;
             n += 1;
         }
@@ -900,15 +1047,23 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The last entry in key order.
     pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
-        self.tree
+        self.scan()
             .last()?
             .map(|(k, v)| Ok((k.to_vec(), self.decode(&v)?)))
             .transpose()
     }
 
+    /// The tree, for a scan (which reads sled only): what this thread's group gathered is
+    /// committed first.
+    fn scan(&self) -> &sled::Tree {
+        self.shared.settle_group();
+        &self.tree
+    }
+
     /// Removes the first `n` entries in key order (one atomic write); returns how many
     /// were removed.
     pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
+        self.shared.settle_group();
         let mut w = lock(&self.shared.writer);
         let mut writes = Vec::new();
         for key in self.tree.iter().keys().take(n) {
@@ -1015,6 +1170,97 @@ mod tests {
         assert_eq!(seen, (Some(1), Some(2), true, false, None));
         assert_eq!(a.get(b"k").unwrap(), Some(2));
         assert_eq!(a.get(b"gone").unwrap(), None);
+    }
+
+    #[test]
+    fn a_group_commits_the_last_value_of_each_key_once_and_only_at_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("db")).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        a.insert(b"gone", &7).unwrap();
+        let seq = || lock(&s.shared.writer).seq;
+        let before = seq();
+        let other = |key: &'static [u8]| {
+            let a = a.clone();
+            std::thread::spawn(move || a.get(key).unwrap())
+                .join()
+                .unwrap()
+        };
+        let (seen, committed) = s.group(|| {
+            for n in 1..=50 {
+                s.transaction(&[&a], |tx| tx.insert(&a, b"k", &n)).unwrap();
+            }
+            a.remove(b"gone").unwrap();
+            // This thread reads the group's writes; another thread does not, yet.
+            (
+                a.get(b"k").unwrap(),
+                a.contains(b"gone").unwrap(),
+                s.transaction(&[&a], |tx| tx.get(&a, b"k")).unwrap(),
+                other(b"k"),
+                other(b"gone"),
+            )
+        });
+        committed.unwrap();
+        assert_eq!(seen, (Some(50), false, Some(50), None, Some(7)));
+        assert_eq!(seq(), before + 1, "one journal record for the group");
+        assert_eq!(other(b"k"), Some(50));
+        assert_eq!(other(b"gone"), None);
+    }
+
+    #[test]
+    fn a_scan_inside_a_group_sees_its_writes_and_a_failed_group_lands_nothing() {
+        let s = Store::temporary().unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        let (scanned, committed) = s.group(|| {
+            a.insert(b"k1", &1).unwrap();
+            a.insert(b"k2", &2).unwrap();
+            let scanned = a.scan_prefix(b"k").unwrap().len();
+            a.insert(b"k3", &3).unwrap();
+            scanned
+        });
+        committed.unwrap();
+        assert_eq!(scanned, 2);
+        assert_eq!(a.len(), 3);
+        // A group whose commit fails: none of its writes land, and the caller is told.
+        let (_, committed) = s.group(|| {
+            a.insert(b"k4", &4).unwrap();
+            lock(&s.shared.writer).broken = Some("test".into());
+        });
+        assert!(matches!(committed, Err(StoreError::Broken(_))));
+        lock(&s.shared.writer).broken = None;
+        assert_eq!(a.get(b"k4").unwrap(), None);
+        // A panic inside a group leaves no group behind on the thread.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.group(|| panic!("boom"));
+        }));
+        assert!(caught.is_err());
+        a.insert(b"k5", &5).unwrap();
+        assert_eq!(
+            std::thread::scope(|t| t.spawn(|| a.get(b"k5").unwrap()).join().unwrap()),
+            Some(5)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_group_survives_a_crash_after_its_flush() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let a: Table<u32> = s.table("a").unwrap();
+            let ((), committed) = s.group(|| {
+                a.insert(b"x", &1).unwrap();
+                a.insert(b"x", &2).unwrap();
+                a.insert(b"y", &3).unwrap();
+            });
+            committed.unwrap();
+            s.flush().await.unwrap();
+            // Dropped without `close`: sled may lack it, the journal has it.
+        }
+        let s = Store::open(&path).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        assert_eq!(a.get(b"x").unwrap(), Some(2));
+        assert_eq!(a.get(b"y").unwrap(), Some(3));
     }
 
     /// Writes a journal file by hand, as a crash would leave it: records sled never got.
