@@ -526,7 +526,8 @@ struct Actor {
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
-    /// Running deliveries asking for the items after this id, answered after the flush.
+    /// Running deliveries asking for the items after this id, answered at the end of a turn
+    /// with what is durable by then.
     refills: Vec<(PeerKey, MsgId, oneshot::Sender<Vec<OutboxItem>>)>,
     /// Texts `send` accepted in this turn and not queued yet: (recipient, text, reply).
     pending_sends: Vec<(String, String, Reply<MsgId>)>,
@@ -543,6 +544,8 @@ struct Actor {
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
+    /// Set once shutdown began: turns only flush and answer, they start no deliveries.
+    stopping: bool,
     /// Set while the last flush failed (for example a full disk): inbound envelopes are
     /// refused as `Unavailable` until a flush succeeds again.
     storage_failed: Option<String>,
@@ -628,6 +631,7 @@ pub fn spawn(
         undo: Vec::new(),
         not_durable: NotDurable::default(),
         flushing: None,
+        stopping: false,
         storage_failed: None,
         next_prune: Instant::now(),
         unflushed: LazyFlush::default(),
@@ -760,7 +764,9 @@ impl Actor {
             }
             self.finish_batch();
         }
-        // Answer what is pending so callers are not left hanging (and flush everything).
+        // Answer what is pending so callers are not left hanging (and flush everything);
+        // start nothing new.
+        self.stopping = true;
         self.dirty |= self.unflushed.deadline().is_some();
         loop {
             if let Some(f) = self.flushing.as_mut() {
@@ -786,10 +792,12 @@ impl Actor {
                 tracing::warn!(error = %e, "could not queue delivered receipts");
             }
         }
-        self.prune_seen_if_due();
-        self.sync_relays_if_due();
-        self.start_deliveries();
-        self.answer_refills();
+        if !self.stopping {
+            self.prune_seen_if_due();
+            self.sync_relays_if_due();
+            self.start_deliveries();
+            self.answer_refills();
+        }
         self.start_flush();
     }
 
@@ -877,7 +885,7 @@ impl Actor {
 
     /// Removes what this batch queued for sending: its flush failed and the callers were
     /// told so.
-    fn undo_batch(&self, undo: &[(PeerKey, MsgId, Option<u64>)]) {
+    fn undo_batch(&mut self, undo: &[(PeerKey, MsgId, Option<u64>)]) {
         let db = &self.db;
         let r = db
             .store
@@ -891,8 +899,10 @@ impl Actor {
                 }
                 Ok(())
             });
-        if let Err(e) = r {
-            tracing::error!(error = %e, "could not withdraw the failed batch");
+        match r {
+            // Made durable by the next flush (until then the envelopes stay held back).
+            Ok(()) => self.dirty = true,
+            Err(e) => tracing::error!(error = %e, "could not withdraw the failed batch"),
         }
     }
 
@@ -2006,12 +2016,17 @@ impl Actor {
         // written once.
         let store = self.db.store.clone();
         let owed = self.after_flush.len();
+        let (prekeys, requests) = (self.prekeys.clone(), self.message_requests);
         let (answers, committed) = store.group(|| self.accept_each(peer, list));
         let mut answers = answers?;
         if let Err(e) = committed {
-            // None of it is stored: it is all refused for now (the sender keeps it and
-            // retries), and nothing it would have announced is.
+            // Not stored (or, if the commit broke half way, not acknowledged: the journal
+            // replays it on the next start and the retry is answered from `seen`): what it
+            // stored is refused for now (the sender keeps it and retries), nothing it would
+            // have announced is, and what it changed in memory is undone.
             tracing::warn!(error = %e, "could not store a batch of inbound messages");
+            self.prekeys = prekeys;
+            self.message_requests = requests;
             for f in self.after_flush.drain(owed..) {
                 f(Err(e.to_string()));
             }
@@ -2026,8 +2041,10 @@ impl Actor {
                 ids.retain(|id| !refused.contains(id));
             }
             for a in &mut answers {
-                self.count_rejected("unavailable");
-                *a = wire::Answer::Rejected(a.id(), RejectReason::Unavailable);
+                if !matches!(a, wire::Answer::Rejected(..)) {
+                    self.count_rejected("unavailable");
+                    *a = wire::Answer::Rejected(a.id(), RejectReason::Unavailable);
+                }
             }
         }
         Ok(answers)
@@ -3057,15 +3074,19 @@ impl NotDurable {
         self.flushing = std::mem::take(&mut self.current);
     }
 
-    /// The running flush ended. Returns the peers whose envelopes became durable (none if
-    /// it failed: they were withdrawn).
+    /// The running flush ended. Returns the peers whose envelopes became durable. If it
+    /// failed, none did: they stay held back with the current batch's (withdrawing them can
+    /// fail too, on a broken store), until a later flush succeeds.
     fn flush_done(&mut self, ok: bool) -> Vec<PeerKey> {
         let batch = std::mem::take(&mut self.flushing);
         if ok {
-            batch.into_keys().collect()
-        } else {
-            Vec::new()
+            return batch.into_keys().collect();
         }
+        for (peer, id) in batch {
+            let first = self.current.entry(peer).or_insert(id);
+            *first = (*first).min(id);
+        }
+        Vec::new()
     }
 
     /// The first of `peer`'s envelopes that is not durable yet, if any.
@@ -3452,10 +3473,18 @@ mod tests {
         // It ends: 3 and 4 may go, not 5.
         assert_eq!(nd.flush_done(true), vec![p]);
         assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2, 3, 4]);
-        // The next flush fails: nothing becomes deliverable, and nothing stays pending.
+        // The next flush (of 5 and 6) fails: nothing becomes deliverable, and they stay
+        // held back, with 7 queued meanwhile, until a flush succeeds.
         nd.flush_started();
+        nd.queued(p, MsgId([7; 16]));
         assert!(nd.flush_done(false).is_empty());
-        assert_eq!(nd.first(&p), None);
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2, 3, 4]);
+        assert_eq!(nd.first(&q), Some(MsgId([6; 16])));
+        nd.flush_started();
+        let mut durable = nd.flush_done(true);
+        durable.sort();
+        assert_eq!(durable, vec![p, q]);
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2, 3, 4, 5, 6]);
         assert_eq!(nd.first(&q), None);
     }
 

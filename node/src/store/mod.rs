@@ -266,7 +266,9 @@ impl Shared {
     fn settle_group(&self) {
         let Some(writes) = GROUP.with(|g| {
             let mut g = g.borrow_mut();
-            let g = g.as_mut().filter(|g| g.store == self.address())?;
+            let g = g
+                .as_mut()
+                .filter(|g| g.store == self.address() && !g.writes.is_empty())?;
             g.at.clear();
             Some(std::mem::take(&mut g.writes))
         }) else {
@@ -290,6 +292,10 @@ impl Shared {
             let Some(g) = g.as_mut().filter(|g| g.store == self.address()) else {
                 return Some(writes);
             };
+            if g.failed.is_some() {
+                // The group failed already: nothing more of it lands.
+                return None;
+            }
             for x in writes {
                 match g.at.get(&(x.name, x.key.clone())) {
                     Some(&i) => g.writes[i].value = x.value,
@@ -730,8 +736,12 @@ impl Store {
     /// Reads on this thread see the gathered writes; other threads see none of them until
     /// the end. A scan or a flush inside `f` commits what was gathered so far first (scans
     /// read sled), splitting the group there. Returns `f`'s result and whether the commit
-    /// worked (if not, none of the writes since the last split landed). A group inside a
-    /// group joins it.
+    /// worked (if not, none of the writes since the last split landed, nor any after a
+    /// failed split). A group inside a group of the same store joins it; inside a group of
+    /// another store, `f`'s writes to this one are not grouped. While a group is open,
+    /// [`Store::transaction`]s in it are atomic and see their own writes but land only with
+    /// the group, after any other thread's writes in the meantime (the messaging actor is
+    /// the only writer of the tables it groups).
     pub fn group<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), StoreError>) {
         if GROUP.with(|g| g.borrow().is_some()) {
             return (f(), Ok(()));
