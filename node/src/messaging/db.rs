@@ -151,6 +151,24 @@ pub fn peer_id_key(peer: &PeerKey, id: &MsgId) -> Vec<u8> {
     k
 }
 
+/// How much of a peer's queue one delivery round takes: at most `items` envelopes, and
+/// none after the one that brings their bytes to `bytes` (a round is held in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Most envelopes.
+    pub items: usize,
+    /// Envelope bytes after which no more are taken.
+    pub bytes: usize,
+}
+
+impl Round {
+    /// Whether `items`, taken with this bound, filled it (so more may be queued after them).
+    pub fn filled_by(&self, items: &[OutboxItem]) -> bool {
+        items.len() >= self.items
+            || items.iter().map(|i| i.envelope.len()).sum::<usize>() >= self.bytes
+    }
+}
+
 /// Every messaging table.
 #[derive(Clone, Debug)]
 pub struct MessagingDb {
@@ -243,30 +261,29 @@ impl MessagingDb {
     }
 
     /// Up to `limit` queued items for `peer`, oldest first.
-    pub fn outbox_for(&self, peer: &PeerKey, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+    pub fn outbox_for(&self, peer: &PeerKey, round: Round) -> Result<Vec<OutboxItem>, StoreError> {
         Ok(self
             .outbox
-            .scan_prefix_first(peer, limit)?
+            .scan_weighted(peer, peer, round.items, round.bytes, |i| i.envelope.len())?
             .into_iter()
             .map(|(_, v)| v)
             .collect())
     }
 
-    /// Up to `limit` queued items for `peer` that come after `after`, oldest first.
+    /// One round of queued items for `peer` that come after `after`, oldest first.
     pub fn outbox_after(
         &self,
         peer: &PeerKey,
         after: &MsgId,
-        limit: usize,
+        round: Round,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        let from = peer_id_key(peer, after);
+        // Just after the cursor (which may still be queued): the next id up.
+        let mut from = peer_id_key(peer, after);
+        from.push(0);
         Ok(self
             .outbox
-            .scan_from(&from, limit.saturating_add(1))?
+            .scan_weighted(&from, peer, round.items, round.bytes, |i| i.envelope.len())?
             .into_iter()
-            .filter(|(k, _)| *k != from)
-            .take_while(|(k, _)| k.starts_with(peer))
-            .take(limit)
             .map(|(_, v)| v)
             .collect())
     }
@@ -328,28 +345,48 @@ mod tests {
             items.iter().map(|i| (i.peer[0], i.id.0[0])).collect()
         };
         let p2 = [2u8; 32];
+        let items = |n| Round {
+            items: n,
+            bytes: usize::MAX,
+        };
         assert_eq!(
-            ids(db.outbox_after(&p2, &MsgId([10; 16]), 2).unwrap()),
+            ids(db.outbox_after(&p2, &MsgId([10; 16]), items(2)).unwrap()),
             [(2, 20), (2, 30)]
         );
         // Never past the peer's own items, and never the cursor itself.
         assert_eq!(
-            ids(db.outbox_after(&p2, &MsgId([30; 16]), 10).unwrap()),
+            ids(db.outbox_after(&p2, &MsgId([30; 16]), items(10)).unwrap()),
             [(2, 40)]
         );
         assert!(
-            db.outbox_after(&p2, &MsgId([40; 16]), 10)
+            db.outbox_after(&p2, &MsgId([40; 16]), items(10))
                 .unwrap()
                 .is_empty()
         );
         // A cursor that is no longer queued (answered since) still finds what follows it.
         assert_eq!(
-            ids(db.outbox_after(&p2, &MsgId([15; 16]), 10).unwrap()),
+            ids(db.outbox_after(&p2, &MsgId([15; 16]), items(10)).unwrap()),
             [(2, 20), (2, 30), (2, 40)]
         );
         assert_eq!(
-            ids(db.outbox_after(&[3u8; 32], &MsgId([0; 16]), 1).unwrap()),
+            ids(db
+                .outbox_after(&[3u8; 32], &MsgId([0; 16]), items(1))
+                .unwrap()),
             [(3, 10)]
         );
+        // A byte bound: the envelopes here are 8 bytes; the one reaching 20 is the last.
+        let bytes = Round {
+            items: 100,
+            bytes: 20,
+        };
+        let round = db.outbox_for(&p2, bytes).unwrap();
+        assert_eq!(ids(round.clone()), [(2, 10), (2, 20), (2, 30)]);
+        assert!(bytes.filled_by(&round));
+        assert!(!bytes.filled_by(&round[..2]));
+        assert_eq!(
+            ids(db.outbox_after(&p2, &MsgId([20; 16]), bytes).unwrap()),
+            [(2, 30), (2, 40)]
+        );
+        assert!(items(2).filled_by(&round[..2]));
     }
 }

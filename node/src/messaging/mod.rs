@@ -45,8 +45,8 @@ pub use self::presence_share::{PresenceNote, PresenceNotes};
 use self::{
     contacts::{Contact, ContactView, validate_name},
     db::{
-        MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, SessionRecord,
-        StoredMessage, history_key, peer_id_key,
+        MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, Round,
+        SessionRecord, StoredMessage, history_key, peer_id_key,
     },
     ratelimit::TokenBucket,
     schedule::{RetryPolicy, Schedule},
@@ -79,8 +79,13 @@ const DELIVERY_WINDOW: usize = 64;
 /// each other on the way, so this stays well below the ratchet's `MAX_SKIP` (1,000): the
 /// recipient refuses a message further ahead than that as `TooEarly`.
 const DELIVERY_AHEAD: usize = 512;
-/// Most outbox items one delivery attempt takes.
-const DELIVERY_BATCH: usize = 512;
+/// How much of the queue one round of a delivery takes (it asks for the next round when it
+/// runs low): up to 2,048 envelopes, and no more than about 2 MiB of them, since a round is
+/// held in memory (a round of 64 KiB texts is 32 of them).
+const DELIVERY_ROUND: Round = Round {
+    items: 2048,
+    bytes: 2 * 1024 * 1024,
+};
 /// Longest a recorded answer (outbox removal, `sent` / `delivered` state) waits for a flush
 /// of its own when no other write brings one sooner.
 const BOOKKEEPING_FLUSH: Duration = Duration::from_millis(50);
@@ -1718,7 +1723,7 @@ impl Actor {
         }
         match self
             .db
-            .outbox_after(peer, after, DELIVERY_BATCH)
+            .outbox_after(peer, after, DELIVERY_ROUND)
             .map_err(MessagingError::from)
             .and_then(|items| self.drop_expired(peer, self.not_durable.durable_only(peer, items)))
         {
@@ -1736,7 +1741,7 @@ impl Actor {
         &mut self,
         peer: &PeerKey,
     ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
-        let items = self.db.outbox_for(peer, DELIVERY_BATCH)?;
+        let items = self.db.outbox_for(peer, DELIVERY_ROUND)?;
         let items = self.drop_expired(peer, self.not_durable.durable_only(peer, items))?;
         if items.is_empty() {
             return Ok(None);
@@ -2750,7 +2755,7 @@ async fn deliver(
     let items = if known_offline { Vec::new() } else { items };
     // The last item taken, while the actor may have more after it: only a full batch says
     // so (a short one emptied the queue; what is queued later gets the next attempt).
-    let full = |batch: &[OutboxItem]| batch.len() >= DELIVERY_BATCH;
+    let full = |round: &[OutboxItem]| DELIVERY_ROUND.filled_by(round);
     let mut cursor = items.last().filter(|_| full(&items)).map(|i| i.id);
     let mut in_flight = FuturesOrdered::new();
     let mut envelopes_in_flight = 0;

@@ -1020,6 +1020,34 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         self.collect(self.scan().range(from..).take(limit))
     }
 
+    /// Entries with keys `>= from` that start with `prefix`, in key order: at most `limit`,
+    /// and none after the one that brings the sum of `weight` over them to `max_weight`.
+    /// Values are read one at a time, so a small budget reads little.
+    pub fn scan_weighted(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+        max_weight: usize,
+        weight: impl Fn(&V) -> usize,
+    ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        for item in self.scan().range(from..) {
+            if out.len() >= limit || total >= max_weight {
+                break;
+            }
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let v = self.decode(&v)?;
+            total = total.saturating_add(weight(&v));
+            out.push((k.to_vec(), v));
+        }
+        Ok(out)
+    }
+
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
         self.collect(self.scan().scan_prefix(prefix))
