@@ -551,6 +551,9 @@ struct Actor {
     flushing: Option<Flushing>,
     /// Set once shutdown began: turns only flush and answer, they start no deliveries.
     stopping: bool,
+    /// While an inbound request's writes are grouped: the one-time prekeys as they were
+    /// before the request used one, restored if the group's commit fails.
+    group_prekeys: Option<Option<LocalPrekeys>>,
     /// Set while the last flush failed (for example a full disk): inbound envelopes are
     /// refused as `Unavailable` until a flush succeeds again.
     storage_failed: Option<String>,
@@ -637,6 +640,7 @@ pub fn spawn(
         not_durable: NotDurable::default(),
         flushing: None,
         stopping: false,
+        group_prekeys: None,
         storage_failed: None,
         next_prune: Instant::now(),
         unflushed: LazyFlush::default(),
@@ -2021,8 +2025,10 @@ impl Actor {
         // written once.
         let store = self.db.store.clone();
         let owed = self.after_flush.len();
-        let (prekeys, requests) = (self.prekeys.clone(), self.message_requests);
+        let requests = self.message_requests;
+        self.group_prekeys = Some(None);
         let (answers, committed) = store.group(|| self.accept_each(peer, list));
+        let prekeys = self.group_prekeys.take().flatten();
         let mut answers = answers?;
         if let Err(e) = committed {
             // Not stored (or, if the commit broke half way, not acknowledged: the journal
@@ -2030,7 +2036,9 @@ impl Actor {
             // stored is refused for now (the sender keeps it and retries), nothing it would
             // have announced is, and what it changed in memory is undone.
             tracing::warn!(error = %e, "could not store a batch of inbound messages");
-            self.prekeys = prekeys;
+            if let Some(p) = prekeys {
+                self.prekeys = p;
+            }
             self.message_requests = requests;
             for f in self.after_flush.drain(owed..) {
                 f(Err(e.to_string()));
@@ -2503,7 +2511,10 @@ impl Actor {
             Ok(changed)
         })?;
         if let Some(p) = prekeys {
-            self.prekeys = p;
+            let before = std::mem::replace(&mut self.prekeys, p);
+            if let Some(kept) = self.group_prekeys.as_mut() {
+                kept.get_or_insert(before);
+            }
         }
         self.dirty = true;
         if new_contact.is_some() {

@@ -220,7 +220,7 @@ struct Group {
     writes: Vec<Write>,
     at: HashMap<(&'static str, Vec<u8>), usize>,
     /// Set when gathered writes could not be committed (see [`Shared::settle_group`]).
-    failed: Option<String>,
+    failed: Option<StoreError>,
 }
 
 /// Clears this thread's group however [`Store::group`]'s closure ends (a panic too).
@@ -278,7 +278,7 @@ impl Shared {
         if let Err(e) = self.commit_now(&mut w, writes) {
             GROUP.with(|g| {
                 if let Some(g) = g.borrow_mut().as_mut() {
-                    g.failed.get_or_insert(e.to_string());
+                    g.failed.get_or_insert(e);
                 }
             });
         }
@@ -761,8 +761,8 @@ impl Store {
         let committed = match group {
             None => Ok(()),
             Some(Group {
-                failed: Some(why), ..
-            }) => Err(StoreError::Aborted(why)),
+                failed: Some(e), ..
+            }) => Err(e),
             Some(g) => {
                 let mut w = lock(&self.shared.writer);
                 self.shared.commit_now(&mut w, g.writes)
