@@ -77,7 +77,9 @@ async fn alice_and_bob_talk_with_receipts_and_a_message_request() {
     b.stop().await;
 }
 
-#[tokio::test]
+// On the runtime the daemon uses: a node idle between sends flushes on the actor's thread,
+// one with deliveries running flushes on the blocking pool; both paths are taken here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_arrive_once_in_order_and_are_delivered() {
     let a = TestNode::spawn("alice").await;
     let b = TestNode::spawn("bob").await;
@@ -273,7 +275,12 @@ async fn a_backlog_longer_than_the_skip_window_arrives_whole_and_in_order() {
 
 #[tokio::test]
 async fn typing_reaches_a_connected_contact_and_is_never_stored() {
-    let a = TestNode::spawn("alice").await;
+    // Alice shares no presence, so nothing but the first message starts a session (sharing
+    // would send bob her presence key, over a new session, whenever her node gets to it).
+    let a = TestNode::spawn_with("alice", |c| {
+        c.presence.share = tern_node::config::SharePresence::Nobody;
+    })
+    .await;
     let mut b = TestNode::spawn("bob").await;
     a.add_contact(&b, "bob").await;
     // No session yet: typing starts none.

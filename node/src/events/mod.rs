@@ -251,6 +251,9 @@ impl EventBus {
             kind,
         };
         inner.next_seq += 1;
+        // Live subscribers first (a subscription is made under this lock, so none sees the
+        // log and the live channel out of step), then the log.
+        let _ = inner.tx.send(event.clone());
         match serde_json::to_string(&event) {
             Ok(json) => {
                 if let Err(e) = inner.log.append(event.seq, &json) {
@@ -259,7 +262,6 @@ impl EventBus {
             }
             Err(e) => tracing::warn!(error = %e, "event does not serialize"),
         }
-        let _ = inner.tx.send(event.clone());
         event
     }
 

@@ -37,7 +37,7 @@ use rand::{RngCore, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{broadcast, mpsc, oneshot},
-    task::{JoinError, JoinHandle},
+    task::JoinError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -504,6 +504,16 @@ enum Outcome {
 }
 
 type AfterFlush = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// A running flush: the blocking pool's task, or one already done on the actor's thread.
+type FlushTask = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Result<(), StoreError>, JoinError>> + Send>,
+>;
+
+/// Whether this thread may block in place (a worker of a multi-thread runtime).
+fn can_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
 
 struct Actor {
     me: PeerKey,
@@ -549,6 +559,9 @@ struct Actor {
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
+    /// This turn found nothing else waiting and no delivery running: its flush may run on
+    /// the actor's own thread ([`Self::start_flush`]).
+    idle_turn: bool,
     /// Set once shutdown began: turns only flush and answer, they start no deliveries.
     stopping: bool,
     /// While an inbound request's writes are grouped: the one-time prekeys as they were
@@ -639,6 +652,7 @@ pub fn spawn(
         undo: Vec::new(),
         not_durable: NotDurable::default(),
         flushing: None,
+        idle_turn: false,
         stopping: false,
         group_prekeys: None,
         storage_failed: None,
@@ -760,6 +774,7 @@ impl Actor {
                 _ = tokio::time::sleep_until(wake) => {}
             }
             // Drain what else is ready, so one flush covers the whole batch.
+            let mut quiet = false;
             for _ in 0..BATCH_LIMIT {
                 if let Ok(req) = inbound.try_recv() {
                     self.handle_inbound(req);
@@ -768,10 +783,13 @@ impl Actor {
                 } else if let Ok(res) = results.try_recv() {
                     self.handle_delivery_result(res);
                 } else {
+                    quiet = true;
                     break;
                 }
             }
+            self.idle_turn = quiet && !self.schedule.any_in_flight();
             self.finish_batch();
+            self.idle_turn = false;
         }
         // Answer what is pending so callers are not left hanging (and flush everything);
         // start nothing new.
@@ -813,11 +831,15 @@ impl Actor {
     /// Starts flushing the current batch, if it needs it and no flush runs. What the batch
     /// owes (answers to peers, replies, events, its undo list) moves with it and is released
     /// when its flush ends ([`Self::flush_done`]); the actor goes on with the next batch
-    /// meanwhile.
+    /// meanwhile. In an idle turn (nothing else waiting, no delivery running) the flush runs
+    /// on the actor's thread instead (`block_in_place`) and is over when this returns: there
+    /// is nothing to overlap it with, and the two thread hand-offs cost a lone message more
+    /// than they save.
     fn start_flush(&mut self) {
         if self.flushing.is_some() {
             return;
         }
+        let inline = std::mem::take(&mut self.idle_turn);
         let needed = self.dirty
             || self.unflushed.due(Instant::now())
             || !self.after_flush.is_empty()
@@ -827,8 +849,16 @@ impl Actor {
         }
         self.dirty = false;
         self.not_durable.flush_started();
+        let task: FlushTask = if inline && can_block_in_place() {
+            let store = self.db.store.clone();
+            let done = tokio::task::block_in_place(|| store.flush_blocking());
+            Box::pin(std::future::ready(Ok(done)))
+        } else {
+            let task = self.db.store.start_flush();
+            Box::pin(task)
+        };
         self.flushing = Some(Flushing {
-            task: self.db.store.start_flush(),
+            task,
             after_flush: std::mem::take(&mut self.after_flush),
             responses: std::mem::take(&mut self.responses),
             undo: std::mem::take(&mut self.undo),
@@ -872,6 +902,14 @@ impl Actor {
         let now = Instant::now();
         for peer in durable {
             self.schedule.enqueue(peer, now);
+        }
+        // The envelopes made durable go out before callers and events are told: the new
+        // deliveries get to run first.
+        if !self.stopping && self.start_deliveries() {
+            tokio::task::yield_now().await;
+        }
+        if !self.stopping {
+            self.answer_refills();
         }
         for f in batch.after_flush {
             f(result.clone());
@@ -1636,8 +1674,10 @@ impl Actor {
         }
     }
 
-    fn start_deliveries(&mut self) {
+    /// Starts an attempt for every peer due; whether it started any.
+    fn start_deliveries(&mut self) -> bool {
         let now = Instant::now();
+        let mut started = false;
         for peer in self.schedule.take_due(now) {
             match self.prepare_delivery(&peer) {
                 Ok(Some((peer_id, addrs, items))) => {
@@ -1662,6 +1702,7 @@ impl Actor {
                         let r = deliver(net, target, items, offline, results.clone()).await;
                         let _ = results.send(r).await;
                     });
+                    started = true;
                 }
                 Ok(None) => self.schedule.done(&peer),
                 Err(e) => {
@@ -1673,6 +1714,7 @@ impl Actor {
                 }
             }
         }
+        started
     }
 
     /// Fails the expired ones among `items` (removed from the outbox, `messageFailed`) and
@@ -3059,7 +3101,7 @@ const MAX_RECEIPT_IDS: usize = 1000;
 
 /// A batch whose flush runs, with what it releases when the flush ends.
 struct Flushing {
-    task: JoinHandle<Result<(), StoreError>>,
+    task: FlushTask,
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     undo: Vec<(PeerKey, MsgId, Option<u64>)>,

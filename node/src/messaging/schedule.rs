@@ -102,6 +102,11 @@ where
         due
     }
 
+    /// Whether an attempt runs for any peer.
+    pub fn any_in_flight(&self) -> bool {
+        self.peers.values().any(|s| s.in_flight)
+    }
+
     /// The attempt for `peer` drained its queue: forget it.
     pub fn done(&mut self, peer: &P) {
         self.peers.remove(peer);
@@ -205,9 +210,12 @@ mod tests {
         });
         let t0 = Duration::ZERO;
         s.enqueue("bob", t0);
+        assert!(!s.any_in_flight(), "due is not in flight yet");
         assert_eq!(s.take_due(t0), vec!["bob"]);
+        assert!(s.any_in_flight());
         assert!(s.take_due(t0).is_empty(), "in flight is not due twice");
         assert_eq!(s.failed(&"bob", t0, 0), Duration::from_secs(1));
+        assert!(!s.any_in_flight(), "backing off is not in flight");
         assert!(s.take_due(t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(s.take_due(t0 + Duration::from_secs(1)), vec!["bob"]);
         assert_eq!(

@@ -684,7 +684,8 @@ impl Store {
         tokio::task::spawn_blocking(move || shared.sync())
     }
 
-    /// Blocking flush, for shutdown paths outside async code.
+    /// Blocking flush: for shutdown paths outside async code, and for a caller that has
+    /// nothing to do meanwhile (inside `tokio::task::block_in_place`).
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.shared.settle_group();
         self.shared.sync()
