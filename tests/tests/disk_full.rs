@@ -13,8 +13,7 @@ use tern_tests::{SmallDisk, TestNode};
 
 const LONG: Duration = Duration::from_secs(60);
 
-// On the runtime the daemon uses, so an idle node's flush (on the actor's thread) meets
-// the full disk too.
+// On the runtime the daemon uses (where an idle node flushes on the actor's thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_sends_cleanly_and_recovers() {
     let disk = match SmallDisk::mount(24) {

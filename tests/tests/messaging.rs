@@ -77,8 +77,8 @@ async fn alice_and_bob_talk_with_receipts_and_a_message_request() {
     b.stop().await;
 }
 
-// On the runtime the daemon uses: a node idle between sends flushes on the actor's thread,
-// one with deliveries running flushes on the blocking pool; both paths are taken here.
+// On the runtime the daemon uses, where a node idle between sends flushes on the actor's
+// thread and one with deliveries running flushes on the blocking pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_arrive_once_in_order_and_are_delivered() {
     let a = TestNode::spawn("alice").await;

@@ -515,6 +515,16 @@ fn can_block_in_place() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
+/// Runs the flush `f` on this thread (`block_in_place`: the runtime moves this worker's
+/// other tasks to another thread meanwhile). A panic in it is a failed flush, as it is on
+/// the blocking pool, not the end of the caller.
+fn flush_in_place(f: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    tokio::task::block_in_place(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .unwrap_or_else(|_| Err(StoreError::Broken("the flush panicked".into())))
+    })
+}
+
 struct Actor {
     me: PeerKey,
     keys: IdentityKeys,
@@ -831,15 +841,20 @@ impl Actor {
     /// Starts flushing the current batch, if it needs it and no flush runs. What the batch
     /// owes (answers to peers, replies, events, its undo list) moves with it and is released
     /// when its flush ends ([`Self::flush_done`]); the actor goes on with the next batch
-    /// meanwhile. In an idle turn (nothing else waiting, no delivery running) the flush runs
-    /// on the actor's thread instead (`block_in_place`) and is over when this returns: there
-    /// is nothing to overlap it with, and the two thread hand-offs cost a lone message more
-    /// than they save.
+    /// meanwhile. In an idle turn (nothing else waiting, no delivery running, no checkpoint
+    /// due) the flush runs on the actor's thread instead ([`flush_in_place`]) and is over
+    /// when this returns: there is nothing to overlap it with, and the two thread hand-offs
+    /// cost a lone message more than they save.
     fn start_flush(&mut self) {
         if self.flushing.is_some() {
             return;
         }
-        let inline = std::mem::take(&mut self.idle_turn);
+        // Idle: nothing else waits (the turn drained every channel), no delivery runs (this
+        // turn may have started one), and no checkpoint is due (it takes far longer).
+        let inline = std::mem::take(&mut self.idle_turn)
+            && !self.schedule.any_in_flight()
+            && !self.db.store.checkpoint_due()
+            && can_block_in_place();
         let needed = self.dirty
             || self.unflushed.due(Instant::now())
             || !self.after_flush.is_empty()
@@ -849,9 +864,9 @@ impl Actor {
         }
         self.dirty = false;
         self.not_durable.flush_started();
-        let task: FlushTask = if inline && can_block_in_place() {
+        let task: FlushTask = if inline {
             let store = self.db.store.clone();
-            let done = tokio::task::block_in_place(|| store.flush_blocking());
+            let done = flush_in_place(|| store.flush_blocking());
             Box::pin(std::future::ready(Ok(done)))
         } else {
             let task = self.db.store.start_flush();
@@ -866,9 +881,9 @@ impl Actor {
         });
     }
 
-    /// The running flush ended: answers peers, then callers and events (or, if it failed,
-    /// withdraws the batch's outgoing envelopes and answers errors), makes the batch's
-    /// envelopes deliverable, and ends the turn.
+    /// The running flush ended: answers peers, makes the batch's envelopes deliverable and
+    /// starts their deliveries, then answers callers and publishes events (or, if it failed,
+    /// withdraws the batch's outgoing envelopes and answers errors), and ends the turn.
     async fn flush_done(&mut self, flushed: Result<Result<(), StoreError>, JoinError>) {
         let Some(batch) = self.flushing.take() else {
             return;
@@ -891,7 +906,8 @@ impl Actor {
                 self.unflushed.failed(batch.recorded, Instant::now());
             }
         }
-        // Peers first (they wait on the network), then callers and events.
+        // Peers first (they wait on the network), then new deliveries, then callers and
+        // events.
         if result.is_ok() {
             for (channel, bytes) in batch.responses {
                 if self.net.respond(channel, bytes).await.is_err() {
@@ -3370,6 +3386,27 @@ fn hex_short(key: &PeerKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_current_thread_runtime_never_flushes_in_place() {
+        assert!(!can_block_in_place());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_in_place_reports_its_result_and_survives_a_panic() {
+        assert!(can_block_in_place());
+        let store = crate::store::Store::temporary().unwrap();
+        assert!(flush_in_place(|| store.flush_blocking()).is_ok());
+        let failed = flush_in_place(|| Err(StoreError::Broken("disk gone".into())));
+        assert!(matches!(failed, Err(StoreError::Broken(why)) if why == "disk gone"));
+        let panicked = flush_in_place(|| panic!("a bug in the flush"));
+        assert!(
+            matches!(panicked, Err(StoreError::Broken(why)) if why.contains("panicked")),
+            "a panic is a failed flush"
+        );
+        // The task and its runtime go on.
+        assert!(flush_in_place(|| store.flush_blocking()).is_ok());
+    }
 
     #[test]
     fn requests_take_the_queue_in_order_within_the_batch_limits() {

@@ -691,6 +691,12 @@ impl Store {
         self.shared.sync()
     }
 
+    /// Whether the next flush checkpoints first (the journal reached its size limit): it
+    /// then takes much longer than one `fdatasync` (sled is flushed and synced).
+    pub fn checkpoint_due(&self) -> bool {
+        self.shared.files.is_some() && lock(&self.shared.writer).len >= CHECKPOINT_BYTES
+    }
+
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
     /// so the next open has nothing to apply again.
     pub async fn close(&self) -> Result<(), StoreError> {
@@ -1485,6 +1491,25 @@ mod tests {
             (t.get(b"a").unwrap(), t.get(b"b").unwrap()),
             (Some(1), Some(2))
         );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_due_once_the_journal_reaches_its_limit_and_not_after() {
+        assert!(!Store::temporary().unwrap().checkpoint_due(), "no journal");
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("db")).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        t.insert(b"a", &1).unwrap();
+        assert!(!s.checkpoint_due());
+        // As if 64 MiB of records had been written: the next flush checkpoints.
+        lock(&s.shared.writer).len = CHECKPOINT_BYTES;
+        assert!(s.checkpoint_due());
+        s.flush().await.unwrap();
+        assert!(
+            !s.checkpoint_due(),
+            "the flush checkpointed: a fresh journal"
+        );
+        assert_eq!(t.get(b"a").unwrap(), Some(1));
     }
 
     #[test]
