@@ -520,8 +520,14 @@ fn can_block_in_place() -> bool {
 /// the blocking pool, not the end of the caller.
 fn flush_in_place(f: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
     tokio::task::block_in_place(|| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|_| Err(StoreError::Broken("the flush panicked".into())))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message");
+            Err(StoreError::Broken(format!("the flush panicked: {why}")))
+        })
     })
 }
 
@@ -3401,7 +3407,8 @@ mod tests {
         assert!(matches!(failed, Err(StoreError::Broken(why)) if why == "disk gone"));
         let panicked = flush_in_place(|| panic!("a bug in the flush"));
         assert!(
-            matches!(panicked, Err(StoreError::Broken(why)) if why.contains("panicked")),
+            matches!(panicked, Err(StoreError::Broken(why))
+                if why.contains("panicked") && why.contains("a bug in the flush")),
             "a panic is a failed flush"
         );
         // The task and its runtime go on.

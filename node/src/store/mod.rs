@@ -297,10 +297,12 @@ impl Shared {
                 return None;
             }
             for x in writes {
-                match g.at.get(&(x.name, x.key.clone())) {
-                    Some(&i) => g.writes[i].value = x.value,
-                    None => {
-                        g.at.insert((x.name, x.key.clone()), g.writes.len());
+                match g.at.entry((x.name, x.key.clone())) {
+                    std::collections::hash_map::Entry::Occupied(at) => {
+                        g.writes[*at.get()].value = x.value;
+                    }
+                    std::collections::hash_map::Entry::Vacant(at) => {
+                        at.insert(g.writes.len());
                         g.writes.push(x);
                     }
                 }
