@@ -106,6 +106,10 @@ pub struct NodeStatus {
     pub presence: PresenceStats,
     /// Relayed connections upgraded to direct ones by hole punching, and failed attempts.
     pub hole_punches: net::HolePunchStats,
+    /// Envelopes that left before their own flush since start (their chain positions were
+    /// reserved durably ahead).
+    #[serde(default)]
+    pub sent_before_flush: u64,
 }
 
 struct Inner {
@@ -385,6 +389,7 @@ impl NodeHandle {
             hole_punches: net.hole_punches,
             outbox: stats.outbox,
             rejected: stats.rejected,
+            sent_before_flush: stats.sent_before_flush,
             presence,
         })
     }

@@ -11,8 +11,12 @@
 //!   at once (a frame it refuses as malformed: no crypto, no storage).
 //! - Round trip: `send` (encrypt, commit, flush) -> recipient decrypts, stores, flushes ->
 //!   its answer `Delivered` (the receipt) -> sender records `delivered` -> `receipt
-//!   delivered` event (that record is flushed later, with other work). Two durable flushes
-//!   (journal `fdatasync`s) sit on this path, one per side.
+//!   delivered` event (that record is flushed later, with other work). The recipient's
+//!   durable flush (a journal `fdatasync`) sits on this path; the sender's runs while the
+//!   message travels, since its chain position is covered by a durable reservation (all
+//!   but the first messages of a chain; the bench's all stay on one).
+//! - Floors: the bare round trip plus the recipient's `fdatasync`, and plus the sender's
+//!   too (what the first message of a new chain pays), timed the same way.
 //! - Throughput: 1 KiB messages with many sends in flight, until the sender has seen `sent`
 //!   (durably stored on both sides) for every one: counted from its events.
 
@@ -147,6 +151,56 @@ async fn main() {
         assert!(!r.is_empty());
     }
     let (bare50, bare99) = report("bare request-response round trip", bare);
+
+    // The floors under the durability rules: the recipient answers only once its flush
+    // made the message durable, and a message leaves only once the ratchet state that
+    // sealed it is durable, or is covered by a durable reservation of its chain position
+    // (then the sender's flush runs while it travels). So the same bare round trip with
+    // the recipient's `fdatasync` after it (a message covered by a reservation), and with
+    // the sender's before it too (the first message of a new chain), at the message path's
+    // pace (the disk idles between them as it does there).
+    let (floor1, floor2) = {
+        use std::os::unix::fs::FileExt;
+        const SLOTS: u64 = (1 << 20) / 600;
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("floor")).unwrap();
+        file.write_all_at(&vec![0; 1 << 20], 0).unwrap();
+        file.sync_all().unwrap();
+        // A 600-byte record (about a message's), then `fdatasync`, as a flush does.
+        let store = |k: u64| {
+            tokio::task::block_in_place(|| {
+                file.write_all_at(&[1; 600], (k % SLOTS) * 600).unwrap();
+                file.sync_data().unwrap();
+            })
+        };
+        let mut floors = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..2 * n as u64 {
+            let both = i % 2 == 1;
+            let t = Instant::now();
+            if both {
+                store(2 * i);
+            }
+            let r = net
+                .request(b_id, Vec::new(), b"\x01x".to_vec())
+                .await
+                .unwrap();
+            store(2 * i + 1);
+            if both { &mut floors.1 } else { &mut floors.0 }.push(t.elapsed());
+            assert!(!r.is_empty());
+        }
+        floors
+    };
+    for (name, floor) in [
+        ("bare + the recipient's fdatasync", floor1),
+        ("bare + two fdatasyncs in sequence", floor2),
+    ] {
+        let (f50, f99) = report(name, floor);
+        println!(
+            "    (to bare: p50 {:.1}x, p99 {:.1}x)",
+            f50.as_secs_f64() / bare50.as_secs_f64(),
+            f99.as_secs_f64() / bare99.as_secs_f64()
+        );
+    }
 
     // Message round trip to the delivered receipt (fresh subscription: nothing stale queued).
     a.events = a.handle.subscribe(None).unwrap();

@@ -219,6 +219,48 @@ async fn offline_recipient_gets_queued_messages_when_back() {
     b.stop().await;
 }
 
+/// Once a session's chain positions are reserved durably, the next messages on that chain
+/// leave before their own flush; all of them still arrive once and in order, across a
+/// clean restart of the sender (which reserves again) and a restart of the recipient.
+#[tokio::test]
+async fn messages_covered_by_a_reservation_leave_before_their_flush_and_arrive_in_order() {
+    let mut a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    // The first message starts the session (and its chain): it waits for its flush.
+    a.handle.send("bob", "m0").await.unwrap();
+    a.wait_history("bob", LONG, |h| all(h, 1, "delivered"))
+        .await;
+    let before = a.handle.status().await.unwrap().sent_before_flush;
+    for i in 1..=5 {
+        a.handle.send("bob", &format!("m{i}")).await.unwrap();
+        a.wait_history("bob", LONG, |h| all(h, i + 1, "delivered"))
+            .await;
+    }
+    let early = a.handle.status().await.unwrap().sent_before_flush - before;
+    assert!(early >= 5, "only {early} of 5 left before their flush");
+    // A clean restart clears the reservations; the chain goes on where it was.
+    a.restart().await;
+    a.wait_connected(&b.handle.peer_id()).await;
+    for i in 6..=8 {
+        a.handle.send("bob", &format!("m{i}")).await.unwrap();
+    }
+    a.wait_history("bob", LONG, |h| all(h, 9, "delivered"))
+        .await;
+    b.restart().await;
+    a.handle.send("bob", "m9").await.unwrap();
+    let got = b.wait_history("alice", LONG, |h| h.len() == 10).await;
+    let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "m9"]
+    );
+    a.wait_history("bob", LONG, |h| all(h, 10, "delivered"))
+        .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A backlog longer than the ratchet's skip window (`MAX_SKIP`, 1,000 messages) flows at
 /// full speed when the recipient returns: requests overtaking each other on the way must
 /// not lose the messages they passed (`TooEarly` is retried; the sender keeps its

@@ -36,7 +36,7 @@ mod secret;
 pub mod sender_keys;
 pub mod session;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod x3dh;
 
 pub use error::CryptoError;
@@ -46,4 +46,4 @@ pub use ratchet::{Header, RatchetMessage};
 pub use sender_keys::{
     GroupMessage, InboundSenderKey, OutboundSenderKey, SenderKeyDistribution, SenderKeyStore,
 };
-pub use session::{Message, PreKeyMessage, Session};
+pub use session::{ChainPosition, Message, PreKeyMessage, Session};

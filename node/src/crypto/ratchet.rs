@@ -319,6 +319,50 @@ impl DoubleRatchet {
         Ok(RatchetMessage { header, ciphertext })
     }
 
+    /// The current sending chain: our ratchet public key and the index its next message
+    /// gets. `None` until a sending chain exists (before the first encryption, and after a
+    /// new remote ratchet key until the next one).
+    pub(crate) fn sending_position(&self) -> Option<([u8; 32], u32)> {
+        match (&self.sending, &self.our_ratchet) {
+            (Some(chain), Some(ours)) => Some((ours.public, chain.index)),
+            _ => None,
+        }
+    }
+
+    /// Moves the sending chain whose ratchet public key is `ratchet_key` on to index
+    /// `until`, deriving and forgetting the message keys before it, so that no later
+    /// message reuses one of them. Returns whether it moved (the current sending chain is
+    /// another one, or already there). At most [`MAX_SKIP`] positions: the receiver skips
+    /// no more than that at once.
+    pub(crate) fn skip_sending(
+        &mut self,
+        ratchet_key: &[u8; 32],
+        until: u32,
+    ) -> Result<bool, CryptoError> {
+        let ours = self.our_ratchet.as_ref().map(|p| p.public);
+        let Some(chain) = self.sending.as_mut() else {
+            return Ok(false);
+        };
+        if ours.as_ref() != Some(ratchet_key) || chain.index >= until {
+            return Ok(false);
+        }
+        if u64::from(until) > u64::from(chain.index) + u64::from(MAX_SKIP) {
+            return Err(CryptoError::TooFarAhead {
+                current: chain.index,
+                got: until,
+                max: MAX_SKIP,
+            });
+        }
+        let mut key = Secret32::copy_from(chain.key.as_bytes());
+        for _ in chain.index..until {
+            let (next, _message_key) = kdf::kdf_ck(key.as_bytes())?;
+            key = Secret32::copy_from(&next);
+        }
+        chain.key = key;
+        chain.index = until;
+        Ok(true)
+    }
+
     /// Whether `header` continues the current receiving chain beyond the keys skipped at
     /// once (`MAX_SKIP`) but at most [`MAX_AHEAD_LATER`] ahead: once the messages before it
     /// are decrypted, it is within reach. Reads only public header fields.

@@ -186,6 +186,16 @@ impl Message {
     }
 }
 
+/// A position in a sending chain: the chain's ratchet public key (sent in the clear in
+/// every header) and a message index. Public values only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPosition {
+    /// Our ratchet public key of the chain.
+    pub ratchet_key: [u8; 32],
+    /// The index.
+    pub index: u32,
+}
+
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct PendingPrekey {
     ephemeral_key: [u8; 32],
@@ -341,6 +351,24 @@ impl Session {
                 self.matches(m) && self.ratchet.decryptable_later(m.message.header())
             }
         }
+    }
+
+    /// Where the current sending chain stands: the ratchet public key its messages carry
+    /// and the index the next one gets (see [`ChainPosition`]). `None` while there is no
+    /// sending chain (the next [`Self::encrypt`] starts one).
+    pub fn sending_position(&self) -> Option<ChainPosition> {
+        self.ratchet
+            .sending_position()
+            .map(|(ratchet_key, index)| ChainPosition { ratchet_key, index })
+    }
+
+    /// Moves the sending chain on to `to.index` if it is still the chain `to.ratchet_key`
+    /// names and behind that index: the keys in between are derived and forgotten, never
+    /// used. Returns whether it moved. This is how positions that may have been used by
+    /// messages whose new state was lost (a crash before it was stored) are never used
+    /// again; the receiver skips them as it skips lost messages.
+    pub fn skip_sending_to(&mut self, to: &ChainPosition) -> Result<bool, CryptoError> {
+        self.ratchet.skip_sending(&to.ratchet_key, to.index)
     }
 
     /// Whether `message` is a first-flight message of this (responder) session.

@@ -206,6 +206,9 @@ pub struct MessagingDb {
     /// Peer key -> a prekey bundle with a one-time prekey claimed from the contact's relay,
     /// used (and removed) when the first session with it starts.
     pub claimed_prekeys: Table<Vec<u8>>,
+    /// Peer key -> the sending-chain positions reserved ahead (envelopes sealed there may
+    /// leave before their flush; a start after a crash skips past them).
+    pub send_reserved: Table<super::reserve::Reservation>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -237,6 +240,7 @@ impl MessagingDb {
             mailbox_revoked: store.table("mailbox_revoked")?,
             contact_mailbox: store.table("contact_mailbox")?,
             claimed_prekeys: store.table("claimed_prekeys")?,
+            send_reserved: store.table("send_reserved")?,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod db;
 pub mod mailbox;
 mod presence_share;
 pub mod ratelimit;
+pub mod reserve;
 pub mod schedule;
 pub mod wire;
 
@@ -49,6 +50,7 @@ use self::{
         SessionRecord, StoredMessage, history_key, peer_id_key,
     },
     ratelimit::TokenBucket,
+    reserve::Reservations,
     schedule::{RetryPolicy, Schedule},
     wire::{
         Content, Envelope, MAX_TEXT_BYTES, MsgId, MsgIdGen, Plaintext, ReceiptKind, RejectReason,
@@ -266,6 +268,9 @@ pub struct MessagingStats {
     /// Home relays (by peer id) where our mailbox registration succeeded since start, with
     /// the time (ms since the epoch) of the last one.
     pub relay_registrations: std::collections::BTreeMap<PeerId, u64>,
+    /// Envelopes that left before their own flush since start, covered by a durable
+    /// reservation of their chain positions ([`reserve`]).
+    pub sent_before_flush: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, MessagingError>>;
@@ -572,6 +577,11 @@ struct Actor {
     /// Envelopes queued in the batch being flushed and in the current one: no delivery
     /// takes them before they are durable.
     not_durable: NotDurable,
+    /// Sending-chain positions reserved ahead, by peer: envelopes they cover leave before
+    /// their flush ([`reserve`]).
+    reservations: Reservations,
+    /// Envelopes that left before their flush since start (covered by a reservation).
+    sent_before_flush: u64,
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
@@ -633,6 +643,13 @@ pub fn spawn(
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
+    let moved = skip_reserved_positions(&db)?;
+    if moved > 0 {
+        tracing::info!(
+            sessions = moved,
+            "sending chains moved past the positions reserved before an unclean stop"
+        );
+    }
     let next_relay_sync = Instant::now() + config.relay_sync_interval;
     let message_requests = count_message_requests(&db)?;
     let my_addrs = config
@@ -667,6 +684,8 @@ pub fn spawn(
         rejected: Default::default(),
         undo: Vec::new(),
         not_durable: NotDurable::default(),
+        reservations: Reservations::default(),
+        sent_before_flush: 0,
         flushing: None,
         idle_turn: false,
         stopping: false,
@@ -723,6 +742,72 @@ pub fn load_or_create_prekeys(
             db.store.flush_blocking()?;
             Ok(p)
         }
+    }
+}
+
+/// After an unclean stop, envelopes sealed at reserved positions may have left while the
+/// state that sealed them was lost: moves each such session's sending chain past its
+/// reservation and clears the reservations, durably, before anything new is sealed
+/// ([`reserve`]). Returns how many sessions moved. A session that does not decode is left
+/// as it is (it cannot seal anything either).
+pub fn skip_reserved_positions(db: &MessagingDb) -> Result<usize, MessagingError> {
+    let reserved = db.send_reserved.scan_prefix(&[])?;
+    if reserved.is_empty() {
+        return Ok(0);
+    }
+    let mut moved = Vec::new();
+    for (key, reservation) in &reserved {
+        let Some(mut record) = db.sessions.get(key)? else {
+            continue;
+        };
+        let skipped = Session::from_bytes(&record.current)
+            .and_then(|mut s| Ok((s.skip_sending_to(&reservation.position())?, s)));
+        match skipped {
+            Ok((true, session)) => {
+                record.current = session.to_bytes()?.to_vec();
+                moved.push((key, record));
+            }
+            Ok((false, _)) => {}
+            Err(e) => tracing::warn!(error = %e, "a reserved session could not be moved on"),
+        }
+    }
+    db.store
+        .transaction(&[&db.sessions, &db.send_reserved], |tx| {
+            for (key, _) in &reserved {
+                tx.remove(&db.send_reserved, key)?;
+            }
+            for (key, record) in &moved {
+                tx.insert(&db.sessions, key, record)?;
+            }
+            Ok(())
+        })?;
+    db.store.flush_blocking()?;
+    Ok(moved.len())
+}
+
+/// Removes every stored reservation and flushes that (at a clean stop, after the last
+/// flush). If this fails the next start moves the chains on, which is safe too.
+async fn clear_reservations(db: MessagingDb) -> Result<(), MessagingError> {
+    let keys: Vec<Vec<u8>> = db
+        .send_reserved
+        .scan_prefix(&[])?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    db.store.transaction(&[&db.send_reserved], |tx| {
+        for k in &keys {
+            tx.remove(&db.send_reserved, k)?;
+        }
+        Ok(())
+    })?;
+    match db.store.start_flush().await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(MessagingError::NotDurable(format!(
+            "flush task failed: {e}"
+        ))),
     }
 }
 
@@ -822,6 +907,12 @@ impl Actor {
                 }
             }
         }
+        // Every sealed envelope's state is durable now: the next start skips nothing.
+        if self.storage_failed.is_none()
+            && let Err(e) = clear_reservations(self.db.clone()).await
+        {
+            tracing::warn!(error = %e, "could not clear the reserved chain positions");
+        }
         tracing::debug!("messaging task stopped");
     }
 
@@ -870,6 +961,7 @@ impl Actor {
         }
         self.dirty = false;
         self.not_durable.flush_started();
+        self.reservations.flush_started();
         let task: FlushTask = if inline {
             let store = self.db.store.clone();
             let done = flush_in_place(|| store.flush_blocking());
@@ -899,6 +991,7 @@ impl Actor {
             Err(e) => Err(format!("flush task failed: {e}")),
         };
         let durable = self.not_durable.flush_done(result.is_ok());
+        self.reservations.flush_done(result.is_ok());
         match &result {
             Ok(()) => {
                 if self.storage_failed.take().is_some() {
@@ -1038,6 +1131,7 @@ impl Actor {
                     .map(|(k, v)| ((*k).to_string(), *v))
                     .collect();
                 let relay_registrations = self.relay_registered.clone();
+                let sent_before_flush = self.sent_before_flush;
                 // Counting walks the whole outbox: not on this task, which would stall
                 // every delivery meanwhile.
                 let outbox = self.db.outbox.clone();
@@ -1046,6 +1140,7 @@ impl Actor {
                         outbox: outbox.len() as u64,
                         rejected,
                         relay_registrations,
+                        sent_before_flush,
                     }));
                 });
             }
@@ -1410,6 +1505,7 @@ impl Actor {
         let expires_at = now + self.config.message_ttl.as_millis() as u64;
         let mut items = Vec::new();
         let mut entries = Vec::new();
+        let before = session.sending_position();
         for (content, kind) in contents {
             let envelope = self.seal(&mut session, peer, &content)?;
             let id = envelope.id;
@@ -1438,15 +1534,31 @@ impl Actor {
             previous,
         };
         self.cache_session(peer, &record.current, &session);
+        // May these leave before their flush (a durable reservation covers them), and is a
+        // new reservation due?
+        let after = session.sending_position();
+        let early = match (&before, &after) {
+            (Some(first), Some(next)) => self.reservations.covers(&peer, first, next),
+            _ => false,
+        };
+        let renewal = after
+            .as_ref()
+            .and_then(|next| self.reservations.renewal(&peer, next));
         let db = &self.db;
         let mut tables: Vec<&dyn crate::store::AnyTable> =
             vec![&db.sessions, &db.outbox, &db.history, &db.index];
         if used_claimed {
             tables.push(&db.claimed_prekeys);
         }
+        if renewal.is_some() {
+            tables.push(&db.send_reserved);
+        }
         db.store.transaction(&tables, |tx| {
             if used_claimed {
                 tx.remove(&db.claimed_prekeys, mailbox::key(&peer))?;
+            }
+            if let Some(r) = &renewal {
+                tx.insert(&db.send_reserved, &peer, r)?;
             }
             tx.insert(&db.sessions, &peer, &record)?;
             for item in &items {
@@ -1467,8 +1579,17 @@ impl Actor {
                 .map(|m| m.timestamp);
             self.undo.push((peer, item.id, ts));
         }
-        // Due once durable (`flush_done`).
-        if let Some(first) = items.first() {
+        if let Some(r) = renewal {
+            self.reservations.written(peer, r);
+        }
+        if early {
+            // Covered by a durable reservation: due now, its flush runs meanwhile.
+            if !items.is_empty() {
+                self.sent_before_flush += items.len() as u64;
+                self.schedule.enqueue(peer, Instant::now());
+            }
+        } else if let Some(first) = items.first() {
+            // Due once durable (`flush_done`).
             self.not_durable.queued(peer, first.id);
         }
         Ok(items.iter().map(|i| i.id).collect())
@@ -3413,6 +3534,39 @@ mod tests {
         );
         // The task and its runtime go on.
         assert!(flush_in_place(|| store.flush_blocking()).is_ok());
+    }
+
+    #[test]
+    fn a_start_moves_reserved_chains_on_once_and_clears_the_reservations() {
+        let db = MessagingDb::open(&crate::store::Store::temporary().unwrap()).unwrap();
+        let mut r = crate::crypto::tests::rng(7);
+        let (mut alice, mut bob) = crate::crypto::tests::established(&mut r);
+        let m = alice.encrypt(&mut r, b"one", b"").unwrap();
+        bob.decrypt(&m, b"").unwrap();
+        let at = alice.sending_position().unwrap();
+        let peer = [5u8; 32];
+        let record = SessionRecord {
+            current: alice.to_bytes().unwrap().to_vec(),
+            previous: Vec::new(),
+        };
+        db.sessions.insert(&peer, &record).unwrap();
+        let reserved = reserve::Reservation {
+            chain: at.ratchet_key,
+            until: at.index + reserve::RESERVE,
+        };
+        db.send_reserved.insert(&peer, &reserved).unwrap();
+        // A reservation of a peer without a session is dropped.
+        db.send_reserved.insert(&[6u8; 32], &reserved).unwrap();
+        assert_eq!(skip_reserved_positions(&db).unwrap(), 1);
+        let stored = db.sessions.get(&peer).unwrap().unwrap();
+        let mut moved = Session::from_bytes(&stored.current).unwrap();
+        assert_eq!(moved.sending_position(), Some(reserved.position()));
+        assert!(db.send_reserved.scan_prefix(&[]).unwrap().is_empty());
+        assert_eq!(skip_reserved_positions(&db).unwrap(), 0, "nothing left");
+        // The recipient reads what is sealed next (it skips the reserved positions).
+        let m = moved.encrypt(&mut r, b"after", b"").unwrap();
+        assert_eq!(m.ratchet_message().header().index, reserved.until);
+        assert_eq!(bob.decrypt(&m, b"").unwrap(), b"after");
     }
 
     #[test]

@@ -562,3 +562,77 @@ fn identity_from_seed_is_deterministic() {
     a.public().verify().unwrap();
     assert_ne!(a.public().x25519(), a.public().ed25519());
 }
+
+/// A crash after messages left at positions whose new state was never stored: restarting
+/// from the older stored state and skipping to the reserved position never reuses a message
+/// key, and the receiver reads what comes next.
+#[test]
+fn skipping_past_reserved_positions_after_a_lost_state_never_reuses_a_key() {
+    let mut r = rng(41);
+    let (mut alice, mut bob) = established(&mut r);
+    assert_eq!(
+        alice.sending_position(),
+        None,
+        "alice's turn starts a chain"
+    );
+    let m = alice.encrypt(&mut r, b"start", b"ad").unwrap();
+    assert_eq!(bob.decrypt(&m, b"ad").unwrap(), b"start");
+    let stored = alice.to_bytes().unwrap();
+    let at = alice.sending_position().expect("alice has a sending chain");
+    let reserved = crate::crypto::ChainPosition {
+        index: at.index + 16,
+        ..at
+    };
+    // Three messages leave before their state is stored; bob reads them.
+    let mut used = Vec::new();
+    for i in 0..3u8 {
+        let m = alice.encrypt(&mut r, &[i], b"ad").unwrap();
+        used.push(m.ratchet_message().header().index);
+        assert_eq!(bob.decrypt(&m, b"ad").unwrap(), [i]);
+    }
+    // Crash: alice comes back with the stored state, moves past the reservation.
+    let mut alice = Session::from_bytes(&stored).unwrap();
+    assert_eq!(alice.sending_position(), Some(at));
+    assert!(alice.skip_sending_to(&reserved).unwrap());
+    assert_eq!(alice.sending_position(), Some(reserved));
+    assert!(!alice.skip_sending_to(&reserved).unwrap(), "already there");
+    let m = alice.encrypt(&mut r, b"after", b"ad").unwrap();
+    let index = m.ratchet_message().header().index;
+    assert_eq!(index, reserved.index);
+    assert!(!used.contains(&index));
+    assert_eq!(bob.decrypt(&m, b"ad").unwrap(), b"after");
+    // Without the skip the same state would seal at a position bob already used: refused.
+    let mut careless = Session::from_bytes(&stored).unwrap();
+    let again = careless.encrypt(&mut r, b"reused", b"ad").unwrap();
+    assert_eq!(again.ratchet_message().header().index, used[0]);
+    assert!(bob.decrypt(&again, b"ad").is_err());
+}
+
+#[test]
+fn a_skip_applies_only_to_its_own_chain_and_stays_within_max_skip() {
+    let mut r = rng(42);
+    let (mut alice, mut bob) = established(&mut r);
+    let m = alice.encrypt(&mut r, b"start", b"ad").unwrap();
+    bob.decrypt(&m, b"ad").unwrap();
+    let at = alice.sending_position().unwrap();
+    let other = crate::crypto::ChainPosition {
+        ratchet_key: [7; 32],
+        index: at.index + 5,
+    };
+    assert!(!alice.skip_sending_to(&other).unwrap(), "another chain");
+    assert_eq!(alice.sending_position(), Some(at));
+    let too_far = crate::crypto::ChainPosition {
+        index: at.index + MAX_SKIP + 1,
+        ..at
+    };
+    assert!(matches!(
+        alice.skip_sending_to(&too_far),
+        Err(CryptoError::TooFarAhead { .. })
+    ));
+    assert_eq!(alice.sending_position(), Some(at), "unchanged on error");
+    // A new remote ratchet key ends the chain: nothing to skip until the next one starts.
+    let m = bob.encrypt(&mut r, b"turn", b"ad").unwrap();
+    alice.decrypt(&m, b"ad").unwrap();
+    assert_eq!(alice.sending_position(), None);
+    assert!(!alice.skip_sending_to(&at).unwrap());
+}

@@ -1,0 +1,210 @@
+//! Sending before the flush: sending-chain positions reserved durably ahead, so that an
+//! envelope may leave while the state that sealed it is still being made durable.
+//!
+//! An envelope must never leave unless a crash cannot make the next start seal another
+//! message with the same message key. Waiting for the flush that stores the advanced
+//! ratchet guarantees that, at the price of an `fdatasync` before every lone message
+//! leaves. A reservation guarantees it too: `(chain, until)` is stored durably (in the
+//! `send_reserved` table, with the session write of an earlier batch), and then envelopes
+//! sealed on that chain at indexes below `until` may leave at once. After a crash the start
+//! moves every session whose sending chain is a reserved one on to `until`
+//! ([`crate::crypto::Session::skip_sending_to`]) before anything is sealed, so whatever
+//! left at a position whose state was lost, no later message uses that position again (the
+//! recipient skips it, as it skips a lost message). A clean stop clears the reservations
+//! after its last flush, so a normal restart skips nothing.
+//!
+//! Only positions of the chain the reservation names are covered: the first messages of a
+//! new chain (a new session, or our turn after the peer's new ratchet key) wait for their
+//! flush as before, because a chain that is lost in a crash cannot be rebuilt the same way
+//! (it starts from a fresh random key pair). So do messages beyond `until`.
+//!
+//! Pure: the actor reports what it wrote and when flushes start and end.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::db::PeerKey;
+use crate::crypto::ChainPosition;
+
+/// How far ahead positions are reserved. A crash makes the recipient skip at most this
+/// many message keys per chain (kept in its session until they are evicted), so it is
+/// small; a reservation is renewed when less than half of it is left.
+pub const RESERVE: u32 = 16;
+
+/// A durable promise about one peer's sending chain: positions before `until` may have
+/// been used by envelopes whose state was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// The chain's ratchet public key.
+    pub chain: [u8; 32],
+    /// The first index not covered.
+    pub until: u32,
+}
+
+impl Reservation {
+    /// The position a restart moves the chain on to.
+    pub fn position(&self) -> ChainPosition {
+        ChainPosition {
+            ratchet_key: self.chain,
+            index: self.until,
+        }
+    }
+}
+
+/// Which reservations are durable, and which are written by the batch being flushed and
+/// by the current one.
+#[derive(Debug, Default)]
+pub struct Reservations {
+    durable: HashMap<PeerKey, Reservation>,
+    flushing: HashMap<PeerKey, Reservation>,
+    current: HashMap<PeerKey, Reservation>,
+}
+
+impl Reservations {
+    /// Whether the envelopes just sealed for `peer`, on the chain `next` names and at
+    /// indexes below `next.index`, may leave before their flush: a durable reservation of
+    /// that chain covers them. (Envelopes sealed earlier in the same call on another chain
+    /// are not covered: that chain ended, so `next` names another.)
+    pub fn covers(&self, peer: &PeerKey, first: &ChainPosition, next: &ChainPosition) -> bool {
+        first.ratchet_key == next.ratchet_key
+            && self
+                .durable
+                .get(peer)
+                .is_some_and(|r| r.chain == next.ratchet_key && next.index <= r.until)
+    }
+
+    /// The reservation to write with envelopes sealed up to `next` (excluded), if the
+    /// latest one written for `peer` is for another chain or has less than half of
+    /// [`RESERVE`] left.
+    pub fn renewal(&self, peer: &PeerKey, next: &ChainPosition) -> Option<Reservation> {
+        let latest = self
+            .current
+            .get(peer)
+            .or_else(|| self.flushing.get(peer))
+            .or_else(|| self.durable.get(peer));
+        match latest {
+            Some(r)
+                if r.chain == next.ratchet_key
+                    && r.until >= next.index.saturating_add(RESERVE / 2) =>
+            {
+                None
+            }
+            _ => Some(Reservation {
+                chain: next.ratchet_key,
+                until: next.index.saturating_add(RESERVE),
+            }),
+        }
+    }
+
+    /// `reservation` for `peer` was committed in the current batch.
+    pub fn written(&mut self, peer: PeerKey, reservation: Reservation) {
+        self.current.insert(peer, reservation);
+    }
+
+    /// The current batch's flush starts (the previous one ended).
+    pub fn flush_started(&mut self) {
+        debug_assert!(self.flushing.is_empty(), "one flush at a time");
+        self.flushing = std::mem::take(&mut self.current);
+    }
+
+    /// The running flush ended. If it failed its reservations are not durable and are
+    /// forgotten: a later send writes a new one.
+    pub fn flush_done(&mut self, ok: bool) {
+        let batch = std::mem::take(&mut self.flushing);
+        if ok {
+            self.durable.extend(batch);
+        }
+    }
+
+    /// Whether no reservation is known: none written, being flushed or durable.
+    pub fn is_empty(&self) -> bool {
+        self.durable.is_empty() && self.flushing.is_empty() && self.current.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: PeerKey = [1; 32];
+
+    fn at(chain: u8, index: u32) -> ChainPosition {
+        ChainPosition {
+            ratchet_key: [chain; 32],
+            index,
+        }
+    }
+
+    #[test]
+    fn only_a_durable_reservation_of_the_same_chain_covers_envelopes() {
+        let mut r = Reservations::default();
+        // Nothing reserved yet: the first envelopes wait, and a reservation is written.
+        assert!(!r.covers(&PEER, &at(9, 0), &at(9, 1)));
+        let first = r.renewal(&PEER, &at(9, 1)).unwrap();
+        assert_eq!(first.until, 1 + RESERVE);
+        r.written(PEER, first);
+        // Written, not durable: still no.
+        assert!(!r.covers(&PEER, &at(9, 1), &at(9, 2)));
+        assert_eq!(
+            r.renewal(&PEER, &at(9, 2)),
+            None,
+            "the pending one is enough"
+        );
+        r.flush_started();
+        assert!(!r.covers(&PEER, &at(9, 1), &at(9, 2)));
+        r.flush_done(true);
+        // Durable: positions below `until` go at once, the one at `until` does not.
+        assert!(r.covers(&PEER, &at(9, 1), &at(9, 2)));
+        assert!(r.covers(&PEER, &at(9, 1), &at(9, 1 + RESERVE)));
+        assert!(!r.covers(&PEER, &at(9, 1), &at(9, 2 + RESERVE)));
+        // Another chain (the peer's turn ended ours), or a call that crossed chains: no.
+        assert!(!r.covers(&PEER, &at(8, 0), &at(8, 1)));
+        assert!(!r.covers(&PEER, &at(9, 3), &at(8, 1)));
+        assert!(!r.covers(&[2; 32], &at(9, 1), &at(9, 2)));
+    }
+
+    #[test]
+    fn a_reservation_is_renewed_at_half_and_on_a_new_chain() {
+        let mut r = Reservations::default();
+        r.written(
+            PEER,
+            Reservation {
+                chain: [9; 32],
+                until: 20,
+            },
+        );
+        assert_eq!(r.renewal(&PEER, &at(9, 20 - RESERVE / 2)), None);
+        assert_eq!(
+            r.renewal(&PEER, &at(9, 21 - RESERVE / 2)),
+            Some(Reservation {
+                chain: [9; 32],
+                until: 21 - RESERVE / 2 + RESERVE
+            })
+        );
+        assert_eq!(
+            r.renewal(&PEER, &at(7, 0)),
+            Some(Reservation {
+                chain: [7; 32],
+                until: RESERVE
+            })
+        );
+        // Near the end of the index space nothing overflows.
+        assert_eq!(r.renewal(&PEER, &at(9, u32::MAX)).unwrap().until, u32::MAX);
+    }
+
+    #[test]
+    fn a_failed_flush_makes_nothing_durable() {
+        let mut r = Reservations::default();
+        let first = r.renewal(&PEER, &at(9, 1)).unwrap();
+        r.written(PEER, first);
+        r.flush_started();
+        // The next batch writes nothing more while that one is flushed.
+        assert_eq!(r.renewal(&PEER, &at(9, 2)), None);
+        r.flush_done(false);
+        assert!(!r.covers(&PEER, &at(9, 1), &at(9, 2)));
+        // Forgotten: the next send writes it again.
+        assert!(r.renewal(&PEER, &at(9, 2)).is_some());
+        assert!(r.is_empty());
+    }
+}
