@@ -217,7 +217,7 @@ fn node_error(e: NodeError) -> ErrorObjectOwned {
             M::InvalidTicket(_) => codes::INVALID_TICKET,
             M::NameTaken(_) | M::AlreadyContact(_) | M::InvalidName(_) => codes::BAD_CONTACT,
             M::NoSession(_) => codes::NO_SESSION,
-            M::Store(_) | M::NotDurable(_) => codes::STORAGE,
+            M::Store(_) | M::NotDurable(_) | M::NotDurableLeft(_) => codes::STORAGE,
             M::ActorGone => codes::SHUTTING_DOWN,
             M::Crypto(_) => codes::NODE,
         },

@@ -217,6 +217,12 @@ pub enum MessagingError {
     /// nothing was sent.
     #[error("could not store it durably, so nothing was sent: {0}")]
     NotDurable(String),
+    /// The message could not be made durable and was withdrawn, but it had already left
+    /// (its chain position was reserved, [`reserve`]): the recipient may still get it.
+    #[error(
+        "could not store it durably; it was withdrawn, but it had already left, so the recipient may still get it: {0}"
+    )]
+    NotDurableLeft(String),
     /// Encryption failed.
     #[error("encryption failed: {0}")]
     Crypto(#[from] CryptoError),
@@ -582,6 +588,8 @@ struct Actor {
     reservations: Reservations,
     /// Envelopes that left before their flush since start (covered by a reservation).
     sent_before_flush: u64,
+    /// Whether the envelopes of the last [`Self::queue`] are due before their flush.
+    queued_early: bool,
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
@@ -686,6 +694,7 @@ pub fn spawn(
         not_durable: NotDurable::default(),
         reservations: Reservations::default(),
         sent_before_flush: 0,
+        queued_early: false,
         flushing: None,
         idle_turn: false,
         stopping: false,
@@ -746,43 +755,61 @@ pub fn load_or_create_prekeys(
 }
 
 /// After an unclean stop, envelopes sealed at reserved positions may have left while the
-/// state that sealed them was lost: moves each such session's sending chain past its
-/// reservation and clears the reservations, durably, before anything new is sealed
-/// ([`reserve`]). Returns how many sessions moved. A session that does not decode is left
-/// as it is (it cannot seal anything either).
+/// state that sealed them was lost: moves the sending chain of each session (the current one
+/// and the previous ones, which can become current again) that is a reserved chain past its
+/// reservation, and clears the reservations, durably, before anything new is sealed
+/// ([`reserve`]). Returns how many sessions moved. A reservation whose sessions do not all
+/// decode is kept (a session that does not decode cannot seal anything either).
 pub fn skip_reserved_positions(db: &MessagingDb) -> Result<usize, MessagingError> {
     let reserved = db.send_reserved.scan_prefix(&[])?;
     if reserved.is_empty() {
         return Ok(0);
     }
-    let mut moved = Vec::new();
+    let mut done = Vec::new();
+    let mut records = Vec::new();
+    let mut moved = 0;
     for (key, reservation) in &reserved {
         let Some(mut record) = db.sessions.get(key)? else {
+            done.push(key);
             continue;
         };
-        let skipped = Session::from_bytes(&record.current)
-            .and_then(|mut s| Ok((s.skip_sending_to(&reservation.position())?, s)));
-        match skipped {
-            Ok((true, session)) => {
-                record.current = session.to_bytes()?.to_vec();
-                moved.push((key, record));
+        let mut changed = false;
+        let mut intact = true;
+        for bytes in std::iter::once(&mut record.current).chain(record.previous.iter_mut()) {
+            let skipped = Session::from_bytes(bytes)
+                .and_then(|mut s| Ok((s.skip_sending_to(&reservation.position())?, s)));
+            match skipped {
+                Ok((true, session)) => {
+                    *bytes = session.to_bytes()?.to_vec();
+                    changed = true;
+                    moved += 1;
+                }
+                Ok((false, _)) => {}
+                Err(e) => {
+                    intact = false;
+                    tracing::warn!(error = %e, "a session with a reserved chain could not be moved on");
+                }
             }
-            Ok((false, _)) => {}
-            Err(e) => tracing::warn!(error = %e, "a reserved session could not be moved on"),
+        }
+        if intact {
+            done.push(key);
+        }
+        if changed {
+            records.push((key, record));
         }
     }
     db.store
         .transaction(&[&db.sessions, &db.send_reserved], |tx| {
-            for (key, _) in &reserved {
+            for key in &done {
                 tx.remove(&db.send_reserved, key)?;
             }
-            for (key, record) in &moved {
+            for (key, record) in &records {
                 tx.insert(&db.sessions, key, record)?;
             }
             Ok(())
         })?;
     db.store.flush_blocking()?;
-    Ok(moved.len())
+    Ok(moved)
 }
 
 /// Removes every stored reservation and flushes that (at a clean stop, after the last
@@ -1063,7 +1090,7 @@ impl Actor {
             });
         match r {
             // Made durable by the next flush (until then the envelopes stay held back).
-            Ok(()) => self.dirty = true,
+            Ok(()) => self.dirty |= !undo.is_empty(),
             Err(e) => tracing::error!(error = %e, "could not withdraw the failed batch"),
         }
     }
@@ -1182,6 +1209,15 @@ impl Actor {
                 }));
             }
         }
+    }
+
+    /// Like [`Self::reply_after_flush`] for a message that left before its flush: if the
+    /// flush fails the caller learns that the recipient may still get it.
+    fn reply_after_flush_left(&mut self, reply: Reply<MsgId>, id: MsgId) {
+        self.dirty = true;
+        self.after_flush.push(Box::new(move |flushed| {
+            let _ = reply.send(flushed.map(|()| id).map_err(MessagingError::NotDurableLeft));
+        }));
     }
 
     fn contact(&self, name: &str) -> Result<Contact, MessagingError> {
@@ -1438,8 +1474,13 @@ impl Actor {
             Ok(ids) => {
                 // A new session queues its profile first: the texts' ids are the last.
                 let ids = &ids[ids.len().saturating_sub(texts.len())..];
+                let early = self.queued_early;
                 for ((_, _, reply), id) in texts.into_iter().zip(ids) {
-                    self.reply_after_flush(reply, Ok(*id));
+                    if early {
+                        self.reply_after_flush_left(reply, *id);
+                    } else {
+                        self.reply_after_flush(reply, Ok(*id));
+                    }
                 }
             }
             Err(e) if texts.len() == 1 => {
@@ -1452,7 +1493,10 @@ impl Actor {
                     let r = self
                         .queue(peer, vec![(Content::Text { text, sent_at }, OutKind::Text)])
                         .and_then(|ids| ids.last().copied().ok_or(MessagingError::Empty));
-                    self.reply_after_flush(reply, r);
+                    match r {
+                        Ok(id) if self.queued_early => self.reply_after_flush_left(reply, id),
+                        r => self.reply_after_flush(reply, r),
+                    }
                 }
             }
         }
@@ -1582,6 +1626,7 @@ impl Actor {
         if let Some(r) = renewal {
             self.reservations.written(peer, r);
         }
+        self.queued_early = early && !items.is_empty();
         if early {
             // Covered by a durable reservation: due now, its flush runs meanwhile.
             if !items.is_empty() {
@@ -3254,9 +3299,11 @@ struct Flushing {
 
 /// Which queued envelopes are not durable yet: those of the batch being flushed and of the
 /// current batch, by peer (the first id of each; ids only grow, so the ones after it are
-/// not durable either). Nothing leaves before it is on disk, the ratchet state that sealed it
-/// included: a crash must not make the next start seal another message with the same key.
-/// Pure: the actor reports queuing and flushes.
+/// not durable either). Nothing recorded here leaves before it is on disk, the ratchet state
+/// that sealed it included: a crash must not make the next start seal another message with
+/// the same key. (Envelopes whose chain positions a durable reservation covers are not
+/// recorded: [`reserve`] makes a start skip past them instead.) Pure: the actor reports
+/// queuing and flushes.
 #[derive(Debug, Default)]
 struct NotDurable {
     flushing: HashMap<PeerKey, MsgId>,
@@ -3557,7 +3604,24 @@ mod tests {
         db.send_reserved.insert(&peer, &reserved).unwrap();
         // A reservation of a peer without a session is dropped.
         db.send_reserved.insert(&[6u8; 32], &reserved).unwrap();
-        assert_eq!(skip_reserved_positions(&db).unwrap(), 1);
+        // The same chain in a previous session (it can become current again) moves too;
+        // another current session on another chain does not.
+        let other = [9u8; 32];
+        let (mut carol, _) = crate::crypto::tests::established(&mut r);
+        carol.encrypt(&mut r, b"x", b"").unwrap();
+        let carol_at = carol.sending_position().unwrap();
+        let with_previous = SessionRecord {
+            current: carol.to_bytes().unwrap().to_vec(),
+            previous: vec![alice.to_bytes().unwrap().to_vec()],
+        };
+        db.sessions.insert(&other, &with_previous).unwrap();
+        db.send_reserved.insert(&other, &reserved).unwrap();
+        assert_eq!(skip_reserved_positions(&db).unwrap(), 2);
+        let stored = db.sessions.get(&other).unwrap().unwrap();
+        let current = Session::from_bytes(&stored.current).unwrap();
+        assert_eq!(current.sending_position(), Some(carol_at));
+        let previous = Session::from_bytes(&stored.previous[0]).unwrap();
+        assert_eq!(previous.sending_position(), Some(reserved.position()));
         let stored = db.sessions.get(&peer).unwrap().unwrap();
         let mut moved = Session::from_bytes(&stored.current).unwrap();
         assert_eq!(moved.sending_position(), Some(reserved.position()));

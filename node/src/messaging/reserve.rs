@@ -62,28 +62,36 @@ pub struct Reservations {
 }
 
 impl Reservations {
-    /// Whether the envelopes just sealed for `peer`, on the chain `next` names and at
-    /// indexes below `next.index`, may leave before their flush: a durable reservation of
-    /// that chain covers them. (Envelopes sealed earlier in the same call on another chain
-    /// are not covered: that chain ended, so `next` names another.)
+    /// Whether the envelopes just sealed for `peer`, from position `first` up to `next`
+    /// (excluded), may leave before their flush: a durable reservation of that chain covers
+    /// them, and no reservation of another chain was written since. (The table holds one
+    /// reservation per peer: a newer one, once durable, replaces it on disk, and the
+    /// envelopes must not rely on the one it replaces. Envelopes sealed earlier in the same
+    /// call on another chain are not covered: that chain ended, so `next` names another.)
     pub fn covers(&self, peer: &PeerKey, first: &ChainPosition, next: &ChainPosition) -> bool {
         first.ratchet_key == next.ratchet_key
+            && self
+                .latest(peer)
+                .is_some_and(|r| r.chain == next.ratchet_key)
             && self
                 .durable
                 .get(peer)
                 .is_some_and(|r| r.chain == next.ratchet_key && next.index <= r.until)
     }
 
+    /// The reservation written last for `peer`, durable or not.
+    fn latest(&self, peer: &PeerKey) -> Option<&Reservation> {
+        self.current
+            .get(peer)
+            .or_else(|| self.flushing.get(peer))
+            .or_else(|| self.durable.get(peer))
+    }
+
     /// The reservation to write with envelopes sealed up to `next` (excluded), if the
     /// latest one written for `peer` is for another chain or has less than half of
     /// [`RESERVE`] left.
     pub fn renewal(&self, peer: &PeerKey, next: &ChainPosition) -> Option<Reservation> {
-        let latest = self
-            .current
-            .get(peer)
-            .or_else(|| self.flushing.get(peer))
-            .or_else(|| self.durable.get(peer));
-        match latest {
+        match self.latest(peer) {
             Some(r)
                 if r.chain == next.ratchet_key
                     && r.until >= next.index.saturating_add(RESERVE / 2) =>
@@ -108,12 +116,17 @@ impl Reservations {
         self.flushing = std::mem::take(&mut self.current);
     }
 
-    /// The running flush ended. If it failed its reservations are not durable and are
-    /// forgotten: a later send writes a new one.
+    /// The running flush ended. If it failed its reservations are not durable yet, but
+    /// they were written and a later flush may make them durable: they stay pending with
+    /// the current batch's (which are newer, and win).
     pub fn flush_done(&mut self, ok: bool) {
         let batch = std::mem::take(&mut self.flushing);
         if ok {
             self.durable.extend(batch);
+        } else {
+            for (peer, r) in batch {
+                self.current.entry(peer).or_insert(r);
+            }
         }
     }
 
@@ -203,8 +216,36 @@ mod tests {
         assert_eq!(r.renewal(&PEER, &at(9, 2)), None);
         r.flush_done(false);
         assert!(!r.covers(&PEER, &at(9, 1), &at(9, 2)));
-        // Forgotten: the next send writes it again.
-        assert!(r.renewal(&PEER, &at(9, 2)).is_some());
-        assert!(r.is_empty());
+        // Still pending (a later flush may make it durable): not written again, and the
+        // next successful flush makes it durable.
+        assert_eq!(r.renewal(&PEER, &at(9, 2)), None);
+        r.flush_started();
+        r.flush_done(true);
+        assert!(r.covers(&PEER, &at(9, 1), &at(9, 2)));
+        assert!(!r.is_empty());
+    }
+
+    #[test]
+    fn a_newer_reservation_of_another_chain_ends_the_cover_of_the_durable_one() {
+        let mut r = Reservations::default();
+        let k1 = r.renewal(&PEER, &at(1, 1)).unwrap();
+        r.written(PEER, k1);
+        r.flush_started();
+        r.flush_done(true);
+        assert!(r.covers(&PEER, &at(1, 1), &at(1, 2)));
+        // Another session's chain (a new session, or a previous one made current again)
+        // writes its reservation: chain 1 is no longer covered, even before that is durable,
+        // because on disk it replaces chain 1's.
+        let k2 = r.renewal(&PEER, &at(2, 1)).unwrap();
+        r.written(PEER, k2);
+        assert!(!r.covers(&PEER, &at(1, 2), &at(1, 3)));
+        r.flush_started();
+        assert!(!r.covers(&PEER, &at(1, 2), &at(1, 3)));
+        assert!(!r.covers(&PEER, &at(2, 1), &at(2, 2)), "not durable yet");
+        r.flush_done(true);
+        assert!(!r.covers(&PEER, &at(1, 2), &at(1, 3)));
+        assert!(r.covers(&PEER, &at(2, 1), &at(2, 2)));
+        // Back on chain 1: it needs a reservation of its own again.
+        assert!(r.renewal(&PEER, &at(1, 3)).is_some());
     }
 }

@@ -33,7 +33,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub const DEFAULT_DISK_RESERVE: u64 = 64 * 1024 * 1024;
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
@@ -640,7 +640,9 @@ impl Store {
                 supported: SCHEMA_VERSION,
             });
         }
-        // Migration steps run in order; version 0 (a fresh database) -> 1 needs no data change.
+        // Migration steps run in order; version 0 (a fresh database) -> 1 needs no data
+        // change, nor 1 -> 2 (tree `send_reserved`, created empty: the bump keeps an older
+        // Tern, which would ignore the reservations, from opening the database).
         if found < SCHEMA_VERSION {
             meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
             sync_sled(&self.shared.db, self.shared.path.as_deref())?;
