@@ -9,8 +9,9 @@
 //! - an envelope is encrypted once and re-sent byte for byte until acknowledged, so a retry
 //!   never advances the ratchet and the recipient deduplicates on the id;
 //! - nothing leaves the process (an envelope or an acknowledgement) before the state it
-//!   depends on is flushed: ratchet keys are never reused after a crash, and a `Stored`
-//!   answer means the message survives a crash of the recipient;
+//!   depends on is flushed, except a text whose chain position a durable reservation covers
+//!   ([`reserve`]): ratchet keys are never reused after a crash, and a `Stored` answer means
+//!   the message survives a crash of the recipient;
 //! - inbound: dedup marker + ratchet state + message commit together or not at all; a
 //!   failed decryption changes nothing.
 //!
@@ -217,10 +218,11 @@ pub enum MessagingError {
     /// nothing was sent.
     #[error("could not store it durably, so nothing was sent: {0}")]
     NotDurable(String),
-    /// The message could not be made durable and was withdrawn, but it had already left
-    /// (its chain position was reserved, [`reserve`]): the recipient may still get it.
+    /// The message could not be made durable and was withdrawn, but it was due to leave
+    /// before its flush (its chain position was reserved, [`reserve`]) and may have left:
+    /// the recipient may still get it.
     #[error(
-        "could not store it durably; it was withdrawn, but it had already left, so the recipient may still get it: {0}"
+        "could not store it durably; it was withdrawn, but it may already have left, so the recipient may still get it: {0}"
     )]
     NotDurableLeft(String),
     /// Encryption failed.
@@ -1470,7 +1472,7 @@ impl Actor {
                 (Content::Text { text, sent_at }, OutKind::Text)
             })
             .collect();
-        match self.queue(peer, contents) {
+        match self.queue_with(peer, contents, true) {
             Ok(ids) => {
                 // A new session queues its profile first: the texts' ids are the last.
                 let ids = &ids[ids.len().saturating_sub(texts.len())..];
@@ -1490,8 +1492,9 @@ impl Actor {
             }
             Err(_) => {
                 for (peer, text, reply) in texts {
+                    let text = vec![(Content::Text { text, sent_at }, OutKind::Text)];
                     let r = self
-                        .queue(peer, vec![(Content::Text { text, sent_at }, OutKind::Text)])
+                        .queue_with(peer, text, true)
                         .and_then(|ids| ids.last().copied().ok_or(MessagingError::Empty));
                     match r {
                         Ok(id) if self.queued_early => self.reply_after_flush_left(reply, id),
@@ -1518,6 +1521,18 @@ impl Actor {
         &mut self,
         peer: PeerKey,
         contents: Vec<(Content, OutKind)>,
+    ) -> Result<Vec<MsgId>, MessagingError> {
+        self.queue_with(peer, contents, false)
+    }
+
+    /// [`Self::queue`]; if `may_leave_early`, the envelopes leave before their flush when
+    /// a durable reservation covers their chain positions (only texts do: their callers are
+    /// told if one was withdrawn after it may have left).
+    fn queue_with(
+        &mut self,
+        peer: PeerKey,
+        contents: Vec<(Content, OutKind)>,
+        may_leave_early: bool,
     ) -> Result<Vec<MsgId>, MessagingError> {
         let contact = self.db.contacts.get(&peer)?;
         let record = self.db.sessions.get(&peer)?;
@@ -1582,7 +1597,9 @@ impl Actor {
         // new reservation due?
         let after = session.sending_position();
         let early = match (&before, &after) {
-            (Some(first), Some(next)) => self.reservations.covers(&peer, first, next),
+            (Some(first), Some(next)) => {
+                may_leave_early && self.reservations.covers(&peer, first, next)
+            }
             _ => false,
         };
         let renewal = after

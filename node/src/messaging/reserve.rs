@@ -54,11 +54,40 @@ impl Reservation {
 
 /// Which reservations are durable, and which are written by the batch being flushed and
 /// by the current one.
+///
+/// At a crash the journal keeps some prefix of its records: at least everything before the
+/// last flush that ended, maybe more. So a reservation is relied on only once its flush
+/// ended, and only while nothing written after it for the same peer could replace it on
+/// disk (the table holds one entry per peer): no reservation of another chain may have been
+/// written since, not even one that a later write for the same chain replaced again.
 #[derive(Debug, Default)]
 pub struct Reservations {
     durable: HashMap<PeerKey, Reservation>,
-    flushing: HashMap<PeerKey, Reservation>,
-    current: HashMap<PeerKey, Reservation>,
+    flushing: HashMap<PeerKey, Pending>,
+    current: HashMap<PeerKey, Pending>,
+}
+
+/// What one batch wrote for a peer: the last reservation, and whether it also wrote one of
+/// another chain before it.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    latest: Reservation,
+    mixed: bool,
+}
+
+impl Pending {
+    /// Whether this batch's writes leave `chain`'s durable reservation standing.
+    fn keeps(&self, chain: &[u8; 32]) -> bool {
+        !self.mixed && self.latest.chain == *chain
+    }
+
+    /// `later` was written after `self`: what the two together wrote.
+    fn then(self, later: Pending) -> Pending {
+        Pending {
+            latest: later.latest,
+            mixed: self.mixed || later.mixed || self.latest.chain != later.latest.chain,
+        }
+    }
 }
 
 impl Reservations {
@@ -69,14 +98,15 @@ impl Reservations {
     /// envelopes must not rely on the one it replaces. Envelopes sealed earlier in the same
     /// call on another chain are not covered: that chain ended, so `next` names another.)
     pub fn covers(&self, peer: &PeerKey, first: &ChainPosition, next: &ChainPosition) -> bool {
-        first.ratchet_key == next.ratchet_key
-            && self
-                .latest(peer)
-                .is_some_and(|r| r.chain == next.ratchet_key)
+        let chain = &next.ratchet_key;
+        first.ratchet_key == *chain
+            && [&self.flushing, &self.current]
+                .iter()
+                .all(|batch| batch.get(peer).is_none_or(|p| p.keeps(chain)))
             && self
                 .durable
                 .get(peer)
-                .is_some_and(|r| r.chain == next.ratchet_key && next.index <= r.until)
+                .is_some_and(|r| r.chain == *chain && next.index <= r.until)
     }
 
     /// The reservation written last for `peer`, durable or not.
@@ -84,6 +114,7 @@ impl Reservations {
         self.current
             .get(peer)
             .or_else(|| self.flushing.get(peer))
+            .map(|p| &p.latest)
             .or_else(|| self.durable.get(peer))
     }
 
@@ -107,7 +138,12 @@ impl Reservations {
 
     /// `reservation` for `peer` was committed in the current batch.
     pub fn written(&mut self, peer: PeerKey, reservation: Reservation) {
-        self.current.insert(peer, reservation);
+        let new = Pending {
+            latest: reservation,
+            mixed: false,
+        };
+        let merged = self.current.get(&peer).map_or(new, |p| p.then(new));
+        self.current.insert(peer, merged);
     }
 
     /// The current batch's flush starts (the previous one ended).
@@ -122,10 +158,13 @@ impl Reservations {
     pub fn flush_done(&mut self, ok: bool) {
         let batch = std::mem::take(&mut self.flushing);
         if ok {
-            self.durable.extend(batch);
+            // On disk each peer's entry is what the batch wrote last.
+            self.durable
+                .extend(batch.into_iter().map(|(peer, p)| (peer, p.latest)));
         } else {
-            for (peer, r) in batch {
-                self.current.entry(peer).or_insert(r);
+            for (peer, failed) in batch {
+                let merged = self.current.get(&peer).map_or(failed, |c| failed.then(*c));
+                self.current.insert(peer, merged);
             }
         }
     }
@@ -247,5 +286,54 @@ mod tests {
         assert!(r.covers(&PEER, &at(2, 1), &at(2, 2)));
         // Back on chain 1: it needs a reservation of its own again.
         assert!(r.renewal(&PEER, &at(1, 3)).is_some());
+    }
+
+    fn reserve(r: &mut Reservations, chain: u8, index: u32) {
+        let new = r.renewal(&PEER, &at(chain, index)).unwrap();
+        r.written(PEER, new);
+    }
+
+    fn flush(r: &mut Reservations, ok: bool) {
+        r.flush_started();
+        r.flush_done(ok);
+    }
+
+    #[test]
+    fn another_chain_written_in_between_is_never_hidden_by_a_later_write() {
+        // Chain 1 durable; then, in one batch, chain 2 and chain 1 again (a previous
+        // session made current again): the disk may end up holding chain 2's, so chain 1
+        // is not covered until that batch is durable.
+        let mut r = Reservations::default();
+        reserve(&mut r, 1, 1);
+        flush(&mut r, true);
+        reserve(&mut r, 2, 1);
+        reserve(&mut r, 1, 5);
+        assert!(!r.covers(&PEER, &at(1, 5), &at(1, 6)));
+        r.flush_started();
+        assert!(!r.covers(&PEER, &at(1, 5), &at(1, 6)));
+        r.flush_done(true);
+        assert!(
+            r.covers(&PEER, &at(1, 5), &at(1, 6)),
+            "chain 1's is last on disk"
+        );
+
+        // The same across two batches: chain 2 being flushed, chain 1 in the current one.
+        reserve(&mut r, 2, 9);
+        r.flush_started();
+        reserve(&mut r, 1, 9);
+        assert!(!r.covers(&PEER, &at(1, 9), &at(1, 10)));
+        // That flush fails: its write may still reach the disk, before the current one's.
+        r.flush_done(false);
+        assert!(!r.covers(&PEER, &at(1, 9), &at(1, 10)));
+        flush(&mut r, true);
+        assert!(r.covers(&PEER, &at(1, 9), &at(1, 10)));
+
+        // A failed batch of the same chain only, followed by a renewal: still covered once
+        // durable, and never mixed up with another chain.
+        reserve(&mut r, 1, 18);
+        flush(&mut r, false);
+        assert_eq!(r.renewal(&PEER, &at(1, 18)), None, "still pending");
+        flush(&mut r, true);
+        assert!(r.covers(&PEER, &at(1, 18), &at(1, 19)));
     }
 }
