@@ -1534,6 +1534,7 @@ impl Actor {
         contents: Vec<(Content, OutKind)>,
         may_leave_early: bool,
     ) -> Result<Vec<MsgId>, MessagingError> {
+        self.queued_early = false;
         let contact = self.db.contacts.get(&peer)?;
         let record = self.db.sessions.get(&peer)?;
         let mut contents = contents;
