@@ -590,8 +590,6 @@ struct Actor {
     reservations: Reservations,
     /// Envelopes that left before their flush since start (covered by a reservation).
     sent_before_flush: u64,
-    /// Whether the envelopes of the last [`Self::queue`] are due before their flush.
-    queued_early: bool,
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
@@ -696,7 +694,6 @@ pub fn spawn(
         not_durable: NotDurable::default(),
         reservations: Reservations::default(),
         sent_before_flush: 0,
-        queued_early: false,
         flushing: None,
         idle_turn: false,
         stopping: false,
@@ -845,6 +842,16 @@ pub fn local_bundle(seed: &[u8; 32], db: &MessagingDb) -> Result<Vec<u8>, Messag
     let keys = IdentityKeys::from_seed(seed)?;
     let prekeys = load_or_create_prekeys(db, &mut StdRng::from_entropy())?;
     Ok(prekeys.bundle(&keys, None)?.to_bytes())
+}
+
+/// What a `send` caller is told if its message's flush fails: withdrawn, and, if it was due
+/// before the flush ([`reserve`]), that it may have left all the same.
+fn text_flush_failed(early: bool) -> fn(String) -> MessagingError {
+    if early {
+        MessagingError::NotDurableLeft
+    } else {
+        MessagingError::NotDurable
+    }
 }
 
 /// The libp2p peer id of an ed25519 key.
@@ -1201,24 +1208,20 @@ impl Actor {
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
-            Ok(v) => {
-                self.dirty = true;
-                self.after_flush.push(Box::new(move |flushed| {
-                    let _ = reply.send(match flushed {
-                        Ok(()) => Ok(v),
-                        Err(e) => Err(MessagingError::NotDurable(e)),
-                    });
-                }));
-            }
+            Ok(v) => self.reply_once_flushed(reply, v, MessagingError::NotDurable),
         }
     }
 
-    /// Like [`Self::reply_after_flush`] for a message that left before its flush: if the
-    /// flush fails the caller learns that the recipient may still get it.
-    fn reply_after_flush_left(&mut self, reply: Reply<MsgId>, id: MsgId) {
+    /// Answers `v` once the current batch is flushed, or `failed` with the flush's error.
+    fn reply_once_flushed<T: Send + 'static>(
+        &mut self,
+        reply: Reply<T>,
+        v: T,
+        failed: fn(String) -> MessagingError,
+    ) {
         self.dirty = true;
         self.after_flush.push(Box::new(move |flushed| {
-            let _ = reply.send(flushed.map(|()| id).map_err(MessagingError::NotDurableLeft));
+            let _ = reply.send(flushed.map(|()| v).map_err(failed));
         }));
     }
 
@@ -1473,16 +1476,11 @@ impl Actor {
             })
             .collect();
         match self.queue_with(peer, contents, true) {
-            Ok(ids) => {
+            Ok((ids, early)) => {
                 // A new session queues its profile first: the texts' ids are the last.
                 let ids = &ids[ids.len().saturating_sub(texts.len())..];
-                let early = self.queued_early;
                 for ((_, _, reply), id) in texts.into_iter().zip(ids) {
-                    if early {
-                        self.reply_after_flush_left(reply, *id);
-                    } else {
-                        self.reply_after_flush(reply, Ok(*id));
-                    }
+                    self.reply_once_flushed(reply, *id, text_flush_failed(early));
                 }
             }
             Err(e) if texts.len() == 1 => {
@@ -1493,12 +1491,16 @@ impl Actor {
             Err(_) => {
                 for (peer, text, reply) in texts {
                     let text = vec![(Content::Text { text, sent_at }, OutKind::Text)];
-                    let r = self
-                        .queue_with(peer, text, true)
-                        .and_then(|ids| ids.last().copied().ok_or(MessagingError::Empty));
+                    let r = self.queue_with(peer, text, true).and_then(|(ids, early)| {
+                        Ok((ids.last().copied().ok_or(MessagingError::Empty)?, early))
+                    });
                     match r {
-                        Ok(id) if self.queued_early => self.reply_after_flush_left(reply, id),
-                        r => self.reply_after_flush(reply, r),
+                        Ok((id, early)) => {
+                            self.reply_once_flushed(reply, id, text_flush_failed(early))
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
                     }
                 }
             }
@@ -1522,19 +1524,18 @@ impl Actor {
         peer: PeerKey,
         contents: Vec<(Content, OutKind)>,
     ) -> Result<Vec<MsgId>, MessagingError> {
-        self.queue_with(peer, contents, false)
+        Ok(self.queue_with(peer, contents, false)?.0)
     }
 
     /// [`Self::queue`]; if `may_leave_early`, the envelopes leave before their flush when
     /// a durable reservation covers their chain positions (only texts do: their callers are
-    /// told if one was withdrawn after it may have left).
+    /// told if one was withdrawn after it may have left). Also returns whether they do.
     fn queue_with(
         &mut self,
         peer: PeerKey,
         contents: Vec<(Content, OutKind)>,
         may_leave_early: bool,
-    ) -> Result<Vec<MsgId>, MessagingError> {
-        self.queued_early = false;
+    ) -> Result<(Vec<MsgId>, bool), MessagingError> {
         let contact = self.db.contacts.get(&peer)?;
         let record = self.db.sessions.get(&peer)?;
         let mut contents = contents;
@@ -1644,18 +1645,16 @@ impl Actor {
         if let Some(r) = renewal {
             self.reservations.written(peer, r);
         }
-        self.queued_early = early && !items.is_empty();
+        let early = early && !items.is_empty();
         if early {
             // Covered by a durable reservation: due now, its flush runs meanwhile.
-            if !items.is_empty() {
-                self.sent_before_flush += items.len() as u64;
-                self.schedule.enqueue(peer, Instant::now());
-            }
+            self.sent_before_flush += items.len() as u64;
+            self.schedule.enqueue(peer, Instant::now());
         } else if let Some(first) = items.first() {
             // Due once durable (`flush_done`).
             self.not_durable.queued(peer, first.id);
         }
-        Ok(items.iter().map(|i| i.id).collect())
+        Ok((items.iter().map(|i| i.id).collect(), early))
     }
 
     fn profile_content(&self) -> Content {
@@ -3605,9 +3604,7 @@ mod tests {
     fn a_start_moves_reserved_chains_on_once_and_clears_the_reservations() {
         let db = MessagingDb::open(&crate::store::Store::temporary().unwrap()).unwrap();
         let mut r = crate::crypto::tests::rng(7);
-        let (mut alice, mut bob) = crate::crypto::tests::established(&mut r);
-        let m = alice.encrypt(&mut r, b"one", b"").unwrap();
-        bob.decrypt(&m, b"").unwrap();
+        let (alice, mut bob) = crate::crypto::tests::following(&mut r);
         let at = alice.sending_position().unwrap();
         let peer = [5u8; 32];
         let record = SessionRecord {
@@ -3625,8 +3622,7 @@ mod tests {
         // The same chain in a previous session (it can become current again) moves too;
         // another current session on another chain does not.
         let other = [9u8; 32];
-        let (mut carol, _) = crate::crypto::tests::established(&mut r);
-        carol.encrypt(&mut r, b"x", b"").unwrap();
+        let (carol, _) = crate::crypto::tests::following(&mut r);
         let carol_at = carol.sending_position().unwrap();
         let with_previous = SessionRecord {
             current: carol.to_bytes().unwrap().to_vec(),

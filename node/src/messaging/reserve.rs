@@ -188,6 +188,16 @@ mod tests {
         }
     }
 
+    fn reserve(r: &mut Reservations, chain: u8, index: u32) {
+        let new = r.renewal(&PEER, &at(chain, index)).unwrap();
+        r.written(PEER, new);
+    }
+
+    fn flush(r: &mut Reservations, ok: bool) {
+        r.flush_started();
+        r.flush_done(ok);
+    }
+
     #[test]
     fn only_a_durable_reservation_of_the_same_chain_covers_envelopes() {
         let mut r = Reservations::default();
@@ -248,8 +258,7 @@ mod tests {
     #[test]
     fn a_failed_flush_makes_nothing_durable() {
         let mut r = Reservations::default();
-        let first = r.renewal(&PEER, &at(9, 1)).unwrap();
-        r.written(PEER, first);
+        reserve(&mut r, 9, 1);
         r.flush_started();
         // The next batch writes nothing more while that one is flushed.
         assert_eq!(r.renewal(&PEER, &at(9, 2)), None);
@@ -258,8 +267,7 @@ mod tests {
         // Still pending (a later flush may make it durable): not written again, and the
         // next successful flush makes it durable.
         assert_eq!(r.renewal(&PEER, &at(9, 2)), None);
-        r.flush_started();
-        r.flush_done(true);
+        flush(&mut r, true);
         assert!(r.covers(&PEER, &at(9, 1), &at(9, 2)));
         assert!(!r.is_empty());
     }
@@ -267,16 +275,13 @@ mod tests {
     #[test]
     fn a_newer_reservation_of_another_chain_ends_the_cover_of_the_durable_one() {
         let mut r = Reservations::default();
-        let k1 = r.renewal(&PEER, &at(1, 1)).unwrap();
-        r.written(PEER, k1);
-        r.flush_started();
-        r.flush_done(true);
+        reserve(&mut r, 1, 1);
+        flush(&mut r, true);
         assert!(r.covers(&PEER, &at(1, 1), &at(1, 2)));
         // Another session's chain (a new session, or a previous one made current again)
         // writes its reservation: chain 1 is no longer covered, even before that is durable,
         // because on disk it replaces chain 1's.
-        let k2 = r.renewal(&PEER, &at(2, 1)).unwrap();
-        r.written(PEER, k2);
+        reserve(&mut r, 2, 1);
         assert!(!r.covers(&PEER, &at(1, 2), &at(1, 3)));
         r.flush_started();
         assert!(!r.covers(&PEER, &at(1, 2), &at(1, 3)));
@@ -286,16 +291,6 @@ mod tests {
         assert!(r.covers(&PEER, &at(2, 1), &at(2, 2)));
         // Back on chain 1: it needs a reservation of its own again.
         assert!(r.renewal(&PEER, &at(1, 3)).is_some());
-    }
-
-    fn reserve(r: &mut Reservations, chain: u8, index: u32) {
-        let new = r.renewal(&PEER, &at(chain, index)).unwrap();
-        r.written(PEER, new);
-    }
-
-    fn flush(r: &mut Reservations, ok: bool) {
-        r.flush_started();
-        r.flush_done(ok);
     }
 
     #[test]

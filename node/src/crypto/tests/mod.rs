@@ -62,6 +62,17 @@ pub(crate) fn established(rng: &mut ChaCha20Rng) -> (Session, Session) {
     (p.alice_session, bob_session)
 }
 
+/// An established pair in which Alice has a sending chain that Bob follows (she sent
+/// `first` after his reply, and he decrypted it).
+pub(crate) fn following(rng: &mut ChaCha20Rng) -> (Session, Session) {
+    let (mut alice, mut bob) = established(rng);
+    // Bob's reply ended her chain: her turn starts a new one.
+    assert_eq!(alice.sending_position(), None);
+    let first = alice.encrypt(rng, b"first", b"").unwrap();
+    assert_eq!(bob.decrypt(&first, b"").unwrap(), b"first");
+    (alice, bob)
+}
+
 /// Serialized state, for "unchanged after failure" comparisons.
 pub(crate) fn snapshot(s: &Session) -> Vec<u8> {
     s.to_bytes().unwrap().to_vec()
