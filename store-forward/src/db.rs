@@ -333,8 +333,12 @@ pub fn create_sled_dir(path: &Path) -> std::io::Result<()> {
 /// lock of a database dropped a moment ago only when its background threads let go of the
 /// file, so a quick reopen (a restart, a test) can find it still held. A lock that stays
 /// held (another process has the database open) is the error it was.
+///
+/// A database that does not open as corrupt is opened again without its unfinished
+/// snapshot files, if it has any ([`remove_unfinished_snapshots`]).
 pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut retried = false;
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
@@ -343,9 +347,43 @@ pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
+            Err(sled::Error::Corruption { .. }) if !retried => {
+                retried = true;
+                let removed = remove_unfinished_snapshots(&config.path)?;
+                if removed == 0 {
+                    return Err(sled::Error::Corruption { at: None, bt: () });
+                }
+                tracing::warn!(
+                    removed,
+                    "removed the unfinished snapshot files of a crash; opening again"
+                );
+            }
             other => return other,
         }
     }
+}
+
+/// Removes `snap.<lsn>.generating` files from the sled directory `path` and returns how
+/// many there were. sled 0.34 writes a snapshot to such a file, syncs it and only then
+/// renames it to `snap.<lsn>`; a process killed before the rename leaves it behind, and
+/// sled's open takes it for the newest snapshot (it does not leave such names out), finds
+/// its checksum wrong and refuses to open, for good. The file is by construction a snapshot
+/// that was never finished: the previous one and the log still hold everything.
+pub fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        std::fs::File::open(path)?.sync_all()?;
+    }
+    Ok(removed)
 }
 
 impl MailboxDb {
@@ -722,6 +760,30 @@ impl MailboxDb {
 mod tests {
     use super::*;
     use crate::{limits::RelayLimits, wire::MailboxToken};
+
+    #[test]
+    fn a_snapshot_left_unfinished_by_a_crash_does_not_keep_the_database_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let config = sled::Config::new().path(&path);
+        {
+            let db = open_sled(&config).unwrap();
+            db.insert(b"k", b"v").unwrap();
+            db.flush().unwrap();
+        }
+        // What a kill during a snapshot leaves: the file before its rename, cut short.
+        std::fs::write(path.join("snap.7FFFFFFFFFFFFFFF.generating"), [1, 2, 3]).unwrap();
+        assert!(
+            matches!(config.open(), Err(sled::Error::Corruption { .. })),
+            "sled 0.34 takes the unfinished file for its snapshot"
+        );
+        let db = open_sled(&config).unwrap();
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert!(
+            !path.join("snap.7FFFFFFFFFFFFFFF.generating").exists(),
+            "the unfinished snapshot is gone"
+        );
+    }
 
     #[test]
     fn a_creation_killed_half_way_is_started_over_and_never_leaves_a_broken_database() {
