@@ -169,6 +169,46 @@ struct Inner {
     tx: broadcast::Sender<Event>,
 }
 
+impl Inner {
+    /// Gives `kind` the next `seq` and sends it to live subscribers (a subscription is
+    /// made under the bus's lock, so none sees the log and the live channel out of step).
+    fn broadcast(&mut self, kind: EventKind) -> Event {
+        if self.next_seq >= self.reserved {
+            // Make the next block of `seq`s durable before handing out the first of it. If
+            // that fails the event still goes out; the reservation is retried next time.
+            let reserved = self.next_seq.saturating_add(SEQ_RESERVATION);
+            match self
+                .reservation
+                .insert(RESERVED_KEY, &reserved)
+                .and_then(|()| self.store.flush_blocking().map(drop))
+            {
+                Ok(()) => self.reserved = reserved,
+                Err(e) => tracing::warn!(error = %e, "could not reserve event sequence numbers"),
+            }
+        }
+        let event = Event {
+            seq: self.next_seq,
+            timestamp: now_ms(),
+            kind,
+        };
+        self.next_seq += 1;
+        let _ = self.tx.send(event.clone());
+        event
+    }
+
+    /// Appends `event` to the log (after live subscribers got it).
+    fn record(&mut self, event: &Event) {
+        match serde_json::to_string(event) {
+            Ok(json) => {
+                if let Err(e) = self.log.append(event.seq, &json) {
+                    tracing::warn!(error = %e, "could not store event; live subscribers still get it")
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "event does not serialize"),
+        }
+    }
+}
+
 /// Cheap handle to the event log and broadcast.
 #[derive(Clone)]
 pub struct EventBus {
@@ -200,7 +240,7 @@ impl EventBus {
         let io = |e: std::io::Error| io_error(log_path, e);
         let mut log = EventFile::open(log_path, EVENT_LOG_CAP).map_err(io)?;
         let old: Table<String> = store.table("events")?;
-        if !old.is_empty() {
+        if !old.is_empty()? {
             for (key, json) in old.scan_from(&[], usize::MAX)? {
                 if let Some(seq) = seq_of(&key)
                     && log.last_seq().is_none_or(|last| seq > last)
@@ -232,37 +272,19 @@ impl EventBus {
     /// Records and broadcasts an event; returns it with its `seq`.
     pub fn publish(&self, kind: EventKind) -> Event {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.next_seq >= inner.reserved {
-            // Make the next block of `seq`s durable before handing out the first of it. If
-            // that fails the event still goes out; the reservation is retried next time.
-            let reserved = inner.next_seq.saturating_add(SEQ_RESERVATION);
-            match inner
-                .reservation
-                .insert(RESERVED_KEY, &reserved)
-                .and_then(|()| inner.store.flush_blocking().map(drop))
-            {
-                Ok(()) => inner.reserved = reserved,
-                Err(e) => tracing::warn!(error = %e, "could not reserve event sequence numbers"),
-            }
-        }
-        let event = Event {
-            seq: inner.next_seq,
-            timestamp: now_ms(),
-            kind,
-        };
-        inner.next_seq += 1;
-        // Live subscribers first (a subscription is made under this lock, so none sees the
-        // log and the live channel out of step), then the log.
-        let _ = inner.tx.send(event.clone());
-        match serde_json::to_string(&event) {
-            Ok(json) => {
-                if let Err(e) = inner.log.append(event.seq, &json) {
-                    tracing::warn!(error = %e, "could not store event; live subscribers still get it")
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "event does not serialize"),
-        }
+        let event = inner.broadcast(kind);
+        inner.record(&event);
         event
+    }
+
+    /// Publishes `kinds` in order: all reach live subscribers before any is written to the
+    /// log, so the last does not wait for the others' writes.
+    pub fn publish_all(&self, kinds: Vec<EventKind>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let events: Vec<Event> = kinds.into_iter().map(|k| inner.broadcast(k)).collect();
+        for event in &events {
+            inner.record(event);
+        }
     }
 
     /// On a clean stop: pulls the reservation back to the next `seq` (made durable by the
@@ -349,6 +371,35 @@ mod tests {
         assert_eq!(sub.live.recv().await.unwrap().seq, 6);
     }
 
+    #[tokio::test]
+    async fn events_published_together_go_out_and_into_the_log_in_order() {
+        let store = Store::temporary().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&store, &tmp.path().join("events.log")).unwrap();
+        bus.publish(connected(0));
+        let mut sub = bus.subscribe(None).unwrap();
+        bus.publish_all(vec![connected(1), connected(2)]);
+        bus.publish_all(Vec::new());
+        bus.publish(connected(3));
+        let mut live = Vec::new();
+        for _ in 0..3 {
+            let e = sub.live.recv().await.unwrap();
+            live.push((e.seq, e.kind));
+        }
+        assert_eq!(
+            live,
+            vec![(2, connected(1)), (3, connected(2)), (4, connected(3))]
+        );
+        let logged: Vec<(u64, EventKind)> = bus
+            .subscribe(Some(1))
+            .unwrap()
+            .backlog
+            .into_iter()
+            .map(|e| (e.seq, e.kind))
+            .collect();
+        assert_eq!(logged, live);
+    }
+
     #[test]
     fn counter_survives_reopen() {
         let tmp = tempfile::tempdir().unwrap();
@@ -415,7 +466,7 @@ mod tests {
                 .unwrap();
         }
         let bus = EventBus::open(&store, &log).unwrap();
-        assert!(old.is_empty());
+        assert!(old.is_empty().unwrap());
         let seqs: Vec<u64> = bus
             .subscribe(Some(0))
             .unwrap()

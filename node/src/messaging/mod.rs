@@ -612,6 +612,9 @@ struct Actor {
     message_requests: usize,
     /// Our dialable listen addresses, announced in our profile.
     my_addrs: Vec<Multiaddr>,
+    /// Peer ids (and their text) of peer keys seen, since deriving one decompresses a
+    /// curve point (a few microseconds on every delivery and receipt otherwise).
+    peer_ids: std::cell::RefCell<HashMap<PeerKey, Option<(PeerId, String)>>>,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
     /// a session costs more than using it).
     session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
@@ -705,6 +708,7 @@ pub fn spawn(
         next_relay_sync,
         message_requests,
         my_addrs,
+        peer_ids: Default::default(),
         session_cache: Default::default(),
         presence_notes,
         mailbox_token,
@@ -908,6 +912,16 @@ impl Actor {
                 Some(page) = relay_pages.recv() => self.handle_relay_page(page),
                 Some((relay, registered)) = sync_done.recv() => self.sync_finished(relay, registered),
                 Some(req) = mint.recv() => self.mint_prekeys(req),
+                // Nothing else to do: the writes journaled in the last turns go into sled
+                // now, after their answers and events went out. Yielding first lets the
+                // tasks this turn woke (a delivery, the network task with an answer) run
+                // before it.
+                () = tokio::task::yield_now(), if self.db.store.has_pending() => {
+                    if let Err(e) = self.db.store.apply_pending() {
+                        tracing::error!(error = %e, "could not apply journaled writes");
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
             // Drain what else is ready, so one flush covers the whole batch.
@@ -1172,12 +1186,13 @@ impl Actor {
                 // every delivery meanwhile.
                 let outbox = self.db.outbox.clone();
                 tokio::task::spawn_blocking(move || {
-                    let _ = reply.send(Ok(MessagingStats {
-                        outbox: outbox.len() as u64,
+                    let stats = outbox.len().map(|n| MessagingStats {
+                        outbox: n as u64,
                         rejected,
                         relay_registrations,
                         sent_before_flush,
-                    }));
+                    });
+                    let _ = reply.send(stats.map_err(Into::into));
                 });
             }
             Cmd::MailboxToken { reply } => {
@@ -1997,7 +2012,7 @@ impl Actor {
         if items.is_empty() {
             return Ok(None);
         }
-        let Some(peer_id) = peer_id_of_key(peer) else {
+        let Some(peer_id) = self.peer_id(peer) else {
             return Ok(None);
         };
         let contact = self.db.contacts.get(peer)?;
@@ -2023,10 +2038,32 @@ impl Actor {
             .flatten()
             .map(|c| c.name)
             .unwrap_or_default();
-        let peer_id = peer_id_of_key(peer)
-            .map(|p| p.to_string())
-            .unwrap_or_default();
+        let peer_id = self.peer_id_text(peer).unwrap_or_default();
         (peer_id, name)
+    }
+
+    /// `peer`'s peer id and its text ([`peer_id_of_key`], remembered).
+    fn peer_id_entry(&self, peer: &PeerKey) -> Option<(PeerId, String)> {
+        /// Entries kept at most (keys come from contacts and their messages).
+        const KEEP: usize = 4096;
+        let mut ids = self.peer_ids.borrow_mut();
+        if let Some(known) = ids.get(peer) {
+            return known.clone();
+        }
+        if ids.len() >= KEEP {
+            ids.clear();
+        }
+        let entry = peer_id_of_key(peer).map(|id| (id, id.to_string()));
+        ids.insert(*peer, entry.clone());
+        entry
+    }
+
+    fn peer_id(&self, peer: &PeerKey) -> Option<PeerId> {
+        self.peer_id_entry(peer).map(|(id, _)| id)
+    }
+
+    fn peer_id_text(&self, peer: &PeerKey) -> Option<String> {
+        self.peer_id_entry(peer).map(|(_, text)| text)
     }
 
     fn publish_failed(&mut self, id: &MsgId, peer: &PeerKey, reason: &str) {
@@ -2127,17 +2164,19 @@ impl Actor {
         }
         if !updates.is_empty() {
             let labels = self.peer_labels(&peer);
+            let mut progress = Vec::new();
             for (id, change) in updates {
                 match change {
-                    Ok(state) => {
-                        self.events.publish(receipt_event(&id, &labels, state));
-                    }
+                    Ok(state) => progress.push(receipt_event(&id, &labels, state)),
                     Err(why) => self.publish_failed(&id, &peer, &why),
                 }
             }
+            // `sent` and `delivered` of one answer: the second is not held up by the
+            // first's log write.
+            self.events.publish_all(progress);
         }
         // Receipts that came back in the answers: processed like envelopes delivered to us.
-        if let Some(peer_id) = peer_id_of_key(&peer) {
+        if let Some(peer_id) = self.peer_id(&peer) {
             for envelope in receipts {
                 if let Inbound::Respond(Response::Rejected(_, reason)) =
                     self.accept_envelope(peer_id, envelope, Via::Answer)

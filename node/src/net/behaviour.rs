@@ -325,7 +325,10 @@ pub(crate) fn build_swarm(
             what: "behaviour",
             message: e.to_string(),
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout()))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_timeout())
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     if let Some(e) = mdns_error {
         return Err(BuildError::Mdns(e));

@@ -7,6 +7,9 @@
 //! - values are versioned postcard (or raw bytes) chosen by the caller of [`Table`];
 //! - nothing is acknowledged to anyone before [`Store::flush`] returned: sled writes are
 //!   durable only after a flush;
+//! - a write is journaled at once and applied to sled later ([`Store::apply_pending`], or
+//!   before a scan, a checkpoint, or once much is waiting): reads see it meanwhile, and a
+//!   crash loses nothing the journal holds;
 //! - writes stop, with [`StoreError::DiskFull`], while the disk has less free space than the
 //!   configured reserve. sled does not recover cleanly from running out of space (it stops
 //!   writing, and data flushed just before can be lost on the next open), so the store never
@@ -167,6 +170,96 @@ struct Write {
     value: Option<Vec<u8>>,
 }
 
+/// Writes journaled and not yet applied to sled: the latest value of each key, by tree.
+/// Reads look here before sled; [`Shared::apply`] moves them into sled. Applying them off
+/// the writer's path (after its answer went out) is what deferring buys: a sled insert
+/// costs several microseconds, a journal append a fraction of that.
+#[derive(Default)]
+struct Pending {
+    trees: HashMap<&'static str, PendingTree>,
+    /// How many keys and bytes wait, to apply before they grow large.
+    keys: usize,
+    bytes: usize,
+    /// The last journal record all of whose writes are here or in sled.
+    seq: u64,
+    /// Set when applying failed: sled may lack writes, the values stay here (reads stay
+    /// right) and the store accepts no more writes.
+    failed: Option<String>,
+}
+
+struct PendingTree {
+    tree: sled::Tree,
+    /// `None` is a removal.
+    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// Pending writes beyond which a commit applies them at once (memory and read cost stay
+/// small even when nothing calls [`Store::apply_pending`]).
+const PENDING_KEYS_MAX: usize = 4096;
+const PENDING_BYTES_MAX: usize = 4 << 20;
+
+impl Pending {
+    fn get(&self, name: &str, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.trees.get(name)?.values.get(key).cloned()
+    }
+
+    fn add(&mut self, x: Write) {
+        self.bytes += x.key.len() + x.value.as_ref().map_or(0, Vec::len);
+        let t = self.trees.entry(x.name).or_insert_with(|| PendingTree {
+            tree: x.tree,
+            values: HashMap::new(),
+        });
+        if t.values.insert(x.key, x.value).is_none() {
+            self.keys += 1;
+        }
+    }
+
+    /// Applies the pending writes of `tree` (or all) to sled; on success they leave
+    /// `self`, and applying all records `seq` in `meta` (a journaled store). On failure
+    /// everything stays, for reads, and `failed` is set.
+    fn apply(&mut self, only: Option<&str>, meta: Option<&sled::Tree>) -> Result<(), StoreError> {
+        if let Some(why) = &self.failed {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        let applied = (|| -> Result<(), sled::Error> {
+            for (name, t) in &self.trees {
+                if only.is_some_and(|o| o != *name) {
+                    continue;
+                }
+                for (k, v) in &t.values {
+                    match v {
+                        Some(v) => drop(t.tree.insert(k.as_slice(), v.as_slice())?),
+                        None => drop(t.tree.remove(k.as_slice())?),
+                    }
+                }
+            }
+            if let (None, Some(meta)) = (only, meta) {
+                meta.insert(JOURNAL_SEQ_KEY, &self.seq.to_be_bytes())?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = applied {
+            let why = format!("database write failed half way: {e}");
+            self.failed = Some(why);
+            return Err(e.into());
+        }
+        match only {
+            None => {
+                self.trees.clear();
+                self.keys = 0;
+                self.bytes = 0;
+            }
+            Some(name) => {
+                if let Some(t) = self.trees.remove(name) {
+                    self.keys -= t.values.len();
+                    // (bytes are recounted at the next full apply)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a store's handles share.
 struct Shared {
     db: sled::Db,
@@ -183,6 +276,8 @@ struct Shared {
     syncing: Mutex<()>,
     /// The last record known durable.
     synced: AtomicU64,
+    /// Journaled writes not yet in sled. Lock order: `writer`, then `pending`.
+    pending: Mutex<Pending>,
 }
 
 struct Writer {
@@ -255,10 +350,47 @@ impl Shared {
         tree: &sled::Tree,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, sled::Error> {
-        match self.group_read(name, key) {
+        if let Some(v) = self.group_read(name, key) {
+            return Ok(v);
+        }
+        // Under the lock: a write being applied is either still here or in sled already.
+        let pending = lock(&self.pending);
+        match pending.get(name, key) {
             Some(v) => Ok(v),
             None => Ok(tree.get(key)?.map(|v| v.to_vec())),
         }
+    }
+
+    /// Whether `key` exists in `tree`, as this thread sees it.
+    fn contains(
+        &self,
+        name: &'static str,
+        tree: &sled::Tree,
+        key: &[u8],
+    ) -> Result<bool, sled::Error> {
+        if let Some(v) = self.group_read(name, key) {
+            return Ok(v.is_some());
+        }
+        let pending = lock(&self.pending);
+        match pending.get(name, key) {
+            Some(v) => Ok(v.is_some()),
+            None => tree.contains_key(key),
+        }
+    }
+
+    /// Applies every pending write to sled (see [`Pending`]).
+    fn apply(&self) -> Result<(), StoreError> {
+        let meta = self.files.as_ref().map(|_| &self.meta);
+        lock(&self.pending).apply(None, meta)
+    }
+
+    /// Applies the pending writes of one tree, before it is scanned (a scan reads sled).
+    fn apply_tree(&self, name: &str) -> Result<(), StoreError> {
+        let mut pending = lock(&self.pending);
+        if pending.trees.contains_key(name) {
+            pending.apply(Some(name), None)?;
+        }
+        Ok(())
     }
 
     /// Commits what this thread's group gathered so far (before a scan, which reads sled
@@ -323,6 +455,10 @@ impl Shared {
         if let Some(why) = &w.broken {
             return Err(StoreError::Broken(why.clone()));
         }
+        if let Some(why) = &lock(&self.pending).failed {
+            w.broken = Some(why.clone());
+            return Err(StoreError::Broken(why.clone()));
+        }
         let seq = w.seq + 1;
         if let Some(file) = &w.file {
             let ops: Vec<journal::OpRef<'_>> = writes
@@ -347,22 +483,19 @@ impl Shared {
             journal::append(file, w.len, &mut w.size, &bytes).map_err(io_error)?;
             w.len += bytes.len() as u64;
         }
-        let applied = (|| -> Result<(), sled::Error> {
-            for x in writes {
-                match x.value {
-                    Some(v) => drop(x.tree.insert(x.key, v)?),
-                    None => drop(x.tree.remove(x.key)?),
-                }
-            }
-            if w.file.is_some() {
-                self.meta.insert(JOURNAL_SEQ_KEY, &seq.to_be_bytes())?;
-            }
-            Ok(())
-        })();
         w.seq = seq;
-        if let Err(e) = applied {
-            w.broken = Some(format!("database write failed half way: {e}"));
-            return Err(e.into());
+        // Applied to sled later (reads see it meanwhile): see [`Pending`].
+        let mut pending = lock(&self.pending);
+        for x in writes {
+            pending.add(x);
+        }
+        pending.seq = seq;
+        if pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX {
+            let meta = self.files.as_ref().map(|_| &self.meta);
+            if let Err(e) = pending.apply(None, meta) {
+                w.broken = Some(e.to_string());
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -371,6 +504,7 @@ impl Shared {
     /// the journal has grown large.
     fn sync(&self) -> Result<(), StoreError> {
         let Some(files) = &self.files else {
+            self.apply()?;
             self.db.flush()?;
             return Ok(());
         };
@@ -413,6 +547,8 @@ impl Shared {
         let done = (|| -> Result<u64, StoreError> {
             let next = w.number + 1;
             let (file, size) = files.create(next).map_err(io_error)?;
+            // sled must hold every record before the journal that has them goes.
+            self.apply()?;
             sync_sled(&self.db, self.path.as_deref())?;
             w.file = Some(Arc::new(file));
             w.number = next;
@@ -581,6 +717,7 @@ impl Store {
                 writer: Mutex::new(writer),
                 syncing: Mutex::new(()),
                 synced,
+                pending: Mutex::new(Pending::default()),
             }),
         };
         store.migrate()?;
@@ -608,6 +745,7 @@ impl Store {
                 }),
                 syncing: Mutex::new(()),
                 synced: AtomicU64::new(0),
+                pending: Mutex::new(Pending::default()),
             }),
         };
         store.migrate()?;
@@ -676,7 +814,10 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.start_flush()
             .await
-            .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))?
+            .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))??;
+        // After the durable part: what waits for sled is applied now, off the caller's
+        // answer (the caller is past its `await` only once this is done, though).
+        self.apply_pending()
     }
 
     /// Starts [`Store::flush`] on the blocking pool and returns at once: the flush covers
@@ -699,6 +840,19 @@ impl Store {
     /// then takes much longer than one `fdatasync` (sled is flushed and synced).
     pub fn checkpoint_due(&self) -> bool {
         self.shared.files.is_some() && lock(&self.shared.writer).len >= CHECKPOINT_BYTES
+    }
+
+    /// Applies the writes journaled so far to sled. Reads see them before this too: call it
+    /// when there is time (a writer that answers someone once its flush is done calls it
+    /// after answering, so that sled's cost is not on the answer's path). Scans,
+    /// checkpoints and a commit that finds many writes waiting apply them anyway.
+    pub fn apply_pending(&self) -> Result<(), StoreError> {
+        self.shared.apply()
+    }
+
+    /// Whether journaled writes wait to be applied ([`Store::apply_pending`]).
+    pub fn has_pending(&self) -> bool {
+        lock(&self.shared.pending).keys > 0
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
@@ -997,20 +1151,17 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Whether `key` exists.
     pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        match self.shared.group_read(self.name, key) {
-            Some(v) => Ok(v.is_some()),
-            None => Ok(self.tree.contains_key(key)?),
-        }
+        Ok(self.shared.contains(self.name, &self.tree, key)?)
     }
 
     /// Number of entries (walks the tree).
-    pub fn len(&self) -> usize {
-        self.scan().len()
+    pub fn len(&self) -> Result<usize, StoreError> {
+        Ok(self.scan()?.len())
     }
 
     /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.scan().is_empty()
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.scan()?.is_empty())
     }
 
     /// Decodes the entries `items` yields.
@@ -1028,7 +1179,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Entries with keys `>= from`, in key order, at most `limit`.
     pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan().range(from..).take(limit))
+        self.collect(self.scan()?.range(from..).take(limit))
     }
 
     /// Entries with keys `>= from` that start with `prefix`, in key order: at most `limit`,
@@ -1044,7 +1195,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
         let mut out = Vec::new();
         let mut total = 0usize;
-        for item in self.scan().range(from..) {
+        for item in self.scan()?.range(from..) {
             if out.len() >= limit || total >= max_weight {
                 break;
             }
@@ -1061,7 +1212,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan().scan_prefix(prefix))
+        self.collect(self.scan()?.scan_prefix(prefix))
     }
 
     /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
@@ -1070,7 +1221,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan().scan_prefix(prefix).take(limit))
+        self.collect(self.scan()?.scan_prefix(prefix).take(limit))
     }
 
     /// The last `limit` entries whose key starts with `prefix`, returned in key order.
@@ -1079,7 +1230,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = self.collect(self.scan().scan_prefix(prefix).rev().take(limit))?;
+        let mut out = self.collect(self.scan()?.scan_prefix(prefix).rev().take(limit))?;
         out.reverse();
         Ok(out)
     }
@@ -1087,7 +1238,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Number of keys starting with `prefix`.
     pub fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut n = 0;
-        for item in self.scan().scan_prefix(prefix) {
+        for item in self.scan()?.scan_prefix(prefix) {
             item?;
             n += 1;
         }
@@ -1096,7 +1247,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The last entry in key order.
     pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
-        self.scan()
+        self.scan()?
             .last()?
             .map(|(k, v)| Ok((k.to_vec(), self.decode(&v)?)))
             .transpose()
@@ -1104,18 +1255,19 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The tree, for a scan (which reads sled only): what this thread's group gathered is
     /// committed first.
-    fn scan(&self) -> &sled::Tree {
+    fn scan(&self) -> Result<&sled::Tree, StoreError> {
         self.shared.settle_group();
-        &self.tree
+        self.shared.apply_tree(self.name)?;
+        Ok(&self.tree)
     }
 
     /// Removes the first `n` entries in key order (one atomic write); returns how many
     /// were removed.
     pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
-        self.shared.settle_group();
+        let tree = self.scan()?;
         let mut w = lock(&self.shared.writer);
         let mut writes = Vec::new();
-        for key in self.tree.iter().keys().take(n) {
+        for key in tree.iter().keys().take(n) {
             writes.push(self.write(&key?, None));
         }
         let removed = writes.len();
@@ -1162,7 +1314,7 @@ mod tests {
         assert_eq!(t.scan_from(b"b", 10).unwrap().len(), 1);
         assert_eq!(t.last().unwrap().unwrap().0, b"b".to_vec());
         assert_eq!(t.remove_first(1).unwrap(), 1);
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.len().unwrap(), 1);
     }
 
     #[test]
@@ -1269,7 +1421,7 @@ mod tests {
         });
         committed.unwrap();
         assert_eq!(scanned, 2);
-        assert_eq!(a.len(), 3);
+        assert_eq!(a.len().unwrap(), 3);
         // A group whose commit fails: none of its writes land, and the caller is told.
         let (_, committed) = s.group(|| {
             a.insert(b"k4", &4).unwrap();
@@ -1310,6 +1462,87 @@ mod tests {
         let a: Table<u32> = s.table("a").unwrap();
         assert_eq!(a.get(b"x").unwrap(), Some(2));
         assert_eq!(a.get(b"y").unwrap(), Some(3));
+    }
+
+    #[test]
+    fn writes_are_read_before_sled_has_them_and_a_scan_applies_its_table_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("db")).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        let b: Table<u32> = s.table("b").unwrap();
+        a.insert(b"old", &1).unwrap();
+        s.apply_pending().unwrap();
+        assert!(!s.has_pending());
+        s.transaction(&[&a, &b], |tx| {
+            tx.insert(&a, b"k1", &10)?;
+            tx.insert(&b, b"k1", &20)?;
+            tx.remove(&a, b"old")?;
+            Ok(())
+        })
+        .unwrap();
+        // Journaled, not in sled yet; every read sees the new state.
+        assert!(s.has_pending());
+        assert!(a.tree.get(b"k1").unwrap().is_none());
+        assert!(a.tree.get(b"old").unwrap().is_some());
+        assert_eq!(a.get(b"k1").unwrap(), Some(10));
+        assert_eq!(a.get(b"old").unwrap(), None);
+        assert!(!a.contains(b"old").unwrap());
+        assert!(b.contains(b"k1").unwrap());
+        let seen = s
+            .transaction(&[&a, &b], |tx| Ok((tx.get(&a, b"k1")?, tx.get(&b, b"k1")?)))
+            .unwrap();
+        assert_eq!(seen, (Some(10), Some(20)));
+        // A scan of `a` applies `a`'s writes (sled is what it walks), not `b`'s.
+        assert_eq!(a.scan_prefix(b"").unwrap(), vec![(b"k1".to_vec(), 10)]);
+        assert!(a.tree.get(b"old").unwrap().is_none());
+        assert!(b.tree.get(b"k1").unwrap().is_none());
+        assert!(s.has_pending());
+        s.apply_pending().unwrap();
+        assert!(!s.has_pending());
+        assert!(b.tree.get(b"k1").unwrap().is_some());
+        assert_eq!(b.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn many_waiting_writes_are_applied_by_the_commit_that_finds_them() {
+        let s = Store::temporary().unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        for i in 0..PENDING_KEYS_MAX as u32 {
+            a.insert(&i.to_be_bytes(), &i).unwrap();
+        }
+        assert!(s.has_pending());
+        a.insert(b"one more", &0).unwrap();
+        assert!(
+            !s.has_pending(),
+            "past the limit, the commit applied everything"
+        );
+        assert_eq!(a.tree.len(), PENDING_KEYS_MAX + 1);
+    }
+
+    #[tokio::test]
+    async fn flushed_writes_that_sled_never_got_are_replayed_from_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            let a: Table<u32> = s.table("a").unwrap();
+            a.insert(b"applied", &1).unwrap();
+            s.apply_pending().unwrap();
+            a.insert(b"applied", &2).unwrap();
+            a.insert(b"waiting", &3).unwrap();
+            a.remove(b"waiting").unwrap();
+            a.insert(b"last", &4).unwrap();
+            // Durable in the journal, never applied: the process dies here.
+            s.flush_blocking().unwrap();
+            assert!(s.has_pending());
+            assert!(a.tree.get(b"last").unwrap().is_none());
+        }
+        let s = Store::open(&path).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        assert_eq!(
+            a.scan_prefix(b"").unwrap(),
+            vec![(b"applied".to_vec(), 2), (b"last".to_vec(), 4)]
+        );
     }
 
     /// Writes a journal file by hand, as a crash would leave it: records sled never got.
