@@ -182,6 +182,8 @@ struct Pending {
     bytes: usize,
     /// The last journal record all of whose writes are here or in sled.
     seq: u64,
+    /// The `seq` last recorded in `meta` by an apply (none is written when it is current).
+    recorded: u64,
     /// Set when applying failed: sled may lack writes, the values stay here (reads stay
     /// right) and the store accepts no more writes.
     failed: Option<String>,
@@ -233,7 +235,9 @@ impl Pending {
                     }
                 }
             }
-            if let (None, Some(meta)) = (only, meta) {
+            if let (None, Some(meta)) = (only, meta)
+                && self.recorded != self.seq
+            {
                 meta.insert(JOURNAL_SEQ_KEY, &self.seq.to_be_bytes())?;
             }
             Ok(())
@@ -245,6 +249,7 @@ impl Pending {
         }
         match only {
             None => {
+                self.recorded = self.seq;
                 self.trees.clear();
                 self.keys = 0;
                 self.bytes = 0;
@@ -699,6 +704,12 @@ impl Store {
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
         let writer = recover(&db, &meta, &files, path)?;
         let synced = AtomicU64::new(writer.seq);
+        // Everything up to `writer.seq` is in sled, and `meta` says so.
+        let pending = Pending {
+            seq: writer.seq,
+            recorded: writer.seq,
+            ..Pending::default()
+        };
         let store = Self {
             shared: Arc::new(Shared {
                 db,
@@ -717,7 +728,7 @@ impl Store {
                 writer: Mutex::new(writer),
                 syncing: Mutex::new(()),
                 synced,
-                pending: Mutex::new(Pending::default()),
+                pending: Mutex::new(pending),
             }),
         };
         store.migrate()?;
@@ -850,9 +861,11 @@ impl Store {
         self.shared.apply()
     }
 
-    /// Whether journaled writes wait to be applied ([`Store::apply_pending`]).
+    /// Whether journaled writes wait to be applied ([`Store::apply_pending`]): false once
+    /// applying failed (the store is stopped then; trying again would fail the same way).
     pub fn has_pending(&self) -> bool {
-        lock(&self.shared.pending).keys > 0
+        let pending = lock(&self.shared.pending);
+        pending.keys > 0 && pending.failed.is_none()
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
@@ -1641,6 +1654,44 @@ mod tests {
         let s = Store::open(&path).unwrap();
         let t: Table<u32> = s.table("t").unwrap();
         assert_eq!(t.get(b"a").unwrap(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn applying_with_nothing_pending_never_moves_the_applied_mark_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let applied = |s: &Store| {
+            let v = s.shared.meta.get(JOURNAL_SEQ_KEY).unwrap().unwrap();
+            u64::from_be_bytes(v.as_ref().try_into().unwrap())
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            t.insert(b"a", &1).unwrap();
+            t.insert(b"a", &2).unwrap();
+            s.close().await.unwrap();
+        }
+        {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            assert_eq!(applied(&s), 2);
+            s.flush().await.unwrap();
+            s.apply_pending().unwrap();
+            assert_eq!(applied(&s), 2, "nothing was pending: the mark stays");
+            t.insert(b"b", &3).unwrap();
+            s.flush_blocking().unwrap();
+            // Applies `t` only (the mark cannot move), then sled is made durable as it
+            // is, as its own buffer write-back could, and the process dies.
+            assert_eq!(t.scan_prefix(b"").unwrap().len(), 2);
+            s.shared.db.flush().unwrap();
+            assert_eq!(applied(&s), 2);
+        }
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        assert_eq!(
+            t.scan_prefix(b"").unwrap(),
+            vec![(b"a".to_vec(), 2), (b"b".to_vec(), 3)]
+        );
     }
 
     #[tokio::test]
