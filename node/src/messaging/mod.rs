@@ -913,10 +913,10 @@ impl Actor {
                 Some((relay, registered)) = sync_done.recv() => self.sync_finished(relay, registered),
                 Some(req) = mint.recv() => self.mint_prekeys(req),
                 // Nothing else to do: the writes journaled in the last turns go into sled
-                // now, after their answers and events went out. Yielding first lets the
-                // tasks this turn woke (a delivery, the network task with an answer) run
-                // before it.
-                () = tokio::task::yield_now(), if self.db.store.has_pending() => {
+                // now, after their answers and events went out, once their flush ended (sled
+                // never holds what the journal might lose). Yielding first lets the tasks
+                // this turn woke (a delivery, the network task with an answer) run before it.
+                () = tokio::task::yield_now(), if self.db.store.has_durable_pending() => {
                     if let Err(e) = self.db.store.apply_pending() {
                         tracing::error!(error = %e, "could not apply journaled writes");
                     }

@@ -193,6 +193,8 @@ struct PendingTree {
     tree: sled::Tree,
     /// `None` is a removal.
     values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes of keys and values in `values`.
+    bytes: usize,
 }
 
 /// Pending writes beyond which a commit applies them at once (memory and read cost stay
@@ -206,14 +208,29 @@ impl Pending {
     }
 
     fn add(&mut self, x: Write) {
-        self.bytes += x.key.len() + x.value.as_ref().map_or(0, Vec::len);
+        let size = |k: &[u8], v: &Option<Vec<u8>>| k.len() + v.as_ref().map_or(0, Vec::len);
+        let added = size(&x.key, &x.value);
         let t = self.trees.entry(x.name).or_insert_with(|| PendingTree {
             tree: x.tree,
             values: HashMap::new(),
+            bytes: 0,
         });
-        if t.values.insert(x.key, x.value).is_none() {
-            self.keys += 1;
-        }
+        let replaced = match t.values.get_mut(&x.key) {
+            Some(v) => Some(std::mem::replace(v, x.value)),
+            None => {
+                t.values.insert(x.key.clone(), x.value);
+                None
+            }
+        };
+        let removed = match &replaced {
+            Some(old) => size(&x.key, old),
+            None => {
+                self.keys += 1;
+                0
+            }
+        };
+        t.bytes = t.bytes + added - removed;
+        self.bytes = self.bytes + added - removed;
     }
 
     /// Applies the pending writes of `tree` (or all) to sled; on success they leave
@@ -257,7 +274,7 @@ impl Pending {
             Some(name) => {
                 if let Some(t) = self.trees.remove(name) {
                     self.keys -= t.values.len();
-                    // (bytes are recounted at the next full apply)
+                    self.bytes -= t.bytes;
                 }
             }
         }
@@ -498,8 +515,10 @@ impl Shared {
         if pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX {
             let meta = self.files.as_ref().map(|_| &self.meta);
             if let Err(e) = pending.apply(None, meta) {
+                // This record is journaled and readable, so the commit stands; the store
+                // takes no more writes (the next open replays the journal into sled).
+                tracing::error!(error = %e, "could not apply journaled writes; the store stops");
                 w.broken = Some(e.to_string());
-                return Err(e);
             }
         }
         Ok(())
@@ -866,6 +885,15 @@ impl Store {
     pub fn has_pending(&self) -> bool {
         let pending = lock(&self.shared.pending);
         pending.keys > 0 && pending.failed.is_none()
+    }
+
+    /// Whether writes wait to be applied and every record they come from is durable (its
+    /// flush ended): the moment to apply them without sled getting ahead of the journal.
+    pub fn has_durable_pending(&self) -> bool {
+        let pending = lock(&self.shared.pending);
+        pending.keys > 0
+            && pending.failed.is_none()
+            && self.shared.synced.load(Ordering::Acquire) >= pending.seq
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
@@ -1277,10 +1305,12 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Removes the first `n` entries in key order (one atomic write); returns how many
     /// were removed.
     pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
-        let tree = self.scan()?;
+        self.shared.settle_group();
+        // The writer first: no other commit can slip in between the apply and the walk.
         let mut w = lock(&self.shared.writer);
+        self.shared.apply_tree(self.name)?;
         let mut writes = Vec::new();
-        for key in tree.iter().keys().take(n) {
+        for key in self.tree.iter().keys().take(n) {
             writes.push(self.write(&key?, None));
         }
         let removed = writes.len();
@@ -1495,6 +1525,9 @@ mod tests {
         .unwrap();
         // Journaled, not in sled yet; every read sees the new state.
         assert!(s.has_pending());
+        assert!(!s.has_durable_pending(), "not flushed yet");
+        s.flush_blocking().unwrap();
+        assert!(s.has_durable_pending());
         assert!(a.tree.get(b"k1").unwrap().is_none());
         assert!(a.tree.get(b"old").unwrap().is_some());
         assert_eq!(a.get(b"k1").unwrap(), Some(10));
