@@ -572,3 +572,32 @@ async fn a_first_message_to_an_offline_contact_uses_a_one_time_prekey_from_its_r
     b.stop().await;
     r.handle.shutdown().await;
 }
+
+/// A request on a protocol the other side does not speak fails at once. Streams are opened
+/// with multistream-select's lazy dialer mode, which sends the request along with its
+/// protocol proposal instead of waiting for the answer to it: the refusal (`na`) must still
+/// come back as an error, not as a request left to its 30 s timeout. A relay does not speak
+/// `/tern/msg/1`.
+#[tokio::test]
+async fn a_request_on_a_protocol_the_peer_does_not_speak_fails_at_once() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let relay_id = tern_node::net::peer_id_of(&raddr).unwrap();
+    let a = TestNode::spawn("alice").await;
+    a.handle.dial(raddr.clone()).await.unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        a.handle
+            .net()
+            .request(relay_id, vec![raddr], b"\x01x".to_vec()),
+    )
+    .await
+    .expect("the refusal comes back well before the request timeout");
+    let error = answer.expect_err("a relay answers no /tern/msg/1 request");
+    assert!(
+        error.to_string().contains(&relay_id.to_string()),
+        "the error names the peer: {error}"
+    );
+    a.stop().await;
+    r.handle.shutdown().await;
+}
