@@ -7,9 +7,9 @@
 //! - values are versioned postcard (or raw bytes) chosen by the caller of [`Table`];
 //! - nothing is acknowledged to anyone before [`Store::flush`] returned: sled writes are
 //!   durable only after a flush;
-//! - a write is journaled at once and applied to sled later ([`Store::apply_pending`], or
-//!   before a scan, a checkpoint, or once much is waiting): reads see it meanwhile, and a
-//!   crash loses nothing the journal holds;
+//! - a write is journaled at once and applied to sled only once its record is durable
+//!   ([`Store::apply_pending`], a flush, a checkpoint, or once much is waiting): reads and
+//!   scans see it meanwhile, and sled never holds what the journal could still lose;
 //! - writes stop, with [`StoreError::DiskFull`], while the disk has less free space than the
 //!   configured reserve. sled does not recover cleanly from running out of space (it stops
 //!   writing, and data flushed just before can be lost on the next open), so the store never
@@ -19,9 +19,10 @@ mod journal;
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     marker::PhantomData,
+    ops::Bound,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -171,9 +172,11 @@ struct Write {
 }
 
 /// Writes journaled and not yet applied to sled: the latest value of each key, by tree.
-/// Reads look here before sled; [`Shared::apply`] moves them into sled. Applying them off
-/// the writer's path (after its answer went out) is what deferring buys: a sled insert
-/// costs several microseconds, a journal append a fraction of that.
+/// Reads and scans look here as well as in sled; [`Shared::apply`] moves them into sled,
+/// and only once every record they come from is durable, so that sled never holds a write
+/// the journal could still lose. Applying them off the writer's path (after its answer went
+/// out) is what deferring buys: a sled insert costs several microseconds, a journal append
+/// a fraction of that.
 #[derive(Default)]
 struct Pending {
     trees: HashMap<&'static str, PendingTree>,
@@ -191,16 +194,19 @@ struct Pending {
 
 struct PendingTree {
     tree: sled::Tree,
-    /// `None` is a removal.
-    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Bytes of keys and values in `values`.
-    bytes: usize,
+    /// In key order, for scans; `None` is a removal.
+    values: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-/// Pending writes beyond which a commit applies them at once (memory and read cost stay
-/// small even when nothing calls [`Store::apply_pending`]).
+/// Pending writes beyond which a commit makes them durable and applies them at once
+/// (memory and read cost stay small even when nothing calls [`Store::apply_pending`]).
 const PENDING_KEYS_MAX: usize = 4096;
 const PENDING_BYTES_MAX: usize = 4 << 20;
+
+/// Size of a pending entry, for [`PENDING_BYTES_MAX`].
+fn entry_size(key: &[u8], value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len)
+}
 
 impl Pending {
     fn get(&self, name: &str, key: &[u8]) -> Option<Option<Vec<u8>>> {
@@ -208,43 +214,47 @@ impl Pending {
     }
 
     fn add(&mut self, x: Write) {
-        let size = |k: &[u8], v: &Option<Vec<u8>>| k.len() + v.as_ref().map_or(0, Vec::len);
-        let added = size(&x.key, &x.value);
+        let added = entry_size(&x.key, &x.value);
         let t = self.trees.entry(x.name).or_insert_with(|| PendingTree {
             tree: x.tree,
-            values: HashMap::new(),
-            bytes: 0,
+            values: BTreeMap::new(),
         });
-        let replaced = match t.values.get_mut(&x.key) {
-            Some(v) => Some(std::mem::replace(v, x.value)),
+        let removed = match t.values.get_mut(&x.key) {
+            Some(v) => entry_size(&x.key, &std::mem::replace(v, x.value)),
             None => {
-                t.values.insert(x.key.clone(), x.value);
-                None
-            }
-        };
-        let removed = match &replaced {
-            Some(old) => size(&x.key, old),
-            None => {
+                t.values.insert(x.key, x.value);
                 self.keys += 1;
                 0
             }
         };
-        t.bytes = t.bytes + added - removed;
         self.bytes = self.bytes + added - removed;
     }
 
-    /// Applies the pending writes of `tree` (or all) to sled; on success they leave
-    /// `self`, and applying all records `seq` in `meta` (a journaled store). On failure
-    /// everything stays, for reads, and `failed` is set.
-    fn apply(&mut self, only: Option<&str>, meta: Option<&sled::Tree>) -> Result<(), StoreError> {
+    /// The pending entries of `name` between `lo` and `hi`, in key order (a copy).
+    fn range(
+        &self,
+        name: &str,
+        lo: Bound<&[u8]>,
+        hi: Bound<&[u8]>,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let Some(t) = self.trees.get(name) else {
+            return Vec::new();
+        };
+        t.values
+            .range::<[u8], _>((lo, hi))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Applies every pending write to sled and records `seq` in `meta` (a journaled
+    /// store); on success they leave `self`. On failure everything stays, for reads, and
+    /// `failed` is set.
+    fn apply(&mut self, meta: Option<&sled::Tree>) -> Result<(), StoreError> {
         if let Some(why) = &self.failed {
             return Err(StoreError::Broken(why.clone()));
         }
         let applied = (|| -> Result<(), sled::Error> {
-            for (name, t) in &self.trees {
-                if only.is_some_and(|o| o != *name) {
-                    continue;
-                }
+            for t in self.trees.values() {
                 for (k, v) in &t.values {
                     match v {
                         Some(v) => drop(t.tree.insert(k.as_slice(), v.as_slice())?),
@@ -252,7 +262,7 @@ impl Pending {
                     }
                 }
             }
-            if let (None, Some(meta)) = (only, meta)
+            if let Some(meta) = meta
                 && self.recorded != self.seq
             {
                 meta.insert(JOURNAL_SEQ_KEY, &self.seq.to_be_bytes())?;
@@ -264,22 +274,77 @@ impl Pending {
             self.failed = Some(why);
             return Err(e.into());
         }
-        match only {
-            None => {
-                self.recorded = self.seq;
-                self.trees.clear();
-                self.keys = 0;
-                self.bytes = 0;
-            }
-            Some(name) => {
-                if let Some(t) = self.trees.remove(name) {
-                    self.keys -= t.values.len();
-                    self.bytes -= t.bytes;
-                }
-            }
-        }
+        self.recorded = self.seq;
+        self.trees.clear();
+        self.keys = 0;
+        self.bytes = 0;
         Ok(())
     }
+}
+
+/// A scan's entries: sled's, with the pending writes of the same range laid over them (a
+/// pending value replaces sled's, a pending removal hides it), in key order or reversed.
+struct Merged<'a> {
+    sled: std::iter::Peekable<SledEntries<'a>>,
+    pending: std::iter::Peekable<PendingEntries>,
+    rev: bool,
+}
+
+/// sled's entries of a scan's range, in its order.
+type SledEntries<'a> = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>;
+/// The pending writes of a scan's range, in its order (`None`: removed).
+type PendingEntries = Box<dyn Iterator<Item = (Vec<u8>, Option<Vec<u8>>)>>;
+
+impl Iterator for Merged<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        loop {
+            let order = match (self.sled.peek(), self.pending.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) => {
+                    return match self.sled.next() {
+                        Some(Err(e)) => Some(Err(e.into())),
+                        _ => None,
+                    };
+                }
+                (Some(Ok(_)), None) => Less,
+                (None, Some(_)) => Greater,
+                (Some(Ok((sk, _))), Some((pk, _))) => {
+                    let o = sk.as_ref().cmp(pk.as_slice());
+                    if self.rev { o.reverse() } else { o }
+                }
+            };
+            if order == Less {
+                return self
+                    .sled
+                    .next()
+                    .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into));
+            }
+            if order == Equal {
+                // The pending write is newer than what sled holds.
+                self.sled.next();
+            }
+            match self.pending.next() {
+                Some((k, Some(v))) => return Some(Ok((k, v))),
+                Some((_, None)) => {}
+                None => return None,
+            }
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// What a store's handles share.
@@ -400,19 +465,25 @@ impl Shared {
         }
     }
 
-    /// Applies every pending write to sled (see [`Pending`]).
+    /// Applies every pending write to sled (see [`Pending`]), durable or not: for a
+    /// checkpoint, which makes sled durable right after, and a store without a journal.
     fn apply(&self) -> Result<(), StoreError> {
         let meta = self.files.as_ref().map(|_| &self.meta);
-        lock(&self.pending).apply(None, meta)
+        lock(&self.pending).apply(meta)
     }
 
-    /// Applies the pending writes of one tree, before it is scanned (a scan reads sled).
-    fn apply_tree(&self, name: &str) -> Result<(), StoreError> {
+    /// Applies the pending writes if every record they come from is durable; otherwise
+    /// leaves them for a later call (after the flush that makes them durable).
+    fn apply_durable(&self) -> Result<(), StoreError> {
+        let meta = self.files.as_ref().map(|_| &self.meta);
         let mut pending = lock(&self.pending);
-        if pending.trees.contains_key(name) {
-            pending.apply(Some(name), None)?;
+        if pending.keys == 0 && pending.recorded == pending.seq {
+            return Ok(());
         }
-        Ok(())
+        if self.files.is_some() && self.synced.load(Ordering::Acquire) < pending.seq {
+            return Ok(());
+        }
+        pending.apply(meta)
     }
 
     /// Commits what this thread's group gathered so far (before a scan, which reads sled
@@ -513,12 +584,23 @@ impl Shared {
         }
         pending.seq = seq;
         if pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX {
+            // Durable first (sled never gets ahead of the journal), then into sled. The
+            // commit stands either way: its record is journaled and readable; a failure
+            // stops the store (the next open replays the journal into sled).
+            let synced = match &w.file {
+                Some(file) => file.sync_data().map_err(io_error),
+                None => Ok(()),
+            };
             let meta = self.files.as_ref().map(|_| &self.meta);
-            if let Err(e) = pending.apply(None, meta) {
-                // This record is journaled and readable, so the commit stands; the store
-                // takes no more writes (the next open replays the journal into sled).
-                tracing::error!(error = %e, "could not apply journaled writes; the store stops");
-                w.broken = Some(e.to_string());
+            match synced.and_then(|()| {
+                self.synced.fetch_max(seq, Ordering::AcqRel);
+                pending.apply(meta)
+            }) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "could not apply journaled writes; the store stops");
+                    w.broken = Some(e.to_string());
+                }
             }
         }
         Ok(())
@@ -845,8 +927,8 @@ impl Store {
         self.start_flush()
             .await
             .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))??;
-        // After the durable part: what waits for sled is applied now, off the caller's
-        // answer (the caller is past its `await` only once this is done, though).
+        // After the durable part: what waits for sled is applied now (the caller is past
+        // its `await` only once this is done, though).
         self.apply_pending()
     }
 
@@ -872,12 +954,14 @@ impl Store {
         self.shared.files.is_some() && lock(&self.shared.writer).len >= CHECKPOINT_BYTES
     }
 
-    /// Applies the writes journaled so far to sled. Reads see them before this too: call it
-    /// when there is time (a writer that answers someone once its flush is done calls it
-    /// after answering, so that sled's cost is not on the answer's path). Scans,
-    /// checkpoints and a commit that finds many writes waiting apply them anyway.
+    /// Applies the writes journaled so far to sled, if all of them are durable (a flush
+    /// ended after the last of them); otherwise does nothing, and a call after the next
+    /// flush does it. Reads and scans see them before this too: call it when there is time
+    /// (a writer that answers someone once its flush is done calls it after answering, so
+    /// that sled's cost is not on the answer's path). Checkpoints and a commit that finds
+    /// many writes waiting apply them anyway (after making them durable).
     pub fn apply_pending(&self) -> Result<(), StoreError> {
-        self.shared.apply()
+        self.shared.apply_durable()
     }
 
     /// Whether journaled writes wait to be applied ([`Store::apply_pending`]): false once
@@ -1197,30 +1281,44 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// Number of entries (walks the tree).
     pub fn len(&self) -> Result<usize, StoreError> {
-        Ok(self.scan()?.len())
+        let mut n = 0;
+        for item in self.merged(Bound::Unbounded, Bound::Unbounded, false) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.scan()?.is_empty())
+        match self
+            .merged(Bound::Unbounded, Bound::Unbounded, false)
+            .next()
+        {
+            None => Ok(true),
+            Some(item) => item.map(|_| false),
+        }
     }
 
     /// Decodes the entries `items` yields.
     fn collect(
         &self,
-        items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        items: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
         items
             .map(|item| {
                 let (k, v) = item?;
-                Ok((k.to_vec(), self.decode(&v)?))
+                Ok((k, self.decode(&v)?))
             })
             .collect()
     }
 
     /// Entries with keys `>= from`, in key order, at most `limit`.
     pub fn scan_from(&self, from: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan()?.range(from..).take(limit))
+        self.collect(
+            self.merged(Bound::Included(from), Bound::Unbounded, false)
+                .take(limit),
+        )
     }
 
     /// Entries with keys `>= from` that start with `prefix`, in key order: at most `limit`,
@@ -1236,7 +1334,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
         let mut out = Vec::new();
         let mut total = 0usize;
-        for item in self.scan()?.range(from..) {
+        for item in self.merged(Bound::Included(from), Bound::Unbounded, false) {
             if out.len() >= limit || total >= max_weight {
                 break;
             }
@@ -1246,14 +1344,21 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
             }
             let v = self.decode(&v)?;
             total = total.saturating_add(weight(&v));
-            out.push((k.to_vec(), v));
+            out.push((k, v));
         }
         Ok(out)
     }
 
+    /// The entries whose key starts with `prefix`, in key order or reversed.
+    fn prefixed(&self, prefix: &[u8], rev: bool) -> Merged<'_> {
+        let end = prefix_end(prefix);
+        let hi = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        self.merged(Bound::Included(prefix), hi, rev)
+    }
+
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan()?.scan_prefix(prefix))
+        self.collect(self.prefixed(prefix, false))
     }
 
     /// At most `limit` entries whose key starts with `prefix`, from the first in key order.
@@ -1262,7 +1367,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        self.collect(self.scan()?.scan_prefix(prefix).take(limit))
+        self.collect(self.prefixed(prefix, false).take(limit))
     }
 
     /// The last `limit` entries whose key starts with `prefix`, returned in key order.
@@ -1271,7 +1376,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
-        let mut out = self.collect(self.scan()?.scan_prefix(prefix).rev().take(limit))?;
+        let mut out = self.collect(self.prefixed(prefix, true).take(limit))?;
         out.reverse();
         Ok(out)
     }
@@ -1279,7 +1384,7 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     /// Number of keys starting with `prefix`.
     pub fn count_prefix(&self, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut n = 0;
-        for item in self.scan()?.scan_prefix(prefix) {
+        for item in self.prefixed(prefix, false) {
             item?;
             n += 1;
         }
@@ -1288,30 +1393,48 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 
     /// The last entry in key order.
     pub fn last(&self) -> Result<Option<(Vec<u8>, V)>, StoreError> {
-        self.scan()?
-            .last()?
-            .map(|(k, v)| Ok((k.to_vec(), self.decode(&v)?)))
+        self.merged(Bound::Unbounded, Bound::Unbounded, true)
+            .next()
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((k, self.decode(&v)?))
+            })
             .transpose()
     }
 
-    /// The tree, for a scan (which reads sled only): what this thread's group gathered is
-    /// committed first.
-    fn scan(&self) -> Result<&sled::Tree, StoreError> {
+    /// The entries between `lo` and `hi` as this thread sees them: what its group gathered
+    /// is committed first, then sled's entries are walked with the pending writes of the
+    /// range laid over them (a copy of those taken now: later writes are not seen, as with
+    /// any scan).
+    fn merged(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, rev: bool) -> Merged<'_> {
         self.shared.settle_group();
-        self.shared.apply_tree(self.name)?;
-        Ok(&self.tree)
+        let pending = lock(&self.shared.pending).range(self.name, lo, hi);
+        let range = self.tree.range::<&[u8], _>((lo, hi));
+        let (sled, pending): (SledEntries<'_>, PendingEntries) = if rev {
+            (Box::new(range.rev()), Box::new(pending.into_iter().rev()))
+        } else {
+            (Box::new(range), Box::new(pending.into_iter()))
+        };
+        Merged {
+            sled: sled.peekable(),
+            pending: pending.peekable(),
+            rev,
+        }
     }
 
     /// Removes the first `n` entries in key order (one atomic write); returns how many
     /// were removed.
     pub fn remove_first(&self, n: usize) -> Result<usize, StoreError> {
         self.shared.settle_group();
-        // The writer first: no other commit can slip in between the apply and the walk.
+        // Under the writer lock: no other commit can slip in between the walk and the
+        // removals.
         let mut w = lock(&self.shared.writer);
-        self.shared.apply_tree(self.name)?;
         let mut writes = Vec::new();
-        for key in self.tree.iter().keys().take(n) {
-            writes.push(self.write(&key?, None));
+        for item in self
+            .merged(Bound::Unbounded, Bound::Unbounded, false)
+            .take(n)
+        {
+            writes.push(self.write(&item?.0, None));
         }
         let removed = writes.len();
         self.shared.commit(&mut w, writes)?;
@@ -1508,14 +1631,16 @@ mod tests {
     }
 
     #[test]
-    fn writes_are_read_before_sled_has_them_and_a_scan_applies_its_table_first() {
+    fn writes_are_read_and_scanned_before_sled_has_them_and_applied_once_durable() {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(&tmp.path().join("db")).unwrap();
         let a: Table<u32> = s.table("a").unwrap();
         let b: Table<u32> = s.table("b").unwrap();
         a.insert(b"old", &1).unwrap();
+        s.flush_blocking().unwrap();
         s.apply_pending().unwrap();
         assert!(!s.has_pending());
+        assert!(a.tree.get(b"old").unwrap().is_some());
         s.transaction(&[&a, &b], |tx| {
             tx.insert(&a, b"k1", &10)?;
             tx.insert(&b, b"k1", &20)?;
@@ -1523,13 +1648,14 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        // Journaled, not in sled yet; every read sees the new state.
+        // Journaled, not durable: nothing goes into sled yet.
         assert!(s.has_pending());
         assert!(!s.has_durable_pending(), "not flushed yet");
-        s.flush_blocking().unwrap();
-        assert!(s.has_durable_pending());
+        s.apply_pending().unwrap();
+        assert!(s.has_pending());
         assert!(a.tree.get(b"k1").unwrap().is_none());
         assert!(a.tree.get(b"old").unwrap().is_some());
+        // Every read and scan sees the new state all the same.
         assert_eq!(a.get(b"k1").unwrap(), Some(10));
         assert_eq!(a.get(b"old").unwrap(), None);
         assert!(!a.contains(b"old").unwrap());
@@ -1538,15 +1664,144 @@ mod tests {
             .transaction(&[&a, &b], |tx| Ok((tx.get(&a, b"k1")?, tx.get(&b, b"k1")?)))
             .unwrap();
         assert_eq!(seen, (Some(10), Some(20)));
-        // A scan of `a` applies `a`'s writes (sled is what it walks), not `b`'s.
         assert_eq!(a.scan_prefix(b"").unwrap(), vec![(b"k1".to_vec(), 10)]);
-        assert!(a.tree.get(b"old").unwrap().is_none());
-        assert!(b.tree.get(b"k1").unwrap().is_none());
-        assert!(s.has_pending());
+        assert_eq!(a.len().unwrap(), 1);
+        assert_eq!(a.last().unwrap(), Some((b"k1".to_vec(), 10)));
+        assert!(
+            a.tree.get(b"old").unwrap().is_some(),
+            "a scan applies nothing"
+        );
+        // Durable: applied.
+        s.flush_blocking().unwrap();
+        assert!(s.has_durable_pending());
         s.apply_pending().unwrap();
         assert!(!s.has_pending());
+        assert!(a.tree.get(b"old").unwrap().is_none());
+        assert!(a.tree.get(b"k1").unwrap().is_some());
         assert!(b.tree.get(b"k1").unwrap().is_some());
         assert_eq!(b.len().unwrap(), 1);
+    }
+
+    /// Every scan over sled and pending writes together, against a map kept alongside,
+    /// through random inserts, removals, groups and applies.
+    #[test]
+    fn scans_lay_the_pending_writes_over_sled_in_order_and_reversed() {
+        use rand_chacha::{
+            ChaCha8Rng,
+            rand_core::{RngCore, SeedableRng},
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("db")).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        let mut model = BTreeMap::<Vec<u8>, u32>::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Keys of one or two bytes among 0, 1, 0xfe and 0xff: shared prefixes, and
+        // prefixes whose end wraps.
+        let byte = |r: u32| [0u8, 1, 0xfe, 0xff][(r % 4) as usize];
+        let key = |rng: &mut ChaCha8Rng| {
+            let r = rng.next_u32();
+            let mut k = vec![byte(r)];
+            if r & 0x100 != 0 {
+                k.push(byte(r >> 3));
+            }
+            k
+        };
+        let prefixes: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![1],
+            vec![0xff],
+            vec![0xff, 0xff],
+            vec![0xfe, 0xff],
+        ];
+        for step in 0..600u32 {
+            match rng.next_u32() % 10 {
+                0..=4 => {
+                    let k = key(&mut rng);
+                    t.insert(&k, &step).unwrap();
+                    model.insert(k, step);
+                }
+                5 | 6 => {
+                    let k = key(&mut rng);
+                    assert_eq!(t.remove(&k).unwrap(), model.remove(&k).is_some());
+                }
+                7 => {
+                    // A group: its writes land at its end (a scan inside settles them).
+                    let (k1, k2) = (key(&mut rng), key(&mut rng));
+                    let ((), done) = s.group(|| {
+                        t.insert(&k1, &(step + 1)).unwrap();
+                        t.remove(&k2).unwrap();
+                    });
+                    done.unwrap();
+                    model.insert(k1.clone(), step + 1);
+                    if k2 != k1 {
+                        model.remove(&k2);
+                    } else {
+                        model.remove(&k1);
+                    }
+                }
+                8 => s.flush_blocking().unwrap(),
+                _ => s.apply_pending().unwrap(),
+            }
+            for p in &prefixes {
+                let want: Vec<(Vec<u8>, u32)> = model
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(p))
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                assert_eq!(t.scan_prefix(p).unwrap(), want, "step {step} prefix {p:?}");
+                assert_eq!(t.count_prefix(p).unwrap(), want.len());
+                assert_eq!(
+                    t.scan_prefix_first(p, 2).unwrap(),
+                    want.iter().take(2).cloned().collect::<Vec<_>>()
+                );
+                let last: Vec<_> = want
+                    .iter()
+                    .skip(want.len().saturating_sub(2))
+                    .cloned()
+                    .collect();
+                assert_eq!(
+                    t.scan_prefix_last(p, 2).unwrap(),
+                    last,
+                    "step {step} prefix {p:?}"
+                );
+                let from: Vec<_> = model
+                    .range(p.clone()..)
+                    .take(3)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                assert_eq!(t.scan_from(p, 3).unwrap(), from);
+                let weighted: Vec<_> = model
+                    .range(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(p))
+                    .take(2)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                assert_eq!(
+                    t.scan_weighted(p, p, 2, usize::MAX, |_| 1).unwrap(),
+                    weighted
+                );
+            }
+            assert_eq!(t.len().unwrap(), model.len());
+            assert_eq!(t.is_empty().unwrap(), model.is_empty());
+            assert_eq!(
+                t.last().unwrap(),
+                model.iter().next_back().map(|(k, v)| (k.clone(), *v))
+            );
+        }
+        // And what sled holds once everything is durable and applied is the same.
+        s.flush_blocking().unwrap();
+        s.apply_pending().unwrap();
+        assert!(!s.has_pending());
+        let in_sled: BTreeMap<Vec<u8>, u32> = t
+            .tree
+            .iter()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.to_vec(), postcard::from_bytes(&v).unwrap())
+            })
+            .collect();
+        assert_eq!(in_sled, model);
     }
 
     #[test]
@@ -1573,6 +1828,7 @@ mod tests {
             let s = Store::open(&path).unwrap();
             let a: Table<u32> = s.table("a").unwrap();
             a.insert(b"applied", &1).unwrap();
+            s.flush_blocking().unwrap();
             s.apply_pending().unwrap();
             a.insert(b"applied", &2).unwrap();
             a.insert(b"waiting", &3).unwrap();
@@ -1713,17 +1969,23 @@ mod tests {
             assert_eq!(applied(&s), 2, "nothing was pending: the mark stays");
             t.insert(b"b", &3).unwrap();
             s.flush_blocking().unwrap();
-            // Applies `t` only (the mark cannot move), then sled is made durable as it
-            // is, as its own buffer write-back could, and the process dies.
-            assert_eq!(t.scan_prefix(b"").unwrap().len(), 2);
+            s.apply_pending().unwrap();
+            assert_eq!(applied(&s), 3);
+            t.insert(b"c", &4).unwrap();
+            // Not durable: not applied, the mark stays. sled is made durable as it is, as
+            // its own buffer write-back could, and the process dies.
+            s.apply_pending().unwrap();
             s.shared.db.flush().unwrap();
-            assert_eq!(applied(&s), 2);
+            assert_eq!(applied(&s), 3);
+            assert!(t.tree.get(b"c").unwrap().is_none());
         }
+        // Opens (no gap from a mark moved back) with every record: `c`'s was written to
+        // the journal file, which a killed process leaves behind.
         let s = Store::open(&path).unwrap();
         let t: Table<u32> = s.table("t").unwrap();
         assert_eq!(
             t.scan_prefix(b"").unwrap(),
-            vec![(b"a".to_vec(), 2), (b"b".to_vec(), 3)]
+            vec![(b"a".to_vec(), 2), (b"b".to_vec(), 3), (b"c".to_vec(), 4)]
         );
     }
 
