@@ -598,7 +598,7 @@ impl Shared {
             }) {
                 Ok(()) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, "could not apply journaled writes; the store stops");
+                    tracing::error!(error = %e, "could not sync and apply journaled writes; the store stops");
                     w.broken = Some(e.to_string());
                 }
             }
@@ -653,7 +653,13 @@ impl Shared {
         let done = (|| -> Result<u64, StoreError> {
             let next = w.number + 1;
             let (file, size) = files.create(next).map_err(io_error)?;
-            // sled must hold every record before the journal that has them goes.
+            // sled must hold every record before the journal that has them goes, and
+            // only durable ones (a power loss during sled's flush must not leave part of a
+            // record the journal lost): the journal is synced first.
+            if let Some(current) = &w.file {
+                current.sync_data().map_err(io_error)?;
+            }
+            self.synced.fetch_max(w.seq, Ordering::AcqRel);
             self.apply()?;
             sync_sled(&self.db, self.path.as_deref())?;
             w.file = Some(Arc::new(file));
@@ -1334,7 +1340,11 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     ) -> Result<Vec<(Vec<u8>, V)>, StoreError> {
         let mut out = Vec::new();
         let mut total = 0usize;
-        for item in self.merged(Bound::Included(from), Bound::Unbounded, false) {
+        // Bounded by the prefix's end: the pending writes copied for the walk are only the
+        // prefix's (an outbox walk takes one peer's, not every later peer's).
+        let end = prefix_end(prefix);
+        let hi = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        for item in self.merged(Bound::Included(from), hi, false) {
             if out.len() >= limit || total >= max_weight {
                 break;
             }
