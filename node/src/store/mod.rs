@@ -983,7 +983,8 @@ impl Store {
         let pending = lock(&self.shared.pending);
         pending.keys > 0
             && pending.failed.is_none()
-            && self.shared.synced.load(Ordering::Acquire) >= pending.seq
+            && (self.shared.files.is_none()
+                || self.shared.synced.load(Ordering::Acquire) >= pending.seq)
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
