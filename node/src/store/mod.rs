@@ -486,8 +486,9 @@ impl Shared {
         pending.apply(meta)
     }
 
-    /// Commits what this thread's group gathered so far (before a scan, which reads sled
-    /// only, or a flush). A failure is kept for the end of the group.
+    /// Commits what this thread's group gathered so far (before a scan, which reads only
+    /// committed writes, pending or in sled, or a flush). A failure is kept for the end of
+    /// the group.
     fn settle_group(&self) {
         let Some(writes) = GROUP.with(|g| {
             let mut g = g.borrow_mut();
@@ -1032,7 +1033,7 @@ impl Store {
     /// times (a ratchet session by every message of a batch) is journaled and applied once.
     /// Reads on this thread see the gathered writes; other threads see none of them until
     /// the end. A scan or a flush inside `f` commits what was gathered so far first (scans
-    /// read sled), splitting the group there. Returns `f`'s result and whether the commit
+    /// read committed writes only), splitting the group there. Returns `f`'s result and whether the commit
     /// worked (if not, none of the writes since the last split landed, nor any after a
     /// failed split). A group inside a group of the same store joins it; inside a group of
     /// another store, `f`'s writes to this one are not grouped. While a group is open,
