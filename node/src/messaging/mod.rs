@@ -2809,7 +2809,11 @@ impl Actor {
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
         let name = contact.name.clone();
-        let peer_str = peer.to_string();
+        // The sender's peer id text, remembered (base58 costs more than the rest of this).
+        let peer_str = match self.peer_id_entry(&sender) {
+            Some((id, text)) if id == peer => text,
+            _ => peer.to_string(),
+        };
         let notices: Vec<EventKind> = {
             let mut v = Vec::new();
             if let Some(c) = &new_contact {
