@@ -347,11 +347,12 @@ pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(sled::Error::Corruption { .. }) if !retried => {
+            Err(e @ sled::Error::Corruption { .. }) if !retried => {
                 retried = true;
                 let removed = remove_unfinished_snapshots(&config.path)?;
                 if removed == 0 {
-                    return Err(sled::Error::Corruption { at: None, bt: () });
+                    // Not that: sled's own error, as it was.
+                    return Err(e);
                 }
                 tracing::warn!(
                     removed,

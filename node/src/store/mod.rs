@@ -472,18 +472,32 @@ impl Shared {
         lock(&self.pending).apply(meta)
     }
 
+    /// Whether every record `pending` holds writes of is durable (a store without a
+    /// journal has nothing to wait for).
+    fn durable(&self, pending: &Pending) -> bool {
+        self.files.is_none() || self.synced.load(Ordering::Acquire) >= pending.seq
+    }
+
     /// Applies the pending writes if every record they come from is durable; otherwise
     /// leaves them for a later call (after the flush that makes them durable).
     fn apply_durable(&self) -> Result<(), StoreError> {
-        let meta = self.files.as_ref().map(|_| &self.meta);
         let mut pending = lock(&self.pending);
-        if pending.keys == 0 && pending.recorded == pending.seq {
+        let nothing = pending.keys == 0 && pending.recorded == pending.seq;
+        if nothing || !self.durable(&pending) {
             return Ok(());
         }
-        if self.files.is_some() && self.synced.load(Ordering::Acquire) < pending.seq {
-            return Ok(());
+        pending.apply(self.files.as_ref().map(|_| &self.meta))
+    }
+
+    /// Makes every record written so far durable (an `fdatasync` of the current journal
+    /// file, besides any flush running) and applies the pending writes: for a checkpoint
+    /// and for a commit that finds too much pending. Caller holds `writer`, not `pending`.
+    fn sync_and_apply(&self, w: &Writer) -> Result<(), StoreError> {
+        if let Some(file) = &w.file {
+            file.sync_data().map_err(io_error)?;
         }
-        pending.apply(meta)
+        self.synced.fetch_max(w.seq, Ordering::AcqRel);
+        self.apply()
     }
 
     /// Commits what this thread's group gathered so far (before a scan, which reads only
@@ -579,30 +593,20 @@ impl Shared {
         }
         w.seq = seq;
         // Applied to sled later (reads see it meanwhile): see [`Pending`].
-        let mut pending = lock(&self.pending);
-        for x in writes {
-            pending.add(x);
-        }
-        pending.seq = seq;
-        if pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX {
-            // Durable first (sled never gets ahead of the journal), then into sled. The
-            // commit stands either way: its record is journaled and readable; a failure
-            // stops the store (the next open replays the journal into sled).
-            let synced = match &w.file {
-                Some(file) => file.sync_data().map_err(io_error),
-                None => Ok(()),
-            };
-            let meta = self.files.as_ref().map(|_| &self.meta);
-            match synced.and_then(|()| {
-                self.synced.fetch_max(seq, Ordering::AcqRel);
-                pending.apply(meta)
-            }) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "could not sync and apply journaled writes; the store stops");
-                    w.broken = Some(e.to_string());
-                }
+        let too_much = {
+            let mut pending = lock(&self.pending);
+            for x in writes {
+                pending.add(x);
             }
+            pending.seq = seq;
+            pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX
+        };
+        // Durable first (sled never gets ahead of the journal), then into sled. The commit
+        // stands either way: its record is journaled and readable; a failure stops the
+        // store (the next open replays the journal into sled).
+        if too_much && let Err(e) = self.sync_and_apply(w) {
+            tracing::error!(error = %e, "could not sync and apply journaled writes; the store stops");
+            w.broken = Some(e.to_string());
         }
         Ok(())
     }
@@ -657,11 +661,7 @@ impl Shared {
             // sled must hold every record before the journal that has them goes, and
             // only durable ones (a power loss during sled's flush must not leave part of a
             // record the journal lost): the journal is synced first.
-            if let Some(current) = &w.file {
-                current.sync_data().map_err(io_error)?;
-            }
-            self.synced.fetch_max(w.seq, Ordering::AcqRel);
-            self.apply()?;
+            self.sync_and_apply(&w)?;
             sync_sled(&self.db, self.path.as_deref())?;
             w.file = Some(Arc::new(file));
             w.number = next;
@@ -973,7 +973,8 @@ impl Store {
 
     /// Whether journaled writes wait to be applied ([`Store::apply_pending`]): false once
     /// applying failed (the store is stopped then; trying again would fail the same way).
-    pub fn has_pending(&self) -> bool {
+    #[cfg(test)]
+    fn has_pending(&self) -> bool {
         let pending = lock(&self.shared.pending);
         pending.keys > 0 && pending.failed.is_none()
     }
@@ -982,10 +983,7 @@ impl Store {
     /// flush ended): the moment to apply them without sled getting ahead of the journal.
     pub fn has_durable_pending(&self) -> bool {
         let pending = lock(&self.shared.pending);
-        pending.keys > 0
-            && pending.failed.is_none()
-            && (self.shared.files.is_none()
-                || self.shared.synced.load(Ordering::Acquire) >= pending.seq)
+        pending.keys > 0 && pending.failed.is_none() && self.shared.durable(&pending)
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
@@ -1033,13 +1031,13 @@ impl Store {
     /// times (a ratchet session by every message of a batch) is journaled and applied once.
     /// Reads on this thread see the gathered writes; other threads see none of them until
     /// the end. A scan or a flush inside `f` commits what was gathered so far first (scans
-    /// read committed writes only), splitting the group there. Returns `f`'s result and whether the commit
-    /// worked (if not, none of the writes since the last split landed, nor any after a
-    /// failed split). A group inside a group of the same store joins it; inside a group of
-    /// another store, `f`'s writes to this one are not grouped. While a group is open,
-    /// [`Store::transaction`]s in it are atomic and see their own writes but land only with
-    /// the group, after any other thread's writes in the meantime (the messaging actor is
-    /// the only writer of the tables it groups).
+    /// read committed writes only), splitting the group there. Returns `f`'s result and
+    /// whether the commit worked (if not, none of the writes since the last split landed,
+    /// nor any after a failed split). A group inside a group of the same store joins it;
+    /// inside a group of another store, `f`'s writes to this one are not grouped. While a
+    /// group is open, [`Store::transaction`]s in it are atomic and see their own writes but
+    /// land only with the group, after any other thread's writes in the meantime (the
+    /// messaging actor is the only writer of the tables it groups).
     pub fn group<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), StoreError>) {
         if GROUP.with(|g| g.borrow().is_some()) {
             return (f(), Ok(()));
