@@ -11,9 +11,11 @@
 //!   ([`Store::apply_pending`], a flush, a checkpoint, or once much is waiting): reads and
 //!   scans see it meanwhile, and sled never holds what the journal could still lose;
 //! - writes stop, with [`StoreError::DiskFull`], while the disk has less free space than the
-//!   configured reserve. sled does not recover cleanly from running out of space (it stops
-//!   writing, and data flushed just before can be lost on the next open), so the store never
-//!   lets it get there.
+//!   configured reserve, and journaled writes wait (readable) while it has no room to apply
+//!   them. sled does not recover from running out of space (it stops writing, data flushed
+//!   just before can be lost on the next open, and a failed write can leave every later
+//!   flush waiting forever), so the store never lets it get there, and after a failed sled
+//!   write it never flushes or closes sled again in this process.
 
 mod journal;
 
@@ -112,6 +114,9 @@ struct SpaceGuard {
     dir: PathBuf,
     reserve: u64,
     state: Mutex<SpaceState>,
+    /// The free space tests make the disk report.
+    #[cfg(test)]
+    free_in_test: Mutex<Option<u64>>,
 }
 
 #[derive(Debug)]
@@ -134,11 +139,9 @@ impl SpaceGuard {
             .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
         let headroom = st.free.saturating_sub(self.reserve);
         if (stale || st.written.saturating_add(incoming) > headroom / 2)
-            && let Ok(s) = nix::sys::statvfs::statvfs(&self.dir)
+            && let Some(free) = self.measure()
         {
-            #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
-            let blocks = u64::from(s.blocks_available());
-            st.free = blocks.saturating_mul(s.fragment_size());
+            st.free = free;
             st.checked = Some(Instant::now());
             st.written = 0;
         }
@@ -156,7 +159,49 @@ impl SpaceGuard {
         st.written = st.written.saturating_add(incoming);
         Ok(())
     }
+
+    /// Whether sled can take `bytes` of writes now, measured afresh (the disk may have
+    /// filled since the last measurement, by another program too). Applying journaled
+    /// writes may use the reserve: that is what it is kept for. Unmeasurable counts as room.
+    fn room_to_apply(&self, bytes: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(free) = self.measure() else {
+            return true;
+        };
+        st.free = free;
+        st.checked = Some(Instant::now());
+        st.written = 0;
+        st.free >= bytes.saturating_mul(2).saturating_add(APPLY_MARGIN)
+    }
+
+    /// The free space of the disk now (`statvfs`), if it can be measured.
+    fn measure(&self) -> Option<u64> {
+        #[cfg(test)]
+        if let Some(free) = *lock(&self.free_in_test) {
+            return Some(free);
+        }
+        let s = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
+        let blocks = u64::from(s.blocks_available());
+        Some(blocks.saturating_mul(s.fragment_size()))
+    }
+
+    /// The error for a write refused because the disk is full, with the last measurement.
+    fn full(&self) -> StoreError {
+        let free = self.state.lock().unwrap_or_else(|p| p.into_inner()).free;
+        StoreError::DiskFull {
+            free_mib: free / (1024 * 1024),
+            reserve_mib: self.reserve / (1024 * 1024),
+        }
+    }
 }
+
+/// Free space that applying writes to sled needs beyond twice their size (sled's log and
+/// page rewrites). sled must never run out of space: a failed write can leave it waiting
+/// forever for the write to end (sled 0.34), so the store keeps it away from a full disk.
+const APPLY_MARGIN: u64 = 1 << 20;
+/// How long applying waits, after finding too little free space, before measuring again.
+const APPLY_RETRY: Duration = Duration::from_millis(250);
 
 /// The `meta` key holding the seq of the last journal record applied to sled.
 const JOURNAL_SEQ_KEY: &[u8] = b"journal_seq";
@@ -190,6 +235,9 @@ struct Pending {
     /// Set when applying failed: sled may lack writes, the values stay here (reads stay
     /// right) and the store accepts no more writes.
     failed: Option<String>,
+    /// Set while the disk has too little space to apply: when to measure again. The writes
+    /// wait here meanwhile (they are journaled and readable).
+    retry_at: Option<Instant>,
 }
 
 struct PendingTree {
@@ -202,6 +250,9 @@ struct PendingTree {
 /// (memory and read cost stay small even when nothing calls [`Store::apply_pending`]).
 const PENDING_KEYS_MAX: usize = 4096;
 const PENDING_BYTES_MAX: usize = 4 << 20;
+/// How many times those limits may wait while the disk is too full to apply them; beyond
+/// that a commit is refused ([`StoreError::DiskFull`]) before anything is written.
+const PENDING_FULL_FACTOR: usize = 4;
 
 /// Size of a pending entry, for [`PENDING_BYTES_MAX`].
 fn entry_size(key: &[u8], value: &Option<Vec<u8>>) -> usize {
@@ -478,26 +529,60 @@ impl Shared {
         self.files.is_none() || self.synced.load(Ordering::Acquire) >= pending.seq
     }
 
-    /// Applies the pending writes if every record they come from is durable; otherwise
-    /// leaves them for a later call (after the flush that makes them durable).
+    /// Whether the disk has room to apply `pending` now (see [`SpaceGuard::room_to_apply`]);
+    /// when it has not, no new measurement is made before [`APPLY_RETRY`] has passed, unless
+    /// `now_anyway` (a checkpoint).
+    fn room_to_apply(&self, pending: &mut Pending, now_anyway: bool) -> bool {
+        let Some(g) = &self.space else {
+            return true;
+        };
+        let now = Instant::now();
+        if !now_anyway && pending.retry_at.is_some_and(|t| now < t) {
+            return false;
+        }
+        if g.room_to_apply(pending.bytes as u64) {
+            if pending.retry_at.take().is_some() {
+                tracing::info!("disk space is back: the waiting writes go into the database");
+            }
+            return true;
+        }
+        if pending.retry_at.is_none() {
+            tracing::warn!(
+                writes = pending.keys,
+                "the disk is full: journaled writes wait in memory until space is freed"
+            );
+        }
+        pending.retry_at = Some(now + APPLY_RETRY);
+        false
+    }
+
+    /// Applies the pending writes if every record they come from is durable and the disk
+    /// has room; otherwise leaves them for a later call (after the flush that makes them
+    /// durable, or once space is freed).
     fn apply_durable(&self) -> Result<(), StoreError> {
         let mut pending = lock(&self.pending);
         let nothing = pending.keys == 0 && pending.recorded == pending.seq;
-        if nothing || !self.durable(&pending) {
+        if nothing || !self.durable(&pending) || !self.room_to_apply(&mut pending, false) {
             return Ok(());
         }
         pending.apply(self.files.as_ref().map(|_| &self.meta))
     }
 
     /// Makes every record written so far durable (an `fdatasync` of the current journal
-    /// file, besides any flush running) and applies the pending writes: for a checkpoint
-    /// and for a commit that finds too much pending. Caller holds `writer`, not `pending`.
-    fn sync_and_apply(&self, w: &Writer) -> Result<(), StoreError> {
+    /// file, besides any flush running) and applies the pending writes if the disk has room
+    /// for them: for a checkpoint and for a commit that finds too much pending. Returns
+    /// whether they were applied. Caller holds `writer`, not `pending`.
+    fn sync_and_apply(&self, w: &Writer) -> Result<bool, StoreError> {
+        // Measured first: no `fdatasync` for each commit while the disk stays full.
+        if !self.room_to_apply(&mut lock(&self.pending), false) {
+            return Ok(false);
+        }
         if let Some(file) = &w.file {
             file.sync_data().map_err(io_error)?;
         }
         self.synced.fetch_max(w.seq, Ordering::AcqRel);
-        self.apply()
+        lock(&self.pending).apply(self.files.as_ref().map(|_| &self.meta))?;
+        Ok(true)
     }
 
     /// Commits what this thread's group gathered so far (before a scan, which reads only
@@ -563,9 +648,19 @@ impl Shared {
         if let Some(why) = &w.broken {
             return Err(StoreError::Broken(why.clone()));
         }
-        if let Some(why) = &lock(&self.pending).failed {
-            w.broken = Some(why.clone());
-            return Err(StoreError::Broken(why.clone()));
+        {
+            let pending = lock(&self.pending);
+            if let Some(why) = &pending.failed {
+                w.broken = Some(why.clone());
+                return Err(StoreError::Broken(why.clone()));
+            }
+            // Too much waits for space to apply it: nothing more is taken meanwhile.
+            if let Some(g) = &self.space
+                && (pending.keys > PENDING_KEYS_MAX * PENDING_FULL_FACTOR
+                    || pending.bytes > PENDING_BYTES_MAX * PENDING_FULL_FACTOR)
+            {
+                return Err(g.full());
+            }
         }
         let seq = w.seq + 1;
         if let Some(file) = &w.file {
@@ -601,9 +696,10 @@ impl Shared {
             pending.seq = seq;
             pending.keys > PENDING_KEYS_MAX || pending.bytes > PENDING_BYTES_MAX
         };
-        // Durable first (sled never gets ahead of the journal), then into sled. The commit
-        // stands either way: its record is journaled and readable; a failure stops the
-        // store (the next open replays the journal into sled).
+        // Durable first (sled never gets ahead of the journal), then into sled if the disk
+        // has room (otherwise the writes wait). The commit stands either way: its record is
+        // journaled and readable; a failure stops the store (the next open replays the
+        // journal into sled).
         if too_much && let Err(e) = self.sync_and_apply(w) {
             tracing::error!(error = %e, "could not sync and apply journaled writes; the store stops");
             w.broken = Some(e.to_string());
@@ -631,8 +727,7 @@ impl Shared {
             }
             (w.file.clone(), w.seq, w.len >= CHECKPOINT_BYTES)
         };
-        let (file, upto) = if big {
-            self.checkpoint(files)?;
+        let (file, upto) = if big && self.checkpoint(files)? {
             let w = lock(&self.writer);
             (w.file.clone(), w.seq)
         } else {
@@ -652,37 +747,70 @@ impl Shared {
 
     /// Makes sled hold every record written so far, durably, then starts a fresh journal
     /// file and deletes the older ones. Writers wait meanwhile (so sled is made durable at a
-    /// record boundary). Caller holds `syncing`.
-    fn checkpoint(&self, files: &journal::Files) -> Result<(), StoreError> {
+    /// record boundary). Returns false, having changed nothing, when the disk has no room
+    /// for it: the journal goes on in its current file and a later flush tries again.
+    /// Caller holds `syncing`.
+    fn checkpoint(&self, files: &journal::Files) -> Result<bool, StoreError> {
         let mut w = lock(&self.writer);
-        let done = (|| -> Result<u64, StoreError> {
-            let next = w.number + 1;
-            let (file, size) = files.create(next).map_err(io_error)?;
-            // sled must hold every record before the journal that has them goes, and
-            // only durable ones (a power loss during sled's flush must not leave part of a
-            // record the journal lost): the journal is synced first.
-            self.sync_and_apply(&w)?;
-            sync_sled(&self.db, self.path.as_deref())?;
-            w.file = Some(Arc::new(file));
-            w.number = next;
-            w.len = 0;
-            w.size = size;
-            Ok(next)
-        })();
-        let current = match done {
-            Ok(n) => n,
+        if let Some(why) = &w.broken {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        if !self.room_to_apply(&mut lock(&self.pending), true) {
+            return Ok(false);
+        }
+        let next = w.number + 1;
+        let (file, size) = match files.create(next) {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a new journal file; the checkpoint waits");
+                let _ = files.remove(next);
+                return Ok(false);
+            }
+        };
+        // sled must hold every record before the journal that has them goes, and only
+        // durable ones (a power loss during sled's flush must not leave part of a record the
+        // journal lost): the journal is synced first.
+        let done = self.sync_and_apply(&w).and_then(|applied| {
+            if applied {
+                sync_sled(&self.db, self.path.as_deref())?;
+            }
+            Ok(applied)
+        });
+        match done {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(file);
+                let _ = files.remove(next);
+                return Ok(false);
+            }
             Err(e) => {
                 w.broken = Some(format!("checkpoint failed: {e}"));
                 return Err(e);
             }
-        };
+        }
+        w.file = Some(Arc::new(file));
+        w.number = next;
+        w.len = 0;
+        w.size = size;
         drop(w);
         for n in files.list().map_err(io_error)? {
-            if n < current {
+            if n < next {
                 files.remove(n).map_err(io_error)?;
             }
         }
-        Ok(())
+        Ok(true)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // sled flushes when its last handle goes; after one of its writes failed that flush
+        // can wait forever (sled 0.34 leaves a buffer that is never written). The journal
+        // holds every write, and the next open repairs sled from it: leave sled as it is.
+        if lock(&self.pending).failed.is_some() {
+            tracing::error!("the database is left unflushed after its failed write");
+            std::mem::forget(self.db.clone());
+        }
     }
 }
 
@@ -709,6 +837,7 @@ fn recover(
     meta: &sled::Tree,
     files: &journal::Files,
     path: &Path,
+    space: &SpaceGuard,
 ) -> Result<Writer, StoreError> {
     let applied = meta
         .get(JOURNAL_SEQ_KEY)?
@@ -724,7 +853,18 @@ fn recover(
         tracing::warn!("a journal without its database was found and is discarded");
     }
     for n in numbers.iter().filter(|_| !orphaned) {
-        for record in files.read(*n).map_err(io_error)? {
+        let records = files.read(*n).map_err(io_error)?;
+        let bytes: usize = records
+            .iter()
+            .filter(|r| r.seq >= next)
+            .flat_map(|r| &r.ops)
+            .map(|op| entry_size(&op.key, &op.value))
+            .sum();
+        // sled must not run out of space half way (see `APPLY_MARGIN`).
+        if bytes > 0 && !space.room_to_apply(bytes as u64) {
+            return Err(space.full());
+        }
+        for record in records {
             if record.seq < next {
                 continue;
             }
@@ -739,14 +879,22 @@ fn recover(
                     ),
                 });
             }
-            for op in record.ops {
-                let tree = db.open_tree(&op.tree)?;
-                match op.value {
-                    Some(v) => drop(tree.insert(op.key, v)?),
-                    None => drop(tree.remove(op.key)?),
+            let replayed_record = (|| -> Result<(), sled::Error> {
+                for op in record.ops {
+                    let tree = db.open_tree(&op.tree)?;
+                    match op.value {
+                        Some(v) => drop(tree.insert(op.key, v)?),
+                        None => drop(tree.remove(op.key)?),
+                    }
                 }
+                meta.insert(JOURNAL_SEQ_KEY, &record.seq.to_be_bytes())?;
+                Ok(())
+            })();
+            if let Err(e) = replayed_record {
+                // Closing sled after a failed write can wait forever (see `Shared`'s drop).
+                std::mem::forget(db.clone());
+                return Err(e.into());
             }
-            meta.insert(JOURNAL_SEQ_KEY, &record.seq.to_be_bytes())?;
             next += 1;
             replayed += 1;
         }
@@ -810,7 +958,18 @@ impl Store {
         )?;
         let meta = db.open_tree(META_TREE)?;
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
-        let writer = recover(&db, &meta, &files, path)?;
+        let space = SpaceGuard {
+            dir: path.to_owned(),
+            reserve,
+            state: Mutex::new(SpaceState {
+                checked: None,
+                free: 0,
+                written: 0,
+            }),
+            #[cfg(test)]
+            free_in_test: Mutex::new(None),
+        };
+        let writer = recover(&db, &meta, &files, path, &space)?;
         let synced = AtomicU64::new(writer.seq);
         // Everything up to `writer.seq` is in sled, and `meta` says so.
         let pending = Pending {
@@ -822,15 +981,7 @@ impl Store {
             shared: Arc::new(Shared {
                 db,
                 meta,
-                space: Some(SpaceGuard {
-                    dir: path.to_owned(),
-                    reserve,
-                    state: Mutex::new(SpaceState {
-                        checked: None,
-                        free: 0,
-                        written: 0,
-                    }),
-                }),
+                space: Some(space),
                 files: Some(files),
                 path: Some(path.to_owned()),
                 writer: Mutex::new(writer),
@@ -983,7 +1134,10 @@ impl Store {
     /// flush ended): the moment to apply them without sled getting ahead of the journal.
     pub fn has_durable_pending(&self) -> bool {
         let pending = lock(&self.shared.pending);
-        pending.keys > 0 && pending.failed.is_none() && self.shared.durable(&pending)
+        pending.keys > 0
+            && pending.failed.is_none()
+            && self.shared.durable(&pending)
+            && pending.retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
@@ -992,13 +1146,15 @@ impl Store {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             shared.sync()?;
-            match &shared.files {
-                Some(files) => {
-                    let _syncing = lock(&shared.syncing);
-                    shared.checkpoint(files)
+            if let Some(files) = &shared.files {
+                let _syncing = lock(&shared.syncing);
+                if !shared.checkpoint(files)? {
+                    tracing::warn!(
+                        "the disk is full: the journal is kept, and applied at the next start"
+                    );
                 }
-                None => Ok(()),
             }
+            Ok(())
         })
         .await
         .map_err(|e| StoreError::Broken(format!("close task failed: {e}")))?
@@ -1828,6 +1984,98 @@ mod tests {
             "past the limit, the commit applied everything"
         );
         assert_eq!(a.tree.len(), PENDING_KEYS_MAX + 1);
+    }
+
+    /// Makes the store's disk report `free` bytes (`None`: the real figure).
+    fn pretend_free(s: &Store, free: Option<u64>) {
+        let g = s.shared.space.as_ref().unwrap();
+        *lock(&g.free_in_test) = free;
+        // The next check measures again.
+        lock(&g.state).checked = None;
+    }
+
+    #[test]
+    fn on_a_full_disk_writes_wait_readable_and_go_into_sled_once_space_is_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let s = Store::open_with_reserve(&path, 0).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        a.insert(b"k", &1).unwrap();
+        pretend_free(&s, Some(0));
+        s.flush_blocking().unwrap();
+        s.apply_pending().unwrap();
+        assert!(s.has_pending(), "no room: the write waits");
+        assert!(a.tree.get(b"k").unwrap().is_none());
+        assert_eq!(a.get(b"k").unwrap(), Some(1));
+        assert_eq!(a.scan_prefix(b"").unwrap(), vec![(b"k".to_vec(), 1)]);
+        assert!(
+            !s.has_durable_pending(),
+            "not offered again before the disk is measured again"
+        );
+        // New writes are refused meanwhile; removals (which free space) are taken.
+        assert!(matches!(
+            a.insert(b"k2", &2),
+            Err(StoreError::DiskFull { .. })
+        ));
+        assert!(a.remove(b"k").unwrap());
+        // A clean stop keeps the journal instead of checkpointing into a full disk.
+        s.flush_blocking().unwrap();
+        let _syncing = lock(&s.shared.syncing);
+        assert!(
+            !s.shared
+                .checkpoint(s.shared.files.as_ref().unwrap())
+                .unwrap()
+        );
+        drop(_syncing);
+        assert!(a.tree.get(b"k").unwrap().is_none());
+        a.insert(b"k3", &3).unwrap_err();
+
+        // Space is back: applied at the next chance after the wait.
+        pretend_free(&s, None);
+        std::thread::sleep(APPLY_RETRY);
+        assert!(s.has_durable_pending());
+        s.apply_pending().unwrap();
+        assert!(!s.has_pending());
+        assert!(a.tree.get(b"k").unwrap().is_none());
+        a.insert(b"k3", &3).unwrap();
+        s.flush_blocking().unwrap();
+        s.apply_pending().unwrap();
+        assert_eq!(a.tree.len(), 1);
+        assert!(!s.has_pending());
+    }
+
+    #[test]
+    fn writes_waiting_for_space_are_capped_and_then_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open_with_reserve(&tmp.path().join("db"), 0).unwrap();
+        let a: Table<u32> = s.table("a").unwrap();
+        let cap = PENDING_KEYS_MAX * PENDING_FULL_FACTOR;
+        s.transaction(&[&a], |tx| {
+            for i in 0..=cap as u32 + 1 {
+                tx.insert(&a, &i.to_be_bytes(), &i)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        s.flush_blocking().unwrap();
+        s.apply_pending().unwrap();
+        assert!(!s.has_pending());
+        pretend_free(&s, Some(0));
+        let mut refused = None;
+        for i in 0..=cap as u32 + 1 {
+            if let Err(e) = a.remove(&i.to_be_bytes()) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("refused once too much waits");
+        assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
+        assert_eq!(i as usize, cap + 1, "the cap, not before");
+        assert!(
+            a.contains(&i.to_be_bytes()).unwrap(),
+            "the refused removal did nothing"
+        );
+        assert!(!a.contains(&0u32.to_be_bytes()).unwrap());
     }
 
     #[tokio::test]
