@@ -26,6 +26,40 @@ use tern_node::{
 /// The default deadline of every wait in the harness.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// How long one test binary may run before [`arm_watchdog`] aborts it, unless
+/// `TERN_TEST_WATCHDOG_SECS` says otherwise. The longest runs under half a minute here; a
+/// hung test then fails CI in minutes instead of at its limit.
+const BINARY_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Aborts this process, saying why, once it has run for [`BINARY_LIMIT`] after the first
+/// call (a hang in a test, which would otherwise run until CI gives up). Only in debug
+/// builds: benchmarks, built for release, may run longer.
+pub fn arm_watchdog() {
+    static ARMED: std::sync::Once = std::sync::Once::new();
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    ARMED.call_once(|| {
+        let limit = std::env::var("TERN_TEST_WATCHDOG_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(BINARY_LIMIT, Duration::from_secs);
+        let started = std::thread::Builder::new()
+            .name("tern-test-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                eprintln!(
+                    "tern-tests watchdog: this test binary ran for {} s: a test hangs; aborting",
+                    limit.as_secs()
+                );
+                std::process::abort();
+            });
+        if let Err(e) = started {
+            eprintln!("tern-tests watchdog: not started: {e}");
+        }
+    });
+}
+
 /// Installs a test log subscriber once (RUST_LOG controls it; output is captured per test).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -103,6 +137,7 @@ impl TestNode {
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
         init_logs();
+        arm_watchdog();
         let mut builder = tempfile::Builder::new();
         let prefix = format!("tern-test-{name}-");
         builder.prefix(&prefix);
@@ -280,6 +315,7 @@ pub struct TernDir {
 impl TernDir {
     /// A fresh, uninitialized directory.
     pub fn new(name: &str) -> Self {
+        arm_watchdog();
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-proc-{name}-"))
             .tempdir()
@@ -675,6 +711,7 @@ impl RelayProcess {
     /// until it logs its address.
     pub fn spawn(data: &Path, listen: &str) -> Self {
         use std::io::BufRead;
+        arm_watchdog();
         let mut child = Command::new(tern_bin())
             .arg("--data-dir")
             .arg(data)
@@ -722,5 +759,42 @@ impl RelayProcess {
 impl Drop for RelayProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    #[ignore = "child process of a_hung_test_binary_is_aborted_by_its_watchdog"]
+    fn hanging_child() {
+        arm_watchdog();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_hung_test_binary_is_aborted_by_its_watchdog() {
+        let started = std::time::Instant::now();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "tests::hanging_child",
+                "--nocapture",
+            ])
+            .env("TERN_TEST_WATCHDOG_SECS", "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(nix::libc::SIGABRT),
+            "{}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("a test hangs; aborting"));
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }
