@@ -130,6 +130,21 @@ struct SpaceState {
 const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl SpaceGuard {
+    /// Guards the disk holding `dir`, keeping `reserve` bytes free.
+    fn new(dir: &Path, reserve: u64) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            reserve,
+            state: Mutex::new(SpaceState {
+                checked: None,
+                free: 0,
+                written: 0,
+            }),
+            #[cfg(test)]
+            free_in_test: Mutex::new(None),
+        }
+    }
+
     fn check(&self, incoming: u64) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // sled writes a little more than the payload (log headers, page rewrites).
@@ -958,17 +973,7 @@ impl Store {
         )?;
         let meta = db.open_tree(META_TREE)?;
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
-        let space = SpaceGuard {
-            dir: path.to_owned(),
-            reserve,
-            state: Mutex::new(SpaceState {
-                checked: None,
-                free: 0,
-                written: 0,
-            }),
-            #[cfg(test)]
-            free_in_test: Mutex::new(None),
-        };
+        let space = SpaceGuard::new(path, reserve);
         let writer = recover(&db, &meta, &files, path, &space)?;
         let synced = AtomicU64::new(writer.seq);
         // Everything up to `writer.seq` is in sled, and `meta` says so.
@@ -2123,6 +2128,51 @@ mod tests {
             key: key.to_vec(),
             value: value.map(|v| postcard::to_stdvec(&v).unwrap()),
         }
+    }
+
+    #[test]
+    fn a_journal_is_not_replayed_into_a_full_disk_and_is_kept_for_later() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let applied = {
+            let s = Store::open(&path).unwrap();
+            let t: Table<u32> = s.table("t").unwrap();
+            t.insert(b"a", &1).unwrap();
+            s.flush_blocking().unwrap();
+            s.apply_pending().unwrap();
+            lock(&s.shared.writer).seq
+        };
+        leave_journal(
+            &path,
+            1000,
+            &[journal::Record {
+                seq: applied + 1,
+                ops: vec![op("t", b"a", Some(2))],
+            }],
+        );
+        {
+            let db = tern_store_forward::db::open_sled(
+                &sled::Config::new().path(&path).flush_every_ms(None),
+            )
+            .unwrap();
+            let meta = db.open_tree(META_TREE).unwrap();
+            let files = journal::Files::open(&journal_dir(&path)).unwrap();
+            let full = SpaceGuard::new(&path, 0);
+            *lock(&full.free_in_test) = Some(APPLY_MARGIN - 1);
+            let e = recover(&db, &meta, &files, &path, &full).err().unwrap();
+            assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
+            assert!(files.list().unwrap().contains(&1000), "the journal is kept");
+            let before = db.open_tree("t").unwrap().get(b"a").unwrap().unwrap();
+            assert_eq!(
+                before.as_ref(),
+                postcard::to_stdvec(&1u32).unwrap(),
+                "nothing replayed"
+            );
+        }
+        // With room, the next open replays it.
+        let s = Store::open(&path).unwrap();
+        let t: Table<u32> = s.table("t").unwrap();
+        assert_eq!(t.get(b"a").unwrap(), Some(2));
     }
 
     #[tokio::test]
