@@ -894,6 +894,11 @@ impl Actor {
                 (None, Some(due)) => wake.min(due),
                 _ => wake,
             };
+            // Writes waiting for disk space are tried again then (the idle branch below).
+            let wake = match self.db.store.apply_retry_at() {
+                Some(retry) => wake.min(retry),
+                None => wake,
+            };
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;

@@ -14,8 +14,10 @@
 //!   configured reserve, and journaled writes wait (readable) while it has no room to apply
 //!   them. sled does not recover from running out of space (it stops writing, data flushed
 //!   just before can be lost on the next open, and a failed write can leave every later
-//!   flush waiting forever), so the store never lets it get there, and after a failed sled
-//!   write it never flushes or closes sled again in this process.
+//!   flush waiting forever), so the store keeps it away from a full disk as far as it can
+//!   measure, and after a failed sled write it never flushes or closes sled again in this
+//!   process (sled's handle is leaked: its file lock, threads and cache stay until the
+//!   process ends, so reopening in the same process fails to take sled's lock).
 
 mod journal;
 
@@ -212,11 +214,16 @@ impl SpaceGuard {
 }
 
 /// Free space that applying writes to sled needs beyond twice their size (sled's log and
-/// page rewrites). sled must never run out of space: a failed write can leave it waiting
-/// forever for the write to end (sled 0.34), so the store keeps it away from a full disk.
+/// page rewrites). sled must not run out of space: a failed write can leave it waiting
+/// forever for the write to end (sled 0.34). What sled still buffers from earlier applies
+/// (a few MiB) is covered by the reserve kept for inserts; only another program filling
+/// the disk between a measurement and sled's write can still get sled there.
 const APPLY_MARGIN: u64 = 1 << 20;
 /// How long applying waits, after finding too little free space, before measuring again.
 const APPLY_RETRY: Duration = Duration::from_millis(250);
+
+/// How long [`Store::close`] waits for the flush and checkpoint before giving up.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 
 /// The `meta` key holding the seq of the last journal record applied to sled.
 const JOURNAL_SEQ_KEY: &[u8] = b"journal_seq";
@@ -261,8 +268,9 @@ struct PendingTree {
     values: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-/// Pending writes beyond which a commit makes them durable and applies them at once
-/// (memory and read cost stay small even when nothing calls [`Store::apply_pending`]).
+/// Pending writes beyond which a commit makes them durable and applies them at once, if the
+/// disk has room (memory and read cost stay small even when nothing calls
+/// [`Store::apply_pending`]).
 const PENDING_KEYS_MAX: usize = 4096;
 const PENDING_BYTES_MAX: usize = 4 << 20;
 /// How many times those limits may wait while the disk is too full to apply them; beyond
@@ -531,8 +539,8 @@ impl Shared {
         }
     }
 
-    /// Applies every pending write to sled (see [`Pending`]), durable or not: for a
-    /// checkpoint, which makes sled durable right after, and a store without a journal.
+    /// Applies every pending write to sled (see [`Pending`]): for a store without a journal
+    /// (nothing to wait for, no space guard).
     fn apply(&self) -> Result<(), StoreError> {
         let meta = self.files.as_ref().map(|_| &self.meta);
         lock(&self.pending).apply(meta)
@@ -583,10 +591,10 @@ impl Shared {
         pending.apply(self.files.as_ref().map(|_| &self.meta))
     }
 
-    /// Makes every record written so far durable (an `fdatasync` of the current journal
-    /// file, besides any flush running) and applies the pending writes if the disk has room
-    /// for them: for a checkpoint and for a commit that finds too much pending. Returns
-    /// whether they were applied. Caller holds `writer`, not `pending`.
+    /// If the disk has room to apply the pending writes: makes every record written so far
+    /// durable (an `fdatasync` of the current journal file, besides any flush running) and
+    /// applies them. For a checkpoint and for a commit that finds too much pending. Returns
+    /// whether they were applied (false: nothing done). Caller holds `writer`, not `pending`.
     fn sync_and_apply(&self, w: &Writer) -> Result<bool, StoreError> {
         // Measured first: no `fdatasync` for each commit while the disk stays full.
         if !self.room_to_apply(&mut lock(&self.pending), false) {
@@ -663,18 +671,25 @@ impl Shared {
         if let Some(why) = &w.broken {
             return Err(StoreError::Broken(why.clone()));
         }
-        {
+        let over_cap = {
             let pending = lock(&self.pending);
             if let Some(why) = &pending.failed {
                 w.broken = Some(why.clone());
                 return Err(StoreError::Broken(why.clone()));
             }
-            // Too much waits for space to apply it: nothing more is taken meanwhile.
-            if let Some(g) = &self.space
-                && (pending.keys > PENDING_KEYS_MAX * PENDING_FULL_FACTOR
-                    || pending.bytes > PENDING_BYTES_MAX * PENDING_FULL_FACTOR)
-            {
-                return Err(g.full());
+            pending.keys > PENDING_KEYS_MAX * PENDING_FULL_FACTOR
+                || pending.bytes > PENDING_BYTES_MAX * PENDING_FULL_FACTOR
+        };
+        // Too much waits for space to apply it: apply it now if space is back, otherwise
+        // take nothing more (removals neither) until it is.
+        if over_cap && let Some(g) = &self.space {
+            match self.sync_and_apply(w) {
+                Ok(true) => {}
+                Ok(false) => return Err(g.full()),
+                Err(e) => {
+                    w.broken = Some(e.to_string());
+                    return Err(e);
+                }
             }
         }
         let seq = w.seq + 1;
@@ -800,6 +815,8 @@ impl Shared {
             }
             Err(e) => {
                 w.broken = Some(format!("checkpoint failed: {e}"));
+                drop(file);
+                let _ = files.remove(next);
                 return Err(e);
             }
         }
@@ -1137,6 +1154,7 @@ impl Store {
 
     /// Whether writes wait to be applied and every record they come from is durable (its
     /// flush ended): the moment to apply them without sled getting ahead of the journal.
+    /// False while they wait for disk space, until [`Store::apply_retry_at`].
     pub fn has_durable_pending(&self) -> bool {
         let pending = lock(&self.shared.pending);
         pending.keys > 0
@@ -1145,11 +1163,25 @@ impl Store {
             && pending.retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
+    /// While durable journaled writes wait for disk space to be applied: when to try again.
+    /// A task that applies them when idle ([`Store::apply_pending`]) wakes then, and
+    /// [`Store::has_durable_pending`] is true from then on until it tried (writes not yet
+    /// durable wait for their flush instead, which applies them: no time is given for them,
+    /// so that a wake-up never finds nothing to do).
+    pub fn apply_retry_at(&self) -> Option<Instant> {
+        let pending = lock(&self.shared.pending);
+        pending.retry_at.filter(|_| {
+            pending.keys > 0 && pending.failed.is_none() && self.shared.durable(&pending)
+        })
+    }
+
     /// On a clean stop: flushes, then checkpoints (sled made durable, the journal emptied),
-    /// so the next open has nothing to apply again.
+    /// so the next open has nothing to apply again. Gives up after [`CLOSE_LIMIT`], so that a
+    /// stop always ends (sled can wait forever after a failed write of its own); the journal
+    /// holds every acknowledged write, and the next open applies it.
     pub async fn close(&self) -> Result<(), StoreError> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
+        let closing = tokio::task::spawn_blocking(move || {
             shared.sync()?;
             if let Some(files) = &shared.files {
                 let _syncing = lock(&shared.syncing);
@@ -1160,9 +1192,16 @@ impl Store {
                 }
             }
             Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Broken(format!("close task failed: {e}")))?
+        });
+        match tokio::time::timeout(CLOSE_LIMIT, closing).await {
+            Ok(closed) => {
+                closed.map_err(|e| StoreError::Broken(format!("close task failed: {e}")))?
+            }
+            Err(_) => Err(StoreError::Broken(format!(
+                "the database did not close within {} s; its journal is applied at the next start",
+                CLOSE_LIMIT.as_secs()
+            ))),
+        }
     }
 
     /// Runs `f` over `tables` and then commits its writes atomically: either every write in
@@ -2017,7 +2056,10 @@ mod tests {
             !s.has_durable_pending(),
             "not offered again before the disk is measured again"
         );
-        // New writes are refused meanwhile; removals (which free space) are taken.
+        let retry = s.apply_retry_at().expect("a time to try again");
+        assert!(retry > Instant::now() && retry <= Instant::now() + APPLY_RETRY);
+        // New writes are refused meanwhile; removals (which free space) are taken, up to
+        // the cap.
         assert!(matches!(
             a.insert(b"k2", &2),
             Err(StoreError::DiskFull { .. })
@@ -2081,6 +2123,12 @@ mod tests {
             "the refused removal did nothing"
         );
         assert!(!a.contains(&0u32.to_be_bytes()).unwrap());
+        // Space is back: the next commit past the cap applies what waits and goes through.
+        pretend_free(&s, None);
+        std::thread::sleep(APPLY_RETRY);
+        assert!(a.remove(&i.to_be_bytes()).unwrap());
+        assert!(s.apply_retry_at().is_none());
+        assert!(a.tree.get(0u32.to_be_bytes()).unwrap().is_none(), "applied");
     }
 
     #[tokio::test]
