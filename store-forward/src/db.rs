@@ -39,14 +39,18 @@
 //!   block, so no seq is handed out twice, even after a crash (the fetch cursor relies on
 //!   it);
 //! - new writes are refused with [`DbError::DiskFull`] while the disk has less free space
-//!   than the reserve (counting the pending bytes): sled 0.34 does not recover cleanly from
-//!   ENOSPC, so it never gets there. Removals are never refused (they free space);
+//!   than the reserve (counting the pending bytes), and a batch with new values is measured
+//!   again right before sled gets it: sled 0.34 does not recover from ENOSPC, so it never
+//!   gets there. Removals are never refused (they free space);
+//! - after a failed sled write the database stops ([`DbError::Stopped`]): sled is neither
+//!   written, read, flushed nor closed again in this process (it can wait forever then).
 //! - an idle mailbox is removed (its record, items and prekeys) in one write set, so the
 //!   atomic batch never leaves items or prekeys without their mailbox.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -103,6 +107,11 @@ pub enum DbError {
         /// The reserve in MiB.
         reserve_mib: u64,
     },
+    /// A write to sled failed: the database takes nothing more, and is neither flushed nor
+    /// closed again in this process (sled 0.34 can wait forever after a failed write of
+    /// its own). What was flushed before is safe; a restart opens it again.
+    #[error("the mailbox database stopped after a failed write ({0}); restart the relay")]
+    Stopped(String),
 }
 
 fn corrupt(message: impl Into<String>) -> DbError {
@@ -167,6 +176,9 @@ struct SpaceGuard {
     checked: Option<Instant>,
     free: u64,
     written: u64,
+    /// The free space tests make the disk report.
+    #[cfg(test)]
+    free_in_test: Option<u64>,
 }
 
 impl SpaceGuard {
@@ -178,11 +190,9 @@ impl SpaceGuard {
             .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
         let headroom = self.free.saturating_sub(self.reserve);
         if (stale || self.written.saturating_add(incoming) > headroom / 2)
-            && let Ok(s) = nix::sys::statvfs::statvfs(&self.dir)
+            && let Some(free) = self.measure()
         {
-            #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
-            let blocks = u64::from(s.blocks_available());
-            self.free = blocks.saturating_mul(s.fragment_size());
+            self.free = free;
             self.checked = Some(Instant::now());
             self.written = 0;
         }
@@ -200,22 +210,63 @@ impl SpaceGuard {
         self.written = self.written.saturating_add(incoming);
         Ok(())
     }
+
+    /// The free space of the disk now (`statvfs`), if it can be measured.
+    fn measure(&self) -> Option<u64> {
+        #[cfg(test)]
+        if let Some(free) = self.free_in_test {
+            return Some(free);
+        }
+        let s = nix::sys::statvfs::statvfs(&self.dir).ok()?;
+        #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
+        let blocks = u64::from(s.blocks_available());
+        Some(blocks.saturating_mul(s.fragment_size()))
+    }
+
+    /// Refuses a batch of `bytes` of new values unless the disk has room for twice that
+    /// plus 1 MiB, measured afresh right before sled writes it: the disk may have filled
+    /// since the writes were counted, by another program too, and sled must not run out
+    /// of space (see [`DbError::Stopped`]). The batch may use the reserve.
+    fn check_batch(&mut self, bytes: u64) -> Result<(), DbError> {
+        if let Some(free) = self.measure() {
+            self.free = free;
+            self.checked = Some(Instant::now());
+            self.written = 0;
+        }
+        if self.free < bytes.saturating_mul(2).saturating_add(1 << 20) {
+            return Err(DbError::DiskFull {
+                free_mib: self.free / (1024 * 1024),
+                reserve_mib: self.reserve / (1024 * 1024),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Makes the mailbox database durable from another task (e.g. `flush_async` in the node's
 /// group commit, after [`MailboxDb::write_pending`] on the owning task). Cheap to clone.
 #[derive(Clone)]
-pub struct Flusher(sled::Db);
+pub struct Flusher(sled::Db, Arc<OnceLock<String>>);
 
 impl Flusher {
     /// Blocking flush of every applied write; returns the bytes flushed.
     pub fn flush(&self) -> Result<usize, DbError> {
+        running(&self.1)?;
         Ok(self.0.flush()?)
     }
 
     /// The same as a future (sled's `flush_async`).
     pub async fn flush_async(&self) -> Result<usize, DbError> {
+        running(&self.1)?;
         Ok(self.0.flush_async().await?)
+    }
+}
+
+/// `Err(Stopped)` once a write to sled failed (see [`DbError::Stopped`]).
+fn running(failed: &OnceLock<String>) -> Result<(), DbError> {
+    match failed.get() {
+        Some(why) => Err(DbError::Stopped(why.clone())),
+        None => Ok(()),
     }
 }
 
@@ -249,6 +300,22 @@ pub struct MailboxDb {
     space: SpaceGuard,
     /// `s` as it will be after the pending writes.
     seq_reserved: u64,
+    /// Set once a write to sled failed (shared with the [`Flusher`]s).
+    failed: Arc<OnceLock<String>>,
+    /// Makes the next [`MailboxDb::write_pending`] fail as sled would.
+    #[cfg(test)]
+    fail_next_write: bool,
+}
+
+impl Drop for MailboxDb {
+    fn drop(&mut self) {
+        // sled flushes when its last handle goes; after one of its writes failed that flush
+        // can wait forever (sled 0.34): leave sled as it is, open until the process ends.
+        if self.failed.get().is_some() {
+            tracing::error!("the mailbox database is left unflushed after its failed write");
+            std::mem::forget(self.db.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for MailboxDb {
@@ -430,8 +497,13 @@ impl MailboxDb {
                 checked: None,
                 free: 0,
                 written: 0,
+                #[cfg(test)]
+                free_in_test: None,
             },
             seq_reserved: 1,
+            failed: Arc::new(OnceLock::new()),
+            #[cfg(test)]
+            fail_next_write: false,
         };
         this.seq_reserved = this.read_seq_reserved()?;
         Ok(this)
@@ -689,28 +761,63 @@ impl MailboxDb {
     }
 
     /// Applies the pending writes to sled as one atomic batch (not yet durable: flush
-    /// next). On error the pending writes are dropped: the caller reloads the index.
+    /// next). On error the pending writes are dropped: the caller reloads the index (unless
+    /// the database stopped: [`MailboxDb::is_stopped`]). A batch with new values is
+    /// refused with [`DbError::DiskFull`], sled untouched, if the disk has no room for it
+    /// now; one of removals only is never refused (it frees space).
     pub fn write_pending(&mut self) -> Result<(), DbError> {
+        running(&self.failed)?;
         if self.pending.is_empty() {
             return Ok(());
         }
+        let pending = std::mem::take(&mut self.pending);
+        let new_bytes: usize = pending
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| k.len() + v.len()))
+            .sum();
+        if new_bytes > 0
+            && let Err(e) = self.space.check_batch(new_bytes as u64)
+        {
+            self.seq_reserved = self.read_seq_reserved().unwrap_or(self.seq_reserved);
+            return Err(e);
+        }
         let mut batch = sled::Batch::default();
-        for (k, v) in std::mem::take(&mut self.pending) {
+        for (k, v) in pending {
             match v {
                 Some(v) => batch.insert(k, v),
                 None => batch.remove(k),
             }
         }
-        if let Err(e) = self.data.apply_batch(batch) {
-            self.seq_reserved = self.read_seq_reserved().unwrap_or(self.seq_reserved);
-            return Err(e.into());
+        #[cfg(test)]
+        let injected = std::mem::take(&mut self.fail_next_write);
+        #[cfg(not(test))]
+        let injected = false;
+        let applied = if injected {
+            Err(sled::Error::Io(std::io::Error::other(
+                "injected write failure",
+            )))
+        } else {
+            self.data.apply_batch(batch)
+        };
+        if let Err(e) = applied {
+            // sled may now wait forever on any flush or read of what it was writing.
+            let why = e.to_string();
+            tracing::error!(error = %why, "mailbox database write failed; the database stops");
+            let _ = self.failed.set(why.clone());
+            return Err(DbError::Stopped(why));
         }
         Ok(())
+    }
+
+    /// Whether a write to sled failed (see [`DbError::Stopped`]).
+    pub fn is_stopped(&self) -> bool {
+        self.failed.get().is_some()
     }
 
     /// Drops the pending writes (after a failure, before reloading the index).
     pub fn discard_pending(&mut self) -> Result<(), DbError> {
         self.pending.clear();
+        running(&self.failed)?;
         self.seq_reserved = self.read_seq_reserved()?;
         Ok(())
     }
@@ -718,13 +825,14 @@ impl MailboxDb {
     /// Applies the pending writes and makes everything durable.
     pub fn flush(&mut self) -> Result<usize, DbError> {
         self.write_pending()?;
+        running(&self.failed)?;
         Ok(self.db.flush()?)
     }
 
     /// A handle that flushes this database from elsewhere (after
     /// [`MailboxDb::write_pending`]).
     pub fn flusher(&self) -> Flusher {
-        Flusher(self.db.clone())
+        Flusher(self.db.clone(), self.failed.clone())
     }
 
     /// Bytes used on disk (approximate).
@@ -741,6 +849,17 @@ impl MailboxDb {
 
 #[cfg(test)]
 impl MailboxDb {
+    /// Makes the disk report `free` bytes (`None`: the real figure).
+    pub(crate) fn pretend_free(&mut self, free: Option<u64>) {
+        self.space.free_in_test = free;
+        self.space.checked = None;
+    }
+
+    /// Makes the next batch fail as a write of sled's would.
+    pub(crate) fn fail_next_write(&mut self) {
+        self.fail_next_write = true;
+    }
+
     /// Queues a mailbox record in the layout of builds before idle expiry (for tests of
     /// the upgrade elsewhere in the crate).
     pub(crate) fn put_legacy_mailbox(

@@ -199,6 +199,12 @@ impl MailboxServer {
     /// docs.
     pub fn handle(&mut self, now: u64, peer: &PeerBytes, frame: &[u8]) -> Reply {
         self.metrics.requests += 1;
+        if self.db.is_stopped() {
+            return self.refuse(
+                ErrorCode::Unavailable,
+                "storage failure at the relay; retry later",
+            );
+        }
         let request = match Request::from_bytes(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -389,6 +395,12 @@ impl MailboxServer {
     /// `Unavailable` ([`MailboxServer::fail_unflushed`]).
     pub fn write_pending(&mut self) -> Result<(), ServerError> {
         if let Err(e) = self.db.write_pending() {
+            if self.db.is_stopped() {
+                // Nothing more is read from sled (it may wait forever now); every request
+                // is refused from here on.
+                let _ = self.db.discard_pending();
+                return Err(e.into());
+            }
             tracing::warn!("mailbox batch write failed, reloading the index: {e}");
             self.db.discard_pending()?;
             self.rules.clear_index();
@@ -1340,6 +1352,100 @@ mod tests {
         );
         assert_eq!(s.waiting(&bob), 1);
         assert_eq!(fetch_all(&mut s, &bob).len(), 1);
+    }
+
+    #[test]
+    fn a_batch_is_refused_if_the_disk_filled_since_its_writes_were_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let (bob, alice) = (peer(1), peer(2));
+        register(&mut s, &bob, &[token(1).hash()]);
+        ask(
+            &mut s,
+            &alice,
+            &deposit_req(&bob, &token(1), 1, vec![1; 10]),
+        );
+        s.flush().unwrap();
+        let (resp, reply) = call(
+            &mut s,
+            T0,
+            &alice,
+            &deposit_req(&bob, &token(1), 2, vec![2; 10]),
+        );
+        assert!(code(&resp).is_none() && reply.needs_flush, "{resp:?}");
+        // Another program fills the disk before the group commit.
+        s.db.pretend_free(Some(0));
+        let e = s.flush().unwrap_err();
+        assert!(
+            matches!(e, ServerError::Db(DbError::DiskFull { .. })),
+            "{e}"
+        );
+        // Nothing reached sled; the index matches the disk again; the store goes on.
+        assert_eq!(s.waiting(&bob), 1);
+        s.rules().check_invariants().unwrap();
+        assert!(!s.db.is_stopped());
+        // Removals only: applied even on a full disk (they free space).
+        let first = fetch_all(&mut s, &bob)[0].id;
+        assert_eq!(
+            ask(&mut s, &bob, &Request::Ack { ids: vec![first] }),
+            Response::Acked { removed: 1 }
+        );
+        s.flush().unwrap();
+        s.db.pretend_free(None);
+        ask(
+            &mut s,
+            &alice,
+            &deposit_req(&bob, &token(1), 2, vec![2; 10]),
+        );
+        s.flush().unwrap();
+        drop(s);
+        let mut s = open(dir.path());
+        let items = fetch_all(&mut s, &bob);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].id, [2; 16]);
+    }
+
+    #[test]
+    fn a_failed_sled_write_stops_the_mailbox_and_every_request_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let (bob, alice) = (peer(1), peer(2));
+        register(&mut s, &bob, &[token(1).hash()]);
+        ask(
+            &mut s,
+            &alice,
+            &deposit_req(&bob, &token(1), 1, vec![1; 10]),
+        );
+        s.flush().unwrap();
+        ask(
+            &mut s,
+            &alice,
+            &deposit_req(&bob, &token(1), 2, vec![2; 10]),
+        );
+        s.db.fail_next_write();
+        let e = s.flush().unwrap_err();
+        assert!(matches!(e, ServerError::Db(DbError::Stopped(_))), "{e}");
+        assert!(e.to_string().contains("restart the relay"), "{e}");
+        // No flush, read or write of sled from here on.
+        assert!(matches!(s.flusher().flush(), Err(DbError::Stopped(_))));
+        assert!(matches!(
+            s.flush(),
+            Err(ServerError::Db(DbError::Stopped(_)))
+        ));
+        for r in [
+            deposit_req(&bob, &token(1), 3, vec![3; 10]),
+            Request::Fetch {
+                after: None,
+                max_items: 10,
+                max_bytes: u32::MAX,
+            },
+        ] {
+            let (resp, reply) = call(&mut s, T0, &bob, &r);
+            assert_eq!(code(&resp), Some(ErrorCode::Unavailable), "{resp:?}");
+            assert!(!reply.needs_flush);
+        }
+        // Dropped without flushing (sled is left open until the process ends).
+        drop(s);
     }
 
     #[test]
