@@ -441,6 +441,10 @@ impl MailboxServer {
     /// next flush (losing a purge only delays it). Returns how many envelopes were deleted,
     /// those of idle mailboxes included.
     pub fn purge(&mut self, now: u64) -> u64 {
+        // A stopped database takes nothing more (see `DbError::Stopped`).
+        if self.db.is_stopped() {
+            return 0;
+        }
         let mut removed = 0;
         for removal in self.rules.purge(now) {
             self.db.remove_items(&removal.key, &removal.items);
@@ -1444,6 +1448,7 @@ mod tests {
             assert_eq!(code(&resp), Some(ErrorCode::Unavailable), "{resp:?}");
             assert!(!reply.needs_flush);
         }
+        assert_eq!(s.purge(T0 + 365 * 24 * 3600), 0, "nothing more is written");
         // Dropped without flushing (sled is left open until the process ends).
         drop(s);
     }
