@@ -49,15 +49,15 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, OnceLock},
-    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     rules::{MailboxRemoval, MailboxRules, NewItem},
+    space::{Full, SpaceGuard},
     wire::{MessageId, PeerBytes, PeerKey, StoredItem, TokenHash},
 };
 
@@ -72,8 +72,6 @@ const TAG_PREKEY: u8 = b'p';
 const SEQ_KEY: &[u8] = b"s";
 /// Seqs reserved per write of `s`.
 const SEQ_BLOCK: u64 = 4096;
-/// How often free space is measured at most while little is written.
-const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Errors of the mailbox database.
 #[derive(Debug, thiserror::Error)]
@@ -165,81 +163,12 @@ struct ItemRecord<'a> {
     envelope: &'a [u8],
 }
 
-/// Refuses writes while free disk space is below a reserve; measures with `statvfs` at
-/// most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes counted since the last
-/// measurement could have eaten half the headroom. A failed measurement counts as a full
-/// disk.
-#[derive(Debug)]
-struct SpaceGuard {
-    dir: PathBuf,
-    reserve: u64,
-    checked: Option<Instant>,
-    free: u64,
-    written: u64,
-    /// The free space tests make the disk report.
-    #[cfg(test)]
-    free_in_test: Option<u64>,
-}
-
-impl SpaceGuard {
-    fn check(&mut self, incoming: u64) -> Result<(), DbError> {
-        // sled writes more than the payload (log headers, page rewrites).
-        let incoming = incoming.saturating_mul(2).saturating_add(4096);
-        let stale = self
-            .checked
-            .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
-        let headroom = self.free.saturating_sub(self.reserve);
-        if (stale || self.written.saturating_add(incoming) > headroom / 2)
-            && let Some(free) = self.measure()
-        {
-            self.free = free;
-            self.checked = Some(Instant::now());
-            self.written = 0;
+impl From<Full> for DbError {
+    fn from(f: Full) -> Self {
+        DbError::DiskFull {
+            free_mib: f.free / (1024 * 1024),
+            reserve_mib: f.reserve / (1024 * 1024),
         }
-        if self.free
-            < self
-                .reserve
-                .saturating_add(self.written)
-                .saturating_add(incoming)
-        {
-            return Err(DbError::DiskFull {
-                free_mib: self.free / (1024 * 1024),
-                reserve_mib: self.reserve / (1024 * 1024),
-            });
-        }
-        self.written = self.written.saturating_add(incoming);
-        Ok(())
-    }
-
-    /// The free space of the disk now (`statvfs`), if it can be measured.
-    fn measure(&self) -> Option<u64> {
-        #[cfg(test)]
-        if let Some(free) = self.free_in_test {
-            return Some(free);
-        }
-        let s = nix::sys::statvfs::statvfs(&self.dir).ok()?;
-        #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
-        let blocks = u64::from(s.blocks_available());
-        Some(blocks.saturating_mul(s.fragment_size()))
-    }
-
-    /// Refuses a batch of `bytes` of new values unless the disk has room for twice that
-    /// plus 1 MiB, measured afresh right before sled writes it: the disk may have filled
-    /// since the writes were counted, by another program too, and sled must not run out
-    /// of space (see [`DbError::Stopped`]). The batch may use the reserve.
-    fn check_batch(&mut self, bytes: u64) -> Result<(), DbError> {
-        if let Some(free) = self.measure() {
-            self.free = free;
-            self.checked = Some(Instant::now());
-            self.written = 0;
-        }
-        if self.free < bytes.saturating_mul(2).saturating_add(1 << 20) {
-            return Err(DbError::DiskFull {
-                free_mib: self.free / (1024 * 1024),
-                reserve_mib: self.reserve / (1024 * 1024),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -321,7 +250,7 @@ impl Drop for MailboxDb {
 impl std::fmt::Debug for MailboxDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MailboxDb")
-            .field("dir", &self.space.dir)
+            .field("dir", &self.space.dir())
             .field("pending", &self.pending.len())
             .finish_non_exhaustive()
     }
@@ -491,15 +420,7 @@ impl MailboxDb {
             meta,
             data,
             pending: BTreeMap::new(),
-            space: SpaceGuard {
-                dir: path.to_owned(),
-                reserve: min_free_bytes,
-                checked: None,
-                free: 0,
-                written: 0,
-                #[cfg(test)]
-                free_in_test: None,
-            },
+            space: SpaceGuard::new(path, min_free_bytes),
             seq_reserved: 1,
             failed: Arc::new(OnceLock::new()),
             #[cfg(test)]
@@ -776,10 +697,10 @@ impl MailboxDb {
             .filter_map(|(k, v)| v.as_ref().map(|v| k.len() + v.len()))
             .sum();
         if new_bytes > 0
-            && let Err(e) = self.space.check_batch(new_bytes as u64)
+            && let Err(full) = self.space.check_fresh(new_bytes as u64)
         {
             self.seq_reserved = self.read_seq_reserved().unwrap_or(self.seq_reserved);
-            return Err(e);
+            return Err(full.into());
         }
         let mut batch = sled::Batch::default();
         for (k, v) in pending {
@@ -842,8 +763,7 @@ impl MailboxDb {
 
     /// Changes the free-space reserve (the next write measures again).
     pub fn set_min_free_bytes(&mut self, bytes: u64) {
-        self.space.reserve = bytes;
-        self.space.checked = None;
+        self.space.set_reserve(bytes);
     }
 }
 
@@ -851,8 +771,7 @@ impl MailboxDb {
 impl MailboxDb {
     /// Makes the disk report `free` bytes (`None`: the real figure).
     pub(crate) fn pretend_free(&mut self, free: Option<u64>) {
-        self.space.free_in_test = free;
-        self.space.checked = None;
+        self.space.pretend_free(free);
     }
 
     /// Makes the next batch fail as a write of sled's would.

@@ -12,6 +12,8 @@
 //! - [`wire`]: the protocol frames (versioned postcard), tokens and limits constants;
 //! - [`limits`]: [`RelayLimits`], published by `Info`;
 //! - [`rules`]: the I/O-free mailbox state machine ([`MailboxRules`]) with `now` as input;
+//! - [`space`]: the free-disk-space reserve that keeps sled off a full disk (the node's
+//!   store uses it too);
 //! - [`db`]: sled persistence of the mailbox trees, rebuilding the rules index at open;
 //! - [`server`]: [`MailboxServer`], request in, reply out, group commit by the caller;
 //! - [`metrics`]: counters and the Prometheus text exposition;
@@ -26,6 +28,7 @@ pub mod limits;
 pub mod metrics;
 pub mod rules;
 pub mod server;
+pub mod space;
 pub mod wire;
 
 pub use config::{ConfigError, RelayConfig};

@@ -1358,10 +1358,9 @@ mod tests {
         assert_eq!(fetch_all(&mut s, &bob).len(), 1);
     }
 
-    #[test]
-    fn a_batch_is_refused_if_the_disk_filled_since_its_writes_were_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = open(dir.path());
+    /// A server on `dir` where bob registered and alice's deposit (id 1) is flushed.
+    fn one_flushed_deposit(dir: &Path) -> (MailboxServer, PeerBytes, PeerBytes) {
+        let mut s = open(dir);
         let (bob, alice) = (peer(1), peer(2));
         register(&mut s, &bob, &[token(1).hash()]);
         ask(
@@ -1370,6 +1369,13 @@ mod tests {
             &deposit_req(&bob, &token(1), 1, vec![1; 10]),
         );
         s.flush().unwrap();
+        (s, bob, alice)
+    }
+
+    #[test]
+    fn a_batch_is_refused_if_the_disk_filled_since_its_writes_were_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, bob, alice) = one_flushed_deposit(dir.path());
         let (resp, reply) = call(
             &mut s,
             T0,
@@ -1412,15 +1418,7 @@ mod tests {
     #[test]
     fn a_failed_sled_write_stops_the_mailbox_and_every_request_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = open(dir.path());
-        let (bob, alice) = (peer(1), peer(2));
-        register(&mut s, &bob, &[token(1).hash()]);
-        ask(
-            &mut s,
-            &alice,
-            &deposit_req(&bob, &token(1), 1, vec![1; 10]),
-        );
-        s.flush().unwrap();
+        let (mut s, bob, alice) = one_flushed_deposit(dir.path());
         ask(
             &mut s,
             &alice,

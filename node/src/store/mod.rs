@@ -36,6 +36,7 @@ use std::{
 };
 
 use serde::{Serialize, de::DeserializeOwned};
+use tern_store_forward::space;
 
 /// Free disk space kept in reserve by default: 64 MiB.
 pub const DEFAULT_DISK_RESERVE: u64 = 64 * 1024 * 1024;
@@ -108,117 +109,48 @@ fn describe(e: &sled::Error) -> String {
     }
 }
 
-/// Refuses writes while free disk space is below a reserve. Free space is measured with
-/// `statvfs` at most every [`SPACE_CHECK_INTERVAL`], or sooner when the bytes written since
-/// the last measurement could have eaten into the reserve.
+/// The free-space reserve ([`tern_store_forward::space::SpaceGuard`], shared with the
+/// relay's mailbox) behind a mutex, since every writer checks it. Writes journaled earlier
+/// and applied to sled only now are measured afresh first ([`SpaceGuard::room_to_apply`]).
 #[derive(Debug)]
-struct SpaceGuard {
-    dir: PathBuf,
-    reserve: u64,
-    state: Mutex<SpaceState>,
-    /// The free space tests make the disk report.
-    #[cfg(test)]
-    free_in_test: Mutex<Option<u64>>,
-}
-
-#[derive(Debug)]
-struct SpaceState {
-    checked: Option<Instant>,
-    free: u64,
-    written: u64,
-}
-
-/// How often free space is measured at most (when few bytes are written).
-const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+struct SpaceGuard(Mutex<space::SpaceGuard>);
 
 impl SpaceGuard {
     /// Guards the disk holding `dir`, keeping `reserve` bytes free.
     fn new(dir: &Path, reserve: u64) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            reserve,
-            state: Mutex::new(SpaceState {
-                checked: None,
-                free: 0,
-                written: 0,
-            }),
-            #[cfg(test)]
-            free_in_test: Mutex::new(None),
-        }
+        Self(Mutex::new(space::SpaceGuard::new(dir, reserve)))
     }
 
+    /// Counts an insert of `incoming` bytes, refusing it if it would eat into the reserve.
     fn check(&self, incoming: u64) -> Result<(), StoreError> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        // sled writes a little more than the payload (log headers, page rewrites).
-        let incoming = incoming.saturating_mul(2).saturating_add(4096);
-        let stale = st
-            .checked
-            .is_none_or(|t| t.elapsed() >= SPACE_CHECK_INTERVAL);
-        let headroom = st.free.saturating_sub(self.reserve);
-        if (stale || st.written.saturating_add(incoming) > headroom / 2)
-            && let Some(free) = self.measure()
-        {
-            st.free = free;
-            st.checked = Some(Instant::now());
-            st.written = 0;
-        }
-        if st.free
-            < self
-                .reserve
-                .saturating_add(st.written)
-                .saturating_add(incoming)
-        {
-            return Err(StoreError::DiskFull {
-                free_mib: st.free / (1024 * 1024),
-                reserve_mib: self.reserve / (1024 * 1024),
-            });
-        }
-        st.written = st.written.saturating_add(incoming);
-        Ok(())
+        Ok(lock(&self.0).check(incoming)?)
     }
 
     /// Whether sled can take `bytes` of writes now, measured afresh (the disk may have
-    /// filled since the last measurement, by another program too). Applying journaled
-    /// writes may use the reserve: that is what it is kept for. Unmeasurable counts as room.
+    /// filled since they were counted, by another program too). sled must not run out of
+    /// space: a failed write can leave it waiting forever for the write to end (sled 0.34).
+    /// What sled still buffers from earlier applies (a few MiB) is covered by the reserve
+    /// kept for inserts; only another program filling the disk between a measurement and
+    /// sled's write can still get sled there.
     fn room_to_apply(&self, bytes: u64) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(free) = self.measure() else {
-            return true;
-        };
-        st.free = free;
-        st.checked = Some(Instant::now());
-        st.written = 0;
-        st.free >= bytes.saturating_mul(2).saturating_add(APPLY_MARGIN)
-    }
-
-    /// The free space of the disk now (`statvfs`), if it can be measured.
-    fn measure(&self) -> Option<u64> {
-        #[cfg(test)]
-        if let Some(free) = *lock(&self.free_in_test) {
-            return Some(free);
-        }
-        let s = nix::sys::statvfs::statvfs(&self.dir).ok()?;
-        #[allow(clippy::useless_conversion)] // the block count is u32 on some platforms
-        let blocks = u64::from(s.blocks_available());
-        Some(blocks.saturating_mul(s.fragment_size()))
+        lock(&self.0).check_fresh(bytes).is_ok()
     }
 
     /// The error for a write refused because the disk is full, with the last measurement.
     fn full(&self) -> StoreError {
-        let free = self.state.lock().unwrap_or_else(|p| p.into_inner()).free;
+        lock(&self.0).full().into()
+    }
+}
+
+impl From<space::Full> for StoreError {
+    fn from(f: space::Full) -> Self {
         StoreError::DiskFull {
-            free_mib: free / (1024 * 1024),
-            reserve_mib: self.reserve / (1024 * 1024),
+            free_mib: f.free / (1024 * 1024),
+            reserve_mib: f.reserve / (1024 * 1024),
         }
     }
 }
 
-/// Free space that applying writes to sled needs beyond twice their size (sled's log and
-/// page rewrites). sled must not run out of space: a failed write can leave it waiting
-/// forever for the write to end (sled 0.34). What sled still buffers from earlier applies
-/// (a few MiB) is covered by the reserve kept for inserts; only another program filling
-/// the disk between a measurement and sled's write can still get sled there.
-const APPLY_MARGIN: u64 = 1 << 20;
 /// How long applying waits, after finding too little free space, before measuring again.
 const APPLY_RETRY: Duration = Duration::from_millis(250);
 
@@ -2032,10 +1964,7 @@ mod tests {
 
     /// Makes the store's disk report `free` bytes (`None`: the real figure).
     fn pretend_free(s: &Store, free: Option<u64>) {
-        let g = s.shared.space.as_ref().unwrap();
-        *lock(&g.free_in_test) = free;
-        // The next check measures again.
-        lock(&g.state).checked = None;
+        lock(&s.shared.space.as_ref().unwrap().0).pretend_free(free);
     }
 
     #[test]
@@ -2206,7 +2135,7 @@ mod tests {
             let meta = db.open_tree(META_TREE).unwrap();
             let files = journal::Files::open(&journal_dir(&path)).unwrap();
             let full = SpaceGuard::new(&path, 0);
-            *lock(&full.free_in_test) = Some(APPLY_MARGIN - 1);
+            lock(&full.0).pretend_free(Some(0));
             let e = recover(&db, &meta, &files, &path, &full).err().unwrap();
             assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
             assert!(files.list().unwrap().contains(&1000), "the journal is kept");
