@@ -17,14 +17,10 @@ use tokio::sync::mpsc;
 use crate::{
     Globals,
     msg_cmds::{clock, history_line},
+    output::{print, untrusted, untrusted_line},
 };
 
-const HELP: &str = "commands: /history [N]  show the last N messages (default 20)\n          /read         mark the conversation read\n          /help         this help\n          /quit         leave (Ctrl-D works too)";
-
-enum Input {
-    Line(String),
-    Eof,
-}
+const HELP: &str = "commands: /history [N]  show the last N messages (default 20)\n          /read         mark the conversation read\n          /help         this help\n          /quit         leave (Ctrl-D works too)\n          //text        send a line that starts with /";
 
 /// Prints lines above the prompt (terminal) or plainly (pipe).
 #[derive(Clone)]
@@ -38,53 +34,89 @@ impl Printer {
         match self {
             Printer::Editor(p) => {
                 if let Err(e) = p.send(line) {
-                    println!("{}", e.0);
+                    print(&e.0);
                 }
             }
-            Printer::Plain => println!("{line}"),
+            Printer::Plain => print(&line),
         }
     }
 }
 
-fn spawn_input(tx: mpsc::Sender<Input>, name: String) -> Printer {
-    if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+/// The input side of a chat: lines arrive on `lines`; after each one the reader waits for
+/// [`Input::next`] before it reads again, so a `/quit` never finds the line editor already
+/// holding the terminal in raw mode for the next line.
+struct Input {
+    lines: mpsc::Receiver<Line>,
+    next: std::sync::mpsc::Sender<()>,
+    printer: Printer,
+}
+
+enum Line {
+    Text(String),
+    Eof,
+}
+
+impl Input {
+    /// Lets the reader read the next line.
+    fn next(&self) {
+        let _ = self.next.send(());
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        // The chat may end while the editor reads a line (the daemon stopped): give the
+        // terminal back its line mode and echo, which the editor turned off for that line.
+        if matches!(self.printer, Printer::Editor(_)) {
+            let _ = crossterm::terminal::disable_raw_mode();
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), b"\n");
+        }
+    }
+}
+
+fn spawn_input(name: String) -> Input {
+    let (tx, lines) = mpsc::channel(1);
+    let (next, go) = std::sync::mpsc::channel::<()>();
+    // Reads one line at a time, then waits for the go-ahead (or for the chat to end).
+    let read = move |mut read_line: Box<dyn FnMut() -> Line + Send>| {
+        std::thread::spawn(move || {
+            loop {
+                let line = read_line();
+                let eof = matches!(line, Line::Eof);
+                if tx.blocking_send(line).is_err() || eof || go.recv().is_err() {
+                    break;
+                }
+            }
+        });
+    };
+    let printer = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let editor_printer = reedline::ExternalPrinter::<String>::default();
         let printer = editor_printer.sender();
-        std::thread::spawn(move || {
-            let mut editor = reedline::Reedline::create().with_external_printer(editor_printer);
-            let prompt = reedline::DefaultPrompt::new(
-                reedline::DefaultPromptSegment::Basic(format!("to {name}")),
-                reedline::DefaultPromptSegment::Empty,
-            );
-            loop {
-                let msg = match editor.read_line(&prompt) {
-                    Ok(reedline::Signal::Success(line)) => Input::Line(line),
-                    _ => Input::Eof,
-                };
-                let eof = matches!(msg, Input::Eof);
-                if tx.blocking_send(msg).is_err() || eof {
-                    break;
-                }
-            }
-        });
+        let mut editor = reedline::Reedline::create().with_external_printer(editor_printer);
+        let prompt = reedline::DefaultPrompt::new(
+            reedline::DefaultPromptSegment::Basic(format!("to {name}")),
+            reedline::DefaultPromptSegment::Empty,
+        );
+        read(Box::new(move || match editor.read_line(&prompt) {
+            Ok(reedline::Signal::Success(line)) => Line::Text(line),
+            _ => Line::Eof,
+        }));
         Printer::Editor(printer)
     } else {
-        std::thread::spawn(move || {
-            let stdin = std::io::stdin();
+        let stdin = std::io::stdin();
+        read(Box::new(move || {
             let mut line = String::new();
-            loop {
-                line.clear();
-                let msg = match stdin.read_line(&mut line) {
-                    Ok(0) | Err(_) => Input::Eof,
-                    Ok(_) => Input::Line(line.trim_end_matches(['\n', '\r']).to_string()),
-                };
-                let eof = matches!(msg, Input::Eof);
-                if tx.blocking_send(msg).is_err() || eof {
-                    break;
-                }
+            match stdin.read_line(&mut line) {
+                Ok(0) | Err(_) => Line::Eof,
+                Ok(_) => Line::Text(line.trim_end_matches(['\n', '\r']).to_string()),
             }
-        });
+        }));
         Printer::Plain
+    };
+    Input {
+        lines,
+        next,
+        printer,
     }
 }
 
@@ -93,31 +125,39 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     let client = ApiClient::connect(&g.dir).await?;
     let contact = client.contact_show(name).await?;
     let mut events = client.subscribe(None).await?;
-    println!(
+    print(&format!(
         "chat with {} ({}); safety number {}\n{HELP}",
         contact.name, contact.peer_id, contact.safety_number
-    );
+    ));
     for m in client.history(name, 20).await? {
-        println!("{}", history_line(&m));
+        print(&history_line(&m));
     }
-    if let Some(p) = client.presence(Some(name)).await?.first() {
-        println!("  {}", presence_line(&p.name, &p.state, p.last_seen));
+    if contact.blocked {
+        print(&format!(
+            "  {} is blocked: nothing from them is shown, and they see no presence",
+            contact.name
+        ));
+    } else if let Some(p) = client.presence(Some(name)).await?.first() {
+        print(&format!(
+            "  {}",
+            presence_line(&p.name, &p.state, p.last_seen)
+        ));
     }
     client.mark_read(name).await?;
 
-    let (tx, mut input) = mpsc::channel(16);
-    let printer = spawn_input(tx, contact.name.clone());
-    let mine: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut mine = mine;
+    let mut input = spawn_input(contact.name.clone());
+    let printer = input.printer.clone();
+    let mut mine = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            line = input.recv() => match line {
-                None | Some(Input::Eof) => break,
-                Some(Input::Line(line)) => {
-                    if !handle_line(&client, &printer, &contact.name, &line, &mut mine).await? {
+            line = input.lines.recv() => match line {
+                None | Some(Line::Eof) => break,
+                Some(Line::Text(line)) => {
+                    if !handle_line(&client, &printer, &contact.name, &line, &mut mine).await {
                         break;
                     }
+                    input.next();
                 }
             },
             event = events.next() => match event {
@@ -130,45 +170,62 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Handles one typed line; returns false to quit.
+/// Handles one typed line; returns false to quit. A failed command is reported in the chat,
+/// which goes on.
 async fn handle_line(
     client: &ApiClient,
     printer: &Printer,
     name: &str,
     line: &str,
     mine: &mut std::collections::HashSet<String>,
-) -> anyhow::Result<bool> {
+) -> bool {
     let trimmed = line.trim();
     if trimmed.is_empty() {
-        return Ok(true);
+        return true;
     }
-    if let Some(cmd) = trimmed.strip_prefix('/') {
-        let mut parts = cmd.split_whitespace();
-        match parts.next().unwrap_or("") {
-            "quit" | "exit" | "q" => return Ok(false),
-            "help" => printer.print(HELP.to_string()),
-            "read" => {
-                let n = client.mark_read(name).await?;
-                printer.print(format!("marked {n} message(s) read"));
-            }
-            "history" => {
-                let n = parts.next().and_then(|s| s.parse().ok()).unwrap_or(20);
-                for m in client.history(name, n).await? {
-                    printer.print(history_line(&m));
+    // `//text` sends `/text`.
+    let text = match trimmed.strip_prefix('/') {
+        Some(escaped) if escaped.starts_with('/') => &line[line.find('/').map_or(0, |i| i + 1)..],
+        Some(cmd) => {
+            let mut parts = cmd.split_whitespace();
+            let done = match parts.next().unwrap_or("") {
+                "quit" | "exit" | "q" => return false,
+                "help" => {
+                    printer.print(HELP.to_string());
+                    Ok(())
                 }
+                "read" => client
+                    .mark_read(name)
+                    .await
+                    .map(|n| printer.print(format!("marked {n} message(s) read"))),
+                "history" => {
+                    let n = parts.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+                    client.history(name, n).await.map(|items| {
+                        for m in items {
+                            printer.print(history_line(&m));
+                        }
+                    })
+                }
+                other => {
+                    printer.print(format!("unknown command /{other}; /help lists them"));
+                    Ok(())
+                }
+            };
+            if let Err(e) = done {
+                printer.print(format!("  failed: {e}"));
             }
-            other => printer.print(format!("unknown command /{other}; /help lists them")),
+            return true;
         }
-        return Ok(true);
-    }
-    match client.send(name, line).await {
+        None => line,
+    };
+    match client.send(name, text).await {
         Ok(id) => {
             mine.insert(id.clone());
             printer.print(format!("  (queued {})", &id[id.len().saturating_sub(8)..]));
         }
         Err(e) => printer.print(format!("  not sent: {e}")),
     }
-    Ok(true)
+    true
 }
 
 async fn show_event(
@@ -186,7 +243,9 @@ async fn show_event(
             sent_at,
             ..
         } if from == peer_id => {
-            printer.print(format!("[{}] {name}: {text}", clock(sent_at)));
+            let head = format!("[{}] {}: ", clock(sent_at), untrusted_line(name));
+            let indent = head.chars().count();
+            printer.print(head + &untrusted(&text, indent));
             let _ = client.mark_read(name).await;
         }
         EventKind::Receipt {

@@ -9,7 +9,10 @@ use tern_node::{
     events::{Event, EventKind},
 };
 
-use crate::Globals;
+use crate::{
+    Globals,
+    output::{untrusted, untrusted_line},
+};
 
 async fn connect(g: &Globals) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::connect(&g.dir).await?)
@@ -165,9 +168,25 @@ pub(crate) async fn dial(g: &Globals, address: &str) -> anyhow::Result<()> {
 /// `tern stop`.
 pub(crate) async fn stop(g: &Globals) -> anyhow::Result<()> {
     connect(g).await?.shutdown().await?;
+    // Returns once the daemon let go of the directory, so `tern stop && tern daemon` works.
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while g.dir.in_use()? {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the daemon was asked to stop but still holds {} after {} s",
+                g.dir.root().display(),
+                STOP_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     g.out
-        .emit(&json!({ "stopping": true }), || "daemon is stopping".into())
+        .emit(&json!({ "stopped": true }), || "daemon stopped".into())
 }
+
+/// How long `tern stop` waits for the daemon to let go of its directory (its own stop is
+/// bounded well below this: the database gets 30 s to close).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `tern events [--since SEQ]`: streams until Ctrl-C.
 pub(crate) async fn events(g: &Globals, since: Option<u64>) -> anyhow::Result<()> {
@@ -209,16 +228,26 @@ pub(crate) fn describe(kind: &EventKind) -> String {
             auto_added,
         } => {
             if *auto_added {
-                format!("message request from {peer_id}, added as contact {name}")
+                format!(
+                    "message request from {peer_id}, added as contact {}",
+                    untrusted_line(name)
+                )
             } else {
-                format!("contact {name} added ({peer_id})")
+                format!("contact {} added ({peer_id})", untrusted_line(name))
             }
         }
-        EventKind::Message { from, text, id, .. } => format!("message {id} from {from}: {text}"),
-        EventKind::Receipt { id, to, state, .. } => format!("message {id} to {to}: {state}"),
+        EventKind::Message { from, text, id, .. } => {
+            let head = format!("message {id} from {}: ", untrusted_line(from));
+            let indent = head.chars().count();
+            head + &untrusted(text, indent)
+        }
+        EventKind::Receipt { id, to, state, .. } => {
+            format!("message {id} to {}: {state}", untrusted_line(to))
+        }
         EventKind::Typing { from, typing, .. } => {
             format!(
-                "{from} {}",
+                "{} {}",
+                untrusted_line(from),
                 if *typing {
                     "is typing"
                 } else {
@@ -227,9 +256,11 @@ pub(crate) fn describe(kind: &EventKind) -> String {
             )
         }
         EventKind::MessageFailed { id, to, reason, .. } => {
-            format!("message {id} to {to} failed: {reason}")
+            format!("message {id} to {} failed: {reason}", untrusted_line(to))
         }
-        EventKind::PresenceChanged { name, state, .. } => format!("{name} is now {state}"),
+        EventKind::PresenceChanged { name, state, .. } => {
+            format!("{} is now {state}", untrusted_line(name))
+        }
         EventKind::ShuttingDown => "node shutting down".into(),
     }
 }

@@ -34,8 +34,11 @@ pub(crate) struct DaemonArgs {
 }
 
 pub(crate) fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tern_node=info,tern=info"));
+    let filter = without_secrets(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,tern_node=info,tern=info")
+        }),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -44,6 +47,18 @@ pub(crate) fn init_logging(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// `filter`, with the API server's own logs held at `info` whatever `RUST_LOG` says: at
+/// `debug` and `trace` jsonrpsee logs whole HTTP requests, and their `authorization` header
+/// carries the API token.
+pub(crate) fn without_secrets(
+    filter: tracing_subscriber::EnvFilter,
+) -> tracing_subscriber::EnvFilter {
+    ["jsonrpsee-server=info", "jsonrpsee_server=info"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d))
 }
 
 /// Runs the daemon until it is told to stop.
@@ -80,4 +95,48 @@ pub(crate) async fn run(g: &Globals, args: DaemonArgs) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("node did not stop within {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// Everything logged, for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn trace_logging_keeps_the_api_servers_requests_out() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(super::without_secrets(tracing_subscriber::EnvFilter::new(
+                "trace",
+            )))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "jsonrpsee-server", "authorization: Bearer s3cret");
+            tracing::debug!(target: "jsonrpsee-server", "Denied request: Bearer s3cret");
+            tracing::info!(target: "jsonrpsee-server", "server started");
+            tracing::trace!(target: "tern_node", "other traces stay");
+        });
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains("s3cret"), "{log}");
+        assert!(log.contains("server started"), "{log}");
+        assert!(log.contains("other traces stay"), "{log}");
+    }
 }

@@ -128,7 +128,7 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
     // Quiet unless asked: `RUST_LOG=tern_node=debug tern demo` shows the nodes' logs.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
+            .with_env_filter(crate::daemon::without_secrets(filter))
             .with_writer(std::io::stderr)
             .try_init();
     }

@@ -11,7 +11,10 @@ use tern_node::{
     messaging::{HistoryItem, contacts::ContactView},
 };
 
-use crate::Globals;
+use crate::{
+    Globals,
+    output::{untrusted, untrusted_line},
+};
 
 /// `tern contact …`.
 #[derive(Debug, Subcommand)]
@@ -62,7 +65,7 @@ async fn connect(g: &Globals) -> anyhow::Result<ApiClient> {
 }
 
 fn contact_text(c: &ContactView) -> String {
-    let mut s = format!("{}  {}", c.name, c.peer_id);
+    let mut s = format!("{}  {}", untrusted_line(&c.name), c.peer_id);
     if c.blocked {
         s.push_str("  [blocked]");
     }
@@ -104,7 +107,9 @@ pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> 
                     "{}\nsafety number: {}\nannounced name: {}\naddresses:",
                     contact_text(&c),
                     c.safety_number,
-                    c.announced_name.as_deref().unwrap_or("-")
+                    c.announced_name
+                        .as_deref()
+                        .map_or("-".into(), untrusted_line)
                 );
                 for a in &c.addrs {
                     s.push_str(&format!("\n  {a}"));
@@ -198,7 +203,9 @@ pub(crate) fn clock(ms: u64) -> String {
 
 /// One history line.
 pub(crate) fn history_line(m: &HistoryItem) -> String {
-    let mut line = format!("[{}] {}: {}", clock(m.timestamp), m.from, m.text);
+    let head = format!("[{}] {}: ", clock(m.timestamp), untrusted_line(&m.from));
+    let indent = head.chars().count();
+    let mut line = head + &untrusted(&m.text, indent);
     if m.from == "me" {
         line.push_str(&format!("  ({})", m.state));
         if let Some(e) = &m.error {
@@ -239,8 +246,8 @@ pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
                     .map(|m| {
                         format!(
                             "{}: {}",
-                            m.from,
-                            m.text.chars().take(60).collect::<String>()
+                            untrusted_line(&m.from),
+                            untrusted_line(&m.text.chars().take(60).collect::<String>())
                         )
                     })
                     .unwrap_or_default();
@@ -249,7 +256,7 @@ pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 };
-                format!("{}{unread}  {last}", c.name)
+                format!("{}{unread}  {last}", untrusted_line(&c.name))
             })
             .collect::<Vec<_>>()
             .join("\n")

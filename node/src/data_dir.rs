@@ -36,6 +36,19 @@ pub enum DataDirError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An existing directory that other users may enter, without a Tern identity in it.
+    #[error(
+        "{dir} is shared (mode {mode:o}, other files in it or writable by others) and holds no \
+         Tern identity; Tern keeps its keys in a directory of its own: pass a new path (for \
+         example {dir}/tern)",
+        dir = dir.display()
+    )]
+    Shared {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// No identity exists yet.
     #[error("no Tern identity in {dir}; create one with `tern init`")]
     NotInitialized {
@@ -97,14 +110,50 @@ impl DataDir {
     }
 
     /// Creates the directory (and parents) with mode 0700 if missing, and tightens the mode
-    /// of an existing one.
+    /// of an existing one that is empty or holds a Tern identity. An existing directory that
+    /// holds other things, or that other users may write to, is refused
+    /// ([`DataDirError::Shared`]) unless it holds an identity: it is a shared directory
+    /// (`/tmp`, a project folder), whose mode is not Tern's to change.
     pub fn create(&self) -> Result<(), DataDirError> {
         let io = |source| DataDirError::Io {
             path: self.root.clone(),
             source,
         };
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(&self.root) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            let empty = std::fs::read_dir(&self.root).map_err(io)?.next().is_none();
+            if mode & 0o077 != 0 && (mode & 0o022 != 0 || !empty) && !self.identity_path().exists()
+            {
+                return Err(DataDirError::Shared {
+                    dir: self.root.clone(),
+                    mode,
+                });
+            }
+        }
         std::fs::create_dir_all(&self.root).map_err(io)?;
         set_mode(&self.root, 0o700).map_err(io)
+    }
+
+    /// Whether a process holds the directory's lock (a daemon runs on it, or is still
+    /// stopping). False when there is no lock file.
+    pub fn in_use(&self) -> Result<bool, DataDirError> {
+        let path = self.lock_path();
+        let io = |source| DataDirError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(e)),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
     }
 
     /// Takes the exclusive lock, or says which pid holds it.
@@ -172,6 +221,34 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Re
     std::fs::rename(&tmp, path)
 }
 
+/// Writes `bytes` to a new file `path` with the given Unix mode, durably, and never over an
+/// existing one: the bytes go to a temporary file of this process first, which is then
+/// linked at `path` (an `AlreadyExists` error if anything is there, even a file created a
+/// moment ago by another process), and the directory is synced.
+pub(crate) fn write_private_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode);
+        }
+        let mut f = opts.open(&tmp)?;
+        set_mode(&tmp, mode)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Sets Unix permission bits (no-op elsewhere).
 pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -189,6 +266,61 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_shared_directory_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        set_mode(&shared, 0o1777).unwrap();
+        // Someone's folder with other things in it, readable by others.
+        let project = tmp.path().join("project");
+        std::fs::create_dir(&project).unwrap();
+        std::fs::write(project.join("notes.txt"), b"x").unwrap();
+        set_mode(&project, 0o755).unwrap();
+        let err = DataDir::new(&project).create().unwrap_err();
+        assert!(
+            matches!(err, DataDirError::Shared { mode: 0o755, .. }),
+            "{err}"
+        );
+        // An empty one of the user's (`mkdir`, umask 022) becomes Tern's.
+        let fresh = tmp.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        set_mode(&fresh, 0o755).unwrap();
+        DataDir::new(&fresh).create().unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+        let err = DataDir::new(&shared).create().unwrap_err();
+        assert!(
+            matches!(err, DataDirError::Shared { mode: 0o1777, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("mode 1777"), "{err}");
+        let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+        // A subdirectory of it is fine, and so is a Tern directory whose mode was loosened.
+        DataDir::new(shared.join("tern")).create().unwrap();
+        let own = DataDir::new(tmp.path().join("own"));
+        own.create().unwrap();
+        std::fs::write(own.identity_path(), b"x").unwrap();
+        set_mode(own.root(), 0o755).unwrap();
+        own.create().unwrap();
+        let mode = std::fs::metadata(own.root()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn in_use_follows_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("node"));
+        assert!(!dir.in_use().unwrap());
+        let held = dir.lock().unwrap();
+        assert!(dir.in_use().unwrap());
+        drop(held);
+        assert!(!dir.in_use().unwrap());
+    }
 
     #[test]
     fn second_lock_names_the_holder_pid() {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use libp2p::{PeerId, identity::Keypair};
 use zeroize::Zeroizing;
 
-use crate::data_dir::{DataDir, DataDirError, write_private};
+use crate::data_dir::{DataDir, DataDirError, write_private_new};
 
 const MAGIC: &[u8; 8] = b"TERN-ID1";
 const FILE_LEN: usize = 8 + 32 + 8;
@@ -97,9 +97,14 @@ impl Identity {
             return Err(IdentityError::AlreadyExists { path });
         }
         let id = Self::generate();
-        write_private(&path, &id.encode(), 0o600)
-            .map_err(|source| IdentityError::Io { path, source })?;
-        Ok(id)
+        // Never over an identity that appeared meanwhile (another `tern init`).
+        match write_private_new(&path, &id.encode(), 0o600) {
+            Ok(()) => Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(IdentityError::AlreadyExists { path })
+            }
+            Err(source) => Err(IdentityError::Io { path, source }),
+        }
     }
 
     /// Loads the identity of `dir`.

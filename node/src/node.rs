@@ -479,9 +479,27 @@ impl NodeHandle {
         Ok(self.inner.messaging.typing(to.to_string(), typing).await?)
     }
 
-    /// Presence of one contact, or of every contact.
+    /// Presence of one contact, or of every contact. A blocked contact's presence is not
+    /// followed: it shows as `blocked`.
     pub async fn presence(&self, name: Option<&str>) -> Result<Vec<PresenceView>, NodeError> {
-        Ok(self.inner.presence.query(name.map(str::to_string)).await?)
+        let blocked = |c: &ContactView| PresenceView {
+            name: c.name.clone(),
+            peer_id: c.peer_id.clone(),
+            state: "blocked".into(),
+            last_seen: None,
+        };
+        if let Some(name) = name {
+            let contact = self.inner.messaging.contact_show(name.to_string()).await?;
+            if contact.blocked {
+                return Ok(vec![blocked(&contact)]);
+            }
+            return Ok(self.inner.presence.query(Some(name.to_string())).await?);
+        }
+        let mut all = self.inner.presence.query(None).await?;
+        let contacts = self.inner.messaging.contact_list().await?;
+        all.extend(contacts.iter().filter(|c| c.blocked).map(blocked));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
     }
 
     /// Sets our presence: `online` (automatic: away after idling) or `away`.

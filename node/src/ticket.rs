@@ -39,8 +39,8 @@ pub enum TicketError {
     Version(u8),
 }
 
-/// What a ticket carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a ticket carries. Its `Debug` output leaves out the mailbox token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactTicket {
     /// The node's libp2p peer id (its ed25519 identity).
     pub peer_id: PeerId,
@@ -55,6 +55,18 @@ pub struct ContactTicket {
     /// The capability to deposit into that mailbox (a secret: share the ticket only with
     /// people you want to hear from).
     pub mailbox_token: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ContactTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContactTicket")
+            .field("peer_id", &self.peer_id)
+            .field("addrs", &self.addrs)
+            .field("name", &self.name)
+            .field("bundle", &self.bundle.as_ref().map(Vec::len))
+            .field("mailbox_token", &self.mailbox_token.map(|_| "<secret>"))
+            .finish()
+    }
 }
 
 /// Version 2 tickets (no relays).
@@ -92,7 +104,12 @@ impl ContactTicket {
         if text.len() > MAX_TICKET_LEN {
             return Err(TicketError::TooLong { len: text.len() });
         }
-        let body = text.strip_prefix(PREFIX).ok_or(TicketError::Prefix)?;
+        // Either case: the QR form is upper case (QR's alphanumeric mode is denser).
+        let body = text
+            .get(..PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(PREFIX))
+            .and_then(|_| text.get(PREFIX.len()..))
+            .ok_or(TicketError::Prefix)?;
         let bytes = data_encoding::BASE32_NOPAD
             .decode(body.to_uppercase().as_bytes())
             .map_err(|e| TicketError::Encoding(e.to_string()))?;
@@ -202,6 +219,13 @@ mod tests {
     }
 
     #[test]
+    fn debug_leaves_out_the_mailbox_token() {
+        let shown = format!("{:?}", sample());
+        assert!(shown.contains("<secret>"), "{shown}");
+        assert!(!shown.contains("5, 5"), "{shown}");
+    }
+
+    #[test]
     fn round_trip() {
         let t = sample();
         let text = t.encode();
@@ -209,6 +233,8 @@ mod tests {
         assert!(text.chars().all(|c| c.is_ascii_alphanumeric()));
         assert_eq!(ContactTicket::decode(&text).unwrap(), t);
         assert_eq!(ContactTicket::decode(&format!("  {text}\n")).unwrap(), t);
+        // As read from the QR code of `tern id --qr`.
+        assert_eq!(ContactTicket::decode(&text.to_uppercase()).unwrap(), t);
     }
 
     #[test]

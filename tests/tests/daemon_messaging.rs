@@ -117,6 +117,13 @@ async fn daemons_exchange_messages_through_the_cli() {
         (a.tern_json(&["status"])["outbox"] == 0).then_some(())
     })
     .await;
+
+    // A blocked contact is listed with its presence `blocked`, not "unknown contact".
+    a.tern_json(&["contact", "block", "bob"]);
+    assert_eq!(a.tern_json(&["presence", "bob"])["state"], "blocked");
+    let all = a.tern_json(&["presence"]);
+    assert_eq!(all[0]["name"], "bob");
+    assert_eq!(all[0]["state"], "blocked");
 }
 
 /// The next event of an API subscription, within [`LONG`].
@@ -279,6 +286,34 @@ async fn chat_through_a_pipe_sends_and_shows_messages() {
     b.tern_json(&["send", "alice", "answer from bob"]);
     let line = wait_line(&|l| l.contains("answer from bob"));
     assert!(line.contains("bob: answer from bob"), "{line}");
+    // What a peer writes cannot forge a line of the chat or reach the terminal as escapes.
+    b.tern_json(&["send", "alice", "two\n[00:00:00] me: forged\x1b[31m"]);
+    let line = wait_line(&|l| l.contains("bob: two"));
+    let next = wait_line(&|_| true);
+    assert!(
+        next.starts_with("    ") && next.trim_start() == "[00:00:00] me: forged\\u{1b}[31m",
+        "{line}\n{next}"
+    );
+    let shown = a.tern(&["history", "bob"]);
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    assert!(!shown.contains('\x1b'), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with(' ') && l.contains("[00:00:00] me: forged")),
+        "{shown}"
+    );
+    // `//text` sends `/text`; a failed command leaves the chat running.
+    writeln!(stdin, "//slash at the start").unwrap();
+    eventually("bob gets the slash line", LONG, || async {
+        history(&b, "alice")
+            .iter()
+            .any(|m| m["text"] == "/slash at the start")
+            .then_some(())
+    })
+    .await;
+    writeln!(stdin, "/history 2").unwrap();
+    wait_line(&|l| l.contains("me: /slash at the start"));
     writeln!(stdin, "/quit").unwrap();
     let status = chat.wait().unwrap();
     assert!(status.success());

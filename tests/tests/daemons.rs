@@ -185,10 +185,36 @@ async fn sigterm_exits_zero_and_removes_api_json() {
 }
 
 #[tokio::test]
+async fn a_reader_closing_the_output_early_is_no_failure() {
+    let a = TestDaemon::start("alice").await;
+    for args in [&["status"][..], &["--json", "events", "--since", "0"][..]] {
+        let mut child = a
+            .dir
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // As `tern ... | head -c 0` does: the reader is gone before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
+
+#[tokio::test]
 async fn shutdown_method_stops_the_daemon() {
     let mut a = TestDaemon::start("alice").await;
     let out = a.tern_json(&["stop"]);
-    assert_eq!(out["stopping"], true);
+    assert_eq!(out["stopped"], true);
+    // `tern stop` returned once the directory was free: what needs its lock works at once.
+    let id = a.tern(&["id"]);
+    assert!(
+        id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&id.stderr)
+    );
     assert!(a.wait_exit(Duration::from_secs(10)).await.success());
     let out = a.tern(&["status"]);
     assert_eq!(out.status.code(), Some(1));

@@ -81,10 +81,20 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
         return Err(format!("a contact name has 1 to {MAX_NAME_LEN} characters"));
     }
-    if name.trim() != name || name.chars().any(char::is_control) {
-        return Err("a contact name has no leading/trailing spaces or control characters".into());
+    if name.trim() != name || name.chars().any(|c| c.is_control() || is_invisible(c)) {
+        return Err(
+            "a contact name has no leading/trailing spaces, control characters or invisible \
+             formatting characters (bidirectional overrides, zero-width spaces)"
+                .into(),
+        );
     }
     Ok(())
+}
+
+/// Bidirectional controls and invisible formatting characters: in a name they could make
+/// it look like another one, or reorder the line it is shown in.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 /// The safety number of two identities: 60 digits in 12 groups of 5, the same on both sides.
@@ -135,6 +145,10 @@ mod tests {
         assert!(validate_name("").is_err());
         assert!(validate_name(" bob").is_err());
         assert!(validate_name("b\nob").is_err());
+        assert!(validate_name("b\u{1b}[31mob").is_err());
+        assert!(validate_name("bob\u{202e}").is_err());
+        assert!(validate_name("b\u{200b}ob").is_err());
+        assert!(validate_name("Zoë 🐦").is_ok());
         assert!(validate_name(&"x".repeat(65)).is_err());
     }
 }

@@ -24,14 +24,27 @@ pub type PeerKey = [u8; 32];
 /// simultaneous start or a reset).
 pub const MAX_PREVIOUS_SESSIONS: usize = 4;
 
-/// A peer's sessions: the one used for sending and recent older ones.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A peer's sessions: the one used for sending and recent older ones. The encoded sessions
+/// hold their secret keys: `Debug` shows only their sizes.
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// Encoded `crypto::Session` used to encrypt.
     #[serde(with = "serde_bytes")]
     pub current: Vec<u8>,
     /// Older sessions, newest first.
     pub previous: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SessionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRecord")
+            .field("current_bytes", &self.current.len())
+            .field(
+                "previous_bytes",
+                &self.previous.iter().map(Vec::len).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// What an outbox item carries, for bookkeeping after it is acknowledged.
@@ -333,6 +346,19 @@ mod tests {
             created_at: 1,
             expires_at: 2,
         }
+    }
+
+    #[test]
+    fn session_records_show_no_key_bytes() {
+        let record = SessionRecord {
+            current: vec![0xab; 300],
+            previous: vec![vec![0xcd; 200]],
+        };
+        let shown = format!("{record:?}");
+        assert_eq!(
+            shown,
+            "SessionRecord { current_bytes: 300, previous_bytes: [200] }"
+        );
     }
 
     #[test]
