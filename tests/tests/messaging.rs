@@ -219,6 +219,47 @@ async fn offline_recipient_gets_queued_messages_when_back() {
     b.stop().await;
 }
 
+/// Messages that cannot be delivered before their expiry fail, each with a `messageFailed`
+/// event, and leave the outbox, also past the first delivery round (about 2 MiB: 32 texts
+/// of 64 KiB) and when a whole round had expired.
+#[tokio::test]
+async fn messages_past_their_expiry_fail_with_an_event_even_beyond_one_round() {
+    let mut a = TestNode::spawn_with("alice", |c| c.message_ttl_secs = 1).await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    b.stop().await;
+    let big = "x".repeat(60 * 1024);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let text = if i == 39 { "small" } else { big.as_str() };
+        ids.push(a.handle.send("bob", text).await.unwrap().to_hex());
+    }
+    // All of them expire while alice is stopped: at her start, whole rounds have expired.
+    a.stop_keep().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.start_again().await;
+    let h = a.wait_history("bob", LONG, |h| all(h, 40, "failed")).await;
+    assert!(
+        h.iter()
+            .all(|m| m.error.as_deref().is_some_and(|e| e.contains("expired")))
+    );
+    assert_eq!(a.handle.status().await.unwrap().outbox, 0);
+    // One `messageFailed` event each, kept in the event log.
+    let log = a.handle.subscribe(Some(0)).unwrap().backlog;
+    let failed: std::collections::HashSet<String> = log
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::MessageFailed { id, reason, .. } if reason.contains("expired") => {
+                Some(id.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), ids.len());
+    assert!(ids.iter().all(|id| failed.contains(id)));
+    a.stop().await;
+}
+
 /// Once a session's chain positions are reserved durably, the next messages on that chain
 /// leave before their own flush; all of them still arrive once and in order, across a
 /// clean restart of the sender (which reserves again) and a restart of the recipient.

@@ -1985,6 +1985,29 @@ impl Actor {
         Ok(items)
     }
 
+    /// The next round of `peer`'s durable queued items (after `after`, or from the start),
+    /// failing the expired ones. A round that had only expired items is followed by the
+    /// next one: the items behind it must not wait for an event that may never come.
+    fn live_round(
+        &mut self,
+        peer: &PeerKey,
+        after: Option<&MsgId>,
+    ) -> Result<Vec<OutboxItem>, MessagingError> {
+        loop {
+            let round = match after {
+                Some(after) => self.db.outbox_after(peer, after, DELIVERY_ROUND)?,
+                None => self.db.outbox_for(peer, DELIVERY_ROUND)?,
+            };
+            let round = self.not_durable.durable_only(peer, round);
+            let read = round.len();
+            let live = self.drop_expired(peer, round)?;
+            // Each pass removes at least one item from the outbox, so this ends.
+            if !live.is_empty() || read == 0 {
+                return Ok(live);
+            }
+        }
+    }
+
     /// The next queued items for a running delivery to `peer`, after `after` (empty when
     /// there are none, or the contact is blocked now).
     fn more_items(&mut self, peer: &PeerKey, after: &MsgId) -> Vec<OutboxItem> {
@@ -1992,12 +2015,7 @@ impl Actor {
         if blocked {
             return Vec::new();
         }
-        match self
-            .db
-            .outbox_after(peer, after, DELIVERY_ROUND)
-            .map_err(MessagingError::from)
-            .and_then(|items| self.drop_expired(peer, self.not_durable.durable_only(peer, items)))
-        {
+        match self.live_round(peer, Some(after)) {
             Ok(items) => items,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the outbox");
@@ -2012,8 +2030,7 @@ impl Actor {
         &mut self,
         peer: &PeerKey,
     ) -> Result<Option<(PeerId, Vec<Multiaddr>, Vec<OutboxItem>)>, MessagingError> {
-        let items = self.db.outbox_for(peer, DELIVERY_ROUND)?;
-        let items = self.drop_expired(peer, self.not_durable.durable_only(peer, items))?;
+        let items = self.live_round(peer, None)?;
         if items.is_empty() {
             return Ok(None);
         }
