@@ -584,6 +584,37 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     b.wait_history("alice", LONG, |h| h.len() == 1).await;
     b.wait_history("carol", LONG, |h| h.len() == 1).await;
     assert!(b.handle.contact_list().await.unwrap().len() == 2);
+
+    // An envelope carrying the id of one of bob's own messages to alice is refused before
+    // it is opened: taken, it would overwrite bob's entry in his history.
+    let own = b.handle.send("alice", "bob's own").await.unwrap();
+    let reused = wire::Request::Deliver(wire::Envelope {
+        id: own,
+        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
+            .unwrap()
+            .to_bytes(),
+        recipient: tern_node::identity::ed25519_public_of(&b_id)
+            .unwrap()
+            .to_bytes(),
+        ciphertext: vec![0x01; 200],
+    });
+    let r = Response::from_bytes(&ask(reused.to_bytes()).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(id, RejectReason::Malformed) if id == own),
+        "{r:?}"
+    );
+    let status = b.handle.status().await.unwrap();
+    assert_eq!(
+        status.rejected.get("id_reused"),
+        Some(&1),
+        "{:?}",
+        status.rejected
+    );
+    let h = b.handle.history("alice", 10).await.unwrap();
+    assert!(
+        h.iter()
+            .any(|m| m.id == own.to_hex() && m.text == "bob's own")
+    );
     a.stop().await;
     b.stop().await;
     c.stop().await;

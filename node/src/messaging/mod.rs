@@ -2521,6 +2521,21 @@ impl Actor {
                 return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
             }
         }
+        // Not seen from them, yet in the message index under their key: the id of one of
+        // our messages to them. Ids are random, so only a peer copying ours gets here; taking
+        // it would overwrite our own history entry.
+        match self.db.index.contains(&peer_id_key(&sender, &id)) {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::debug!(peer = %crate::net::short(&peer), "envelope reuses the id of one of our messages");
+                self.count_rejected("id_reused");
+                return Inbound::Respond(Response::Rejected(id, RejectReason::Malformed));
+            }
+            Err(_) => {
+                self.count_rejected("unavailable");
+                return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
+            }
+        }
         if contact.is_none() && self.message_requests >= self.config.max_message_requests {
             // A stranger while the message requests are full: it may retry later.
             self.count_rejected("requests_full");
