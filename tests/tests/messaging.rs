@@ -603,7 +603,33 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
         matches!(r, Response::Rejected(id, RejectReason::Malformed) if id == own),
         "{r:?}"
     );
+    // An envelope whose id is 60 days old is refused as stale before it is opened (the
+    // dedup markers that would catch a replay are kept 60 days).
+    let old_ms = tern_node::events::now_ms() - 60 * 24 * 3600 * 1000;
+    let mut old_id = [7u8; 16];
+    old_id[..6].copy_from_slice(&old_ms.to_be_bytes()[2..]);
+    let stale = wire::Request::Deliver(wire::Envelope {
+        id: wire::MsgId(old_id),
+        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
+            .unwrap()
+            .to_bytes(),
+        recipient: tern_node::identity::ed25519_public_of(&b_id)
+            .unwrap()
+            .to_bytes(),
+        ciphertext: vec![0x01; 200],
+    });
+    let r = Response::from_bytes(&ask(stale.to_bytes()).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(_, RejectReason::Undecryptable)),
+        "{r:?}"
+    );
     let status = b.handle.status().await.unwrap();
+    assert_eq!(
+        status.rejected.get("stale"),
+        Some(&1),
+        "{:?}",
+        status.rejected
+    );
     assert_eq!(
         status.rejected.get("id_reused"),
         Some(&1),

@@ -2521,6 +2521,14 @@ impl Actor {
                 return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
             }
         }
+        // Older than the dedup markers are kept, it could be a replay whose marker is gone:
+        // refused (a message waits 30 days at most, so only a sender's clock two months
+        // behind or a replay gets here). Markers are kept until 60 days after the later of
+        // the arrival and the id's own time, so a younger id is always still known.
+        if id.millis().saturating_add(STALE_AFTER.as_millis() as u64) < now_ms() {
+            self.count_rejected("stale");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::Undecryptable));
+        }
         // Not seen from them, yet in the message index under their key: the id of one of
         // our messages to them. Ids are random, so only a peer copying ours gets here; taking
         // it would overwrite our own history entry.
@@ -2779,7 +2787,12 @@ impl Actor {
                 tx.insert(&db.prekeys, b"local", p)?;
             }
             if !ephemeral {
-                tx.insert(&db.seen, &peer_id_key(&sender, &id), &now_ms())?;
+                // Kept 60 days past the later of now and the id's time (see STALE_AFTER).
+                tx.insert(
+                    &db.seen,
+                    &peer_id_key(&sender, &id),
+                    &now_ms().max(id.millis()),
+                )?;
             }
             if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
                 tx.insert(&db.contacts, &sender, &contact)?;
@@ -3376,6 +3389,9 @@ fn take_request(
 /// How long an accepted envelope's id is remembered for deduplication: far beyond the
 /// largest message TTL a sender uses by default (7 days).
 pub const SEEN_RETENTION: Duration = Duration::from_secs(60 * 24 * 3600);
+/// Envelopes whose id is older than this are refused as stale: a day less than
+/// [`SEEN_RETENTION`], so every id young enough to be taken still has its dedup marker.
+pub const STALE_AFTER: Duration = Duration::from_secs(59 * 24 * 3600);
 /// Most decoded sessions kept in memory.
 const SESSION_CACHE_CAP: usize = 4096;
 /// How often the dedup set is pruned.
