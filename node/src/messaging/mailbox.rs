@@ -48,13 +48,22 @@ const FETCH_ITEMS: u32 = 256;
 /// Envelope bytes per fetched page.
 const FETCH_BYTES: u32 = 512 * 1024;
 
-/// A contact's mailbox, from its ticket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A contact's mailbox, from its ticket. `Debug` leaves the token out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactMailbox {
     /// Its home relays (binary multiaddrs with `/p2p/`).
     pub relays: Vec<Vec<u8>>,
     /// The capability it issued.
     pub token: [u8; 32],
+}
+
+impl std::fmt::Debug for ContactMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContactMailbox")
+            .field("relays", &self.relays.len())
+            .field("token", &"<secret>")
+            .finish()
+    }
 }
 
 impl ContactMailbox {

@@ -315,8 +315,8 @@ pub enum ReceiptKind {
     Read,
 }
 
-/// What is inside the ciphertext.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What is inside the ciphertext. `Debug` shows no text and no key: only their sizes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Content {
     /// A text message.
     Text {
@@ -358,6 +358,38 @@ pub enum Content {
         /// The sender's home relays (binary multiaddrs with `/p2p/`).
         relays: Vec<Vec<u8>>,
     },
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Content::Text { text, sent_at } => f
+                .debug_struct("Text")
+                .field("text_bytes", &text.len())
+                .field("sent_at", sent_at)
+                .finish(),
+            Content::Receipt { kind, ids } => f
+                .debug_struct("Receipt")
+                .field("kind", kind)
+                .field("ids", ids)
+                .finish(),
+            Content::Typing { typing } => f.debug_struct("Typing").field("typing", typing).finish(),
+            Content::Profile { name, addrs } => f
+                .debug_struct("Profile")
+                .field("name", name)
+                .field("addrs", &addrs.len())
+                .finish(),
+            Content::PresenceKey { key } => f
+                .debug_struct("PresenceKey")
+                .field("key", &key.map(|_| "<secret>"))
+                .finish(),
+            Content::MailboxToken { relays, .. } => f
+                .debug_struct("MailboxToken")
+                .field("token", &"<secret>")
+                .field("relays", &relays.len())
+                .finish(),
+        }
+    }
 }
 
 /// The plaintext of an envelope: versioned [`Content`].
@@ -402,6 +434,35 @@ mod tests {
         }
         assert_eq!(MsgId::from_hex(&prev.to_hex()), Some(prev));
         assert_eq!(g.next(5_000_000, [0; 8]).millis(), 5_000_000);
+    }
+
+    #[test]
+    fn debug_shows_no_text_and_no_key() {
+        for (content, secret) in [
+            (
+                Content::Text {
+                    text: "meet at the old mill".into(),
+                    sent_at: 1,
+                },
+                "old mill",
+            ),
+            (
+                Content::PresenceKey {
+                    key: Some([0x5a; 32]),
+                },
+                "90, 90",
+            ),
+            (
+                Content::MailboxToken {
+                    token: [0x5a; 32],
+                    relays: Vec::new(),
+                },
+                "90, 90",
+            ),
+        ] {
+            let shown = format!("{content:?}");
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 
     #[test]
