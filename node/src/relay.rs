@@ -198,6 +198,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
         net: net.clone(),
         purge_every: config.purge_interval(),
         last_flush_error: None,
+        fetch_in_flight: config.max_fetch_in_flight(),
     };
     let net_events = net.net_events();
     let mailbox_task = tokio::spawn(actor.run(mailbox_rx, admin_rx, net_events, shutdown.clone()));
@@ -221,6 +222,8 @@ struct MailboxActor {
     net: NetHandle,
     purge_every: Duration,
     last_flush_error: Option<String>,
+    /// Most bytes of fetch pages on their way to readers.
+    fetch_in_flight: u64,
 }
 
 impl MailboxActor {
@@ -300,6 +303,11 @@ impl MailboxActor {
 
     async fn handle_batch(&mut self, batch: Vec<InboundRequest>) {
         let now = now_ms() / 1000;
+        // Pages still on their way count against the limit; this batch gets the rest.
+        self.server.set_fetch_budget(
+            self.fetch_in_flight
+                .saturating_sub(self.net.mailbox_bytes_sending()),
+        );
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in &batch {
             let reply = match PeerBytes::new(req.peer.to_bytes()) {
@@ -322,7 +330,7 @@ impl MailboxActor {
             }
             let _ = self
                 .net
-                .respond_on(Proto::Mailbox, req.channel, reply.bytes)
+                .respond_mailbox(req.id, req.channel, reply.bytes)
                 .await;
         }
         notices.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));

@@ -86,6 +86,7 @@ fn open(dir: &Path) -> MailboxServer {
         ServerOptions {
             accept_registrations: true,
             min_free_bytes: 0,
+            ..ServerOptions::default()
         },
         NOW,
     )
@@ -124,13 +125,16 @@ fn drain(s: &mut MailboxServer, expected: usize) -> Duration {
     let owner = bob();
     let started = Instant::now();
     let mut drained = 0;
+    // A second of the relay's clock per page: a peer gets 20 fetches a second.
+    let mut now = NOW;
     loop {
+        now += 1;
         let fetch = Request::Fetch {
             after: None,
             max_items: 1000,
             max_bytes: u32::MAX,
         };
-        let reply = s.handle(NOW, &owner, &fetch.to_bytes());
+        let reply = s.handle(now, &owner, &fetch.to_bytes());
         let Ok(Response::Batch { items, .. }) = Response::from_bytes(&reply.bytes) else {
             panic!("fetch failed")
         };
@@ -141,7 +145,7 @@ fn drain(s: &mut MailboxServer, expected: usize) -> Duration {
         let ack = Request::Ack {
             ids: items.iter().map(|i| i.id).collect(),
         };
-        let reply = s.handle(NOW, &owner, &ack.to_bytes());
+        let reply = s.handle(now, &owner, &ack.to_bytes());
         assert!(reply.error.is_none(), "ack failed");
         // One group commit per page, as the node's relay task does per batch.
         s.flush().expect("flush");

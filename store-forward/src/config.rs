@@ -90,6 +90,14 @@ pub struct RelayConfig {
     /// Seconds a SIGTERM waits for in-flight requests (no new ones are accepted) before
     /// the final flush and exit. Default: 10. Env: `TERN_RELAY_DRAIN_TIMEOUT_SECS`.
     pub drain_timeout_secs: u64,
+    /// Most envelopes held, all mailboxes together: past it deposits are refused
+    /// `RelayFull` (the index keeps about 150 bytes of memory per envelope). Default:
+    /// 2000000. Env: `TERN_RELAY_MAX_STORED_ENVELOPES`.
+    pub max_stored_envelopes: u64,
+    /// MiB of fetch pages on their way to readers at most (a page waits in memory until
+    /// its reader takes it); past it fetches are refused `RateLimited` and retried.
+    /// Default: 64. Env: `TERN_RELAY_MAX_FETCH_IN_FLIGHT_MB`.
+    pub max_fetch_in_flight_mb: u64,
     /// The mailbox limits (`[limits]` table), published to clients by `Info`. Env:
     /// `TERN_RELAY_LIMITS_<FIELD>`, e.g. `TERN_RELAY_LIMITS_QUOTA_COUNT`.
     pub limits: RelayLimits,
@@ -110,6 +118,8 @@ impl Default for RelayConfig {
             min_free_disk_mb: 256,
             purge_interval_secs: 300,
             drain_timeout_secs: 10,
+            max_stored_envelopes: crate::rules::DEFAULT_MAX_STORED_ENVELOPES,
+            max_fetch_in_flight_mb: 64,
             limits: RelayLimits::default(),
         }
     }
@@ -162,6 +172,16 @@ const DOCS: &[(&str, &str, &str)] = &[
         "",
         "drain_timeout_secs",
         "seconds SIGTERM waits for in-flight requests before the final flush (default: 10; env TERN_RELAY_DRAIN_TIMEOUT_SECS)",
+    ),
+    (
+        "",
+        "max_stored_envelopes",
+        "most envelopes held, all mailboxes together; past it deposits fail with RelayFull (default: 2000000, about 300 MB of index in memory; env TERN_RELAY_MAX_STORED_ENVELOPES)",
+    ),
+    (
+        "",
+        "max_fetch_in_flight_mb",
+        "MiB of fetch pages on their way to readers at most; past it fetches are refused RateLimited and retried (default: 64; env TERN_RELAY_MAX_FETCH_IN_FLIGHT_MB)",
     ),
     (
         "limits",
@@ -324,6 +344,8 @@ impl RelayConfig {
             "MIN_FREE_DISK_MB" => self.min_free_disk_mb = env_value(var, value, INT)?,
             "PURGE_INTERVAL_SECS" => self.purge_interval_secs = env_value(var, value, INT)?,
             "DRAIN_TIMEOUT_SECS" => self.drain_timeout_secs = env_value(var, value, INT)?,
+            "MAX_STORED_ENVELOPES" => self.max_stored_envelopes = env_value(var, value, INT)?,
+            "MAX_FETCH_IN_FLIGHT_MB" => self.max_fetch_in_flight_mb = env_value(var, value, INT)?,
             "LIMITS_MAX_ENVELOPE_BYTES" => l.max_envelope_bytes = env_value(var, value, INT)?,
             "LIMITS_QUOTA_COUNT" => l.quota_count = env_value(var, value, INT)?,
             "LIMITS_QUOTA_BYTES" => l.quota_bytes = env_value(var, value, INT)?,
@@ -384,10 +406,15 @@ impl RelayConfig {
             ("max_connections", u64::from(self.max_connections)),
             ("idle_timeout_secs", self.idle_timeout_secs),
             ("purge_interval_secs", self.purge_interval_secs),
+            ("max_stored_envelopes", self.max_stored_envelopes),
+            ("max_fetch_in_flight_mb", self.max_fetch_in_flight_mb),
         ] {
             if value == 0 {
                 return invalid(field, "must be at least 1".into());
             }
+        }
+        if self.max_fetch_in_flight_mb > u64::MAX / (1024 * 1024) {
+            return invalid("max_fetch_in_flight_mb", "too large".into());
         }
         if self.min_free_disk_mb > u64::MAX / (1024 * 1024) {
             return invalid("min_free_disk_mb", "too large".into());
@@ -433,7 +460,13 @@ impl RelayConfig {
         ServerOptions {
             accept_registrations: self.accept_registrations,
             min_free_bytes: self.min_free_disk_mb.saturating_mul(1024 * 1024),
+            max_stored_envelopes: self.max_stored_envelopes,
         }
+    }
+
+    /// Bytes of fetch pages on their way to readers at most.
+    pub fn max_fetch_in_flight(&self) -> u64 {
+        self.max_fetch_in_flight_mb.saturating_mul(1024 * 1024)
     }
 
     /// The idle connection timeout.

@@ -43,6 +43,16 @@ use crate::{
 /// How many senders' token buckets are tracked by default; beyond it idle ones are
 /// forgotten first.
 pub const DEFAULT_TRACKED_SENDERS: usize = 65_536;
+/// Fetches per second accepted from one peer, sustained. Fetch is not a write and has no
+/// place in `sender_rate_per_sec`: a recipient must always be able to drain its mailbox.
+/// But each fetch answers up to a megabyte, so it has a bucket of its own: 20 pages a
+/// second drain the fullest mailbox (10,000 envelopes at 1,000 a page) in half a second.
+pub const FETCH_RATE_PER_SEC: u32 = 20;
+/// Fetches one peer may send in a burst.
+pub const FETCH_BURST: u32 = 60;
+/// Envelopes the relay holds at most by default, all mailboxes together (the index keeps
+/// about 150 bytes of memory for each).
+pub const DEFAULT_MAX_STORED_ENVELOPES: u64 = 2_000_000;
 
 /// Why the rules refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +90,9 @@ pub enum Refusal {
     /// The peer's token bucket is empty.
     #[error("too many requests from this peer; retry later")]
     RateLimited,
+    /// The relay has as many fetch pages on their way as it keeps in memory.
+    #[error("the relay is busy sending other pages; retry in a moment")]
+    Busy,
     /// No such mailbox, or the token is not (or no longer) registered for it.
     #[error("no mailbox here accepts this token")]
     Unauthorized,
@@ -95,6 +108,12 @@ pub enum Refusal {
         /// The limit.
         max: u32,
     },
+    /// The relay holds its maximum of envelopes, all mailboxes together.
+    #[error("this relay holds its maximum of {max} envelopes; retry later or elsewhere")]
+    StoreFull {
+        /// The limit.
+        max: u64,
+    },
 }
 
 impl Refusal {
@@ -103,11 +122,11 @@ impl Refusal {
         match self {
             Self::TooLarge { .. } => ErrorCode::TooLarge,
             Self::Quota { .. } | Self::TooManyTokens { .. } => ErrorCode::Quota,
-            Self::RateLimited => ErrorCode::RateLimited,
+            Self::RateLimited | Self::Busy => ErrorCode::RateLimited,
             Self::Unauthorized => ErrorCode::Unauthorized,
             Self::NotRegistered => ErrorCode::NotRegistered,
             Self::RegistrationClosed => ErrorCode::RegistrationClosed,
-            Self::RelayFull { .. } => ErrorCode::RelayFull,
+            Self::RelayFull { .. } | Self::StoreFull { .. } => ErrorCode::RelayFull,
         }
     }
 }
@@ -354,6 +373,9 @@ pub struct MailboxRules {
     /// The next seq to hand out; starts at 1 so `after: Some(0)` means "from the start".
     next_seq: u64,
     senders: SenderLimiter,
+    fetchers: SenderLimiter,
+    /// Most envelopes held, all mailboxes together.
+    max_stored_items: u64,
     stored_items: u64,
     stored_bytes: u64,
     stored_prekeys: u64,
@@ -397,6 +419,11 @@ impl MailboxRules {
                 buckets: HashMap::new(),
                 capacity: senders.max(8),
             },
+            fetchers: SenderLimiter {
+                buckets: HashMap::new(),
+                capacity: senders.max(8),
+            },
+            max_stored_items: DEFAULT_MAX_STORED_ENVELOPES,
             stored_items: 0,
             stored_bytes: 0,
             stored_prekeys: 0,
@@ -411,6 +438,12 @@ impl MailboxRules {
     /// Whether new mailboxes are accepted.
     pub fn accept_registrations(&self) -> bool {
         self.accept_registrations
+    }
+
+    /// Sets the most envelopes held, all mailboxes together: past it deposits are refused
+    /// [`Refusal::StoreFull`] (what is stored already stays).
+    pub fn set_max_stored_items(&mut self, max: u64) {
+        self.max_stored_items = max;
     }
 
     /// Opens or closes registration of new mailboxes; existing ones keep working.
@@ -523,6 +556,11 @@ impl MailboxRules {
                 expires_at: meta.expires_at,
             });
         }
+        if self.stored_items >= self.max_stored_items {
+            return Err(Refusal::StoreFull {
+                max: self.max_stored_items,
+            });
+        }
         if mb.count >= self.limits.quota_count
             || mb.bytes.saturating_add(size as u64) > self.limits.quota_bytes
         {
@@ -534,6 +572,14 @@ impl MailboxRules {
             });
         }
         let ttl = self.ttl(ttl_secs);
+        // Never promised past the day the mailbox itself goes, if its owner stays away.
+        let mut expires_at = now.saturating_add(ttl);
+        if self.limits.mailbox_idle_secs > 0 {
+            expires_at = expires_at.min(
+                mb.registered_at
+                    .saturating_add(self.limits.mailbox_idle_secs),
+            );
+        }
         Ok(Deposit::Store(NewItem {
             key,
             seq: self.next_seq,
@@ -541,7 +587,7 @@ impl MailboxRules {
             // size <= max_envelope_bytes, a u32.
             size: size as u32,
             deposited_at: now,
-            expires_at: now.saturating_add(ttl),
+            expires_at,
         }))
     }
 
@@ -549,9 +595,10 @@ impl MailboxRules {
     /// (clamped to `1..=fetch_max_items`) and `max_bytes` (clamped to `fetch_max_bytes`),
     /// counting each item as its size plus [`MAX_ITEM_OVERHEAD`]. The first item is always
     /// included, however large, so a small `max_bytes` cannot stall the mailbox. Expired
-    /// items (awaiting purge) are skipped.
+    /// items (awaiting purge) are skipped. A peer gets [`FETCH_RATE_PER_SEC`] fetches a
+    /// second ([`FETCH_BURST`] at once), then [`Refusal::RateLimited`].
     pub fn fetch(
-        &self,
+        &mut self,
         now: u64,
         peer: &PeerBytes,
         after: Option<u64>,
@@ -559,6 +606,15 @@ impl MailboxRules {
         max_bytes: u32,
     ) -> Result<FetchPlan, Refusal> {
         let key = peer.key();
+        if !self.mailboxes.contains_key(&key) {
+            return Err(Refusal::NotRegistered);
+        }
+        if !self
+            .fetchers
+            .take(key, now, FETCH_RATE_PER_SEC, FETCH_BURST)
+        {
+            return Err(Refusal::RateLimited);
+        }
         let mb = self.mailboxes.get(&key).ok_or(Refusal::NotRegistered)?;
         let max_items = max_items.clamp(1, self.limits.fetch_max_items) as usize;
         let budget = u64::from(max_bytes.min(self.limits.fetch_max_bytes));
@@ -1605,6 +1661,78 @@ mod tests {
         let first = g.append.first_seq;
         r.apply(&Effect::AddPrekeys(g.append));
         first
+    }
+
+    #[test]
+    fn the_relay_wide_envelope_limit_refuses_deposits_but_not_their_removal() {
+        let mut r = rules_with_bob();
+        let (bob, carol, alice) = (peer(1), peer(3), peer(2));
+        register(&mut r, T0, &carol, &[token(3).hash()]);
+        r.set_max_stored_items(3);
+        deposit(&mut r, T0, &alice, &bob, &token(1), id(1), 10).unwrap();
+        deposit(&mut r, T0, &alice, &bob, &token(1), id(2), 10).unwrap();
+        deposit(&mut r, T0, &alice, &carol, &token(3), id(3), 10).unwrap();
+        // Carol's mailbox is far from its quota; the relay as a whole is full.
+        let refused = deposit(&mut r, T0, &alice, &carol, &token(3), id(4), 10);
+        assert_eq!(refused, Err(Refusal::StoreFull { max: 3 }));
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::RelayFull);
+        // A duplicate is still answered, and an ack makes room again.
+        assert!(matches!(
+            deposit(&mut r, T0, &alice, &bob, &token(1), id(1), 10),
+            Ok(Deposit::Duplicate { .. })
+        ));
+        let removal = r.ack(&bob, &[id(1)]).unwrap();
+        r.apply(&Effect::RemoveItems(removal));
+        deposit(&mut r, T0, &alice, &carol, &token(3), id(4), 10).unwrap();
+    }
+
+    #[test]
+    fn fetches_have_a_bucket_of_their_own_per_peer() {
+        let mut r = rules_with_bob();
+        let (bob, carol) = (peer(1), peer(3));
+        register(&mut r, T0, &carol, &[token(3).hash()]);
+        for _ in 0..FETCH_BURST {
+            r.fetch(T0, &bob, None, 10, 1000).unwrap();
+        }
+        assert_eq!(r.fetch(T0, &bob, None, 10, 1000), Err(Refusal::RateLimited));
+        // Another peer is not affected, nor are bob's writes.
+        r.fetch(T0, &carol, None, 10, 1000).unwrap();
+        r.register(T0, &bob, &[], &[]).unwrap();
+        // A second later, FETCH_RATE_PER_SEC more.
+        for _ in 0..FETCH_RATE_PER_SEC {
+            r.fetch(T0 + 1, &bob, None, 10, 1000).unwrap();
+        }
+        assert_eq!(
+            r.fetch(T0 + 1, &bob, None, 10, 1000),
+            Err(Refusal::RateLimited)
+        );
+    }
+
+    #[test]
+    fn a_deposit_is_never_promised_past_its_mailboxs_idle_deadline() {
+        let mut r = rules_with_bob();
+        let (bob, alice) = (peer(1), peer(2));
+        // Early on, the TTL decides (default TTL well before the deadline).
+        let Ok(Deposit::Store(early)) = deposit(&mut r, T0 + 10, &alice, &bob, &token(1), id(1), 5)
+        else {
+            panic!("stored")
+        };
+        assert_eq!(early.expires_at, T0 + 10 + r.limits().default_ttl_secs);
+        // Near the deadline, the deadline does: the item goes with the mailbox, as promised.
+        let late_at = T0 + IDLE - 100;
+        let Ok(Deposit::Store(late)) = deposit(&mut r, late_at, &alice, &bob, &token(1), id(2), 5)
+        else {
+            panic!("stored")
+        };
+        assert_eq!(late.expires_at, T0 + IDLE);
+        // Bob registering again moves the deadline, and new deposits get their full TTL.
+        register(&mut r, late_at + 1, &bob, &[]);
+        let Ok(Deposit::Store(after)) =
+            deposit(&mut r, late_at + 2, &alice, &bob, &token(1), id(3), 5)
+        else {
+            panic!("stored")
+        };
+        assert_eq!(after.expires_at, late_at + 2 + r.limits().default_ttl_secs);
     }
 
     #[test]

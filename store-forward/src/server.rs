@@ -24,7 +24,7 @@ use crate::{
     db::{DbError, Flusher, LoadStats, MailboxDb},
     limits::{LimitsError, RelayLimits},
     metrics::Metrics,
-    rules::{Deposit, Effect, MailboxRules, Refusal},
+    rules::{DEFAULT_MAX_STORED_ENVELOPES, Deposit, Effect, MailboxRules, Refusal},
     wire::{ErrorCode, PeerBytes, Request, Response, WireError},
 };
 
@@ -39,6 +39,9 @@ pub struct ServerOptions {
     /// Free disk space kept in reserve; writes are refused (`DiskFull`) below it.
     /// Default: [`DEFAULT_MIN_FREE_BYTES`].
     pub min_free_bytes: u64,
+    /// Most envelopes held, all mailboxes together (the index keeps each in memory).
+    /// Default: [`DEFAULT_MAX_STORED_ENVELOPES`].
+    pub max_stored_envelopes: u64,
 }
 
 impl Default for ServerOptions {
@@ -46,6 +49,7 @@ impl Default for ServerOptions {
         Self {
             accept_registrations: true,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            max_stored_envelopes: DEFAULT_MAX_STORED_ENVELOPES,
         }
     }
 }
@@ -151,6 +155,9 @@ pub struct MailboxServer {
     /// records written before idle expiry, also when the index is reloaded after a failed
     /// write.
     opened_at: u64,
+    /// Bytes of fetch pages this server may still answer before
+    /// [`MailboxServer::set_fetch_budget`] is called again.
+    fetch_budget: u64,
 }
 
 impl MailboxServer {
@@ -166,6 +173,7 @@ impl MailboxServer {
         limits.validate()?;
         let mut db = MailboxDb::open(path, options.min_free_bytes)?;
         let mut rules = MailboxRules::new(limits, options.accept_registrations);
+        rules.set_max_stored_items(options.max_stored_envelopes);
         let stats: LoadStats = db.load(&mut rules, now)?;
         let mut metrics = Metrics::default();
         for code in ErrorCode::ALL {
@@ -176,6 +184,7 @@ impl MailboxServer {
             rules,
             metrics,
             opened_at: now,
+            fetch_budget: u64::MAX,
         };
         let purged = server.purge(now);
         // Purges and the upgrade of old mailbox records are queued writes.
@@ -231,6 +240,15 @@ impl MailboxServer {
                 )
             }
         }
+    }
+
+    /// Bounds the fetch pages answered from now on to `bytes` in all, until the next call
+    /// (a fetch past it is refused `RateLimited`, and the node retries shortly). The relay
+    /// sets it before each batch to what is left of its limit of pages on their way:
+    /// pages wait in memory until the peer reads them, and a peer that never reads could
+    /// otherwise pile up gigabytes of them. Unbounded until first called.
+    pub fn set_fetch_budget(&mut self, bytes: u64) {
+        self.fetch_budget = bytes;
     }
 
     fn refuse(&mut self, code: ErrorCode, message: impl Into<String>) -> Reply {
@@ -316,16 +334,23 @@ impl MailboxServer {
             } => {
                 let plan = self.rules.fetch(now, peer, after, max_items, max_bytes)?;
                 let items = self.db.read_items(&plan.key, &plan.seqs)?;
-                self.metrics.fetches += 1;
-                self.metrics.fetched_envelopes += items.len() as u64;
-                Ok(Reply::new(
+                let count = items.len() as u64;
+                let reply = Reply::new(
                     &Response::Batch {
                         items,
                         more: plan.more,
                     },
                     false,
                     None,
-                ))
+                );
+                let size = reply.bytes.len() as u64;
+                if size > self.fetch_budget {
+                    return Err(Failure::Refused(Refusal::Busy));
+                }
+                self.fetch_budget -= size;
+                self.metrics.fetches += 1;
+                self.metrics.fetched_envelopes += count;
+                Ok(reply)
             }
             Request::Ack { ids } => {
                 let removal = self.rules.ack(peer, &ids)?;
@@ -560,6 +585,7 @@ mod tests {
         ServerOptions {
             accept_registrations: true,
             min_free_bytes: 0,
+            ..ServerOptions::default()
         }
     }
 
@@ -625,6 +651,37 @@ mod tests {
             Response::Error { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    #[test]
+    fn fetch_pages_stay_within_the_budget_the_relay_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let (bob, alice) = (peer(1), peer(2));
+        register(&mut s, &bob, &[token(1).hash()]);
+        for i in 0..4 {
+            ask(
+                &mut s,
+                &alice,
+                &deposit_req(&bob, &token(1), i, vec![i; 10_000]),
+            );
+        }
+        let page = Request::Fetch {
+            after: None,
+            max_items: 1,
+            max_bytes: u32::MAX,
+        };
+        // Room for two pages of one 10 kB envelope: the third is refused, nothing lost.
+        s.set_fetch_budget(25_000);
+        for _ in 0..2 {
+            assert!(matches!(ask(&mut s, &bob, &page), Response::Batch { .. }));
+        }
+        let refused = ask(&mut s, &bob, &page);
+        assert_eq!(code(&refused), Some(ErrorCode::RateLimited), "{refused:?}");
+        assert_eq!(s.waiting(&bob), 4);
+        // The next batch's budget lets them through.
+        s.set_fetch_budget(50_000);
+        assert_eq!(fetch_all(&mut s, &bob).len(), 4);
     }
 
     #[test]

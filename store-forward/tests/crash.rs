@@ -66,6 +66,7 @@ fn open(dir: &Path) -> MailboxServer {
         ServerOptions {
             accept_registrations: true,
             min_free_bytes: 0,
+            ..ServerOptions::default()
         },
         now(),
     )

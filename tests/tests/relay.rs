@@ -174,6 +174,11 @@ async fn offline_recipient_gets_200_messages_once_and_in_order_through_the_relay
         (r.metric("tern_relay_envelopes_stored").await == 0.0).then_some(())
     })
     .await;
+    // Every page it sent was counted while on its way, and is not any more.
+    eventually("no page on its way", LONG, || async {
+        (r.handle.net().mailbox_bytes_sending() == 0).then_some(())
+    })
+    .await;
     let (status, body) = r.admin_get("/healthz").await;
     assert!(status.contains("200"), "{status} {body}");
     let (status, _) = r.admin_get("/nothing").await;

@@ -47,6 +47,11 @@ const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 const FETCH_ITEMS: u32 = 256;
 /// Envelope bytes per fetched page.
 const FETCH_BYTES: u32 = 512 * 1024;
+/// How long a sync waits after a relay answered a fetch `RateLimited` (busy) before it
+/// fetches again, and how many times in a row it does so before the sync ends (the next
+/// one comes with the relay's next notice, a new connection or the daily sync).
+const FETCH_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const FETCH_BUSY_RETRIES: u32 = 60;
 
 /// A contact's mailbox, from its ticket. `Debug` leaves the token out.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,6 +412,7 @@ async fn sync(
         }
     }
     let mut after = None;
+    let mut busy = 0;
     loop {
         let (items, more) = match call(MbRequest::Fetch {
             after,
@@ -416,8 +422,19 @@ async fn sync(
         .await?
         {
             MbResponse::Batch { items, more } => (items, more),
+            // The relay limits fetches per peer and the pages it has on their way: the
+            // mail waits there, fetched again in a moment.
+            MbResponse::Error {
+                code: tern_store_forward::wire::ErrorCode::RateLimited,
+                ..
+            } if busy < FETCH_BUSY_RETRIES => {
+                busy += 1;
+                tokio::time::sleep(FETCH_BUSY_WAIT).await;
+                continue;
+            }
             other => return Err(format!("fetch refused: {other:?}")),
         };
+        busy = 0;
         if items.is_empty() {
             return Ok(());
         }

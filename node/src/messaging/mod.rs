@@ -2252,6 +2252,7 @@ impl Actor {
             peer,
             bytes,
             channel,
+            ..
         } = req;
         match self.accept_inbound(peer, &bytes) {
             Inbound::Respond(resp) => self.responses.push((channel, resp.to_bytes())),

@@ -11,7 +11,11 @@ mod frame;
 
 use std::{
     collections::{HashMap, HashSet},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use behaviour::{Behaviour, BehaviourEvent};
@@ -58,6 +62,8 @@ const RELAY_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often the maintenance branch runs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often tracked mailbox answers are checked for ones no event came for.
+const MAILBOX_SWEEP: Duration = Duration::from_secs(10);
 
 /// Errors of the network layer.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +186,8 @@ pub enum NetEvent {
 /// [`NetHandle::respond`]; dropping it makes the sender see a failed request and retry.
 #[derive(Debug)]
 pub struct InboundRequest {
+    /// The request's id (for [`NetHandle::respond_mailbox`]).
+    pub id: request_response::InboundRequestId,
     /// The authenticated peer (noise) that sent it.
     pub peer: PeerId,
     /// The raw frame.
@@ -287,6 +295,8 @@ enum Command {
         proto: Proto,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
+        /// Counted in [`NetHandle::mailbox_bytes_sending`] until written or failed.
+        track: Option<request_response::InboundRequestId>,
     },
     IsConnected {
         peer: PeerId,
@@ -315,6 +325,7 @@ enum Command {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     net_events: broadcast::Sender<NetEvent>,
+    mailbox_sending: Arc<AtomicU64>,
 }
 
 impl NetHandle {
@@ -413,9 +424,37 @@ impl NetHandle {
                 proto,
                 channel,
                 bytes,
+                track: None,
             })
             .await
             .map_err(|_| NetError::ActorGone)
+    }
+
+    /// Answers inbound `/tern/mailbox/1` request `id`, counting the answer's bytes in
+    /// [`Self::mailbox_bytes_sending`] until it is written or fails (a relay bounds the
+    /// fetch pages it has on their way with it).
+    pub async fn respond_mailbox(
+        &self,
+        id: request_response::InboundRequestId,
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        bytes: Vec<u8>,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Respond {
+                proto: Proto::Mailbox,
+                channel,
+                bytes,
+                track: Some(id),
+            })
+            .await
+            .map_err(|_| NetError::ActorGone)
+    }
+
+    /// Bytes of answers given with [`Self::respond_mailbox`] that are not written yet: a
+    /// peer that reads slowly keeps them in memory until it reads or its request times
+    /// out.
+    pub fn mailbox_bytes_sending(&self) -> u64 {
+        self.mailbox_sending.load(Ordering::Relaxed)
     }
 
     /// Whether a connection to `peer` is open.
@@ -534,6 +573,11 @@ struct NetActor {
     hole_punches: HolePunchStats,
     pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
     net_events: broadcast::Sender<NetEvent>,
+    /// Tracked mailbox answers not written yet: size and when they were handed over.
+    mailbox_out: HashMap<request_response::InboundRequestId, (u64, Instant)>,
+    mailbox_sending: Arc<AtomicU64>,
+    /// When `mailbox_out` was last cleared of entries no event came for.
+    mailbox_swept: Instant,
 }
 
 /// Builds the swarm, binds every listen address, waits until they report addresses, then
@@ -636,12 +680,23 @@ pub async fn spawn(
         hole_punches: HolePunchStats::default(),
         pending_requests: HashMap::new(),
         net_events: net_events.clone(),
+        mailbox_out: HashMap::new(),
+        mailbox_sending: Arc::new(AtomicU64::new(0)),
+        mailbox_swept: Instant::now(),
     };
+    let mailbox_sending = actor.mailbox_sending.clone();
     for event in early {
         actor.handle_swarm_event(event);
     }
     let task = tokio::spawn(actor.run());
-    Ok((NetHandle { tx, net_events }, task))
+    Ok((
+        NetHandle {
+            tx,
+            net_events,
+            mailbox_sending,
+        },
+        task,
+    ))
 }
 
 /// The peer an address leads to: its last `/p2p/<id>` component, if any (in a circuit
@@ -734,12 +789,16 @@ impl NetActor {
                 proto,
                 channel,
                 bytes,
+                track,
             } => {
+                let size = bytes.len() as u64;
                 if self
                     .rr(proto)
                     .is_none_or(|rr| rr.send_response(channel, bytes).is_err())
                 {
                     tracing::debug!("response not sent: the requester went away");
+                } else if let Some(id) = track {
+                    self.track_mailbox_answer(id, size);
                 }
             }
             Command::IsConnected { peer, reply } => {
@@ -898,6 +957,33 @@ impl NetActor {
         }
     }
 
+    /// Counts a mailbox answer until its `ResponseSent` or `InboundFailure`; entries that
+    /// outlive twice the request timeout (no event came) are dropped on the way.
+    fn track_mailbox_answer(&mut self, id: request_response::InboundRequestId, size: u64) {
+        let now = Instant::now();
+        if now.duration_since(self.mailbox_swept) > MAILBOX_SWEEP {
+            self.mailbox_swept = now;
+            let stale: Vec<_> = self
+                .mailbox_out
+                .iter()
+                .filter(|(_, (_, at))| now.duration_since(*at) > 2 * behaviour::MSG_REQUEST_TIMEOUT)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.mailbox_answer_done(id);
+            }
+        }
+        if self.mailbox_out.insert(id, (size, now)).is_none() {
+            self.mailbox_sending.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    fn mailbox_answer_done(&mut self, id: request_response::InboundRequestId) {
+        if let Some((size, _)) = self.mailbox_out.remove(&id) {
+            self.mailbox_sending.fetch_sub(size, Ordering::Relaxed);
+        }
+    }
+
     fn handle_rr_event(&mut self, proto: Proto, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message};
         match event {
@@ -905,11 +991,14 @@ impl NetActor {
                 peer,
                 message:
                     Message::Request {
-                        request, channel, ..
+                        request_id,
+                        request,
+                        channel,
                     },
                 ..
             } => {
                 let item = InboundRequest {
+                    id: request_id,
                     peer,
                     bytes: request,
                     channel,
@@ -949,10 +1038,22 @@ impl NetActor {
                     }));
                 }
             }
-            Event::InboundFailure { peer, error, .. } => {
+            Event::InboundFailure {
+                peer,
+                error,
+                request_id,
+                ..
+            } => {
                 tracing::debug!(peer = %short(&peer), %error, "inbound request failed");
+                if proto == Proto::Mailbox {
+                    self.mailbox_answer_done(request_id);
+                }
             }
-            Event::ResponseSent { .. } => {}
+            Event::ResponseSent { request_id, .. } => {
+                if proto == Proto::Mailbox {
+                    self.mailbox_answer_done(request_id);
+                }
+            }
         }
     }
 
