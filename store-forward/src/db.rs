@@ -56,7 +56,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    rules::{MailboxRemoval, MailboxRules, NewItem},
+    rules::{MailboxRemoval, MailboxRules, NewItem, sender_tag},
     space::{Full, SpaceGuard},
     wire::{MessageId, PeerBytes, PeerKey, StoredItem, TokenHash},
 };
@@ -494,7 +494,16 @@ impl MailboxDb {
             let r: ItemRecord<'_> = decode("item", &v)?;
             let size = u32::try_from(r.envelope.len())
                 .map_err(|_| corrupt(format!("item seq {seq} is larger than 4 GiB")))?;
-            if !rules.restore_item(key, seq, r.id, size, r.expires_at) {
+            let item = NewItem {
+                key,
+                seq,
+                id: r.id,
+                sender: sender_tag(r.from),
+                size,
+                deposited_at: r.deposited_at,
+                expires_at: r.expires_at,
+            };
+            if !rules.restore_item(&item) {
                 return Err(corrupt(format!(
                     "item seq {seq} has no mailbox or repeats an id of its mailbox"
                 )));
@@ -854,6 +863,7 @@ mod tests {
             key,
             seq,
             id: [id; 16],
+            sender: crate::rules::sender_tag(peer(2).as_bytes()),
             size,
             deposited_at: 10,
             expires_at: 1000,

@@ -90,6 +90,9 @@ pub enum Refusal {
     /// The peer's token bucket is empty.
     #[error("too many requests from this peer; retry later")]
     RateLimited,
+    /// The mailbox holds an envelope of another sender under this id.
+    #[error("the recipient's mailbox holds another sender's envelope under this id")]
+    IdTaken,
     /// The relay has as many fetch pages on their way as it keeps in memory.
     #[error("the relay is busy sending other pages; retry in a moment")]
     Busy,
@@ -121,6 +124,7 @@ impl Refusal {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::IdTaken => ErrorCode::Malformed,
             Self::Quota { .. } | Self::TooManyTokens { .. } => ErrorCode::Quota,
             Self::RateLimited | Self::Busy => ErrorCode::RateLimited,
             Self::Unauthorized => ErrorCode::Unauthorized,
@@ -140,6 +144,8 @@ pub struct NewItem {
     pub seq: u64,
     /// The sender's message id.
     pub id: MessageId,
+    /// The depositing peer ([`sender_tag`] of its bytes).
+    pub sender: u64,
     /// Envelope size in bytes.
     pub size: u32,
     /// `now` of the deposit.
@@ -273,6 +279,17 @@ struct ItemMeta {
     seq: u64,
     size: u32,
     expires_at: u64,
+    /// Who deposited it ([`sender_tag`]): an id is only unique per sender.
+    sender: u64,
+}
+
+/// A depositing peer's tag in the index: the first 8 bytes of a hash of its bytes (finding
+/// another peer with the same tag as a given one takes 2^64 tries).
+pub fn sender_tag(peer: &[u8]) -> u64 {
+    let hash = blake3::derive_key("tern mailbox sender tag v1", peer);
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(tag)
 }
 
 #[derive(Debug, Default)]
@@ -550,7 +567,11 @@ impl MailboxRules {
                 max: self.limits.max_envelope_bytes,
             });
         }
+        let sender_tag = sender_tag(sender.as_bytes());
         if let Some(meta) = mb.items.get(&id) {
+            if meta.sender != sender_tag {
+                return Err(Refusal::IdTaken);
+            }
             return Ok(Deposit::Duplicate {
                 seq: meta.seq,
                 expires_at: meta.expires_at,
@@ -584,6 +605,7 @@ impl MailboxRules {
             key,
             seq: self.next_seq,
             id,
+            sender: sender_tag,
             // size <= max_envelope_bytes, a u32.
             size: size as u32,
             deposited_at: now,
@@ -763,9 +785,7 @@ impl MailboxRules {
                 registered_at,
                 ..
             }) => self.put_mailbox(*key, tokens, *registered_at),
-            Effect::PutItem(item) => {
-                self.insert_item(item.key, item.seq, item.id, item.size, item.expires_at)
-            }
+            Effect::PutItem(item) => self.insert_item(item),
             Effect::RemoveItems(Removal { key, items }) => {
                 let Some(mb) = self.mailboxes.get_mut(key) else {
                     return;
@@ -835,7 +855,16 @@ impl MailboxRules {
         self.idle.insert((registered_at, key));
     }
 
-    fn insert_item(&mut self, key: PeerKey, seq: u64, id: MessageId, size: u32, expires_at: u64) {
+    fn insert_item(&mut self, item: &NewItem) {
+        let &NewItem {
+            key,
+            seq,
+            id,
+            sender,
+            size,
+            expires_at,
+            ..
+        } = item;
         let Some(mb) = self.mailboxes.get_mut(&key) else {
             return;
         };
@@ -848,6 +877,7 @@ impl MailboxRules {
                 seq,
                 size,
                 expires_at,
+                sender,
             },
         );
         mb.order.insert(seq, id);
@@ -872,20 +902,13 @@ impl MailboxRules {
     /// Restores a stored item read from disk; `false` if its mailbox is unknown or the
     /// id/seq is already there. Quotas are not checked: limits may have been lowered since
     /// it was stored, and nothing stored is ever evicted.
-    pub(crate) fn restore_item(
-        &mut self,
-        key: PeerKey,
-        seq: u64,
-        id: MessageId,
-        size: u32,
-        expires_at: u64,
-    ) -> bool {
+    pub(crate) fn restore_item(&mut self, item: &NewItem) -> bool {
         let known = self
             .mailboxes
-            .get(&key)
-            .is_some_and(|m| !m.items.contains_key(&id) && !m.order.contains_key(&seq));
+            .get(&item.key)
+            .is_some_and(|m| !m.items.contains_key(&item.id) && !m.order.contains_key(&item.seq));
         if known {
-            self.insert_item(key, seq, id, size, expires_at);
+            self.insert_item(item);
         }
         known
     }
@@ -1400,7 +1423,7 @@ mod tests {
         else {
             panic!("not stored")
         };
-        let dup = deposit(&mut r, T0 + 5, &peer(3), &peer(1), &token(1), id(1), 99).unwrap();
+        let dup = deposit(&mut r, T0 + 5, &peer(2), &peer(1), &token(1), id(1), 99).unwrap();
         assert_eq!(
             dup,
             Deposit::Duplicate {
@@ -1408,6 +1431,13 @@ mod tests {
                 expires_at: first.expires_at
             }
         );
+        // Another sender's envelope under the same id is no duplicate of it: refused, so
+        // that sender cannot make the first one's deposit at another relay look done.
+        assert_eq!(
+            deposit(&mut r, T0 + 5, &peer(3), &peer(1), &token(1), id(1), 99),
+            Err(Refusal::IdTaken)
+        );
+        assert_eq!(Refusal::IdTaken.code(), ErrorCode::Malformed);
         assert_eq!(r.usage(&peer(1)), Some((1, 10)));
         // Applying a stale PutItem for a stored id changes nothing either.
         r.apply(&Effect::PutItem(NewItem {
@@ -1619,13 +1649,19 @@ mod tests {
     fn restore_rebuilds_the_same_index() {
         let mut r = MailboxRules::new(limits(), true);
         r.restore_mailbox(peer(1).key(), &[token(1).hash()], T0 - 7);
-        assert!(r.restore_item(peer(1).key(), 5, id(1), 10, T0 + 100));
+        let item = |key: PeerKey, seq: u64, i: MessageId| NewItem {
+            key,
+            seq,
+            id: i,
+            sender: sender_tag(peer(2).as_bytes()),
+            size: 10,
+            deposited_at: T0,
+            expires_at: T0 + 100,
+        };
+        assert!(r.restore_item(&item(peer(1).key(), 5, id(1))));
+        assert!(!r.restore_item(&item(peer(1).key(), 5, id(2))), "seq taken");
         assert!(
-            !r.restore_item(peer(1).key(), 5, id(2), 10, T0 + 100),
-            "seq taken"
-        );
-        assert!(
-            !r.restore_item(peer(9).key(), 6, id(1), 10, T0 + 100),
+            !r.restore_item(&item(peer(9).key(), 6, id(1))),
             "no mailbox"
         );
         for seq in [7, 8, 9, 10] {

@@ -654,6 +654,45 @@ mod tests {
     }
 
     #[test]
+    fn an_id_is_unique_per_sender_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bob, alice, mallory) = (peer(1), peer(2), peer(3));
+        {
+            let mut s = open(dir.path());
+            register(&mut s, &bob, &[token(1).hash()]);
+            ask(
+                &mut s,
+                &mallory,
+                &deposit_req(&bob, &token(1), 7, vec![6; 10]),
+            );
+            s.flush().unwrap();
+        }
+        let mut s = open(dir.path());
+        // Alice's envelope under the id mallory used first is refused, not "duplicate".
+        let r = ask(
+            &mut s,
+            &alice,
+            &deposit_req(&bob, &token(1), 7, vec![7; 10]),
+        );
+        assert_eq!(code(&r), Some(ErrorCode::Malformed), "{r:?}");
+        let r = ask(
+            &mut s,
+            &mallory,
+            &deposit_req(&bob, &token(1), 7, vec![6; 10]),
+        );
+        assert!(
+            matches!(
+                r,
+                Response::Deposited {
+                    duplicate: true,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
     fn fetch_pages_stay_within_the_budget_the_relay_sets() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path());
