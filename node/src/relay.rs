@@ -45,6 +45,9 @@ pub enum RelayError {
     /// A listen address in the relay config is not a multiaddr.
     #[error("invalid listen address {0:?} in the relay config: {1}")]
     Listen(String, String),
+    /// The relay config breaks a rule.
+    #[error("invalid relay config: {0}")]
+    Config(#[from] tern_store_forward::ConfigError),
     /// The admin endpoint could not bind.
     #[error("cannot serve the admin endpoint on {0}: {1}")]
     Admin(SocketAddr, std::io::Error),
@@ -67,6 +70,7 @@ pub struct RelayHandle {
     drain_timeout: Duration,
     _lock: DataDirLock,
     store: Store,
+    flusher: tern_store_forward::Flusher,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -86,6 +90,13 @@ impl RelayHandle {
     /// The network handle.
     pub fn net(&self) -> &NetHandle {
         &self.net
+    }
+
+    /// Test hook: the mailbox database's flushes never end from now on, as sled 0.34's
+    /// can (the relay then stops the database after its flush limit).
+    #[doc(hidden)]
+    pub fn hang_mailbox_flushes(&self) {
+        self.flusher.hang_flushes();
     }
 
     /// Where `/metrics` and `/healthz` are served.
@@ -129,9 +140,7 @@ impl RelayHandle {
 
 /// Starts a relay on `data_dir` (an identity is made on first start).
 pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle, RelayError> {
-    config
-        .validate()
-        .map_err(|e| RelayError::Listen(String::new(), e.to_string()))?;
+    config.validate()?;
     let lock = data_dir.lock().map_err(NodeError::from)?;
     let identity = match Identity::load(&data_dir) {
         Ok(i) => i,
@@ -193,12 +202,14 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
         .local_addr()
         .map_err(|e| RelayError::Admin(config.admin_bind, e))?;
     let admin_task = tokio::spawn(serve_admin(listener, admin_tx, shutdown.clone()));
+    let flusher = server.flusher();
     let actor = MailboxActor {
         server,
         net: net.clone(),
         purge_every: config.purge_interval(),
         last_flush_error: None,
         fetch_in_flight: config.max_fetch_in_flight(),
+        flush_limit: config.flush_limit(),
     };
     let net_events = net.net_events();
     let mailbox_task = tokio::spawn(actor.run(mailbox_rx, admin_rx, net_events, shutdown.clone()));
@@ -214,6 +225,7 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
         drain_timeout: config.drain_timeout(),
         _lock: lock,
         store,
+        flusher,
     })
 }
 
@@ -224,6 +236,8 @@ struct MailboxActor {
     last_flush_error: Option<String>,
     /// Most bytes of fetch pages on their way to readers.
     fetch_in_flight: u64,
+    /// How long a flush may take before the database stops.
+    flush_limit: Duration,
 }
 
 impl MailboxActor {
@@ -279,13 +293,22 @@ impl MailboxActor {
 
     async fn flush(&mut self) -> bool {
         let result = match self.server.write_pending() {
-            Ok(()) => self
-                .server
-                .flusher()
-                .flush_async()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Ok(()) => {
+                let flusher = self.server.flusher();
+                match tokio::time::timeout(self.flush_limit, flusher.flush_async()).await {
+                    Ok(flushed) => flushed.map(|_| ()).map_err(|e| e.to_string()),
+                    // sled 0.34 may never end it: stop instead of waiting with every request
+                    // and `/healthz` behind it.
+                    Err(_) => {
+                        let why = format!(
+                            "a flush did not end within {} s; restart the relay",
+                            self.flush_limit.as_secs_f64()
+                        );
+                        flusher.stop(why.clone());
+                        Err(why)
+                    }
+                }
+            }
             Err(e) => Err(e.to_string()),
         };
         match result {
@@ -294,6 +317,7 @@ impl MailboxActor {
                 true
             }
             Err(e) => {
+                self.server.count_flush_failure();
                 tracing::error!(error = %e, "mailbox flush failed; deposits answered Unavailable");
                 self.last_flush_error = Some(e);
                 false

@@ -98,6 +98,12 @@ pub struct RelayConfig {
     /// its reader takes it); past it fetches are refused `RateLimited` and retried.
     /// Default: 64. Env: `TERN_RELAY_MAX_FETCH_IN_FLIGHT_MB`.
     pub max_fetch_in_flight_mb: u64,
+    /// How long a group commit's flush may take before the mailbox database stops
+    /// (sled 0.34 can wait forever after a failed background write). Not in the file:
+    /// 30 s, shorter in tests.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub flush_limit: Option<Duration>,
     /// The mailbox limits (`[limits]` table), published to clients by `Info`. Env:
     /// `TERN_RELAY_LIMITS_<FIELD>`, e.g. `TERN_RELAY_LIMITS_QUOTA_COUNT`.
     pub limits: RelayLimits,
@@ -120,6 +126,7 @@ impl Default for RelayConfig {
             drain_timeout_secs: 10,
             max_stored_envelopes: crate::rules::DEFAULT_MAX_STORED_ENVELOPES,
             max_fetch_in_flight_mb: 64,
+            flush_limit: None,
             limits: RelayLimits::default(),
         }
     }
@@ -462,6 +469,11 @@ impl RelayConfig {
             min_free_bytes: self.min_free_disk_mb.saturating_mul(1024 * 1024),
             max_stored_envelopes: self.max_stored_envelopes,
         }
+    }
+
+    /// How long a group commit's flush may take before the mailbox database stops.
+    pub fn flush_limit(&self) -> Duration {
+        self.flush_limit.unwrap_or(Duration::from_secs(30))
     }
 
     /// Bytes of fetch pages on their way to readers at most.

@@ -50,7 +50,10 @@
 use std::{
     collections::BTreeMap,
     path::Path,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -175,7 +178,7 @@ impl From<Full> for DbError {
 /// Makes the mailbox database durable from another task (e.g. `flush_async` in the node's
 /// group commit, after [`MailboxDb::write_pending`] on the owning task). Cheap to clone.
 #[derive(Clone)]
-pub struct Flusher(sled::Db, Arc<OnceLock<String>>);
+pub struct Flusher(sled::Db, Arc<OnceLock<String>>, Arc<AtomicBool>);
 
 impl Flusher {
     /// Blocking flush of every applied write; returns the bytes flushed.
@@ -187,7 +190,25 @@ impl Flusher {
     /// The same as a future (sled's `flush_async`).
     pub async fn flush_async(&self) -> Result<usize, DbError> {
         running(&self.1)?;
+        if self.2.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
         Ok(self.0.flush_async().await?)
+    }
+
+    /// Stops the database as a failed write does ([`DbError::Stopped`] with `why`): for a
+    /// flush that did not end in time, since sled 0.34 may never end one after a failed
+    /// background write. Nothing is written, read or flushed again in this process.
+    pub fn stop(&self, why: String) {
+        if self.1.set(why.clone()).is_ok() {
+            tracing::error!(error = %why, "mailbox database stops");
+        }
+    }
+
+    /// Test hook: every later [`Flusher::flush_async`] waits forever, as sled's can.
+    #[doc(hidden)]
+    pub fn hang_flushes(&self) {
+        self.2.store(true, Ordering::Relaxed);
     }
 }
 
@@ -231,6 +252,8 @@ pub struct MailboxDb {
     seq_reserved: u64,
     /// Set once a write to sled failed (shared with the [`Flusher`]s).
     failed: Arc<OnceLock<String>>,
+    /// [`Flusher::hang_flushes`] (shared with the [`Flusher`]s).
+    hang: Arc<AtomicBool>,
     /// Makes the next [`MailboxDb::write_pending`] fail as sled would.
     #[cfg(test)]
     fail_next_write: bool,
@@ -423,6 +446,7 @@ impl MailboxDb {
             space: SpaceGuard::new(path, min_free_bytes),
             seq_reserved: 1,
             failed: Arc::new(OnceLock::new()),
+            hang: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             fail_next_write: false,
         };
@@ -762,7 +786,7 @@ impl MailboxDb {
     /// A handle that flushes this database from elsewhere (after
     /// [`MailboxDb::write_pending`]).
     pub fn flusher(&self) -> Flusher {
-        Flusher(self.db.clone(), self.failed.clone())
+        Flusher(self.db.clone(), self.failed.clone(), self.hang.clone())
     }
 
     /// Bytes used on disk (approximate).

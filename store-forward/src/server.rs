@@ -11,8 +11,9 @@
 //! purges are queued writes too). A
 //! reply with `needs_flush` may only leave after that flush succeeded; if it failed, the
 //! caller passes the batch to [`MailboxServer::fail_unflushed`], which turns each such reply
-//! into `Error { Unavailable }` (the client retries; a retried deposit is then acknowledged
-//! as a duplicate once the data is on disk). Replies to reads (`Fetch`, `Info`), to `Ack`
+//! into `Error { Unavailable }`, or `Error { DiskFull }` when the batch was refused because
+//! the disk filled since its writes were counted (the client retries; a retried deposit is
+//! then acknowledged as a duplicate once the data is on disk). Replies to reads (`Fetch`, `Info`), to `Ack`
 //! (losing a delete only means a re-delivery the recipient deduplicates) and errors never
 //! need the flush. An envelope is deleted only by its recipient's `Ack`, by its expiry, or
 //! with its whole mailbox when the owner has not registered for `mailbox_idle_secs` (the
@@ -158,6 +159,9 @@ pub struct MailboxServer {
     /// Bytes of fetch pages this server may still answer before
     /// [`MailboxServer::set_fetch_budget`] is called again.
     fetch_budget: u64,
+    /// Why the last [`MailboxServer::write_pending`] refused its batch for lack of disk
+    /// space (its replies become `DiskFull`).
+    batch_refused: Option<String>,
 }
 
 impl MailboxServer {
@@ -185,6 +189,7 @@ impl MailboxServer {
             metrics,
             opened_at: now,
             fetch_budget: u64::MAX,
+            batch_refused: None,
         };
         let purged = server.purge(now);
         // Purges and the upgrade of old mailbox records are queued writes.
@@ -417,9 +422,14 @@ impl MailboxServer {
     /// callers, who then await [`Flusher::flush_async`]). If sled refuses the batch, the
     /// queued writes are dropped and the index is rebuilt from disk, so it again matches
     /// what is stored; every reply of the batch that needed the flush must then become
-    /// `Unavailable` ([`MailboxServer::fail_unflushed`]).
+    /// `DiskFull` (the disk filled since the writes were counted) or `Unavailable`
+    /// ([`MailboxServer::fail_unflushed`]).
     pub fn write_pending(&mut self) -> Result<(), ServerError> {
+        self.batch_refused = None;
         if let Err(e) = self.db.write_pending() {
+            if matches!(e, DbError::DiskFull { .. }) {
+                self.batch_refused = Some(e.to_string());
+            }
             if self.db.is_stopped() {
                 // Nothing more is read from sled (it may wait forever now); every request
                 // is refused from here on.
@@ -441,17 +451,41 @@ impl MailboxServer {
         self.db.flusher()
     }
 
-    /// After a failed flush: turns every reply of the batch that needed it into
-    /// `Error { Unavailable }` (and drops its event), counting the failure.
+    /// Counts a failed group commit (`tern_relay_flush_failures_total`): a failed flush, or
+    /// a batch sled refused; not a batch refused for lack of disk space, which is counted
+    /// with its `DiskFull` replies.
+    pub fn count_flush_failure(&mut self) {
+        if self.batch_refused.is_none() {
+            self.metrics.flush_failures += 1;
+        }
+    }
+
+    /// After a failed group commit: turns every reply of the batch that needed it into
+    /// `Error { DiskFull }` if [`MailboxServer::write_pending`] refused the batch for lack
+    /// of space, else `Error { Unavailable }` (and drops its event; a deposit is no longer
+    /// counted as one).
     pub fn fail_unflushed(&mut self, replies: &mut [Reply]) {
-        self.metrics.flush_failures += 1;
+        let refused = self.batch_refused.take();
         for r in replies.iter_mut().filter(|r| r.needs_flush) {
-            *r = Reply::unavailable();
-            *self
-                .metrics
-                .rejections
-                .entry(ErrorCode::Unavailable)
-                .or_default() += 1;
+            // Counted as a deposit when handled, but not stored after all.
+            if matches!(r.event, Some(ServerEvent::Deposited { .. })) {
+                self.metrics.deposits = self.metrics.deposits.saturating_sub(1);
+            }
+            let code = match &refused {
+                Some(why) => {
+                    *r = Reply::new(
+                        &Response::error(ErrorCode::DiskFull, why.clone()),
+                        false,
+                        None,
+                    );
+                    ErrorCode::DiskFull
+                }
+                None => {
+                    *r = Reply::unavailable();
+                    ErrorCode::Unavailable
+                }
+            };
+            *self.metrics.rejections.entry(code).or_default() += 1;
         }
     }
 
@@ -1486,6 +1520,18 @@ mod tests {
             matches!(e, ServerError::Db(DbError::DiskFull { .. })),
             "{e}"
         );
+        // Its replies say why: DiskFull, not stored, not counted as a deposit.
+        let mut replies = vec![reply];
+        let deposits = s.metrics().deposits;
+        s.fail_unflushed(&mut replies);
+        let resp = Response::from_bytes(&replies[0].bytes).unwrap();
+        assert_eq!(code(&resp), Some(ErrorCode::DiskFull), "{resp:?}");
+        assert_eq!(s.metrics().deposits, deposits - 1);
+        assert_eq!(
+            s.metrics().flush_failures,
+            0,
+            "a refusal, not a failed flush"
+        );
         // Nothing reached sled; the index matches the disk again; the store goes on.
         assert_eq!(s.waiting(&bob), 1);
         s.rules().check_invariants().unwrap();
@@ -1654,6 +1700,7 @@ mod tests {
             s.handle(T0, &alice, &[]),
         ];
         let untouched = batch[2..].to_vec();
+        s.count_flush_failure();
         s.fail_unflushed(&mut batch);
         for r in &batch[..2] {
             let resp = Response::from_bytes(&r.bytes).unwrap();

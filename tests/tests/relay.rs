@@ -188,6 +188,38 @@ async fn offline_recipient_gets_200_messages_once_and_in_order_through_the_relay
     r.handle.shutdown().await;
 }
 
+/// sled 0.34 can wait forever in a flush after a failed background write. The relay then
+/// stops its mailbox database after its flush limit: `/healthz` says so (503) instead of
+/// hanging behind the flush, and senders keep their messages.
+#[tokio::test]
+async fn a_flush_that_never_ends_stops_the_mailbox_and_health_says_so() {
+    let base = RelayConfig {
+        flush_limit: Some(Duration::from_millis(300)),
+        ..RelayConfig::default()
+    };
+    let r = start_relay_with(tempfile::tempdir().unwrap(), base).await;
+    let (a, mut b) = pair(&[&r]).await;
+    b.stop_keep().await;
+    r.handle.hang_mailbox_flushes();
+    a.handle.send("bob", "waits for bob").await.unwrap();
+    let body = eventually("health reports the stop", LONG, || async {
+        let (status, body) = r.admin_get("/healthz").await;
+        status.contains("503").then_some(body)
+    })
+    .await;
+    assert!(body.contains("did not end within"), "{body}");
+    // Nothing was acknowledged: the message is still alice's to deliver.
+    let h = a.handle.history("bob", 10).await.unwrap();
+    assert_eq!(h[0].state, "queued", "{h:?}");
+    assert!(a.handle.status().await.unwrap().outbox >= 1);
+    // Bob back: it goes directly.
+    b.start_again().await;
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    a.stop().await;
+    b.stop().await;
+    r.handle.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_relay_restarted_between_deposit_and_fetch_loses_nothing() {
     let r = start_relay().await;
