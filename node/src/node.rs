@@ -110,6 +110,9 @@ pub struct NodeStatus {
     /// reserved durably ahead).
     #[serde(default)]
     pub sent_before_flush: u64,
+    /// Inbound envelopes already stored, answered `Stored` again since start.
+    #[serde(default)]
+    pub duplicates: u64,
 }
 
 struct Inner {
@@ -390,6 +393,7 @@ impl NodeHandle {
             outbox: stats.outbox,
             rejected: stats.rejected,
             sent_before_flush: stats.sent_before_flush,
+            duplicates: stats.duplicates,
             presence,
         })
     }

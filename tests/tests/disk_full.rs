@@ -93,3 +93,49 @@ async fn a_full_disk_fails_sends_cleanly_and_recovers() {
     b.stop().await;
     drop(disk);
 }
+
+/// A sender whose disk fills while its queue is delivered cannot record the answers (the
+/// history update is refused). The attempt then counts as failed: the next waits its
+/// backoff instead of sending the same envelopes again at once, which would loop for as
+/// long as the disk stays full. Once space is back, the answers are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_cannot_be_recorded_do_not_start_a_resend_loop() {
+    let disk = match SmallDisk::mount(24) {
+        Ok(d) => d,
+        Err(reason) => {
+            let msg = format!("full-disk test NOT RUN: {reason}");
+            if std::env::var_os("CI").is_some() {
+                panic!("{msg} (required under CI)");
+            }
+            eprintln!("{msg}");
+            return;
+        }
+    };
+    let a = TestNode::spawn_under("alice", &disk.path, |c| c.min_free_disk_mb = 4).await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "hello").await.unwrap();
+    a.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "delivered")
+        .await;
+    b.stop_keep().await;
+    for i in 0..5 {
+        a.handle.send("bob", &format!("queued {i}")).await.unwrap();
+    }
+    let filler = disk.fill();
+    b.start_again().await;
+    // Bob stores them (his disk has room) and answers; alice cannot record that.
+    b.wait_history("alice", LONG, |h| h.len() == 6).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = b.handle.status().await.unwrap().duplicates;
+    // One retry a backoff later sends the 5 again, perhaps twice in 3 s; a loop sends them
+    // hundreds of times.
+    assert!(again <= 25, "{again} envelopes sent again within 3 s");
+    std::fs::remove_file(filler).unwrap();
+    a.wait_history("bob", LONG, |h| {
+        h.len() == 6 && h.iter().all(|m| m.state == "delivered")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    drop(disk);
+}

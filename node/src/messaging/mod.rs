@@ -279,6 +279,9 @@ pub struct MessagingStats {
     /// Envelopes that left before their own flush since start, covered by a durable
     /// reservation of their chain positions ([`reserve`]).
     pub sent_before_flush: u64,
+    /// Inbound envelopes already stored, answered `Stored` again since start (a sender
+    /// whose answer was lost, a replay).
+    pub duplicates: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, MessagingError>>;
@@ -567,6 +570,10 @@ struct Actor {
     /// Outgoing messages refused `TooEarly`, and since when (in memory: a restart gives
     /// them the full [`TOO_EARLY_LIMIT`] again).
     too_early: HashMap<(PeerKey, MsgId), Instant>,
+    /// Peers whose running delivery got answers that could not be recorded (a full disk):
+    /// the attempt ends as a failure, so the next one waits its backoff instead of sending
+    /// the same envelopes again at once.
+    unrecorded: HashMap<PeerKey, String>,
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     pending_receipts: HashMap<PeerKey, Vec<MsgId>>,
@@ -590,6 +597,8 @@ struct Actor {
     reservations: Reservations,
     /// Envelopes that left before their flush since start (covered by a reservation).
     sent_before_flush: u64,
+    /// Inbound envelopes already stored, answered again since start.
+    duplicates: u64,
     /// The previous batch, while its flush runs (one at a time: the current batch gathers
     /// meanwhile and is flushed next).
     flushing: Option<Flushing>,
@@ -697,6 +706,7 @@ pub fn spawn(
         not_durable: NotDurable::default(),
         reservations: Reservations::default(),
         sent_before_flush: 0,
+        duplicates: 0,
         flushing: None,
         idle_turn: false,
         stopping: false,
@@ -705,6 +715,7 @@ pub fn spawn(
         next_prune: Instant::now(),
         unflushed: LazyFlush::default(),
         too_early: HashMap::new(),
+        unrecorded: HashMap::new(),
         next_relay_sync,
         message_requests,
         my_addrs,
@@ -1187,6 +1198,7 @@ impl Actor {
                     .collect();
                 let relay_registrations = self.relay_registered.clone();
                 let sent_before_flush = self.sent_before_flush;
+                let duplicates = self.duplicates;
                 // Counting walks the whole outbox: not on this task, which would stall
                 // every delivery meanwhile.
                 let outbox = self.db.outbox.clone();
@@ -1196,6 +1208,7 @@ impl Actor {
                         rejected,
                         relay_registrations,
                         sent_before_flush,
+                        duplicates,
                     });
                     let _ = reply.send(stats.map_err(Into::into));
                 });
@@ -2176,7 +2189,11 @@ impl Actor {
             });
         match r {
             Ok(changed) => updates = changed,
-            Err(e) => tracing::error!(error = %e, "could not record delivery results"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not record delivery results");
+                self.unrecorded
+                    .insert(peer, format!("could not record the answers: {e}"));
+            }
         }
         // What the peer (or a relay) made durable is reported at once; the record of it
         // waits for the next flush (a crash before it only sends those envelopes again, and
@@ -2216,8 +2233,14 @@ impl Actor {
             return;
         }
         // The attempt is over: what next is the schedule's call. (A transient refusal made
-        // the attempt stop with a failure.)
+        // the attempt stop with a failure.) Answers that could not be recorded make it a
+        // failure too: their envelopes are still queued, and sending them again at once
+        // would loop for as long as the disk stays full.
         let now = Instant::now();
+        let (failure, progressed) = match self.unrecorded.remove(&peer) {
+            Some(why) => (Some(why), false),
+            None => (failure, progressed),
+        };
         match failure {
             Some(error) if progressed => {
                 let r = self.rng.next_u32();
@@ -2505,6 +2528,7 @@ impl Actor {
         match self.db.seen.contains(&peer_id_key(&sender, &id)) {
             Ok(true) => {
                 // A repeat: our answer (and its receipt) may have been lost on the way.
+                self.duplicates += 1;
                 if let Some(ids) = self.piggyback.as_mut()
                     && self
                         .db
