@@ -387,6 +387,35 @@ async fn a_connected_user_registers_again_on_its_sync_schedule() {
     r.handle.shutdown().await;
 }
 
+/// Blocking a contact replaces the mailbox token (the old one is revoked at the relay);
+/// unblocking gives that contact the current one, so it can leave messages again.
+#[tokio::test]
+async fn an_unblocked_contact_gets_the_current_token_and_can_deposit_again() {
+    let r = start_relay().await;
+    let raddr = r.addr().await;
+    let b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    let c = TestNode::spawn("carol").await;
+    c.add_contact(&b, "bob").await;
+    b.add_contact(&c, "carol").await;
+    eventually("bob registered", LONG, || async {
+        (r.metric("tern_relay_mailboxes").await >= 1.0).then_some(())
+    })
+    .await;
+    b.handle.contact_block("carol", true).await.unwrap();
+    b.handle.contact_block("carol", false).await.unwrap();
+    b.handle.dial(c.tcp_addr().await).await.unwrap();
+    eventually("bob's token delivered to carol", LONG, || async {
+        (b.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    b.stop_keep().await;
+    c.handle.send("bob", "from carol").await.unwrap();
+    c.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "stored")
+        .await;
+    c.stop().await;
+    r.handle.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_removed_contacts_token_is_revoked_at_the_relay() {
     let r = start_relay().await;

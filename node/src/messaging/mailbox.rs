@@ -157,6 +157,25 @@ impl Actor {
         Ok(())
     }
 
+    /// A contact became eligible (added, accepted from a message request, unblocked): send
+    /// it our current token and home relays over its session. The ticket it may have holds
+    /// an older token, revoked since by a rotation; without this, its deposits at our
+    /// relays would be refused.
+    pub(super) fn mailbox_contact_added(
+        &mut self,
+        c: &super::contacts::Contact,
+    ) -> Result<(), MessagingError> {
+        if self.config.home_relays.is_empty() || !super::presence_share::eligible(c) {
+            return Ok(());
+        }
+        let content = Content::MailboxToken {
+            token: *self.mailbox_token.expose_bytes(),
+            relays: self.config.home_relays.iter().map(|a| a.to_vec()).collect(),
+        };
+        self.queue(c.key(), vec![(content, OutKind::MailboxToken)])?;
+        Ok(())
+    }
+
     /// Makes `count` one-time prekeys (bounded by the pool's cap), persists the pool and
     /// answers their public bundles after the flush.
     pub(super) fn mint_prekeys(&mut self, req: MintRequest) {

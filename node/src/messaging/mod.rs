@@ -1321,6 +1321,7 @@ impl Actor {
                 self.store_contact_mailbox(&key, &ticket)?;
                 self.store_claimed(&key, claimed)?;
                 self.presence_contact_added(&c)?;
+                self.mailbox_contact_added(&c)?;
                 return Ok(c.view(self.keys.public()));
             }
             return Err(MessagingError::AlreadyContact(existing.name));
@@ -1354,6 +1355,7 @@ impl Actor {
         self.store_contact_mailbox(&key, &ticket)?;
         self.store_claimed(&key, claimed)?;
         self.presence_contact_added(&contact)?;
+        self.mailbox_contact_added(&contact)?;
         Ok(contact.view(self.keys.public()))
     }
 
@@ -1421,6 +1423,7 @@ impl Actor {
             self.presence_contact_dropped(was_eligible)?;
         } else if !was_eligible {
             self.presence_contact_added(&c)?;
+            self.mailbox_contact_added(&c)?;
         }
         if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
             self.schedule.enqueue(c.key(), Instant::now());
