@@ -54,6 +54,27 @@ pub mod codes {
 
 /// Most simultaneous API connections.
 pub const MAX_API_CONNECTIONS: u32 = 64;
+/// Most bytes of JSON one `history` answer carries: the newest messages that fit, so the
+/// answer stays below the server's and the client's 10 MiB limit on a response (10,000
+/// messages of 64 KiB would be over 600 MiB).
+pub const HISTORY_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The newest of `items` (oldest first) whose JSON fits `budget` bytes in all, oldest
+/// first; at least the newest one.
+fn newest_within<T: Serialize>(mut items: Vec<T>, budget: usize) -> Vec<T> {
+    let mut used = 0usize;
+    let mut keep = 0;
+    for item in items.iter().rev() {
+        let size = serde_json::to_vec(item).map_or(0, |v| v.len()) + 1;
+        if keep > 0 && used + size > budget {
+            break;
+        }
+        used += size;
+        keep += 1;
+    }
+    items.drain(..items.len() - keep);
+    items
+}
 
 /// Errors starting or stopping the API server.
 #[derive(Debug, thiserror::Error)]
@@ -392,7 +413,8 @@ fn rpc_module(node: NodeHandle) -> RpcModule<NodeHandle> {
         Ok(serde_json::json!({ "id": id.to_hex() }))
     });
     method(&mut m, "history", |node, p: HistoryParams| async move {
-        node.history(&p.with, p.limit.clamp(1, 10_000)).await
+        let items = node.history(&p.with, p.limit.clamp(1, 10_000)).await?;
+        Ok(newest_within(items, HISTORY_ANSWER_BYTES))
     });
     method(
         &mut m,
@@ -489,5 +511,22 @@ async fn subscribe(
                 Err(RecvError::Closed) => return Ok(()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_answer_keeps_the_newest_messages_that_fit() {
+        let items: Vec<String> = (0..10).map(|i| format!("{i}").repeat(100)).collect();
+        // Each is 102 bytes of JSON plus a separator.
+        let kept = newest_within(items.clone(), 3 * 103);
+        assert_eq!(kept, items[7..].to_vec());
+        assert_eq!(newest_within(items.clone(), usize::MAX), items);
+        // The newest always comes, however large.
+        assert_eq!(newest_within(items.clone(), 1), items[9..].to_vec());
+        assert!(newest_within(Vec::<String>::new(), 10).is_empty());
     }
 }
