@@ -42,12 +42,11 @@ impl Printer {
     }
 }
 
-/// The input side of a chat: lines arrive on `lines`; after each one the reader waits for
-/// [`Input::next`] before it reads again, so a `/quit` never finds the line editor already
-/// holding the terminal in raw mode for the next line.
+/// The input side of a chat: lines arrive on `lines`. The reader stops by itself after a
+/// quit command (so the line editor does not take the terminal into raw mode again for a
+/// line nobody will read) and at the end of input.
 struct Input {
     lines: mpsc::Receiver<Line>,
-    next: std::sync::mpsc::Sender<()>,
     printer: Printer,
 }
 
@@ -56,11 +55,12 @@ enum Line {
     Eof,
 }
 
-impl Input {
-    /// Lets the reader read the next line.
-    fn next(&self) {
-        let _ = self.next.send(());
-    }
+/// Whether `line` is one of the chat's quit commands.
+fn is_quit(line: &str) -> bool {
+    matches!(
+        line.split_whitespace().next(),
+        Some("/quit" | "/exit" | "/q")
+    )
 }
 
 impl Drop for Input {
@@ -75,15 +75,19 @@ impl Drop for Input {
 }
 
 fn spawn_input(name: String) -> Input {
-    let (tx, lines) = mpsc::channel(1);
-    let (next, go) = std::sync::mpsc::channel::<()>();
-    // Reads one line at a time, then waits for the go-ahead (or for the chat to end).
+    let (tx, lines) = mpsc::channel(16);
+    // Reads lines until a quit command, the end of input, or the chat is gone. (It must
+    // not wait for the chat between lines: the editor's printer is only drained while it
+    // reads a line, and the chat may print more than its buffer holds.)
     let read = move |mut read_line: Box<dyn FnMut() -> Line + Send>| {
         std::thread::spawn(move || {
             loop {
                 let line = read_line();
-                let eof = matches!(line, Line::Eof);
-                if tx.blocking_send(line).is_err() || eof || go.recv().is_err() {
+                let last = match &line {
+                    Line::Eof => true,
+                    Line::Text(t) => is_quit(t),
+                };
+                if tx.blocking_send(line).is_err() || last {
                     break;
                 }
             }
@@ -113,11 +117,7 @@ fn spawn_input(name: String) -> Input {
         }));
         Printer::Plain
     };
-    Input {
-        lines,
-        next,
-        printer,
-    }
+    Input { lines, printer }
 }
 
 /// Runs the chat until `/quit`, end of input or Ctrl-C.
@@ -157,7 +157,6 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
                     if !handle_line(&client, &printer, &contact.name, &line, &mut mine).await {
                         break;
                     }
-                    input.next();
                 }
             },
             event = events.next() => match event {
@@ -188,8 +187,10 @@ async fn handle_line(
         Some(escaped) if escaped.starts_with('/') => &line[line.find('/').map_or(0, |i| i + 1)..],
         Some(cmd) => {
             let mut parts = cmd.split_whitespace();
+            if is_quit(trimmed) {
+                return false;
+            }
             let done = match parts.next().unwrap_or("") {
-                "quit" | "exit" | "q" => return false,
                 "help" => {
                     printer.print(HELP.to_string());
                     Ok(())
@@ -305,5 +306,20 @@ fn presence_line(name: &str, state: &str, last_seen: Option<u64>) -> String {
         ),
         ("unknown", _) => format!("{name}'s presence is not known"),
         (state, _) => format!("{name} is {state}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_quit;
+
+    #[test]
+    fn quit_commands_are_recognised_by_their_first_word() {
+        for q in ["/quit", " /quit ", "/exit", "/q", "/quit now"] {
+            assert!(is_quit(q), "{q}");
+        }
+        for other in ["quit", "/quitting", "//quit", "/history", ""] {
+            assert!(!is_quit(other), "{other}");
+        }
     }
 }

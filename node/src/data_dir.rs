@@ -38,9 +38,9 @@ pub enum DataDirError {
     },
     /// An existing directory that other users may enter, without a Tern identity in it.
     #[error(
-        "{dir} is shared (mode {mode:o}, other files in it or writable by others) and holds no \
-         Tern identity; Tern keeps its keys in a directory of its own: pass a new path (for \
-         example {dir}/tern)",
+        "{dir} is shared (mode {mode:o}: writable by every user, or holding files that are \
+         not Tern's) and holds no Tern identity; Tern keeps its keys in a directory of its \
+         own: pass a new path (for example {dir}/tern)",
         dir = dir.display()
     )]
     Shared {
@@ -110,10 +110,11 @@ impl DataDir {
     }
 
     /// Creates the directory (and parents) with mode 0700 if missing, and tightens the mode
-    /// of an existing one that is empty or holds a Tern identity. An existing directory that
-    /// holds other things, or that other users may write to, is refused
-    /// ([`DataDirError::Shared`]) unless it holds an identity: it is a shared directory
-    /// (`/tmp`, a project folder), whose mode is not Tern's to change.
+    /// of an existing one that holds only Tern's files (or nothing, as after `mkdir` with
+    /// any umask). An existing directory that every user may write to (`/tmp`), or that
+    /// holds files of something else (a project folder), is refused
+    /// ([`DataDirError::Shared`]) unless it holds an identity: its mode is not Tern's to
+    /// change.
     pub fn create(&self) -> Result<(), DataDirError> {
         let io = |source| DataDirError::Io {
             path: self.root.clone(),
@@ -123,8 +124,12 @@ impl DataDir {
         if let Ok(meta) = std::fs::metadata(&self.root) {
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode() & 0o7777;
-            let empty = std::fs::read_dir(&self.root).map_err(io)?.next().is_none();
-            if mode & 0o077 != 0 && (mode & 0o022 != 0 || !empty) && !self.identity_path().exists()
+            let mut foreign = false;
+            for entry in std::fs::read_dir(&self.root).map_err(io)? {
+                let name = entry.map_err(io)?.file_name();
+                foreign |= !is_terns(&name.to_string_lossy());
+            }
+            if mode & 0o077 != 0 && (mode & 0o002 != 0 || foreign) && !self.identity_path().exists()
             {
                 return Err(DataDirError::Shared {
                     dir: self.root.clone(),
@@ -194,6 +199,22 @@ impl DataDir {
         file.sync_all().map_err(io)?;
         Ok(DataDirLock { _file: file })
     }
+}
+
+/// Whether `name` is one of the files a node or a relay keeps in its data directory.
+fn is_terns(name: &str) -> bool {
+    matches!(
+        name,
+        "identity.key"
+            | "config.toml"
+            | "relay.toml"
+            | "db"
+            | "mailbox"
+            | "events.log"
+            | "api.json"
+            | "daemon.lock"
+    ) || name.starts_with("identity.")
+        || name.starts_with("api.")
 }
 
 /// Holds the data directory's exclusive lock; released when dropped or when the process dies.
@@ -285,13 +306,24 @@ mod tests {
             matches!(err, DataDirError::Shared { mode: 0o755, .. }),
             "{err}"
         );
-        // An empty one of the user's (`mkdir`, umask 022) becomes Tern's.
-        let fresh = tmp.path().join("fresh");
-        std::fs::create_dir(&fresh).unwrap();
-        set_mode(&fresh, 0o755).unwrap();
-        DataDir::new(&fresh).create().unwrap();
-        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode, 0o700);
+        // An empty one of the user's (`mkdir`, umask 022 or 002) becomes Tern's, and so
+        // does one holding only Tern's files (a config written before `tern init`).
+        for (name, mode, file) in [
+            ("fresh", 0o755, None),
+            ("group", 0o775, None),
+            ("configured", 0o755, Some("config.toml")),
+            ("relay", 0o775, Some("relay.toml")),
+        ] {
+            let d = tmp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            if let Some(f) = file {
+                std::fs::write(d.join(f), b"").unwrap();
+            }
+            set_mode(&d, mode).unwrap();
+            DataDir::new(&d).create().unwrap();
+            let now = std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(now, 0o700, "{name}");
+        }
         let err = DataDir::new(&shared).create().unwrap_err();
         assert!(
             matches!(err, DataDirError::Shared { mode: 0o1777, .. }),

@@ -492,16 +492,29 @@ impl NodeHandle {
             state: "blocked".into(),
             last_seen: None,
         };
-        if let Some(name) = name {
-            let contact = self.inner.messaging.contact_show(name.to_string()).await?;
-            if contact.blocked {
-                return Ok(vec![blocked(&contact)]);
-            }
-            return Ok(self.inner.presence.query(Some(name.to_string())).await?);
-        }
-        let mut all = self.inner.presence.query(None).await?;
-        let contacts = self.inner.messaging.contact_list().await?;
-        all.extend(contacts.iter().filter(|c| c.blocked).map(blocked));
+        // The contacts decide who is listed and who is blocked; the presence task, which
+        // learns of a block or an unblock a moment later, only says the state of the others.
+        let contacts = match name {
+            Some(name) => vec![self.inner.messaging.contact_show(name.to_string()).await?],
+            None => self.inner.messaging.contact_list().await?,
+        };
+        let known = self.inner.presence.query(None).await?;
+        let mut all: Vec<PresenceView> = contacts
+            .iter()
+            .map(|c| match known.iter().find(|p| p.peer_id == c.peer_id) {
+                _ if c.blocked => blocked(c),
+                Some(p) => PresenceView {
+                    name: c.name.clone(),
+                    ..p.clone()
+                },
+                None => PresenceView {
+                    name: c.name.clone(),
+                    peer_id: c.peer_id.clone(),
+                    state: "unknown".into(),
+                    last_seen: None,
+                },
+            })
+            .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
     }

@@ -9,7 +9,7 @@
 //! Shutdown (SIGTERM) drains: requests already received are answered, the store is flushed,
 //! and only then does the network stop.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -229,6 +229,10 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
     })
 }
 
+/// Bytes of fetch pages on their way to one peer at most (four full pages): a node fetches
+/// one page at a time, and a peer that never reads must not hold the relay-wide limit alone.
+const FETCH_IN_FLIGHT_PER_PEER: u64 = 4 * 1024 * 1024;
+
 struct MailboxActor {
     server: MailboxServer,
     net: NetHandle,
@@ -327,17 +331,26 @@ impl MailboxActor {
 
     async fn handle_batch(&mut self, batch: Vec<InboundRequest>) {
         let now = now_ms() / 1000;
-        // Pages still on their way count against the limit; this batch gets the rest.
-        self.server.set_fetch_budget(
-            self.fetch_in_flight
-                .saturating_sub(self.net.mailbox_bytes_sending()),
-        );
+        // Pages still on their way count against the limits, in all and per peer; this
+        // batch gets the rest.
+        let mut left = self
+            .fetch_in_flight
+            .saturating_sub(self.net.mailbox_bytes_sending());
+        let mut taken: HashMap<PeerId, u64> = HashMap::new();
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in &batch {
+            let peer_left = FETCH_IN_FLIGHT_PER_PEER
+                .saturating_sub(self.net.mailbox_bytes_sending_to(&req.peer))
+                .saturating_sub(taken.get(&req.peer).copied().unwrap_or(0));
+            let budget = left.min(peer_left);
+            self.server.set_fetch_budget(budget);
             let reply = match PeerBytes::new(req.peer.to_bytes()) {
                 Ok(peer) => self.server.handle(now, &peer, &req.bytes),
                 Err(_) => Reply::unavailable(),
             };
+            let used = budget - self.server.fetch_budget();
+            left -= used;
+            *taken.entry(req.peer).or_default() += used;
             if let Some(code) = reply.error {
                 tracing::debug!(peer = %net::short(&req.peer), code = code.as_str(), "mailbox request refused");
             }
@@ -354,7 +367,7 @@ impl MailboxActor {
             }
             let _ = self
                 .net
-                .respond_mailbox(req.id, req.channel, reply.bytes)
+                .respond_mailbox(req.id, req.peer, req.channel, reply.bytes)
                 .await;
         }
         notices.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));

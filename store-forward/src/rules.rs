@@ -45,8 +45,9 @@ use crate::{
 pub const DEFAULT_TRACKED_SENDERS: usize = 65_536;
 /// Fetches per second accepted from one peer, sustained. Fetch is not a write and has no
 /// place in `sender_rate_per_sec`: a recipient must always be able to drain its mailbox.
-/// But each fetch answers up to a megabyte, so it has a bucket of its own: 20 pages a
-/// second drain the fullest mailbox (10,000 envelopes at 1,000 a page) in half a second.
+/// But each fetch answers up to a megabyte, so it has a bucket of its own. A node's pages
+/// hold up to 256 envelopes or 512 KiB: a mailbox at the default count quota is 40 pages,
+/// within the burst; one at the byte quota (256 MiB) about 500, drained in some 20 s.
 pub const FETCH_RATE_PER_SEC: u32 = 20;
 /// Fetches one peer may send in a burst.
 pub const FETCH_BURST: u32 = 60;

@@ -256,6 +256,11 @@ impl MailboxServer {
         self.fetch_budget = bytes;
     }
 
+    /// What is left of the budget [`MailboxServer::set_fetch_budget`] set.
+    pub fn fetch_budget(&self) -> u64 {
+        self.fetch_budget
+    }
+
     fn refuse(&mut self, code: ErrorCode, message: impl Into<String>) -> Reply {
         *self.metrics.rejections.entry(code).or_default() += 1;
         Reply::new(&Response::error(code, message), false, None)

@@ -435,8 +435,17 @@ async fn bad_sends_are_refused_and_nothing_is_queued() {
     b.stop().await;
 }
 
+/// A message id of `ms` (as a sender makes them) ending in `tag`s.
+fn id_at(ms: u64, tag: u8) -> wire::MsgId {
+    let mut id = [tag; 16];
+    id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    wire::MsgId(id)
+}
+
 #[tokio::test]
 async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() {
+    let start = tern_node::events::now_ms();
+    let id_now = |tag| id_at(start, tag);
     let a = TestNode::spawn("alice").await;
     let b = TestNode::spawn("bob").await;
     let c = TestNode::spawn("carol").await;
@@ -465,7 +474,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     assert!(ask(vec![0u8; wire::MAX_REQUEST_FRAME + 1]).await.is_err());
     // An envelope claiming to come from carol over alice's connection.
     let forged = wire::Request::Deliver(wire::Envelope {
-        id: wire::MsgId([9; 16]),
+        id: id_now(9),
         sender: tern_node::identity::ed25519_public_of(&c.handle.peer_id())
             .unwrap()
             .to_bytes(),
@@ -481,7 +490,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     );
     // Alice's own identity but a ciphertext that does not decrypt.
     let bogus = wire::Request::Deliver(wire::Envelope {
-        id: wire::MsgId([8; 16]),
+        id: id_now(8),
         sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
             .unwrap()
             .to_bytes(),
@@ -505,7 +514,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
         let wire::Request::Deliver(mut e) = env else {
             unreachable!()
         };
-        e.id = wire::MsgId([20 + i as u8; 16]);
+        e.id = id_now(20 + i as u8);
         forged_batch.push(e);
     }
     let r = Response::from_bytes(
@@ -519,13 +528,13 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
             assert_eq!(answers.len(), 2, "{answers:?}");
             assert_eq!(
                 answers[0],
-                wire::Answer::Rejected(wire::MsgId([20; 16]), RejectReason::WrongParty)
+                wire::Answer::Rejected(id_now(20), RejectReason::WrongParty)
             );
             assert!(
                 matches!(
                     answers[1],
                     wire::Answer::Rejected(id, RejectReason::Malformed | RejectReason::Undecryptable)
-                        if id == wire::MsgId([21; 16])
+                        if id == id_now(21)
                 ),
                 "{answers:?}"
             );
@@ -545,7 +554,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
             assert_eq!(answers.len(), 2, "{answers:?}");
             assert_eq!(
                 answers[0],
-                wire::Answer::Rejected(wire::MsgId([20; 16]), RejectReason::WrongParty)
+                wire::Answer::Rejected(id_now(20), RejectReason::WrongParty)
             );
             assert!(receipt.is_none(), "{receipt:?}");
         }
@@ -623,7 +632,24 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
         matches!(r, Response::Rejected(_, RejectReason::Undecryptable)),
         "{r:?}"
     );
+    // So is one dated 40 days ahead (its dedup marker would outlive every prune).
+    let ahead_ms = tern_node::events::now_ms() + 40 * 24 * 3600 * 1000;
+    let mut ahead_id = [6u8; 16];
+    ahead_id[..6].copy_from_slice(&ahead_ms.to_be_bytes()[2..]);
+    let wire::Request::Deliver(mut ahead) = stale else {
+        unreachable!()
+    };
+    ahead.id = wire::MsgId(ahead_id);
+    let ahead = wire::Request::Deliver(ahead).to_bytes();
+    let future = |s: &tern_node::NodeStatus| s.rejected.get("future").copied().unwrap_or(0);
+    let before = future(&b.handle.status().await.unwrap());
+    let r = Response::from_bytes(&ask(ahead).await.unwrap()).unwrap();
+    assert!(
+        matches!(r, Response::Rejected(_, RejectReason::Undecryptable)),
+        "{r:?}"
+    );
     let status = b.handle.status().await.unwrap();
+    assert_eq!(future(&status), before + 1, "{:?}", status.rejected);
     assert_eq!(
         status.rejected.get("stale"),
         Some(&1),

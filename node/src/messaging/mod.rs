@@ -2553,8 +2553,14 @@ impl Actor {
         // refused (a message waits 30 days at most, so only a sender's clock two months
         // behind or a replay gets here). Markers are kept until 60 days after the later of
         // the arrival and the id's own time, so a younger id is always still known.
-        if id.millis().saturating_add(STALE_AFTER.as_millis() as u64) < now_ms() {
+        let now = now_ms();
+        if id.millis().saturating_add(STALE_AFTER.as_millis() as u64) < now {
             self.count_rejected("stale");
+            return Inbound::Respond(Response::Rejected(id, RejectReason::Undecryptable));
+        }
+        // Dated far ahead, its marker would be kept for as long (see above): refused too.
+        if id.millis() > now.saturating_add(FUTURE_LIMIT.as_millis() as u64) {
+            self.count_rejected("future");
             return Inbound::Respond(Response::Rejected(id, RejectReason::Undecryptable));
         }
         // Not seen from them, yet in the message index under their key: the id of one of
@@ -3420,6 +3426,10 @@ pub const SEEN_RETENTION: Duration = Duration::from_secs(60 * 24 * 3600);
 /// Envelopes whose id is older than this are refused as stale: a day less than
 /// [`SEEN_RETENTION`], so every id young enough to be taken still has its dedup marker.
 pub const STALE_AFTER: Duration = Duration::from_secs(59 * 24 * 3600);
+/// Envelopes whose id is dated further ahead than this are refused: a marker is kept 60
+/// days past its id's time, so without a bound a peer could make markers that are never
+/// pruned.
+pub const FUTURE_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most decoded sessions kept in memory.
 const SESSION_CACHE_CAP: usize = 4096;
 /// How often the dedup set is pruned.

@@ -62,6 +62,43 @@ const RELAY_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often the maintenance branch runs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+/// Bytes of mailbox answers handed to the network and not written yet, in all and per
+/// peer (see [`NetHandle::respond_mailbox`]). Counted up by the caller before the answer
+/// is handed over, down by the network task once written, failed or dropped.
+#[derive(Debug, Default)]
+struct MailboxSending {
+    total: AtomicU64,
+    per_peer: std::sync::Mutex<HashMap<PeerId, u64>>,
+}
+
+impl MailboxSending {
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, u64>> {
+        self.per_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, peer: PeerId, size: u64) {
+        self.total.fetch_add(size, Ordering::Relaxed);
+        *self.peers().entry(peer).or_default() += size;
+    }
+
+    fn sub(&self, peer: PeerId, size: u64) {
+        self.total.fetch_sub(size, Ordering::Relaxed);
+        let mut peers = self.peers();
+        if let Some(n) = peers.get_mut(&peer) {
+            *n = n.saturating_sub(size);
+            if *n == 0 {
+                peers.remove(&peer);
+            }
+        }
+    }
+
+    fn to(&self, peer: &PeerId) -> u64 {
+        self.peers().get(peer).copied().unwrap_or(0)
+    }
+}
+
 /// How often tracked mailbox answers are checked for ones no event came for.
 const MAILBOX_SWEEP: Duration = Duration::from_secs(10);
 
@@ -295,8 +332,9 @@ enum Command {
         proto: Proto,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
-        /// Counted in [`NetHandle::mailbox_bytes_sending`] until written or failed.
-        track: Option<request_response::InboundRequestId>,
+        /// Counted in [`NetHandle::mailbox_bytes_sending`] (already, by the caller) until
+        /// written or failed: the request, its peer and the answer's size.
+        track: Option<(request_response::InboundRequestId, PeerId, u64)>,
     },
     IsConnected {
         peer: PeerId,
@@ -325,7 +363,7 @@ enum Command {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     net_events: broadcast::Sender<NetEvent>,
-    mailbox_sending: Arc<AtomicU64>,
+    mailbox_sending: Arc<MailboxSending>,
 }
 
 impl NetHandle {
@@ -436,25 +474,39 @@ impl NetHandle {
     pub async fn respond_mailbox(
         &self,
         id: request_response::InboundRequestId,
+        peer: PeerId,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
     ) -> Result<(), NetError> {
-        self.tx
+        let size = bytes.len() as u64;
+        // Counted from now, so the caller's next look already sees it.
+        self.mailbox_sending.add(peer, size);
+        let sent = self
+            .tx
             .send(Command::Respond {
                 proto: Proto::Mailbox,
                 channel,
                 bytes,
-                track: Some(id),
+                track: Some((id, peer, size)),
             })
-            .await
-            .map_err(|_| NetError::ActorGone)
+            .await;
+        if sent.is_err() {
+            self.mailbox_sending.sub(peer, size);
+            return Err(NetError::ActorGone);
+        }
+        Ok(())
     }
 
     /// Bytes of answers given with [`Self::respond_mailbox`] that are not written yet: a
     /// peer that reads slowly keeps them in memory until it reads or its request times
     /// out.
     pub fn mailbox_bytes_sending(&self) -> u64 {
-        self.mailbox_sending.load(Ordering::Relaxed)
+        self.mailbox_sending.total.load(Ordering::Relaxed)
+    }
+
+    /// The part of [`Self::mailbox_bytes_sending`] that waits for `peer`.
+    pub fn mailbox_bytes_sending_to(&self, peer: &PeerId) -> u64 {
+        self.mailbox_sending.to(peer)
     }
 
     /// Whether a connection to `peer` is open.
@@ -574,8 +626,8 @@ struct NetActor {
     pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
     net_events: broadcast::Sender<NetEvent>,
     /// Tracked mailbox answers not written yet: size and when they were handed over.
-    mailbox_out: HashMap<request_response::InboundRequestId, (u64, Instant)>,
-    mailbox_sending: Arc<AtomicU64>,
+    mailbox_out: HashMap<request_response::InboundRequestId, (PeerId, u64, Instant)>,
+    mailbox_sending: Arc<MailboxSending>,
     /// When `mailbox_out` was last cleared of entries no event came for.
     mailbox_swept: Instant,
 }
@@ -681,7 +733,7 @@ pub async fn spawn(
         pending_requests: HashMap::new(),
         net_events: net_events.clone(),
         mailbox_out: HashMap::new(),
-        mailbox_sending: Arc::new(AtomicU64::new(0)),
+        mailbox_sending: Arc::new(MailboxSending::default()),
         mailbox_swept: Instant::now(),
     };
     let mailbox_sending = actor.mailbox_sending.clone();
@@ -791,14 +843,16 @@ impl NetActor {
                 bytes,
                 track,
             } => {
-                let size = bytes.len() as u64;
                 if self
                     .rr(proto)
                     .is_none_or(|rr| rr.send_response(channel, bytes).is_err())
                 {
                     tracing::debug!("response not sent: the requester went away");
-                } else if let Some(id) = track {
-                    self.track_mailbox_answer(id, size);
+                    if let Some((_, peer, size)) = track {
+                        self.mailbox_sending.sub(peer, size);
+                    }
+                } else if let Some((id, peer, size)) = track {
+                    self.track_mailbox_answer(id, peer, size);
                 }
             }
             Command::IsConnected { peer, reply } => {
@@ -959,28 +1013,36 @@ impl NetActor {
 
     /// Counts a mailbox answer until its `ResponseSent` or `InboundFailure`; entries that
     /// outlive twice the request timeout (no event came) are dropped on the way.
-    fn track_mailbox_answer(&mut self, id: request_response::InboundRequestId, size: u64) {
+    fn track_mailbox_answer(
+        &mut self,
+        id: request_response::InboundRequestId,
+        peer: PeerId,
+        size: u64,
+    ) {
         let now = Instant::now();
         if now.duration_since(self.mailbox_swept) > MAILBOX_SWEEP {
             self.mailbox_swept = now;
             let stale: Vec<_> = self
                 .mailbox_out
                 .iter()
-                .filter(|(_, (_, at))| now.duration_since(*at) > 2 * behaviour::MSG_REQUEST_TIMEOUT)
+                .filter(|(_, (_, _, at))| {
+                    now.duration_since(*at) > 2 * behaviour::MSG_REQUEST_TIMEOUT
+                })
                 .map(|(id, _)| *id)
                 .collect();
             for id in stale {
                 self.mailbox_answer_done(id);
             }
         }
-        if self.mailbox_out.insert(id, (size, now)).is_none() {
-            self.mailbox_sending.fetch_add(size, Ordering::Relaxed);
+        if let Some((peer, size, _)) = self.mailbox_out.insert(id, (peer, size, now)) {
+            // An id seen twice (not expected): the first answer's count goes.
+            self.mailbox_sending.sub(peer, size);
         }
     }
 
     fn mailbox_answer_done(&mut self, id: request_response::InboundRequestId) {
-        if let Some((size, _)) = self.mailbox_out.remove(&id) {
-            self.mailbox_sending.fetch_sub(size, Ordering::Relaxed);
+        if let Some((peer, size, _)) = self.mailbox_out.remove(&id) {
+            self.mailbox_sending.sub(peer, size);
         }
     }
 
