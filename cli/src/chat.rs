@@ -32,11 +32,16 @@ enum Printer {
 impl Printer {
     fn print(&self, line: String) {
         match self {
-            Printer::Editor(p) => {
-                if let Err(e) = p.send(line) {
-                    print(&e.0);
-                }
-            }
+            // The editor takes lines from its queue only while it reads one; when the queue
+            // is full (a long `/history` while pasted lines wait to be handled), print
+            // directly instead of waiting: that may disturb the input line, never hang.
+            Printer::Editor(p) => match p.try_send(line) {
+                Ok(()) => {}
+                Err(
+                    std::sync::mpsc::TrySendError::Full(line)
+                    | std::sync::mpsc::TrySendError::Disconnected(line),
+                ) => print(&line),
+            },
             Printer::Plain => print(&line),
         }
     }

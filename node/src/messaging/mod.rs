@@ -2550,18 +2550,23 @@ impl Actor {
             }
         }
         // Older than the dedup markers are kept, it could be a replay whose marker is gone:
-        // refused (a message waits 30 days at most, so only a sender's clock two months
-        // behind or a replay gets here). Markers are kept until 60 days after the later of
-        // the arrival and the id's own time, so a younger id is always still known.
+        // refused (a message waits 30 days at most, so only a replay or a clock two months
+        // off gets here). Markers are kept until 60 days after the later of the arrival and
+        // the id's own time, so a younger id is always still known. Dated far ahead, its
+        // marker would be kept for as long: refused too. Both transiently (`Unavailable`):
+        // if it is our clock that is wrong, the sender retries and a relay keeps the
+        // envelope (a relay page acks only what it must not serve again) until it is right.
         let now = now_ms();
-        if id.millis().saturating_add(STALE_AFTER.as_millis() as u64) < now {
-            self.count_rejected("stale");
-            return Inbound::Respond(Response::Rejected(id, RejectReason::Undecryptable));
-        }
-        // Dated far ahead, its marker would be kept for as long (see above): refused too.
-        if id.millis() > now.saturating_add(FUTURE_LIMIT.as_millis() as u64) {
-            self.count_rejected("future");
-            return Inbound::Respond(Response::Rejected(id, RejectReason::Undecryptable));
+        let refused = if id.millis().saturating_add(STALE_AFTER.as_millis() as u64) < now {
+            Some("stale")
+        } else if id.millis() > now.saturating_add(FUTURE_LIMIT.as_millis() as u64) {
+            Some("future")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            self.count_rejected(why);
+            return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
         }
         // Not seen from them, yet in the message index under their key: the id of one of
         // our messages to them. Ids are random, so only a peer copying ours gets here; taking
