@@ -117,12 +117,13 @@ impl Actor {
             .collect()
     }
 
-    /// A contact that held our token was removed or blocked: make a new token, send it to
-    /// every remaining contact over its session, and revoke the old one at our relays (now
-    /// for those connected, at every later registration for all).
+    /// Contact `dropped`, which held our token, is being removed or blocked: make a new
+    /// token, send it to every other contact over its session, and revoke the old one at
+    /// our relays (now for those connected, at every later registration for all).
     pub(super) fn mailbox_contact_dropped(
         &mut self,
         was_eligible: bool,
+        dropped: &PeerKey,
     ) -> Result<(), MessagingError> {
         if !was_eligible || self.config.home_relays.is_empty() {
             return Ok(());
@@ -141,7 +142,7 @@ impl Actor {
         self.mailbox_token = token;
         self.dirty = true;
         let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
-        for peer in self.eligible_contacts()? {
+        for peer in self.eligible_contacts(Some(dropped))? {
             let content = Content::MailboxToken {
                 token: *self.mailbox_token.expose_bytes(),
                 relays: relays.clone(),

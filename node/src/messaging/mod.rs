@@ -1362,6 +1362,10 @@ impl Actor {
     fn contact_remove(&mut self, name: &str) -> Result<(), MessagingError> {
         let c = self.contact(name)?;
         let key = c.key();
+        // The keys it held are replaced first: if that fails (a full disk), the contact is
+        // still there and removing it again does it all again.
+        self.mailbox_contact_dropped(presence_share::eligible(&c), &key)?;
+        self.presence_contact_dropped(presence_share::eligible(&c), &key)?;
         let queued = self.db.outbox.scan_prefix(&key)?;
         let unread = self.db.unread.scan_prefix(&key)?;
         let db = &self.db;
@@ -1400,8 +1404,6 @@ impl Actor {
         self.schedule.done(&key);
         self.session_cache.borrow_mut().remove(&key);
         self.db.contact_mailbox.remove(mailbox::key(&key))?;
-        self.mailbox_contact_dropped(presence_share::eligible(&c))?;
-        self.presence_contact_dropped(presence_share::eligible(&c))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
                 id: item.id.to_hex(),
@@ -1416,12 +1418,15 @@ impl Actor {
     fn contact_block(&mut self, name: &str, blocked: bool) -> Result<ContactView, MessagingError> {
         let mut c = self.contact(name)?;
         let was_eligible = presence_share::eligible(&c);
+        if blocked {
+            // The keys it held are replaced before it is marked blocked: if that fails (a
+            // full disk), blocking it again does it all again.
+            self.mailbox_contact_dropped(was_eligible, &c.key())?;
+            self.presence_contact_dropped(was_eligible, &c.key())?;
+        }
         c.blocked = blocked;
         self.db.contacts.insert(&c.key(), &c)?;
-        if blocked {
-            self.mailbox_contact_dropped(was_eligible)?;
-            self.presence_contact_dropped(was_eligible)?;
-        } else if !was_eligible {
+        if !blocked && !was_eligible {
             self.presence_contact_added(&c)?;
             self.mailbox_contact_added(&c)?;
         }

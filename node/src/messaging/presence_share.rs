@@ -66,19 +66,28 @@ impl Actor {
         }
     }
 
-    /// The contacts that hold our presence key and mailbox token.
-    pub(super) fn eligible_contacts(&self) -> Result<Vec<PeerKey>, MessagingError> {
+    /// The contacts that hold our presence key and mailbox token, but `except` (one about
+    /// to be blocked or removed, whose record does not say so yet).
+    pub(super) fn eligible_contacts(
+        &self,
+        except: Option<&PeerKey>,
+    ) -> Result<Vec<PeerKey>, MessagingError> {
         Ok(self
             .db
             .contact_list()?
             .iter()
             .filter(|c| eligible(c))
             .map(Contact::key)
+            .filter(|k| Some(k) != except)
             .collect())
     }
 
-    fn queue_to_all(&mut self, key: Option<&PresenceKey>) -> Result<(), MessagingError> {
-        for peer in self.eligible_contacts()? {
+    fn queue_to_all(
+        &mut self,
+        key: Option<&PresenceKey>,
+        except: Option<&PeerKey>,
+    ) -> Result<(), MessagingError> {
+        for peer in self.eligible_contacts(except)? {
             self.queue_presence_key(peer, key);
         }
         Ok(())
@@ -107,13 +116,13 @@ impl Actor {
             (Some(own), true) if own.shared => Ok(Some(own.key)),
             (_, true) => {
                 let key = self.new_own_key(true)?;
-                self.queue_to_all(Some(&key))?;
+                self.queue_to_all(Some(&key), None)?;
                 Ok(Some(key))
             }
             (Some(own), false) if own.shared => {
                 // Those who had the old key may not read anything new.
                 self.new_own_key(false)?;
-                self.queue_to_all(None)?;
+                self.queue_to_all(None, None)?;
                 Ok(None)
             }
             (_, false) => Ok(None),
@@ -132,10 +141,12 @@ impl Actor {
         Ok(())
     }
 
-    /// A contact lost its place (removed or blocked): rotate the key for everyone else.
+    /// Contact `dropped` loses its place (is being removed or blocked): rotate the key for
+    /// everyone else.
     pub(super) fn presence_contact_dropped(
         &mut self,
         was_eligible: bool,
+        dropped: &PeerKey,
     ) -> Result<(), MessagingError> {
         self.note_after_flush(PresenceNote::ContactsChanged);
         if was_eligible
@@ -143,7 +154,7 @@ impl Actor {
             && own.shared
         {
             let key = self.new_own_key(true)?;
-            self.queue_to_all(Some(&key))?;
+            self.queue_to_all(Some(&key), Some(dropped))?;
             self.note_after_flush(PresenceNote::OwnKey(Some(key)));
         }
         Ok(())
