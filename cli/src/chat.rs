@@ -137,6 +137,13 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     for m in client.history(name, 20).await? {
         print(&history_line(&m));
     }
+    if contact.auto_added {
+        print(&format!(
+            "  {} is a message request: they wrote to you, you have not added them; the name \
+             is the one they chose. Compare the safety number with them before you trust it.",
+            contact.name
+        ));
+    }
     if contact.blocked {
         print(&format!(
             "  {} is blocked: nothing from them is shown, and they see no presence",

@@ -621,7 +621,8 @@ pub fn offline_ticket(dir: &DataDir) -> Result<ContactTicket, NodeError> {
     let db = MessagingDb::open(&store)?;
     let bundle = messaging::local_bundle(identity.seed(), &db)?;
     let token = messaging::mailbox::load_or_create_token(&db.mailbox_self)?;
-    store.flush_blocking()?;
+    // Closed, not just flushed: the daemon's first start then has no journal to apply.
+    store.close_blocking()?;
     drop(store);
     drop(lock);
     Ok(ContactTicket {

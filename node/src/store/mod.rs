@@ -712,6 +712,20 @@ impl Shared {
     /// record boundary). Returns false, having changed nothing, when the disk has no room
     /// for it: the journal goes on in its current file and a later flush tries again.
     /// Caller holds `syncing`.
+    /// Flushes, then checkpoints (or keeps the journal if the disk is full).
+    fn close(&self) -> Result<(), StoreError> {
+        self.sync()?;
+        if let Some(files) = &self.files {
+            let _syncing = lock(&self.syncing);
+            if !self.checkpoint(files)? {
+                tracing::warn!(
+                    "the disk is full: the journal is kept, and applied at the next start"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn checkpoint(&self, files: &journal::Files) -> Result<bool, StoreError> {
         let mut w = lock(&self.writer);
         if let Some(why) = &w.broken {
@@ -1113,18 +1127,7 @@ impl Store {
     /// holds every acknowledged write, and the next open applies it.
     pub async fn close(&self) -> Result<(), StoreError> {
         let shared = self.shared.clone();
-        let closing = tokio::task::spawn_blocking(move || {
-            shared.sync()?;
-            if let Some(files) = &shared.files {
-                let _syncing = lock(&shared.syncing);
-                if !shared.checkpoint(files)? {
-                    tracing::warn!(
-                        "the disk is full: the journal is kept, and applied at the next start"
-                    );
-                }
-            }
-            Ok(())
-        });
+        let closing = tokio::task::spawn_blocking(move || shared.close());
         match tokio::time::timeout(CLOSE_LIMIT, closing).await {
             Ok(closed) => {
                 closed.map_err(|e| StoreError::Broken(format!("close task failed: {e}")))?
@@ -1134,6 +1137,13 @@ impl Store {
                 CLOSE_LIMIT.as_secs()
             ))),
         }
+    }
+
+    /// [`Store::close`] on this thread, without its time bound: for a short command that
+    /// opened the database for a moment (`tern init`), so the next open has nothing to
+    /// apply again.
+    pub fn close_blocking(&self) -> Result<(), StoreError> {
+        self.shared.close()
     }
 
     /// Runs `f` over `tables` and then commits its writes atomically: either every write in
@@ -2214,20 +2224,26 @@ mod tests {
     #[tokio::test]
     async fn a_closed_store_reopens_with_nothing_to_apply() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("db");
-        {
+        for (name, blocking) in [("db", false), ("blocking", true)] {
+            let path = tmp.path().join(name);
+            {
+                let s = Store::open(&path).unwrap();
+                let t: Table<u32> = s.table("t").unwrap();
+                t.insert(b"a", &1).unwrap();
+                if blocking {
+                    s.close_blocking().unwrap();
+                } else {
+                    s.close().await.unwrap();
+                }
+                let files = journal::Files::open(&journal_dir(&path)).unwrap();
+                let numbers = files.list().unwrap();
+                assert_eq!(numbers.len(), 1, "{name}");
+                assert!(files.read(numbers[0]).unwrap().is_empty(), "{name}");
+            }
             let s = Store::open(&path).unwrap();
             let t: Table<u32> = s.table("t").unwrap();
-            t.insert(b"a", &1).unwrap();
-            s.close().await.unwrap();
-            let files = journal::Files::open(&journal_dir(&path)).unwrap();
-            let numbers = files.list().unwrap();
-            assert_eq!(numbers.len(), 1);
-            assert!(files.read(numbers[0]).unwrap().is_empty());
+            assert_eq!(t.get(b"a").unwrap(), Some(1));
         }
-        let s = Store::open(&path).unwrap();
-        let t: Table<u32> = s.table("t").unwrap();
-        assert_eq!(t.get(b"a").unwrap(), Some(1));
     }
 
     #[tokio::test]
