@@ -195,10 +195,29 @@ pub(crate) async fn send(
     })
 }
 
-/// Formats ms since the epoch as `HH:MM:SS` (UTC).
+/// A message's time in the local time zone: `HH:MM:SS` if it is today, else
+/// `YYYY-MM-DD HH:MM:SS`.
 pub(crate) fn clock(ms: u64) -> String {
-    let s = (ms / 1000) % 86_400;
-    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    use chrono::{Local, TimeZone as _};
+    let Some(at) = i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Local.timestamp_millis_opt(ms).single())
+    else {
+        return format!("{ms} ms");
+    };
+    clock_at(at, Local::now())
+}
+
+/// [`clock`] of `at`, seen at `now`.
+fn clock_at<Tz: chrono::TimeZone>(at: chrono::DateTime<Tz>, now: chrono::DateTime<Tz>) -> String
+where
+    Tz::Offset: std::fmt::Display,
+{
+    if at.date_naive() == now.date_naive() {
+        at.format("%H:%M:%S").to_string()
+    } else {
+        at.format("%Y-%m-%d %H:%M:%S").to_string()
+    }
 }
 
 /// One history line.
@@ -310,5 +329,22 @@ pub(crate) fn ago(now_ms: u64, then_ms: u64) -> String {
         60..3600 => format!("{} min ago", s / 60),
         3600..86_400 => format!("{} h ago", s / 3600),
         _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{FixedOffset, TimeZone as _};
+
+    use super::clock_at;
+
+    #[test]
+    fn a_time_of_today_shows_the_clock_and_an_older_one_its_date() {
+        let tz = FixedOffset::east_opt(3600).unwrap();
+        let now = tz.with_ymd_and_hms(2026, 11, 29, 10, 0, 0).unwrap();
+        let today = tz.with_ymd_and_hms(2026, 11, 29, 0, 30, 5).unwrap();
+        let yesterday = tz.with_ymd_and_hms(2026, 11, 28, 23, 59, 59).unwrap();
+        assert_eq!(clock_at(today, now), "00:30:05");
+        assert_eq!(clock_at(yesterday, now), "2026-11-28 23:59:59");
     }
 }
