@@ -35,6 +35,17 @@ pub struct SessionRecord {
     pub previous: Vec<Vec<u8>>,
 }
 
+/// The encoded sessions hold their secret keys: wiped when the record goes.
+impl Drop for SessionRecord {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.current.zeroize();
+        for p in &mut self.previous {
+            p.zeroize();
+        }
+    }
+}
+
 impl std::fmt::Debug for SessionRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionRecord")

@@ -626,7 +626,7 @@ struct Actor {
     peer_ids: std::cell::RefCell<HashMap<PeerKey, Option<(PeerId, String)>>>,
     /// Decoded current sessions by peer, valid while the stored bytes are the same (decoding
     /// a session costs more than using it).
-    session_cache: std::cell::RefCell<HashMap<PeerKey, (Vec<u8>, Session)>>,
+    session_cache: std::cell::RefCell<HashMap<PeerKey, CachedSession>>,
     /// Where presence-key and contact changes are reported (the presence actor).
     presence_notes: Option<PresenceNotes>,
     /// Our mailbox capability (its hash is registered at our home relays).
@@ -1583,7 +1583,10 @@ impl Actor {
         // A one-time prekey claimed from the contact's relay, used once, for the first session.
         let mut used_claimed = false;
         let (mut session, mut previous) = match record {
-            Some(r) => (self.cached_session(&peer, &r.current)?, r.previous),
+            Some(mut r) => (
+                self.cached_session(&peer, &r.current)?,
+                std::mem::take(&mut r.previous),
+            ),
             None => {
                 let c = contact
                     .as_ref()
@@ -2440,7 +2443,7 @@ impl Actor {
     /// instead and `None` returned.
     fn seal_receipt(&mut self, peer: PeerKey, ids: Vec<MsgId>) -> Option<Envelope> {
         let sealed = (|| -> Result<Option<Envelope>, MessagingError> {
-            let Some(record) = self.db.sessions.get(&peer)? else {
+            let Some(mut record) = self.db.sessions.get(&peer)? else {
                 return Ok(None);
             };
             let mut session = self.cached_session(&peer, &record.current)?;
@@ -2451,7 +2454,7 @@ impl Actor {
             let envelope = self.seal(&mut session, peer, &content)?;
             let record = SessionRecord {
                 current: session.to_bytes()?.to_vec(),
-                previous: record.previous,
+                previous: std::mem::take(&mut record.previous),
             };
             let db = &self.db;
             db.store.transaction(&[&db.sessions], |tx| {
@@ -2971,7 +2974,7 @@ impl Actor {
     /// The session stored as `bytes` for `peer`, decoded once and then served from memory.
     fn cached_session(&self, peer: &PeerKey, bytes: &[u8]) -> Result<Session, CryptoError> {
         if let Some((b, s)) = self.session_cache.borrow().get(peer)
-            && b == bytes
+            && b.as_slice() == bytes
         {
             return Ok(s.clone());
         }
@@ -2986,7 +2989,10 @@ impl Actor {
         if cache.len() >= SESSION_CACHE_CAP && !cache.contains_key(&peer) {
             cache.clear();
         }
-        cache.insert(peer, (bytes.to_vec(), session.clone()));
+        cache.insert(
+            peer,
+            (zeroize::Zeroizing::new(bytes.to_vec()), session.clone()),
+        );
     }
 
     /// Drops dedup markers older than [`SEEN_RETENTION`] (hourly): a sender gives up on an
@@ -3447,6 +3453,10 @@ const SEEN_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Most ids in one receipt, so a receipt always fits a frame.
 const MAX_RECEIPT_IDS: usize = 1000;
+
+/// A decoded session and the stored bytes it was decoded from (they hold its keys: wiped
+/// when dropped).
+type CachedSession = (zeroize::Zeroizing<Vec<u8>>, Session);
 
 /// A batch whose flush runs, with what it releases when the flush ends.
 struct Flushing {
