@@ -45,6 +45,9 @@ pub const MAX_GROUP_FORWARD: u32 = 2000;
 pub const MAX_GROUP_SKIPPED_KEYS: usize = 2000;
 /// Maximum number of sender keys in a [`SenderKeyStore`].
 pub const MAX_SENDER_KEYS: usize = 10_000;
+/// Maximum number of sender keys of one sender in a [`SenderKeyStore`] (groups and epochs
+/// together), so that one member cannot fill the store for every group.
+pub const MAX_SENDER_KEYS_PER_SENDER: usize = 256;
 /// Wire tag (format version) of a [`SenderKeyDistribution`].
 pub const DISTRIBUTION_VERSION: u8 = 0x20;
 /// Wire tag (format version) of a [`GroupMessage`].
@@ -650,6 +653,14 @@ impl SenderKeyStore {
                 what: "sender key store",
                 max: MAX_SENDER_KEYS,
                 got: self.keys.len() + 1,
+            });
+        }
+        let of_sender = self.keys.keys().filter(|(_, _, s)| *s == id.2).count();
+        if of_sender >= MAX_SENDER_KEYS_PER_SENDER {
+            return Err(CryptoError::TooLarge {
+                what: "sender keys of one sender",
+                max: MAX_SENDER_KEYS_PER_SENDER,
+                got: of_sender + 1,
             });
         }
         self.keys.insert(id, key);

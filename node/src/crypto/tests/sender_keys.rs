@@ -6,8 +6,8 @@ use proptest::prelude::*;
 use super::rng;
 use crate::crypto::error::CryptoError;
 use crate::crypto::sender_keys::{
-    GroupMessage, InboundSenderKey, MAX_GROUP_FORWARD, MAX_GROUP_SKIPPED_KEYS, OutboundSenderKey,
-    SenderKeyDistribution, SenderKeyStore,
+    GroupMessage, InboundSenderKey, MAX_GROUP_FORWARD, MAX_GROUP_SKIPPED_KEYS,
+    MAX_SENDER_KEYS_PER_SENDER, OutboundSenderKey, SenderKeyDistribution, SenderKeyStore,
 };
 
 const GROUP: [u8; 32] = [7; 32];
@@ -195,6 +195,27 @@ fn decoders_reject_bad_input() {
     ));
     assert!(OutboundSenderKey::from_bytes(&[b'O', 9]).is_err());
     assert!(SenderKeyStore::from_bytes(&[b'I', 1]).is_err());
+}
+
+#[test]
+fn one_sender_cannot_fill_the_store_for_every_group() {
+    let mut r = rng(9);
+    let mut store = SenderKeyStore::new();
+    for g in 0..MAX_SENDER_KEYS_PER_SENDER {
+        let mut group = [0u8; 32];
+        group[..8].copy_from_slice(&(g as u64).to_le_bytes());
+        store
+            .add(&OutboundSenderKey::new(&mut r, group, 1, ALICE).distribution())
+            .unwrap();
+    }
+    let more = OutboundSenderKey::new(&mut r, [0xEE; 32], 1, ALICE).distribution();
+    assert!(matches!(
+        store.add(&more),
+        Err(CryptoError::TooLarge { max, .. }) if max == MAX_SENDER_KEYS_PER_SENDER
+    ));
+    // Another member's key for a real group still goes in.
+    let bob = OutboundSenderKey::new(&mut r, GROUP, 1, [0xB0; 32]).distribution();
+    assert!(store.add(&bob).unwrap());
 }
 
 #[test]
