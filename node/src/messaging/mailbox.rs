@@ -147,8 +147,14 @@ impl Actor {
                 token: *self.mailbox_token.expose_bytes(),
                 relays: relays.clone(),
             };
-            if let Err(e) = self.queue(peer, vec![(content, OutKind::MailboxToken)]) {
-                tracing::warn!(error = %e, "could not queue the new mailbox token for a contact");
+            match self.queue(peer, vec![(content, OutKind::MailboxToken)]) {
+                Ok(_) => {}
+                // Storage (a full disk): the block or removal fails as a whole and is done
+                // again, rotation included, when it is retried.
+                Err(e @ MessagingError::Store(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not queue the new mailbox token for a contact")
+                }
             }
         }
         // Register the new token (and revoke the old) at the relays we are connected to.

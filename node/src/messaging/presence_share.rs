@@ -57,12 +57,24 @@ impl Actor {
         }
     }
 
-    fn queue_presence_key(&mut self, peer: PeerKey, key: Option<&PresenceKey>) {
+    /// Queues our presence key (or its withdrawal) for `peer`. A storage failure (a full
+    /// disk) is returned, so the operation that rotates keys fails whole and is done again
+    /// when retried; any other failure only concerns that contact and is logged.
+    fn queue_presence_key(
+        &mut self,
+        peer: PeerKey,
+        key: Option<&PresenceKey>,
+    ) -> Result<(), MessagingError> {
         let content = Content::PresenceKey {
             key: key.map(|k| k.0),
         };
-        if let Err(e) = self.queue(peer, vec![(content, OutKind::PresenceKey)]) {
-            tracing::warn!(error = %e, "could not queue the presence key for a contact");
+        match self.queue(peer, vec![(content, OutKind::PresenceKey)]) {
+            Ok(_) => Ok(()),
+            Err(e @ MessagingError::Store(_)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not queue the presence key for a contact");
+                Ok(())
+            }
         }
     }
 
@@ -88,7 +100,7 @@ impl Actor {
         except: Option<&PeerKey>,
     ) -> Result<(), MessagingError> {
         for peer in self.eligible_contacts(except)? {
-            self.queue_presence_key(peer, key);
+            self.queue_presence_key(peer, key)?;
         }
         Ok(())
     }
@@ -136,7 +148,7 @@ impl Actor {
             && own.shared
             && eligible(c)
         {
-            self.queue_presence_key(c.key(), Some(&own.key));
+            self.queue_presence_key(c.key(), Some(&own.key))?;
         }
         Ok(())
     }
