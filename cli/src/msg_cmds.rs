@@ -199,8 +199,12 @@ pub(crate) async fn send(
 /// `YYYY-MM-DD HH:MM:SS`.
 pub(crate) fn clock(ms: u64) -> String {
     use chrono::{Local, TimeZone as _};
+    // The sender's clock says when: anything past the year 9999 is shown as it came
+    // (chrono cannot shift times near its own limit into a local zone).
+    const LAST: u64 = 253_402_300_799_999;
     let Some(at) = i64::try_from(ms)
         .ok()
+        .filter(|_| ms <= LAST)
         .and_then(|ms| Local.timestamp_millis_opt(ms).single())
     else {
         return format!("{ms} ms");
@@ -346,5 +350,20 @@ mod tests {
         let yesterday = tz.with_ymd_and_hms(2026, 11, 28, 23, 59, 59).unwrap();
         assert_eq!(clock_at(today, now), "00:30:05");
         assert_eq!(clock_at(yesterday, now), "2026-11-28 23:59:59");
+    }
+
+    #[test]
+    fn any_time_a_sender_claims_is_shown_without_a_panic() {
+        for ms in [
+            0,
+            1,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            8_210_298_412_000_000,
+            u64::MAX,
+        ] {
+            assert!(!super::clock(ms).is_empty());
+        }
+        assert_eq!(super::clock(u64::MAX), format!("{} ms", u64::MAX));
     }
 }

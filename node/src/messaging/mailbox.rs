@@ -53,6 +53,12 @@ const FETCH_BYTES: u32 = 512 * 1024;
 const FETCH_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const FETCH_BUSY_RETRIES: u32 = 60;
 
+/// Whether `e` is a failure to write (a full disk, an I/O error), which a retry may get
+/// past, rather than something about one contact's own records (a corrupt one stays so).
+pub(super) fn storage_failure(e: &MessagingError) -> bool {
+    matches!(e, MessagingError::Store(s) if !matches!(s, crate::store::StoreError::Corrupt { .. }))
+}
+
 /// A contact's mailbox, from its ticket. `Debug` leaves the token out.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactMailbox {
@@ -141,6 +147,12 @@ impl Actor {
         self.db.mailbox_revoked.insert(b"revoked", &revoked)?;
         self.mailbox_token = token;
         self.dirty = true;
+        // Register the new token (and revoke the old) at the relays we are connected to,
+        // also if queuing it for the others fails below (then the whole rotation runs again
+        // when the user retries).
+        for (relay, _) in self.home_relay_peers() {
+            self.sync_relay(relay);
+        }
         let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
         for peer in self.eligible_contacts(Some(dropped))? {
             let content = Content::MailboxToken {
@@ -151,15 +163,11 @@ impl Actor {
                 Ok(_) => {}
                 // Storage (a full disk): the block or removal fails as a whole and is done
                 // again, rotation included, when it is retried.
-                Err(e @ MessagingError::Store(_)) => return Err(e),
+                Err(e) if storage_failure(&e) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not queue the new mailbox token for a contact")
                 }
             }
-        }
-        // Register the new token (and revoke the old) at the relays we are connected to.
-        for (relay, _) in self.home_relay_peers() {
-            self.sync_relay(relay);
         }
         Ok(())
     }

@@ -70,7 +70,7 @@ impl Actor {
         };
         match self.queue(peer, vec![(content, OutKind::PresenceKey)]) {
             Ok(_) => Ok(()),
-            Err(e @ MessagingError::Store(_)) => Err(e),
+            Err(e) if super::mailbox::storage_failure(&e) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "could not queue the presence key for a contact");
                 Ok(())
@@ -166,8 +166,10 @@ impl Actor {
             && own.shared
         {
             let key = self.new_own_key(true)?;
+            // Sealing moves to the new key now that it is stored, also if queuing it for
+            // the others fails (then the rotation runs again when the user retries).
+            self.note_after_flush(PresenceNote::OwnKey(Some(key.clone())));
             self.queue_to_all(Some(&key), Some(dropped))?;
-            self.note_after_flush(PresenceNote::OwnKey(Some(key)));
         }
         Ok(())
     }

@@ -707,12 +707,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Makes sled hold every record written so far, durably, then starts a fresh journal
-    /// file and deletes the older ones. Writers wait meanwhile (so sled is made durable at a
-    /// record boundary). Returns false, having changed nothing, when the disk has no room
-    /// for it: the journal goes on in its current file and a later flush tries again.
-    /// Caller holds `syncing`.
-    /// Flushes, then checkpoints (or keeps the journal if the disk is full).
+    /// Flushes, then checkpoints (or keeps the journal if the disk is full). Takes
+    /// `syncing` itself.
     fn close(&self) -> Result<(), StoreError> {
         self.sync()?;
         if let Some(files) = &self.files {
@@ -726,6 +722,11 @@ impl Shared {
         Ok(())
     }
 
+    /// Makes sled hold every record written so far, durably, then starts a fresh journal
+    /// file and deletes the older ones. Writers wait meanwhile (so sled is made durable at a
+    /// record boundary). Returns false, having changed nothing, when the disk has no room
+    /// for it: the journal goes on in its current file and a later flush tries again.
+    /// Caller holds `syncing`.
     fn checkpoint(&self, files: &journal::Files) -> Result<bool, StoreError> {
         let mut w = lock(&self.writer);
         if let Some(why) = &w.broken {
