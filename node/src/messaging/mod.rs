@@ -1426,7 +1426,9 @@ impl Actor {
         }
         c.blocked = blocked;
         self.db.contacts.insert(&c.key(), &c)?;
-        if !blocked && !was_eligible {
+        if !blocked {
+            // Also for a contact that was not blocked: our current keys again, which repairs
+            // one left without them by a block that failed half-way and was not retried.
             self.presence_contact_added(&c)?;
             self.mailbox_contact_added(&c)?;
         }
