@@ -223,22 +223,25 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// Writes `bytes` to `tmp` (created or truncated) with the given Unix mode, and syncs it.
+fn write_synced(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    let mut f = opts.open(tmp)?;
+    set_mode(tmp, mode)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Writes `bytes` to `path` atomically (temp file + rename) with the given Unix mode.
 pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(mode);
-        }
-        let mut f = opts.open(&tmp)?;
-        set_mode(&tmp, mode)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    write_synced(&tmp, bytes, mode)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -248,18 +251,9 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Re
 /// moment ago by another process), and the directory is synced.
 pub(crate) fn write_private_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    {
-        let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(mode);
-        }
-        let mut f = opts.open(&tmp)?;
-        set_mode(&tmp, mode)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    if let Err(e) = write_synced(&tmp, bytes, mode) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);

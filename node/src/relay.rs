@@ -233,6 +233,41 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
 /// one page at a time, and a peer that never reads must not hold the relay-wide limit alone.
 const FETCH_IN_FLIGHT_PER_PEER: u64 = 4 * 1024 * 1024;
 
+/// What one batch may still answer in fetch pages: the relay-wide limit and the per-peer
+/// one, less what is on its way already and what the batch gave so far. I/O-free.
+struct FetchBudget {
+    left: u64,
+    per_peer: u64,
+    taken: HashMap<PeerId, u64>,
+}
+
+impl FetchBudget {
+    /// A batch's budget, with `limit` in all and `per_peer` for each peer, while `sending`
+    /// bytes are on their way.
+    fn new(limit: u64, per_peer: u64, sending: u64) -> Self {
+        Self {
+            left: limit.saturating_sub(sending),
+            per_peer,
+            taken: HashMap::new(),
+        }
+    }
+
+    /// What a request of `peer` may use, while `sending_to` bytes are on their way to it.
+    fn for_request(&self, peer: &PeerId, sending_to: u64) -> u64 {
+        let peer_left = self
+            .per_peer
+            .saturating_sub(sending_to)
+            .saturating_sub(self.taken.get(peer).copied().unwrap_or(0));
+        self.left.min(peer_left)
+    }
+
+    /// `peer`'s request used `used` bytes (at most what [`Self::for_request`] gave).
+    fn spent(&mut self, peer: PeerId, used: u64) {
+        self.left = self.left.saturating_sub(used);
+        *self.taken.entry(peer).or_default() += used;
+    }
+}
+
 struct MailboxActor {
     server: MailboxServer,
     net: NetHandle,
@@ -333,24 +368,20 @@ impl MailboxActor {
         let now = now_ms() / 1000;
         // Pages still on their way count against the limits, in all and per peer; this
         // batch gets the rest.
-        let mut left = self
-            .fetch_in_flight
-            .saturating_sub(self.net.mailbox_bytes_sending());
-        let mut taken: HashMap<PeerId, u64> = HashMap::new();
+        let mut fetch = FetchBudget::new(
+            self.fetch_in_flight,
+            FETCH_IN_FLIGHT_PER_PEER,
+            self.net.mailbox_bytes_sending(),
+        );
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in &batch {
-            let peer_left = FETCH_IN_FLIGHT_PER_PEER
-                .saturating_sub(self.net.mailbox_bytes_sending_to(&req.peer))
-                .saturating_sub(taken.get(&req.peer).copied().unwrap_or(0));
-            let budget = left.min(peer_left);
+            let budget = fetch.for_request(&req.peer, self.net.mailbox_bytes_sending_to(&req.peer));
             self.server.set_fetch_budget(budget);
             let reply = match PeerBytes::new(req.peer.to_bytes()) {
                 Ok(peer) => self.server.handle(now, &peer, &req.bytes),
                 Err(_) => Reply::unavailable(),
             };
-            let used = budget - self.server.fetch_budget();
-            left -= used;
-            *taken.entry(req.peer).or_default() += used;
+            fetch.spent(req.peer, budget - self.server.fetch_budget());
             if let Some(code) = reply.error {
                 tracing::debug!(peer = %net::short(&req.peer), code = code.as_str(), "mailbox request refused");
             }
@@ -522,5 +553,27 @@ async fn admin_response(
             "text/plain",
             "not found: try /metrics or /healthz\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_shares_the_fetch_limits_in_all_and_per_peer() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        // 10 in all, 4 per peer, 3 on their way already (1 of them to a).
+        let mut f = FetchBudget::new(10, 4, 3);
+        assert_eq!(f.for_request(&a, 1), 3);
+        f.spent(a, 3);
+        assert_eq!(f.for_request(&a, 1), 0, "a has 4 on its way and taken");
+        assert_eq!(f.for_request(&b, 0), 4);
+        f.spent(b, 2);
+        f.spent(PeerId::random(), 2);
+        // 7 - 3 - 2 - 2 = 0 left in all: b's own room does not matter then.
+        assert_eq!(f.for_request(&b, 0), 0);
+        // Nothing left in all from the start.
+        assert_eq!(FetchBudget::new(10, 4, 12).for_request(&a, 0), 0);
     }
 }

@@ -13,19 +13,27 @@ use tern_tests::{SmallDisk, TestNode};
 
 const LONG: Duration = Duration::from_secs(60);
 
-// On the runtime the daemon uses (where an idle node flushes on the actor's thread).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_sends_cleanly_and_recovers() {
-    let disk = match SmallDisk::mount(24) {
-        Ok(d) => d,
+/// A 24 MiB tmpfs, or `None` (the test says it did not run) where it cannot be mounted;
+/// under CI (`CI` set) that is a failure.
+fn small_disk() -> Option<SmallDisk> {
+    match SmallDisk::mount(24) {
+        Ok(d) => Some(d),
         Err(reason) => {
             let msg = format!("full-disk test NOT RUN: {reason}");
             if std::env::var_os("CI").is_some() {
                 panic!("{msg} (required under CI)");
             }
             eprintln!("{msg}");
-            return;
+            None
         }
+    }
+}
+
+// On the runtime the daemon uses (where an idle node flushes on the actor's thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_sends_cleanly_and_recovers() {
+    let Some(disk) = small_disk() else {
+        return;
     };
     let a = TestNode::spawn_under("alice", &disk.path, |c| c.min_free_disk_mb = 4).await;
     let b = TestNode::spawn("bob").await;
@@ -100,16 +108,8 @@ async fn a_full_disk_fails_sends_cleanly_and_recovers() {
 /// long as the disk stays full. Once space is back, the answers are recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_cannot_be_recorded_do_not_start_a_resend_loop() {
-    let disk = match SmallDisk::mount(24) {
-        Ok(d) => d,
-        Err(reason) => {
-            let msg = format!("full-disk test NOT RUN: {reason}");
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg} (required under CI)");
-            }
-            eprintln!("{msg}");
-            return;
-        }
+    let Some(disk) = small_disk() else {
+        return;
     };
     let a = TestNode::spawn_under("alice", &disk.path, |c| c.min_free_disk_mb = 4).await;
     let mut b = TestNode::spawn("bob").await;

@@ -435,6 +435,27 @@ async fn bad_sends_are_refused_and_nothing_is_queued() {
     b.stop().await;
 }
 
+/// A `Deliver` request of an envelope from `from` to `to` (their identities from their
+/// peer ids), as any peer can make one.
+fn deliver(
+    id: wire::MsgId,
+    from: &tern_node::PeerId,
+    to: &tern_node::PeerId,
+    ciphertext: Vec<u8>,
+) -> wire::Request {
+    let key = |p: &tern_node::PeerId| {
+        tern_node::identity::ed25519_public_of(p)
+            .unwrap()
+            .to_bytes()
+    };
+    wire::Request::Deliver(wire::Envelope {
+        id,
+        sender: key(from),
+        recipient: key(to),
+        ciphertext,
+    })
+}
+
 /// A message id of `ms` (as a sender makes them) ending in `tag`s.
 fn id_at(ms: u64, tag: u8) -> wire::MsgId {
     let mut id = [tag; 16];
@@ -473,32 +494,14 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     // Oversize frames never reach the messaging code: the stream fails.
     assert!(ask(vec![0u8; wire::MAX_REQUEST_FRAME + 1]).await.is_err());
     // An envelope claiming to come from carol over alice's connection.
-    let forged = wire::Request::Deliver(wire::Envelope {
-        id: id_now(9),
-        sender: tern_node::identity::ed25519_public_of(&c.handle.peer_id())
-            .unwrap()
-            .to_bytes(),
-        recipient: tern_node::identity::ed25519_public_of(&b_id)
-            .unwrap()
-            .to_bytes(),
-        ciphertext: vec![1, 2, 3],
-    });
+    let forged = deliver(id_now(9), &c.handle.peer_id(), &b_id, vec![1, 2, 3]);
     let r = Response::from_bytes(&ask(forged.clone().to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(r, Response::Rejected(_, RejectReason::WrongParty)),
         "{r:?}"
     );
     // Alice's own identity but a ciphertext that does not decrypt.
-    let bogus = wire::Request::Deliver(wire::Envelope {
-        id: id_now(8),
-        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
-            .unwrap()
-            .to_bytes(),
-        recipient: tern_node::identity::ed25519_public_of(&b_id)
-            .unwrap()
-            .to_bytes(),
-        ciphertext: vec![0x01; 200],
-    });
+    let bogus = deliver(id_now(8), &a.handle.peer_id(), &b_id, vec![0x01; 200]);
     let r = Response::from_bytes(&ask(bogus.clone().to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(
@@ -597,16 +600,7 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     // An envelope carrying the id of one of bob's own messages to alice is refused before
     // it is opened: taken, it would overwrite bob's entry in his history.
     let own = b.handle.send("alice", "bob's own").await.unwrap();
-    let reused = wire::Request::Deliver(wire::Envelope {
-        id: own,
-        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
-            .unwrap()
-            .to_bytes(),
-        recipient: tern_node::identity::ed25519_public_of(&b_id)
-            .unwrap()
-            .to_bytes(),
-        ciphertext: vec![0x01; 200],
-    });
+    let reused = deliver(own, &a.handle.peer_id(), &b_id, vec![0x01; 200]);
     let r = Response::from_bytes(&ask(reused.to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(r, Response::Rejected(id, RejectReason::Malformed) if id == own),
@@ -616,18 +610,12 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     // dedup markers that would catch a replay are kept 60 days), transiently: if the
     // recipient's clock is the one that is wrong, nothing is lost.
     let old_ms = tern_node::events::now_ms() - 60 * 24 * 3600 * 1000;
-    let mut old_id = [7u8; 16];
-    old_id[..6].copy_from_slice(&old_ms.to_be_bytes()[2..]);
-    let stale = wire::Request::Deliver(wire::Envelope {
-        id: wire::MsgId(old_id),
-        sender: tern_node::identity::ed25519_public_of(&a.handle.peer_id())
-            .unwrap()
-            .to_bytes(),
-        recipient: tern_node::identity::ed25519_public_of(&b_id)
-            .unwrap()
-            .to_bytes(),
-        ciphertext: vec![0x01; 200],
-    });
+    let stale = deliver(
+        id_at(old_ms, 7),
+        &a.handle.peer_id(),
+        &b_id,
+        vec![0x01; 200],
+    );
     let r = Response::from_bytes(&ask(stale.to_bytes()).await.unwrap()).unwrap();
     assert!(
         matches!(r, Response::Rejected(_, RejectReason::Unavailable)),
@@ -635,13 +623,13 @@ async fn garbage_and_forged_envelopes_are_rejected_and_the_node_keeps_serving() 
     );
     // So is one dated 40 days ahead (its dedup marker would outlive every prune).
     let ahead_ms = tern_node::events::now_ms() + 40 * 24 * 3600 * 1000;
-    let mut ahead_id = [6u8; 16];
-    ahead_id[..6].copy_from_slice(&ahead_ms.to_be_bytes()[2..]);
-    let wire::Request::Deliver(mut ahead) = stale else {
-        unreachable!()
-    };
-    ahead.id = wire::MsgId(ahead_id);
-    let ahead = wire::Request::Deliver(ahead).to_bytes();
+    let ahead = deliver(
+        id_at(ahead_ms, 6),
+        &a.handle.peer_id(),
+        &b_id,
+        vec![0x01; 200],
+    );
+    let ahead = ahead.to_bytes();
     let future = |s: &tern_node::NodeStatus| s.rejected.get("future").copied().unwrap_or(0);
     let before = future(&b.handle.status().await.unwrap());
     let r = Response::from_bytes(&ask(ahead).await.unwrap()).unwrap();
