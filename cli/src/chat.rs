@@ -129,7 +129,7 @@ fn spawn_input(name: String) -> Input {
 pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     let client = ApiClient::connect(&g.dir).await?;
     let contact = client.contact_show(name).await?;
-    let mut events = client.subscribe(None).await?;
+    let mut events = client.events(None).await?;
     print(&format!(
         "chat with {} ({}); safety number {}\n{HELP}",
         contact.name, contact.peer_id, contact.safety_number

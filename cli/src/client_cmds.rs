@@ -191,7 +191,8 @@ const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// `tern events [--since SEQ]`: streams until Ctrl-C.
 pub(crate) async fn events(g: &Globals, since: Option<u64>) -> anyhow::Result<()> {
     let client = connect(g).await?;
-    let mut sub = client.subscribe(since).await?;
+    // Resumes after the last event shown if it falls behind (a slow terminal or pipe).
+    let mut sub = client.events(since).await?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),

@@ -153,7 +153,7 @@ pub(crate) async fn send(
     let client = connect(g).await?;
     // Subscribe before sending so no receipt can slip by.
     let mut sub = match wait {
-        Some(_) => Some(client.subscribe(None).await?),
+        Some(_) => Some(client.events(None).await?),
         None => None,
     };
     let id = client.send(to, &text).await?;

@@ -249,10 +249,13 @@ impl Config {
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return Err(invalid("connection limits must be at least 1".into()));
         }
-        if !(100..=3_600_000).contains(&self.presence.heartbeat_ms) {
+        if !(crate::presence::book::MIN_HEARTBEAT_MS..=3_600_000)
+            .contains(&self.presence.heartbeat_ms)
+        {
             return Err(invalid(format!(
-                "presence.heartbeat_ms {} is outside 100..=3600000",
-                self.presence.heartbeat_ms
+                "presence.heartbeat_ms {} is outside {}..=3600000",
+                self.presence.heartbeat_ms,
+                crate::presence::book::MIN_HEARTBEAT_MS
             )));
         }
         if !(1..=100).contains(&self.presence.missed_beats) {
@@ -398,17 +401,21 @@ mod tests {
     fn presence_table_parses_and_is_checked() {
         let c = Config::parse(
             Path::new("c.toml"),
-            "[presence]\nshare = \"nobody\"\nheartbeat_ms = 500\n",
+            "[presence]\nshare = \"nobody\"\nheartbeat_ms = 1500\n",
         )
         .unwrap();
         assert_eq!(c.presence.share, SharePresence::Nobody);
-        assert_eq!(c.presence.heartbeat_ms, 500);
+        assert_eq!(c.presence.heartbeat_ms, 1500);
         assert_eq!(c.presence.missed_beats, 3, "default kept");
         let err =
             Config::parse(Path::new("c.toml"), "[presence]\nshare = \"everyone\"\n").unwrap_err();
         assert!(err.to_string().contains("everyone"), "{err}");
         let err = Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 5\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
+        // Faster than one frame a second would exceed what contacts accept from an owner.
+        let err =
+            Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 999\n").unwrap_err();
+        assert!(err.to_string().contains("1000..=3600000"), "{err}");
     }
 
     #[test]

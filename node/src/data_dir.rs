@@ -176,7 +176,17 @@ impl DataDir {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
+        // `in_use` (as `tern stop` polls it) holds a shared lock for a moment: a daemon
+        // starting right then must not take that for another daemon.
+        let deadline = std::time::Instant::now() + IN_USE_GRACE;
+        let mut locked = file.try_lock();
+        while matches!(locked, Err(std::fs::TryLockError::WouldBlock))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            locked = file.try_lock();
+        }
+        match locked {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut pid = String::new();
@@ -200,6 +210,10 @@ impl DataDir {
         Ok(DataDirLock { _file: file })
     }
 }
+
+/// How long [`DataDir::lock`] tries again while the lock is held, before it says another
+/// process holds it.
+const IN_USE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Whether `name` is one of the files a node or a relay keeps in its data directory.
 fn is_terns(name: &str) -> bool {

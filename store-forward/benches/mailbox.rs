@@ -1,6 +1,6 @@
 //! Mailbox benchmark (`harness = false`): durable deposits per second through
-//! `MailboxServer::handle` with group commit, against a raw sled insert + flush loop with
-//! the same batching measured in the same run, and the drain rate (fetch + ack).
+//! `MailboxServer::handle` with group commit, against a raw sled insert + flush (+ the same
+//! file sync) loop with the same batching measured in the same run, and the drain rate (fetch + ack).
 //!
 //! `cargo bench -p tern-store-forward --bench mailbox`; `TERN_SF_BENCH_BATCHES` sets the
 //! number of 64-deposit batches per run (default 300), `TERN_SF_BENCH_ENVELOPE` the
@@ -54,7 +54,8 @@ fn id(n: usize) -> [u8; 16] {
 }
 
 /// The baseline: what a minimal durable mailbox would do per deposit (one sled insert of
-/// key + record of the same size), flushed once per batch.
+/// key + record of the same size), flushed once per batch and made durable as the mailbox
+/// makes it (`SledFiles::sync`: sled's own flush leaves the disk's cache unflushed).
 fn raw_sled(dir: &Path, n: usize, envelope: &[u8]) -> Duration {
     let db = sled::Config::new()
         .path(dir)
@@ -62,6 +63,7 @@ fn raw_sled(dir: &Path, n: usize, envelope: &[u8]) -> Duration {
         .open()
         .expect("sled opens");
     let tree = db.open_tree("raw").expect("tree");
+    let files = tern_store_forward::db::SledFiles::open(dir).expect("sled's files");
     // Record: id, sender, timestamps and the envelope, like the mailbox's item record.
     let mut value = vec![0u8; 16 + 39 + 10];
     value.extend_from_slice(envelope);
@@ -75,6 +77,7 @@ fn raw_sled(dir: &Path, n: usize, envelope: &[u8]) -> Duration {
             tree.insert(&key[..], value.as_slice()).expect("insert");
         }
         db.flush().expect("flush");
+        files.sync().expect("sync");
     }
     started.elapsed()
 }

@@ -48,10 +48,12 @@
 //!   atomic batch never leaves items or prekeys without their mailbox.
 
 use std::{
-    collections::BTreeMap,
-    path::Path,
+    collections::{BTreeMap, HashSet},
+    ffi::OsString,
+    fs::File,
+    path::{Path, PathBuf},
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -175,25 +177,102 @@ impl From<Full> for DbError {
     }
 }
 
+/// What makes sled's writes durable beyond its own flush. Both Tern stores call
+/// [`SledFiles::sync`] right after sled's flush, before anything counts as durable.
+///
+/// sled 0.34's flush ends with `sync_file_range` on its log file (`db`): that neither empties
+/// the disk's volatile write cache nor records the file's new size, so a power cut could
+/// still take writes it reported flushed. Pages too large for its log (over a quarter of a
+/// segment: a leaf holding a few 60 KiB envelopes or messages) go to files of their own
+/// under `blobs/`, which sled never syncs, nor the directory naming them. `sync` makes up
+/// for both: an `fdatasync` of the log file, then an `fsync` of every blob file not synced
+/// before (sled writes each once, under a new name, and never changes it) and of `blobs/`
+/// when it holds new ones.
+#[derive(Debug)]
+pub struct SledFiles {
+    log: File,
+    blobs: PathBuf,
+    /// The blob files made durable so far (those still present at the last sync).
+    synced: Mutex<HashSet<OsString>>,
+}
+
+impl SledFiles {
+    /// The files of the sled database in directory `path` (already created).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            log: File::open(path.join("db"))?,
+            blobs: path.join("blobs"),
+            synced: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Makes durable what sled's flush wrote: call after it. Returns the number of blob
+    /// files synced for the first time.
+    pub fn sync(&self) -> std::io::Result<usize> {
+        self.log.sync_data()?;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::with_capacity(synced.len());
+        let mut new = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(file) => file.sync_all()?,
+                    // Removed by sled meanwhile (its page was rewritten): nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new += 1;
+            }
+            present.insert(name);
+        }
+        if new > 0 {
+            File::open(&self.blobs)?.sync_all()?;
+        }
+        *synced = present;
+        Ok(new)
+    }
+}
+
 /// Makes the mailbox database durable from another task (e.g. `flush_async` in the node's
 /// group commit, after [`MailboxDb::write_pending`] on the owning task). Cheap to clone.
 #[derive(Clone)]
-pub struct Flusher(sled::Db, Arc<OnceLock<String>>, Arc<AtomicBool>);
+pub struct Flusher(
+    sled::Db,
+    Arc<OnceLock<String>>,
+    Arc<AtomicBool>,
+    Arc<SledFiles>,
+);
 
 impl Flusher {
-    /// Blocking flush of every applied write; returns the bytes flushed.
+    /// Blocking flush of every applied write, made durable ([`SledFiles`]); returns the
+    /// bytes flushed.
     pub fn flush(&self) -> Result<usize, DbError> {
         running(&self.1)?;
-        Ok(self.0.flush()?)
+        let bytes = self.0.flush()?;
+        sync_files(&self.3, &self.1)?;
+        Ok(bytes)
     }
 
-    /// The same as a future (sled's `flush_async`).
+    /// The same as a future (sled's `flush_async`, then the files' sync on the blocking
+    /// pool).
     pub async fn flush_async(&self) -> Result<usize, DbError> {
         running(&self.1)?;
         if self.2.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
-        Ok(self.0.flush_async().await?)
+        let bytes = self.0.flush_async().await?;
+        let (files, failed) = (self.3.clone(), self.1.clone());
+        tokio::task::spawn_blocking(move || sync_files(&files, &failed))
+            .await
+            .map_err(|e| DbError::Sled(sled::Error::Io(std::io::Error::other(e))))??;
+        Ok(bytes)
     }
 
     /// Stops the database as a failed write does ([`DbError::Stopped`] with `why`): for a
@@ -209,6 +288,22 @@ impl Flusher {
     #[doc(hidden)]
     pub fn hang_flushes(&self) {
         self.2.store(true, Ordering::Relaxed);
+    }
+}
+
+/// [`SledFiles::sync`]; a failure stops the database: Linux may drop the pages it could not
+/// write and report success on the next try, so nothing written since the last good sync
+/// can be trusted to be on disk.
+fn sync_files(files: &SledFiles, failed: &OnceLock<String>) -> Result<(), DbError> {
+    match files.sync() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let why = format!("syncing the database files failed: {e}");
+            if failed.set(why.clone()).is_ok() {
+                tracing::error!(error = %why, "mailbox database stops");
+            }
+            Err(DbError::Stopped(why))
+        }
     }
 }
 
@@ -254,6 +349,8 @@ pub struct MailboxDb {
     failed: Arc<OnceLock<String>>,
     /// [`Flusher::hang_flushes`] (shared with the [`Flusher`]s).
     hang: Arc<AtomicBool>,
+    /// Synced after every flush (shared with the [`Flusher`]s).
+    files: Arc<SledFiles>,
     /// Makes the next [`MailboxDb::write_pending`] fail as sled would.
     #[cfg(test)]
     fail_next_write: bool,
@@ -447,6 +544,7 @@ impl MailboxDb {
             seq_reserved: 1,
             failed: Arc::new(OnceLock::new()),
             hang: Arc::new(AtomicBool::new(false)),
+            files: Arc::new(SledFiles::open(path).map_err(|e| DbError::Sled(sled::Error::Io(e)))?),
             #[cfg(test)]
             fail_next_write: false,
         };
@@ -780,13 +878,20 @@ impl MailboxDb {
     pub fn flush(&mut self) -> Result<usize, DbError> {
         self.write_pending()?;
         running(&self.failed)?;
-        Ok(self.db.flush()?)
+        let bytes = self.db.flush()?;
+        sync_files(&self.files, &self.failed)?;
+        Ok(bytes)
     }
 
     /// A handle that flushes this database from elsewhere (after
     /// [`MailboxDb::write_pending`]).
     pub fn flusher(&self) -> Flusher {
-        Flusher(self.db.clone(), self.failed.clone(), self.hang.clone())
+        Flusher(
+            self.db.clone(),
+            self.failed.clone(),
+            self.hang.clone(),
+            self.files.clone(),
+        )
     }
 
     /// Bytes used on disk (approximate).

@@ -268,7 +268,18 @@ impl ApiClient {
         Ok(())
     }
 
-    /// Subscribes to events after `since`.
+    /// The events after `since` (only new ones without it), resumed when the subscription
+    /// ends while the daemon runs: see [`EventStream`].
+    pub async fn events(&self, since: Option<u64>) -> Result<EventStream<'_>, ClientError> {
+        Ok(EventStream {
+            client: self,
+            sub: self.subscribe(since).await?,
+            last: since,
+        })
+    }
+
+    /// Subscribes to events after `since`: one subscription, which ends if its reader falls
+    /// behind (see [`ApiClient::events`] for a stream that resumes).
     pub async fn subscribe(&self, since: Option<u64>) -> Result<Subscription<Event>, ClientError> {
         let mut obj = ObjectParams::new();
         if let Some(since) = since {
@@ -279,6 +290,53 @@ impl ApiClient {
             .client
             .subscribe("subscribe", obj, "unsubscribe")
             .await?)
+    }
+}
+
+/// The events of a daemon, resumed after the last one seen whenever the subscription ends
+/// while the daemon still answers ([`ApiClient::events`]).
+///
+/// A subscription ends when its reader falls behind: the daemon closes one that lags more than
+/// 1,024 events (`LAGGED`), and the client drops one whose own buffer fills. Either way this
+/// stream subscribes again with `since` = the last `seq` it returned, so the reader sees every
+/// event the daemon's log still holds, once and in order. It ends (`None`) when the daemon
+/// refuses to subscribe (it stopped) or when three subscriptions in a row end before giving
+/// an event (a daemon shutting down).
+#[derive(Debug)]
+pub struct EventStream<'a> {
+    client: &'a ApiClient,
+    sub: Subscription<Event>,
+    last: Option<u64>,
+}
+
+/// Subscriptions in a row that may end without an event before the stream ends.
+const EMPTY_RESUMES: usize = 3;
+
+impl EventStream<'_> {
+    /// The next event; `None` once the daemon is gone.
+    pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+        let mut empty = 0;
+        loop {
+            match self.sub.next().await {
+                Some(Ok(event)) if self.last.is_some_and(|last| event.seq <= last) => {}
+                Some(Ok(event)) => {
+                    self.last = Some(event.seq);
+                    return Some(Ok(event));
+                }
+                Some(Err(e)) => return Some(Err(ClientError::Decode(e.to_string()))),
+                None if empty < EMPTY_RESUMES => {
+                    empty += 1;
+                    tracing::debug!(last = ?self.last, "event subscription ended; resuming");
+                    self.sub = self.client.subscribe(self.last).await.ok()?;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// The `seq` of the last event returned (or the `since` it started from).
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last
     }
 }
 

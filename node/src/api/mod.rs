@@ -502,11 +502,14 @@ async fn subscribe(
                     sink.send(to_message(&event)?).await?;
                 }
                 Err(RecvError::Lagged(_)) => {
-                    return Err(format!(
-                        "subscriber lagged (code {}); resubscribe with since={last}",
-                        codes::LAGGED
-                    )
-                    .into());
+                    let error = serde_json::json!({
+                        "code": codes::LAGGED,
+                        "message": format!("subscriber lagged; resubscribe with since={last}"),
+                        "data": { "since": last },
+                    });
+                    return Err(jsonrpsee::core::SubscriptionError::from_json(
+                        serde_json::value::to_raw_value(&error)?,
+                    ));
                 }
                 Err(RecvError::Closed) => return Ok(()),
             },

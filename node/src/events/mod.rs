@@ -159,6 +159,25 @@ pub enum EventKind {
     ShuttingDown,
 }
 
+impl EventKind {
+    /// Whether the event log keeps it for subscribers that resume with `since`. Typing is
+    /// never stored (it is ephemeral by design), and neither are the network's events,
+    /// which any peer can cause at will (connecting, pinging, answering mDNS) and which
+    /// would otherwise push the messages out of the log, nor presence changes (a contact
+    /// can change state twice a second; `presence` answers the current state).
+    pub fn is_logged(&self) -> bool {
+        !matches!(
+            self,
+            EventKind::Typing { .. }
+                | EventKind::PeerConnected { .. }
+                | EventKind::PeerDisconnected { .. }
+                | EventKind::PeerDiscovered { .. }
+                | EventKind::Ping { .. }
+                | EventKind::PresenceChanged { .. }
+        )
+    }
+}
+
 struct Inner {
     next_seq: u64,
     /// Durable bound: every `seq` handed out is below it.
@@ -196,8 +215,12 @@ impl Inner {
         event
     }
 
-    /// Appends `event` to the log (after live subscribers got it).
+    /// Appends `event` to the log (after live subscribers got it), unless it is of a kind
+    /// the log does not keep ([`EventKind::is_logged`]).
     fn record(&mut self, event: &Event) {
+        if !event.kind.is_logged() {
+            return;
+        }
         match serde_json::to_string(event) {
             Ok(json) => {
                 if let Err(e) = self.log.append(event.seq, &json) {
@@ -349,11 +372,53 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    fn connected(n: u32) -> EventKind {
-        EventKind::PeerConnected {
+    /// An event the log keeps.
+    fn logged(n: u32) -> EventKind {
+        EventKind::ContactAdded {
+            name: format!("c{n}"),
             peer_id: format!("p{n}"),
-            address: "/ip4/127.0.0.1/tcp/1".into(),
+            auto_added: false,
         }
+    }
+
+    #[tokio::test]
+    async fn ephemeral_events_go_out_live_but_never_into_the_log() {
+        let store = Store::temporary().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let bus = EventBus::open(&store, &tmp.path().join("events.log")).unwrap();
+        let mut sub = bus.subscribe(None).unwrap();
+        let typing = EventKind::Typing {
+            peer_id: "p".into(),
+            from: "bob".into(),
+            typing: true,
+        };
+        let ping = EventKind::Ping {
+            peer_id: "p".into(),
+            rtt_ms: 1.0,
+        };
+        assert!(!typing.is_logged() && !ping.is_logged() && logged(0).is_logged());
+        bus.publish(logged(0));
+        bus.publish(typing.clone());
+        bus.publish_all(vec![ping.clone(), logged(1)]);
+        let mut live = Vec::new();
+        for _ in 0..4 {
+            let e = sub.live.recv().await.unwrap();
+            live.push((e.seq, e.kind));
+        }
+        assert_eq!(
+            live,
+            vec![(1, logged(0)), (2, typing), (3, ping), (4, logged(1))]
+        );
+        let kept: Vec<(u64, EventKind)> = bus
+            .subscribe(Some(0))
+            .unwrap()
+            .backlog
+            .into_iter()
+            .map(|e| (e.seq, e.kind))
+            .collect();
+        assert_eq!(kept, vec![(1, logged(0)), (4, logged(1))]);
+        let text = std::fs::read_to_string(tmp.path().join("events.log")).unwrap();
+        assert!(!text.contains("typing") && !text.contains("ping"), "{text}");
     }
 
     #[tokio::test]
@@ -362,12 +427,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let bus = EventBus::open(&store, &tmp.path().join("events.log")).unwrap();
         for n in 0..5 {
-            bus.publish(connected(n));
+            bus.publish(logged(n));
         }
         let mut sub = bus.subscribe(Some(2)).unwrap();
         let seqs: Vec<u64> = sub.backlog.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
-        bus.publish(connected(9));
+        bus.publish(logged(9));
         assert_eq!(sub.live.recv().await.unwrap().seq, 6);
     }
 
@@ -376,20 +441,17 @@ mod tests {
         let store = Store::temporary().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let bus = EventBus::open(&store, &tmp.path().join("events.log")).unwrap();
-        bus.publish(connected(0));
+        bus.publish(logged(0));
         let mut sub = bus.subscribe(None).unwrap();
-        bus.publish_all(vec![connected(1), connected(2)]);
+        bus.publish_all(vec![logged(1), logged(2)]);
         bus.publish_all(Vec::new());
-        bus.publish(connected(3));
+        bus.publish(logged(3));
         let mut live = Vec::new();
         for _ in 0..3 {
             let e = sub.live.recv().await.unwrap();
             live.push((e.seq, e.kind));
         }
-        assert_eq!(
-            live,
-            vec![(2, connected(1)), (3, connected(2)), (4, connected(3))]
-        );
+        assert_eq!(live, vec![(2, logged(1)), (3, logged(2)), (4, logged(3))]);
         let logged: Vec<(u64, EventKind)> = bus
             .subscribe(Some(1))
             .unwrap()
@@ -460,7 +522,7 @@ mod tests {
             let e = Event {
                 seq,
                 timestamp: 1,
-                kind: connected(seq as u32),
+                kind: logged(seq as u32),
             };
             old.insert(&seq.to_be_bytes(), &serde_json::to_string(&e).unwrap())
                 .unwrap();

@@ -3,7 +3,9 @@
 //! Each request and each response is one frame: a 4-byte big-endian length, then that many
 //! bytes. The length is checked against the limit *before* anything is allocated, so a peer
 //! announcing a huge frame costs nothing; such a stream fails with `InvalidData` and the
-//! behaviour reports an inbound failure. Decoding the bytes is the capability's business.
+//! behaviour reports an inbound failure. Within the limit, the buffer grows with the bytes
+//! that actually arrive (from 8 KiB), so announcing a large frame and sending nothing holds
+//! no memory either. Decoding the bytes is the capability's business.
 
 use std::io;
 
@@ -29,10 +31,21 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("frame of {len} bytes exceeds the limit of {max}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grown as bytes arrive, not allocated at the announced size: a peer announcing a large
+    // frame on each of many streams and sending nothing more holds no memory for it.
+    let mut buf = Vec::with_capacity(len.min(FIRST_CHUNK));
+    (&mut *io).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut short: {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
+
+/// What a frame's buffer starts with before its bytes arrive.
+const FIRST_CHUNK: usize = 8 * 1024;
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io: &mut T,
@@ -120,6 +133,26 @@ mod tests {
         let mut short = 10u32.to_be_bytes().to_vec();
         short.extend_from_slice(b"abc");
         assert!(read_frame(&mut Cursor::new(&short), 1024).await.is_err());
+        let mut short = (96u32 * 1024).to_be_bytes().to_vec();
+        short.extend_from_slice(b"abc");
+        let err = read_frame(&mut Cursor::new(&short), 128 * 1024)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+
+        // A frame larger than the first chunk arrives whole (the buffer grows), and the
+        // bytes after it are left for the next read.
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        write_frame(&mut Cursor::new(&mut wire), &big, 128 * 1024)
+            .await
+            .unwrap();
+        wire.extend_from_slice(b"next");
+        let mut cursor = Cursor::new(&wire);
+        assert_eq!(read_frame(&mut cursor, 128 * 1024).await.unwrap(), big);
+        let mut rest = Vec::new();
+        cursor.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"next");
 
         let mut out = Vec::new();
         assert!(

@@ -13,7 +13,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -231,6 +231,43 @@ pub struct InboundRequest {
     pub bytes: Vec<u8>,
     /// Where the response goes.
     pub channel: request_response::ResponseChannel<Vec<u8>>,
+    /// Counts `bytes` as queued until the request is dropped.
+    _queued: QueuedBytes,
+}
+
+/// The most bytes of inbound requests of one protocol that may wait for their capability
+/// (queued in its channel or taken but not dropped yet). Past it, a request is dropped as
+/// when the channel is full, and its sender retries. Without it, peers sending frames
+/// near the limit (96 / 128 KiB) while the capability is slow could queue a channel's
+/// 4,096 of them: 384 - 512 MiB.
+pub const INBOUND_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+
+/// One inbound request's share of its protocol's queued bytes, given back when dropped.
+#[derive(Debug)]
+struct QueuedBytes {
+    total: Arc<AtomicUsize>,
+    size: usize,
+}
+
+impl QueuedBytes {
+    /// Counts `size` more bytes, unless that would pass [`INBOUND_QUEUE_BYTES`].
+    fn take(total: &Arc<AtomicUsize>, size: usize) -> Option<Self> {
+        total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + size <= INBOUND_QUEUE_BYTES).then_some(queued + size)
+            })
+            .ok()?;
+        Some(Self {
+            total: total.clone(),
+            size,
+        })
+    }
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.size, Ordering::AcqRel);
+    }
 }
 
 /// A gossipsub message that arrived and waits for its capability's verdict: answer it
@@ -630,6 +667,9 @@ struct NetActor {
     mailbox_sending: Arc<MailboxSending>,
     /// When `mailbox_out` was last cleared of entries no event came for.
     mailbox_swept: Instant,
+    /// Bytes of inbound `/tern/msg/1` and `/tern/mailbox/1` requests waiting for their
+    /// capability ([`INBOUND_QUEUE_BYTES`]).
+    inbound_queued: [Arc<AtomicUsize>; 2],
 }
 
 /// Builds the swarm, binds every listen address, waits until they report addresses, then
@@ -735,6 +775,7 @@ pub async fn spawn(
         mailbox_out: HashMap::new(),
         mailbox_sending: Arc::new(MailboxSending::default()),
         mailbox_swept: Instant::now(),
+        inbound_queued: Default::default(),
     };
     let mailbox_sending = actor.mailbox_sending.clone();
     for event in early {
@@ -1059,15 +1100,24 @@ impl NetActor {
                     },
                 ..
             } => {
+                let (sink, queued) = match proto {
+                    Proto::Msg => (&self.sinks.msg, &self.inbound_queued[0]),
+                    Proto::Mailbox => (&self.sinks.mailbox, &self.inbound_queued[1]),
+                };
+                let Some(queued) = QueuedBytes::take(queued, request.len()) else {
+                    // Dropping the channel tells the sender to retry later.
+                    tracing::debug!(
+                        peer = %short(&peer),
+                        "inbound request dropped: too many bytes wait for the capability"
+                    );
+                    return;
+                };
                 let item = InboundRequest {
                     id: request_id,
                     peer,
                     bytes: request,
                     channel,
-                };
-                let sink = match proto {
-                    Proto::Msg => &self.sinks.msg,
-                    Proto::Mailbox => &self.sinks.mailbox,
+                    _queued: queued,
                 };
                 if let Err(e) = sink.try_send(item) {
                     // Overloaded or shutting down: dropping the channel tells the sender
@@ -1468,4 +1518,24 @@ pub fn short(peer: &PeerId) -> String {
 /// The `/p2p/<peer>` multiaddr component, for building dialable addresses.
 pub fn p2p(peer: PeerId) -> Protocol<'static> {
     Protocol::P2p(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_inbound_bytes_are_bounded_and_given_back_on_drop() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let half = INBOUND_QUEUE_BYTES / 2;
+        let a = QueuedBytes::take(&total, half).unwrap();
+        let b = QueuedBytes::take(&total, half).unwrap();
+        assert!(QueuedBytes::take(&total, 1).is_none(), "past the bound");
+        assert_eq!(total.load(Ordering::Acquire), INBOUND_QUEUE_BYTES);
+        drop(a);
+        assert_eq!(total.load(Ordering::Acquire), half);
+        let c = QueuedBytes::take(&total, 1).unwrap();
+        drop((b, c));
+        assert_eq!(total.load(Ordering::Acquire), 0);
+    }
 }

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::wire::{Body, State};
 
-/// Shortest heartbeat we believe a contact announces (a faster claim is clamped).
-pub const MIN_HEARTBEAT_MS: u64 = 100;
+/// Shortest heartbeat we believe a contact announces (a faster claim is clamped), and the
+/// shortest a node may be configured with: at one frame a second, an owner stays within
+/// [`FLOOD_RATE_PER_SEC`] with room for its state changes and announcements.
+pub const MIN_HEARTBEAT_MS: u64 = 1_000;
 /// Longest heartbeat we believe a contact announces.
 pub const MAX_HEARTBEAT_MS: u64 = 3_600_000;
 /// Frames one owner may have in flight in a burst before it counts as a flood.
@@ -29,11 +31,20 @@ pub enum Check {
     Fresh,
     /// The very frame we already accepted (another path): ignore, no penalty.
     Duplicate,
-    /// Older than what we accepted (a replay): reject and penalise.
+    /// Older than what we accepted, by less than [`LATE_MS`]: frames close together can
+    /// arrive out of order over two paths; ignore, no penalty for the honest forwarder.
+    Late,
+    /// Older than what we accepted by [`LATE_MS`] or more (a replay): reject and penalise.
     Stale,
-    /// The owner publishes faster than any honest node: reject and penalise.
+    /// The owner publishes faster than any honest node: ignore (not forwarded). No penalty
+    /// for the forwarder, who cannot slow the owner down: each forwarder's own limit passes
+    /// a different subset, which may exceed ours together.
     Flood,
 }
+
+/// How much older than the newest accepted frame one may be and still count as reordered
+/// on the way rather than replayed (sequence numbers are the owner's clock in ms).
+pub const LATE_MS: u64 = 10_000;
 
 /// A contact's state as we last learnt it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +137,11 @@ impl Book {
             return Check::Duplicate;
         }
         if seq <= e.seen.seq {
-            return Check::Stale;
+            return if e.seen.seq - seq < LATE_MS {
+                Check::Late
+            } else {
+                Check::Stale
+            };
         }
         let elapsed = now_ms.saturating_sub(e.tokens_at_ms) as f64 / 1000.0;
         e.tokens = (e.tokens + elapsed * FLOOD_RATE_PER_SEC).min(FLOOD_BURST);
@@ -251,6 +266,13 @@ impl Publisher {
         self.heartbeat_ms
     }
 
+    /// Continues after `seq`, the last sequence number published before (stored across
+    /// restarts): contacts keep the highest they accepted, so a clock set back since must
+    /// not make our frames look like replays.
+    pub fn resume_after(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     fn next_seq(&mut self, now_ms: u64) -> u64 {
         // Milliseconds keep sequence numbers increasing across restarts (the clock only
         // goes back if the user turns it back); +1 keeps them strictly increasing.
@@ -315,11 +337,33 @@ mod tests {
     fn sequence_numbers_must_grow() {
         let mut b = Book::new(3);
         let p = peer(1);
-        assert_eq!(b.check(1_000, p, 10), Check::Fresh);
-        assert_eq!(b.check(1_001, p, 10), Check::Duplicate);
-        assert_eq!(b.check(1_002, p, 9), Check::Stale);
-        assert_eq!(b.check(1_003, p, 11), Check::Fresh);
+        let newest = 100_000;
+        assert_eq!(b.check(1_000, p, newest), Check::Fresh);
+        assert_eq!(b.check(1_001, p, newest), Check::Duplicate);
+        // Reordered on the way (a little older): ignored without penalty.
+        assert_eq!(b.check(1_002, p, newest - 1), Check::Late);
+        assert_eq!(b.check(1_002, p, newest - LATE_MS + 1), Check::Late);
+        // Older than that: a replay.
+        assert_eq!(b.check(1_002, p, newest - LATE_MS), Check::Stale);
+        assert_eq!(b.check(1_003, p, newest + 1), Check::Fresh);
         assert_eq!(b.check(1_004, p, 0), Check::Stale);
+        // Neither moved the newest.
+        assert_eq!(b.check(1_005, p, newest + 1), Check::Duplicate);
+    }
+
+    #[test]
+    fn a_publisher_resumes_after_its_stored_sequence_when_the_clock_went_back() {
+        let mut p = Publisher::new(5_000, 1_000, 0);
+        p.resume_after(9_000_000);
+        let (seq, _) = p.due(5_000).unwrap();
+        assert_eq!(seq, 9_000_001, "after the stored one, not the clock");
+        let mut p = Publisher::new(20_000_000, 1_000, 0);
+        p.resume_after(9_000_000);
+        assert_eq!(
+            p.due(20_000_000).unwrap().0,
+            20_000_000,
+            "the clock when ahead"
+        );
     }
 
     #[test]
@@ -393,13 +437,13 @@ mod tests {
             Seen {
                 state: Some(State::Online),
                 last_seen_ms: Some(500),
-                seq: 77,
+                seq: 77_000,
             },
         );
         let seen = b.get(&p).unwrap();
         assert_eq!(seen.state, Some(State::Offline));
         assert_eq!(seen.last_seen_ms, Some(500));
-        assert_eq!(b.check(1_000, p, 77), Check::Duplicate);
+        assert_eq!(b.check(1_000, p, 77_000), Check::Duplicate);
         assert_eq!(
             b.check(1_000, p, 50),
             Check::Stale,

@@ -45,6 +45,8 @@ pub const COMMAND_CHANNEL_CAPACITY: usize = 256;
 pub const OFFLINE_GRACE: Duration = Duration::from_millis(150);
 /// How often changed last-seen values are written back.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(30);
+/// Key of our last published sequence number in the `presence_own_seq` table.
+const OWN_SEQ_KEY: &[u8] = b"seq";
 
 /// Errors of presence operations.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,8 @@ struct Actor {
     events: EventBus,
     messaging: MessagingHandle,
     seen_table: Table<Seen>,
+    /// The last sequence number we published (key [`OWN_SEQ_KEY`]).
+    own_seq: Table<u64>,
     known_offline: KnownOffline,
     dirty: HashMap<PeerId, Seen>,
     accepted: u64,
@@ -245,8 +249,13 @@ pub async fn spawn(
             keys.insert(peer, key);
         }
     }
+    let own_seq: Table<u64> = db.store.table("presence_own_seq")?;
     let now = now_ms();
     let heartbeat = config.heartbeat_ms;
+    let mut publisher = Publisher::new(now, heartbeat, config.away_after_secs * 1000);
+    if let Some(seq) = own_seq.get(OWN_SEQ_KEY)? {
+        publisher.resume_after(seq);
+    }
     let actor = Actor {
         me,
         signing,
@@ -254,7 +263,7 @@ pub async fn spawn(
         own_key,
         my_topic: wire::topic_for(&me),
         book,
-        publisher: Publisher::new(now, heartbeat, config.away_after_secs * 1000),
+        publisher,
         keys,
         unopened: HashMap::new(),
         contacts: HashMap::new(),
@@ -263,6 +272,7 @@ pub async fn spawn(
         events,
         messaging,
         seen_table,
+        own_seq,
         known_offline,
         dirty: HashMap::new(),
         accepted: 0,
@@ -387,6 +397,12 @@ impl Actor {
         MessageAcceptance::Reject
     }
 
+    /// Drops a frame without penalising its forwarder (counted with the rejections).
+    fn ignore(&mut self, reason: &'static str) -> MessageAcceptance {
+        *self.rejected.entry(reason).or_default() += 1;
+        MessageAcceptance::Ignore
+    }
+
     /// Judges one gossip message, tells gossipsub, and applies what it says.
     async fn handle_gossip(&mut self, msg: GossipMessage) {
         let now = now_ms();
@@ -405,9 +421,14 @@ impl Actor {
                         "malformed"
                     }
                 }),
+                // Our own frame coming back: gossipsub never hands us our own while its
+                // duplicate cache holds them, so this is an old one replayed through us,
+                // which contacts would refuse as stale and penalise us for forwarding.
+                Ok(v) if v.owner == self.me => self.ignore("own"),
                 Ok(v) => match self.book.check(now, v.owner, v.seq) {
                     Check::Stale => self.reject("stale"),
-                    Check::Flood => self.reject("flood"),
+                    Check::Late => self.ignore("late"),
+                    Check::Flood => self.ignore("flood"),
                     Check::Duplicate => MessageAcceptance::Ignore,
                     Check::Fresh => {
                         self.accepted += 1;
@@ -535,6 +556,9 @@ impl Actor {
         };
         let mut nonce = [0u8; 24];
         self.rng.fill_bytes(&mut nonce);
+        if let Err(e) = self.own_seq.insert(OWN_SEQ_KEY, &seq) {
+            tracing::warn!(error = %e, "could not store our presence sequence number");
+        }
         let frame = wire::seal(&self.signing, &self.me, key, seq, body, nonce);
         match self.net.publish(self.my_topic.clone(), frame).await {
             Ok(()) => true,

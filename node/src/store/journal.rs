@@ -134,9 +134,17 @@ pub(super) struct Files {
 }
 
 impl Files {
-    /// The journal in `dir` (created if missing).
+    /// The journal in `dir` (created if missing, and then made durable in its parent, so a
+    /// power cut cannot take the directory with records already acknowledged).
     pub(super) fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir)?;
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(parent)?.sync_all()?;
+        }
         Ok(Self {
             dir: dir.to_owned(),
         })

@@ -365,8 +365,13 @@ struct Shared {
     /// The single writer: held for the whole of a transaction and for every write, so the
     /// journal's order is sled's order.
     writer: Mutex<Writer>,
-    /// Held while the journal is synced or checkpointed (one `fdatasync` at a time).
+    /// Held while the journal is synced or checkpointed (one flush at a time).
     syncing: Mutex<()>,
+    /// Held around every `fdatasync` of the journal, also a commit's (innermost lock; see
+    /// [`Shared::datasync`]): the first failure, after which every sync fails.
+    datasync: Mutex<Option<String>>,
+    /// sled's files, synced after its flush; `None` for a temporary store.
+    sled_files: Option<tern_store_forward::db::SledFiles>,
     /// The last record known durable.
     synced: AtomicU64,
     /// Journaled writes not yet in sled. Lock order: `writer`, then `pending`.
@@ -533,7 +538,7 @@ impl Shared {
             return Ok(false);
         }
         if let Some(file) = &w.file {
-            file.sync_data().map_err(io_error)?;
+            self.datasync(file)?;
         }
         self.synced.fetch_max(w.seq, Ordering::AcqRel);
         lock(&self.pending).apply(self.files.as_ref().map(|_| &self.meta))?;
@@ -696,15 +701,32 @@ impl Shared {
             (file, upto)
         };
         if let Some(file) = file
-            && let Err(e) = file.sync_data()
+            && let Err(e) = self.datasync(&file)
         {
-            // Linux may drop the failed pages and report success next time: nothing
-            // written so far can be trusted to be on disk.
-            lock(&self.writer).broken = Some(format!("journal sync failed: {e}"));
-            return Err(io_error(e));
+            if let StoreError::Broken(why) = &e {
+                lock(&self.writer).broken = Some(why.clone());
+            }
+            return Err(e);
         }
         self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// `fdatasync` of a journal file. Every sync of the journal goes through here, one at a
+    /// time: Linux reports a write-back error to only one of the `fsync`s that race on a
+    /// file, so the other would succeed over pages that were dropped. The first failure is
+    /// kept and fails every later sync: Linux may drop the pages it could not write and
+    /// report success next time, so nothing written so far can be trusted to be on disk.
+    fn datasync(&self, file: &File) -> Result<(), StoreError> {
+        let mut failed = lock(&self.datasync);
+        if let Some(why) = &*failed {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        file.sync_data().map_err(|e| {
+            let why = format!("journal sync failed: {e}");
+            *failed = Some(why.clone());
+            StoreError::Broken(why)
+        })
     }
 
     /// Flushes, then checkpoints (or keeps the journal if the disk is full). Takes
@@ -749,7 +771,7 @@ impl Shared {
         // journal lost): the journal is synced first.
         let done = self.sync_and_apply(&w).and_then(|applied| {
             if applied {
-                sync_sled(&self.db, self.path.as_deref())?;
+                sync_sled(&self.db, self.sled_files.as_ref(), self.path.as_deref())?;
             }
             Ok(applied)
         });
@@ -772,10 +794,17 @@ impl Shared {
         w.len = 0;
         w.size = size;
         drop(w);
-        for n in files.list().map_err(io_error)? {
-            if n < next {
-                files.remove(n).map_err(io_error)?;
-            }
+        // Everything is durable in sled now: an old file left behind (it could not be
+        // removed) is only space, skipped by the next open (its records are older than
+        // sled's `journal_seq`) and removed then.
+        let removed = files.list().and_then(|numbers| {
+            numbers
+                .into_iter()
+                .filter(|n| *n < next)
+                .try_for_each(|n| files.remove(n))
+        });
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "could not remove an old journal file; the next start does");
         }
         Ok(true)
     }
@@ -793,14 +822,19 @@ impl Drop for Shared {
     }
 }
 
-/// Flushes sled and makes its file durable (sled's own flush uses `sync_file_range`, which
-/// records neither the disk cache nor a new file size).
-fn sync_sled(db: &sled::Db, path: Option<&Path>) -> Result<(), StoreError> {
+/// Flushes sled and makes its files durable (sled's own flush uses `sync_file_range`, which
+/// records neither the disk cache nor a new file size, and never syncs its blob files: see
+/// [`SledFiles`](tern_store_forward::db::SledFiles)), then its directory.
+fn sync_sled(
+    db: &sled::Db,
+    files: Option<&tern_store_forward::db::SledFiles>,
+    path: Option<&Path>,
+) -> Result<(), StoreError> {
     db.flush()?;
+    if let Some(files) = files {
+        files.sync().map_err(io_error)?;
+    }
     if let Some(path) = path {
-        File::open(path.join("db"))
-            .and_then(|f| f.sync_all())
-            .map_err(io_error)?;
         File::open(path)
             .and_then(|d| d.sync_all())
             .map_err(io_error)?;
@@ -815,6 +849,7 @@ fn recover(
     db: &sled::Db,
     meta: &sled::Tree,
     files: &journal::Files,
+    sled_files: &tern_store_forward::db::SledFiles,
     path: &Path,
     space: &SpaceGuard,
 ) -> Result<Writer, StoreError> {
@@ -878,7 +913,7 @@ fn recover(
             replayed += 1;
         }
     }
-    sync_sled(db, Some(path))?;
+    sync_sled(db, Some(sled_files), Some(path))?;
     if replayed > 0 {
         tracing::info!(records = replayed, "database repaired from its journal");
     }
@@ -938,7 +973,8 @@ impl Store {
         let meta = db.open_tree(META_TREE)?;
         let files = journal::Files::open(&journal_dir(path)).map_err(io_error)?;
         let space = SpaceGuard::new(path, reserve);
-        let writer = recover(&db, &meta, &files, path, &space)?;
+        let sled_files = tern_store_forward::db::SledFiles::open(path).map_err(io_error)?;
+        let writer = recover(&db, &meta, &files, &sled_files, path, &space)?;
         let synced = AtomicU64::new(writer.seq);
         // Everything up to `writer.seq` is in sled, and `meta` says so.
         let pending = Pending {
@@ -955,6 +991,8 @@ impl Store {
                 path: Some(path.to_owned()),
                 writer: Mutex::new(writer),
                 syncing: Mutex::new(()),
+                datasync: Mutex::new(None),
+                sled_files: Some(sled_files),
                 synced,
                 pending: Mutex::new(pending),
             }),
@@ -983,6 +1021,8 @@ impl Store {
                     broken: None,
                 }),
                 syncing: Mutex::new(()),
+                datasync: Mutex::new(None),
+                sled_files: None,
                 synced: AtomicU64::new(0),
                 pending: Mutex::new(Pending::default()),
             }),
@@ -1022,7 +1062,11 @@ impl Store {
         // Tern, which would ignore the reservations, from opening the database).
         if found < SCHEMA_VERSION {
             meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-            sync_sled(&self.shared.db, self.shared.path.as_deref())?;
+            sync_sled(
+                &self.shared.db,
+                self.shared.sled_files.as_ref(),
+                self.shared.path.as_deref(),
+            )?;
         }
         Ok(())
     }
@@ -1055,8 +1099,13 @@ impl Store {
             .await
             .map_err(|e| StoreError::Broken(format!("flush task failed: {e}")))??;
         // After the durable part: what waits for sled is applied now (the caller is past
-        // its `await` only once this is done, though).
-        self.apply_pending()
+        // its `await` only once this is done, though). The flush succeeded whatever
+        // happens here: a failure to apply stops the store (the next write says so) and the
+        // next open applies the journal, which holds it all.
+        if let Err(e) = self.apply_pending() {
+            tracing::error!(error = %e, "could not apply durable writes to the database");
+        }
+        Ok(())
     }
 
     /// Starts [`Store::flush`] on the blocking pool and returns at once: the flush covers
@@ -2147,7 +2196,10 @@ mod tests {
             let files = journal::Files::open(&journal_dir(&path)).unwrap();
             let full = SpaceGuard::new(&path, 0);
             lock(&full.0).pretend_free(Some(0));
-            let e = recover(&db, &meta, &files, &path, &full).err().unwrap();
+            let sled_files = tern_store_forward::db::SledFiles::open(&path).unwrap();
+            let e = recover(&db, &meta, &files, &sled_files, &path, &full)
+                .err()
+                .unwrap();
             assert!(matches!(e, StoreError::DiskFull { .. }), "{e}");
             assert!(files.list().unwrap().contains(&1000), "the journal is kept");
             let before = db.open_tree("t").unwrap().get(b"a").unwrap().unwrap();
