@@ -212,20 +212,66 @@ impl TestNode {
     }
 
     /// Waits for an event matching `pick`, up to [`WAIT`].
+    ///
+    /// A receiver that lagged behind a busy node (its channel overflowed) is no failure:
+    /// the events it skipped are read back from the event log before the next live one
+    /// (those the log does not keep, such as presence changes and connections, are gone).
     pub async fn wait_for<T>(
         &mut self,
         what: &str,
         mut pick: impl FnMut(&Event) -> Option<T>,
     ) -> T {
+        use tokio::sync::broadcast::error::RecvError;
         let deadline = tokio::time::Instant::now() + WAIT;
+        // How many events the live receiver skipped since the last one it gave.
+        let mut skipped: u64 = 0;
+        let mut replay: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
         loop {
-            let event = match tokio::time::timeout_at(deadline, self.events.live.recv()).await {
-                Ok(Ok(e)) => e,
-                Ok(Err(e)) => panic!("{}: event stream failed: {e}", self.name),
-                Err(_) => panic!("{}: no {what} within {WAIT:?}", self.name),
+            let event = match replay.pop_front() {
+                Some(e) => e,
+                None => {
+                    let received = tokio::time::timeout_at(deadline, self.events.live.recv()).await;
+                    match received {
+                        Ok(Ok(e)) if skipped > 0 => {
+                            // Seqs are consecutive: the skipped ones come right before this one.
+                            let first = e.seq.saturating_sub(skipped);
+                            skipped = 0;
+                            replay = self.logged_between(first, e.seq);
+                            replay.push_back(e);
+                            continue;
+                        }
+                        Ok(Ok(e)) => e,
+                        Ok(Err(RecvError::Lagged(n))) => {
+                            skipped = skipped.saturating_add(n);
+                            continue;
+                        }
+                        Ok(Err(RecvError::Closed)) => {
+                            panic!(
+                                "{}: event stream closed while waiting for {what}",
+                                self.name
+                            )
+                        }
+                        Err(_) => panic!("{}: no {what} within {WAIT:?}", self.name),
+                    }
+                }
             };
             if let Some(v) = pick(&event) {
                 return v;
+            }
+        }
+    }
+
+    /// The events with `first <= seq < end` that the event log kept.
+    fn logged_between(&self, first: u64, end: u64) -> std::collections::VecDeque<Event> {
+        match self.handle.subscribe(Some(first.saturating_sub(1))) {
+            Ok(sub) => sub
+                .backlog
+                .into_iter()
+                .filter(|e| e.seq >= first && e.seq < end)
+                .collect(),
+            Err(e) => {
+                eprintln!("{}: cannot read skipped events back: {e}", self.name);
+                std::collections::VecDeque::new()
             }
         }
     }
@@ -264,6 +310,21 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.handle.request_shutdown();
+        // On a multi-thread runtime, wait (bounded) until the node has stopped and released
+        // its files, so its temporary directory is not removed under it. A current-thread
+        // runtime cannot run the node's tasks while this thread waits: there the directory
+        // goes at once, as before.
+        if let Ok(rt) = tokio::runtime::Handle::try_current()
+            && rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            let handle = self.handle.clone();
+            tokio::task::block_in_place(|| {
+                let _ = rt.block_on(tokio::time::timeout(
+                    Duration::from_secs(10),
+                    handle.shutdown(),
+                ));
+            });
+        }
     }
 }
 
@@ -377,6 +438,13 @@ impl TernDir {
     /// Runs `tern <args>` to completion.
     pub fn tern(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
+    }
+
+    /// Runs `tern <args>` to completion, for at most `limit`: a command still running then
+    /// (a `tern daemon` that should have refused to start, say) is killed and the test
+    /// fails, instead of hanging with a daemon left behind.
+    pub fn tern_within(&self, args: &[&str], limit: Duration) -> Output {
+        output_within(self.command(args), limit)
     }
 
     /// Runs `tern --json <args>`, asserts success, parses stdout as one JSON value.
@@ -564,6 +632,84 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `cmd` to completion with its stdout and stderr captured, for at most `limit`: a
+/// command still running then is killed (and reaped) and the test fails.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = KillOnDrop(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Both pipes are read on their own threads, so a chatty command never blocks on one.
+    let stdout = read_to_end_on_a_thread(child.0.stdout.take().unwrap());
+    let stderr = read_to_end_on_a_thread(child.0.stderr.take().unwrap());
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill();
+            let err = stderr.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still ran after {limit:?} (killed); stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+fn read_to_end_on_a_thread<R: std::io::Read + Send + 'static>(
+    mut pipe: R,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// A child process that is killed (and reaped) when dropped, so a failing test leaves no
+/// process behind.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Waits for the process to exit, for at most `limit`: one still running then is
+    /// killed and the test fails.
+    pub fn wait_within(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() >= deadline {
+                self.kill();
+                panic!("process {} still ran after {limit:?} (killed)", self.0.id());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `kill -9` and reap (nothing happens to a process that already exited).
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A throwaway network namespace with a multicast-capable veth pair (10.77.0.1 and
 /// 10.77.0.2), for the mDNS test. Nothing in it reaches any real network.
 /// Deleted when dropped.
@@ -698,67 +844,101 @@ impl Drop for SmallDisk {
     }
 }
 
+/// How long a `tern relay` process may take to log its address.
+pub const RELAY_START: Duration = Duration::from_secs(30);
+
 /// A `tern relay` process (`--data-dir data relay --listen ...`, admin endpoint on an
 /// OS-chosen loopback port) and the dialable address it logged. Killed on drop.
 pub struct RelayProcess {
-    pub child: Child,
+    pub child: KillOnDrop,
     /// `/ip4/.../tcp/<port>/p2p/<relay id>`.
     pub addr: tern_node::Multiaddr,
 }
 
 impl RelayProcess {
     /// Starts the relay with the `tern` next to the running test or bench binary and waits
-    /// until it logs its address.
+    /// until it logs its address (at most [`RELAY_START`]; a relay that does not, or logs
+    /// one that does not parse, is killed and the test fails).
     pub fn spawn(data: &Path, listen: &str) -> Self {
-        use std::io::BufRead;
+        use std::{io::BufRead, sync::mpsc::RecvTimeoutError};
         arm_watchdog();
-        let mut child = Command::new(tern_bin())
-            .arg("--data-dir")
-            .arg(data)
-            .args(["relay", "--listen", listen])
-            .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
-            .env("RUST_LOG", "warn,tern=info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the relay exited before listening")
-                .unwrap();
-            if line.contains("relay listening")
-                && let Some(at) = line.find("/ip4/")
-            {
-                let text: String = line[at..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && !c.is_control())
-                    .collect();
-                break text.parse().unwrap();
+        let mut child = KillOnDrop(
+            Command::new(tern_bin())
+                .arg("--data-dir")
+                .arg(data)
+                .args(["relay", "--listen", listen])
+                .env("TERN_RELAY_ADMIN_BIND", "127.0.0.1:0")
+                .env("RUST_LOG", "warn,tern=info")
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let log = child.0.stderr.take().unwrap();
+        // The log is read to its end on a thread (so the relay never blocks on a full
+        // pipe), its lines handed over for as long as someone takes them.
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            let mut reader = std::io::BufReader::new(log);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if !tx.as_ref().is_some_and(|t| t.send(text).is_ok()) {
+                    tx = None;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + RELAY_START;
+        let mut seen = Vec::new();
+        let found: Result<tern_node::Multiaddr, String> = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if line.contains("relay listening")
+                        && let Some(at) = line.find("/ip4/")
+                    {
+                        let text: String = line[at..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace() && !c.is_control())
+                            .collect();
+                        break text.parse().map_err(|e| {
+                            format!("logged an address that does not parse ({e}): {text}")
+                        });
+                    }
+                    seen.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    break Err(format!("logged no address within {RELAY_START:?}"));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Err("exited before listening".to_string());
+                }
             }
         };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+        match found {
+            Ok(addr) => Self { child, addr },
+            Err(why) => {
+                child.kill();
+                panic!("the relay {why}; its log:\n{}", seen.concat());
+            }
+        }
     }
 
     /// The relay's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        self.kill9();
+        self.child.kill();
     }
 }
 
