@@ -2,11 +2,15 @@
 //!
 //! Shows recent history, then incoming messages live with their receipts and the contact's
 //! typing state; every line typed is sent. On a terminal it uses a line editor (reedline)
-//! that keeps the input line intact while messages are printed above it; with a pipe it
-//! reads lines from stdin and prints plainly, so scripts and tests can drive it.
-//! Messages shown are marked read (read receipts go back to the sender).
+//! that keeps the input line intact while messages are printed above it, and tells the
+//! contact while we type ([`TypingSignal`]); with a pipe it reads lines from stdin and
+//! prints plainly, so scripts and tests can drive it. Messages shown are marked read (read
+//! receipts go back to the sender).
 
-use std::io::IsTerminal;
+use std::{
+    io::IsTerminal,
+    time::{Duration, Instant},
+};
 
 use tern_node::{
     api::client::ApiClient,
@@ -47,12 +51,79 @@ impl Printer {
     }
 }
 
-/// The input side of a chat: lines arrive on `lines`. The reader stops by itself after a
-/// quit command (so the line editor does not take the terminal into raw mode again for a
-/// line nobody will read) and at the end of input.
+/// The input side of a chat: lines arrive on `lines`, and (on a terminal) the line being
+/// edited on `edits` whenever it changes. The reader stops by itself after a quit command
+/// (so the line editor does not take the terminal into raw mode again for a line nobody
+/// will read) and at the end of input.
 struct Input {
     lines: mpsc::Receiver<Line>,
+    edits: mpsc::UnboundedReceiver<String>,
     printer: Printer,
+}
+
+/// How long after the last keystroke we stop saying we type.
+const TYPING_IDLE: Duration = Duration::from_secs(5);
+
+/// When to tell the contact that we type or stopped (I/O-free; times are inputs): typing
+/// while the line being edited holds text that is not a chat command, until it is sent,
+/// emptied, or left alone for [`TYPING_IDLE`]. Only changes are reported.
+#[derive(Debug, Default)]
+struct TypingSignal {
+    typing: bool,
+    line: String,
+    last_edit: Option<Instant>,
+}
+
+impl TypingSignal {
+    /// The line being edited is now `line`.
+    fn edited(&mut self, now: Instant, line: &str) -> Option<bool> {
+        if line == self.line {
+            // A repaint (a message printed above it, a cursor move): no keystroke.
+            return None;
+        }
+        self.line = line.to_string();
+        self.last_edit = Some(now);
+        let trimmed = line.trim_start();
+        let command = trimmed.starts_with('/') && !trimmed.starts_with("//");
+        self.set(!trimmed.is_empty() && !command)
+    }
+
+    /// Time passed: stops after [`TYPING_IDLE`] without a keystroke.
+    fn tick(&mut self, now: Instant) -> Option<bool> {
+        let idle = self
+            .last_edit
+            .is_some_and(|at| now.duration_since(at) >= TYPING_IDLE);
+        if self.typing && idle {
+            return self.set(false);
+        }
+        None
+    }
+
+    /// A line was entered (sent or a command): the editor starts an empty one.
+    fn entered(&mut self) -> Option<bool> {
+        self.line.clear();
+        self.set(false)
+    }
+
+    fn set(&mut self, typing: bool) -> Option<bool> {
+        (typing != self.typing).then(|| {
+            self.typing = typing;
+            typing
+        })
+    }
+}
+
+/// Hands the editor's current line to the chat whenever reedline repaints it (it asks its
+/// highlighter on every change), and shows the line unstyled.
+struct EditWatch(mpsc::UnboundedSender<String>);
+
+impl reedline::Highlighter for EditWatch {
+    fn highlight(&self, line: &str, _cursor: usize) -> reedline::StyledText {
+        let _ = self.0.send(line.to_string());
+        reedline::StyledText {
+            buffer: vec![(Default::default(), line.to_string())],
+        }
+    }
 }
 
 enum Line {
@@ -81,6 +152,7 @@ impl Drop for Input {
 
 fn spawn_input(name: String) -> Input {
     let (tx, lines) = mpsc::channel(16);
+    let (edit_tx, edits) = mpsc::unbounded_channel();
     // Reads lines until a quit command, the end of input, or the chat is gone. (It must
     // not wait for the chat between lines: the editor's printer is only drained while it
     // reads a line, and the chat may print more than its buffer holds.)
@@ -101,7 +173,9 @@ fn spawn_input(name: String) -> Input {
     let printer = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let editor_printer = reedline::ExternalPrinter::<String>::default();
         let printer = editor_printer.sender();
-        let mut editor = reedline::Reedline::create().with_external_printer(editor_printer);
+        let mut editor = reedline::Reedline::create()
+            .with_external_printer(editor_printer)
+            .with_highlighter(Box::new(EditWatch(edit_tx)));
         let prompt = reedline::DefaultPrompt::new(
             reedline::DefaultPromptSegment::Basic(format!("to {name}")),
             reedline::DefaultPromptSegment::Empty,
@@ -120,9 +194,14 @@ fn spawn_input(name: String) -> Input {
                 Ok(_) => Line::Text(line.trim_end_matches(['\n', '\r']).to_string()),
             }
         }));
+        drop(edit_tx);
         Printer::Plain
     };
-    Input { lines, printer }
+    Input {
+        lines,
+        edits,
+        printer,
+    }
 }
 
 /// Runs the chat until `/quit`, end of input or Ctrl-C.
@@ -160,17 +239,25 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     let mut input = spawn_input(contact.name.clone());
     let printer = input.printer.clone();
     let mut mine = std::collections::HashSet::new();
+    let mut typing = TypingSignal::default();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             line = input.lines.recv() => match line {
                 None | Some(Line::Eof) => break,
                 Some(Line::Text(line)) => {
+                    tell(&client, &contact.name, typing.entered()).await;
                     if !handle_line(&client, &printer, &contact.name, &line, &mut mine).await {
                         break;
                     }
                 }
             },
+            Some(line) = input.edits.recv(), if !contact.blocked => {
+                tell(&client, &contact.name, typing.edited(Instant::now(), &line)).await;
+            }
+            _ = ticks.tick() => tell(&client, &contact.name, typing.tick(Instant::now())).await,
             event = events.next() => match event {
                 None => anyhow::bail!("the daemon closed the event stream (it stopped?)"),
                 Some(Err(e)) => anyhow::bail!("bad event from the daemon: {e}"),
@@ -178,7 +265,16 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
             },
         }
     }
+    tell(&client, &contact.name, typing.entered()).await;
     Ok(())
+}
+
+/// Tells `name` that we type or stopped, if that changed. Typing goes out only while the
+/// contact is connected; a failure just means nobody hears it.
+async fn tell(client: &ApiClient, name: &str, change: Option<bool>) {
+    if let Some(typing) = change {
+        let _ = client.typing(name, typing).await;
+    }
 }
 
 /// Handles one typed line; returns false to quit. A failed command is reported in the chat,
@@ -323,7 +419,34 @@ fn presence_line(name: &str, state: &str, last_seen: Option<u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::is_quit;
+    use std::time::{Duration, Instant};
+
+    use super::{TYPING_IDLE, TypingSignal, is_quit};
+
+    #[test]
+    fn typing_is_told_on_changes_only_and_stops_when_sent_emptied_or_idle() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = TypingSignal::default();
+        assert_eq!(s.edited(at(0), "h"), Some(true));
+        assert_eq!(s.edited(at(100), "hi"), None, "still typing: nothing new");
+        assert_eq!(s.edited(at(200), "hi"), None, "a repaint is no keystroke");
+        assert_eq!(s.entered(), Some(false), "sent");
+        assert_eq!(s.edited(at(300), ""), None, "the editor's new empty line");
+        // A command is not a message being written; `//` is.
+        assert_eq!(s.edited(at(400), "/hist"), None);
+        assert_eq!(s.edited(at(500), "//slash"), Some(true));
+        assert_eq!(s.edited(at(600), ""), Some(false), "emptied");
+        // Idle: stops after TYPING_IDLE without a keystroke, once; a keystroke resumes.
+        assert_eq!(s.edited(at(1_000), "x"), Some(true));
+        let idle = TYPING_IDLE.as_millis() as u64;
+        assert_eq!(s.tick(at(1_000 + idle - 1)), None);
+        assert_eq!(s.tick(at(1_000 + idle)), Some(false));
+        assert_eq!(s.tick(at(1_000 + 2 * idle)), None);
+        assert_eq!(s.edited(at(1_000 + 2 * idle), "xy"), Some(true));
+        assert_eq!(s.entered(), Some(false));
+        assert_eq!(s.entered(), None, "told once");
+    }
 
     #[test]
     fn quit_commands_are_recognised_by_their_first_word() {
