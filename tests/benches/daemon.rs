@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tern_tests::KillOnDrop;
+
 const RUNS: usize = 15;
 
 fn bin() -> PathBuf {
@@ -83,23 +85,26 @@ fn main() {
         assert!(ok.success());
         let api = dir.join("api.json");
         let t = Instant::now();
-        let mut child = Command::new(&bin)
-            .arg("--data-dir")
-            .arg(&dir)
-            .args([
-                "daemon",
-                "--no-mdns",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--listen",
-                "/ip4/127.0.0.1/udp/0/quic-v1",
-            ])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
+        // Killed on drop: a failed assertion below leaves no daemon running.
+        let mut child = KillOnDrop(
+            Command::new(&bin)
+                .arg("--data-dir")
+                .arg(&dir)
+                .args([
+                    "daemon",
+                    "--no-mdns",
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--listen",
+                    "/ip4/127.0.0.1/udp/0/quic-v1",
+                ])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(b) = std::fs::read(&api)
@@ -120,7 +125,7 @@ fn main() {
         }
         nix_term(pid);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
+        while child.0.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "daemon did not stop");
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -313,8 +313,10 @@ impl Drop for TestNode {
         // On a multi-thread runtime, wait (bounded) until the node has stopped and released
         // its files, so its temporary directory is not removed under it. A current-thread
         // runtime cannot run the node's tasks while this thread waits: there the directory
-        // goes at once, as before.
-        if let Ok(rt) = tokio::runtime::Handle::try_current()
+        // goes at once, as before; and so it does while a failed test unwinds (a second
+        // panic here would abort every test of the binary).
+        if !std::thread::panicking()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
             && rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         {
             let handle = self.handle.clone();
@@ -890,7 +892,7 @@ impl RelayProcess {
                     Ok(_) => {}
                 }
                 let text = String::from_utf8_lossy(&line).into_owned();
-                if !tx.as_ref().is_some_and(|t| t.send(text).is_ok()) {
+                if tx.as_ref().is_none_or(|t| t.send(text).is_err()) {
                     tx = None;
                 }
             }
@@ -908,7 +910,7 @@ impl RelayProcess {
                             .chars()
                             .take_while(|c| !c.is_whitespace() && !c.is_control())
                             .collect();
-                        break text.parse().map_err(|e| {
+                        break text.parse::<tern_node::Multiaddr>().map_err(|e| {
                             format!("logged an address that does not parse ({e}): {text}")
                         });
                     }

@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 use tern_node::events::EventKind;
-use tern_tests::{TestDaemon, eventually, stderr};
+use tern_tests::{KillOnDrop, TestDaemon, eventually, stderr};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -244,15 +244,17 @@ async fn chat_through_a_pipe_sends_and_shows_messages() {
     let (a, b) = pair().await;
     // A first message so bob knows alice and can answer.
     a.tern_json(&["send", "bob", "hi", "--wait", "delivered"]);
-    let mut chat = a
-        .dir
-        .command(&["chat", "bob"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = chat.stdin.take().unwrap();
-    let stdout = chat.stdout.take().unwrap();
+    // Killed on drop: a failing test leaves no chat process behind.
+    let mut chat = KillOnDrop(
+        a.dir
+            .command(&["chat", "bob"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = chat.0.stdin.take().unwrap();
+    let stdout = chat.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -315,7 +317,7 @@ async fn chat_through_a_pipe_sends_and_shows_messages() {
     writeln!(stdin, "/history 2").unwrap();
     wait_line(&|l| l.contains("me: /slash at the start"));
     writeln!(stdin, "/quit").unwrap();
-    let status = chat.wait().unwrap();
+    let status = chat.wait_within(Duration::from_secs(30));
     assert!(status.success());
     // Showing it in the chat marked it read.
     eventually("bob sees read", LONG, || async {

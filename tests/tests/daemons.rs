@@ -10,6 +10,12 @@ use serde_json::Value;
 use tern_node::{DataDir, api::client::ApiClient, api::client::ClientError, api::read_api_file};
 use tern_tests::{TernDir, TestDaemon, eventually, stderr};
 
+/// How long a `tern daemon` that must refuse to start may take to do so; one that is still
+/// running then is killed and the test fails (rather than hanging with a daemon left).
+const REFUSED_WITHIN: Duration = Duration::from_secs(30);
+/// Where such a daemon would listen, if it started after all.
+const LOOPBACK: &str = "/ip4/127.0.0.1/tcp/0";
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap()
@@ -146,7 +152,10 @@ async fn malformed_json_rpc_gets_standard_errors_and_the_connection_survives() {
 #[tokio::test]
 async fn second_daemon_on_the_same_dir_fails_at_once() {
     let a = TestDaemon::start("alice").await;
-    let out = a.tern(&["daemon", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let out = a.dir.tern_within(
+        &["daemon", "--no-mdns", "--listen", LOOPBACK],
+        REFUSED_WITHIN,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let expected = format!(
@@ -300,7 +309,17 @@ async fn unreachable_relay_is_reported_and_the_daemon_keeps_running() {
 #[tokio::test]
 async fn relay_without_peer_id_is_a_usage_error() {
     let d = TernDir::initialized("alice");
-    let out = d.tern(&["daemon", "--no-mdns", "--relay", "/ip4/127.0.0.1/tcp/1"]);
+    let out = d.tern_within(
+        &[
+            "daemon",
+            "--no-mdns",
+            "--listen",
+            LOOPBACK,
+            "--relay",
+            "/ip4/127.0.0.1/tcp/1",
+        ],
+        REFUSED_WITHIN,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("/p2p/"), "{}", stderr(&out));
 }
@@ -315,7 +334,10 @@ async fn corrupt_identity_and_config_are_reported_and_left_untouched() {
         "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmnds = false\n",
     )
     .unwrap();
-    let out = d.tern(&["daemon"]);
+    let out = d.tern_within(
+        &["daemon", "--no-mdns", "--listen", LOOPBACK],
+        REFUSED_WITHIN,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
@@ -333,8 +355,8 @@ async fn corrupt_identity_and_config_are_reported_and_left_untouched() {
     let mut id = std::fs::read(data.identity_path()).unwrap();
     id[12] ^= 0xff;
     std::fs::write(data.identity_path(), &id).unwrap();
-    for cmd in [&["daemon", "--no-mdns"][..], &["id"]] {
-        let out = d.tern(cmd);
+    for cmd in [&["daemon", "--no-mdns", "--listen", LOOPBACK][..], &["id"]] {
+        let out = d.tern_within(cmd, REFUSED_WITHIN);
         assert_eq!(out.status.code(), Some(1), "{cmd:?}");
         let err = stderr(&out);
         assert!(err.contains("corrupt identity file"), "{err}");

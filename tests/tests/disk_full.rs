@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tern_tests::{SmallDisk, TestNode};
+use tern_tests::{SmallDisk, TestNode, eventually};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -27,6 +27,15 @@ fn small_disk() -> Option<SmallDisk> {
             None
         }
     }
+}
+
+/// Inbound envelopes `n` refused because it could not store them (as unavailable).
+async fn refused_for_storage(n: &TestNode) -> u64 {
+    let rejected = n.handle.status().await.unwrap().rejected;
+    ["storage", "unavailable"]
+        .iter()
+        .map(|reason| rejected.get(*reason).copied().unwrap_or(0))
+        .sum()
 }
 
 // On the runtime the daemon uses (where an idle node flushes on the actor's thread).
@@ -66,7 +75,21 @@ async fn a_full_disk_fails_sends_cleanly_and_recovers() {
     let (i, err) = failed.expect("a send fails once the disk is full");
     assert!(err.contains("disk is almost full"), "clear error: {err}");
     // Bob's message to alice is refused as unavailable and stays in bob's outbox.
+    let before = refused_for_storage(&a).await;
     b.handle.send("alice", "are you there?").await.unwrap();
+    eventually("alice refuses bob's envelope", LONG, || async {
+        (refused_for_storage(&a).await > before).then_some(())
+    })
+    .await;
+    let at_a = a.handle.history("bob", 1000).await.unwrap();
+    assert!(
+        at_a.iter().all(|m| m.text != "are you there?"),
+        "stored while the disk was full"
+    );
+    let at_b = b.handle.history("alice", 1000).await.unwrap();
+    let mine = at_b.iter().find(|m| m.text == "are you there?").unwrap();
+    assert_eq!(mine.state, "queued", "bob keeps it to send again");
+    assert!(b.handle.status().await.unwrap().outbox >= 1);
 
     // The node keeps answering (reads, status) while it cannot write.
     assert!(a.handle.status().await.is_ok());

@@ -734,12 +734,23 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
     let b = TestNode::spawn("bob").await;
     a.add_contact(&b, "bob").await;
     b.add_contact(&a, "alice").await;
+    // Nothing else of alice's (profile, presence key) is still on its way to bob.
+    eventually("alice's outbox drained", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
     b.handle.contact_block("alice", true).await.unwrap();
     a.handle.send("bob", "let me in").await.unwrap();
-    // Bob never stores it; alice keeps it queued.
-    a.wait_history("bob", LONG, |h| h.len() == 1 && h[0].state == "queued")
-        .await;
+    // Alice tries to deliver it and bob drops it unanswered: he never stores it, and
+    // alice keeps it queued.
+    eventually("bob refuses alice's delivery", LONG, || async {
+        let rejected = b.handle.status().await.unwrap().rejected;
+        (rejected.get("blocked").copied().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
     assert!(b.handle.history("alice", 10).await.unwrap().is_empty());
+    let h = a.handle.history("bob", 10).await.unwrap();
+    assert!(h.len() == 1 && h[0].state == "queued", "{h:?}");
     let e = b.handle.send("alice", "hi").await.unwrap_err().to_string();
     assert!(e.contains("blocked"), "{e}");
     b.handle.contact_block("alice", false).await.unwrap();

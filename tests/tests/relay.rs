@@ -193,8 +193,10 @@ async fn offline_recipient_gets_200_messages_once_and_in_order_through_the_relay
 /// hanging behind the flush, and senders keep their messages.
 #[tokio::test]
 async fn a_flush_that_never_ends_stops_the_mailbox_and_health_says_so() {
+    // Shorter than the 30 s default only to keep the test short; long enough that a slow
+    // but genuine flush on a real disk (before the hang) never stops the mailbox.
     let base = RelayConfig {
-        flush_limit: Some(Duration::from_millis(300)),
+        flush_limit: Some(Duration::from_secs(5)),
         ..RelayConfig::default()
     };
     let r = start_relay_with(tempfile::tempdir().unwrap(), base).await;
@@ -474,8 +476,10 @@ async fn relay_limits_hold_end_to_end() {
     base.limits.quota_count = 3;
     base.limits.max_envelope_bytes = 1024;
     base.limits.sender_rate_per_sec = 1;
-    // Alice's claim of a one-time prekey when she adds bob counts as one write.
-    base.limits.sender_burst = 7;
+    // Alice's claim of a one-time prekey when she adds bob counts as one write, and so does
+    // each of the seven deposits before the flood below, refused or not: eight, and one to
+    // spare.
+    base.limits.sender_burst = 9;
     base.limits.min_ttl_secs = 1;
     base.limits.default_ttl_secs = 60;
     base.limits.max_ttl_secs = 120;
@@ -519,51 +523,59 @@ async fn relay_limits_hold_end_to_end() {
         Response::Error { code, .. } => Some(code),
         _ => None,
     };
-    // TTL: the first expires after a second.
+    // Long enough to outlive the test.
+    const KEEP: u64 = 120;
+    // TTL first, on its own: the envelope with a one-second TTL is purged (relay time is
+    // whole seconds, so it may go at any moment) while the other stays. Only then come the
+    // exact counts, which it can no longer disturb.
     assert!(matches!(
         deposit(1, 100, 1, token.clone()).await,
         Response::Deposited { .. }
     ));
     assert!(matches!(
-        deposit(2, 100, 60, token.clone()).await,
+        deposit(2, 100, KEEP, token.clone()).await,
+        Response::Deposited { .. }
+    ));
+    eventually("expired envelope purged", LONG, || async {
+        (r.metric("tern_relay_expired_envelopes_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(r.metric("tern_relay_envelopes_stored").await, 1.0);
+    assert!(matches!(
+        deposit(3, 100, KEEP, token.clone()).await,
         Response::Deposited { .. }
     ));
     assert!(matches!(
-        deposit(3, 100, 60, token.clone()).await,
+        deposit(4, 100, KEEP, token.clone()).await,
         Response::Deposited { .. }
     ));
     // Quota: the fourth is refused, nothing stored is evicted.
     assert_eq!(
-        code(deposit(4, 100, 60, token.clone()).await),
+        code(deposit(5, 100, KEEP, token.clone()).await),
         Some(ErrorCode::Quota)
     );
     // Size.
     assert_eq!(
-        code(deposit(5, 2000, 60, token.clone()).await),
+        code(deposit(6, 2000, KEEP, token.clone()).await),
         Some(ErrorCode::TooLarge)
     );
     // Capability: a token bob never issued.
     let forged = MailboxToken::from_bytes([9; 32]);
     assert_eq!(
-        code(deposit(6, 100, 60, forged).await),
+        code(deposit(7, 100, KEEP, forged).await),
         Some(ErrorCode::Unauthorized)
     );
-    // Rate: the burst is spent.
+    // Rate: the burst is spent (what refilled while the purge was awaited goes within a
+    // few more).
     let mut limited = false;
-    for i in 10..20 {
-        if code(deposit(i, 100, 60, token.clone()).await) == Some(ErrorCode::RateLimited) {
+    for i in 10..40 {
+        if code(deposit(i, 100, KEEP, token.clone()).await) == Some(ErrorCode::RateLimited) {
             limited = true;
             break;
         }
     }
     assert!(limited, "a deposit flood is rate limited");
     assert_eq!(r.metric("tern_relay_envelopes_stored").await, 3.0);
-    // The expired envelope is purged; the others stay.
-    eventually("expired envelope purged", LONG, || async {
-        (r.metric("tern_relay_expired_envelopes_total").await >= 1.0).then_some(())
-    })
-    .await;
-    assert_eq!(r.metric("tern_relay_envelopes_stored").await, 2.0);
     a.stop().await;
     r.handle.shutdown().await;
 }
@@ -622,9 +634,16 @@ async fn a_first_message_to_an_offline_contact_uses_a_one_time_prekey_from_its_r
     let stored = r.metric("tern_relay_prekeys_stored").await;
     let ticket = b.handle.ticket().await.unwrap().encode();
     b.stop_keep().await;
-    // Alice adds offline bob: one of his prekeys is claimed for their session.
+    // Alice adds offline bob: one of his prekeys is claimed for their session. One claim
+    // at most: adding a contact asks each relay of its ticket once (bob has one). Awaited
+    // rather than read at once: a claim the adder gave up on (its timeout is 3 s) may still
+    // reach the relay afterwards.
     let a = TestNode::spawn("alice").await;
     a.handle.contact_add(&ticket, "bob").await.unwrap();
+    eventually("bob's prekey claimed", LONG, || async {
+        (r.metric("tern_relay_prekeys_claimed_total").await >= 1.0).then_some(())
+    })
+    .await;
     assert_eq!(r.metric("tern_relay_prekeys_claimed_total").await, 1.0);
     assert_eq!(r.metric("tern_relay_prekeys_stored").await, stored - 1.0);
     a.handle.send("bob", "hello, offline bob").await.unwrap();
