@@ -92,14 +92,34 @@ fn id_without_init_says_what_to_do() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tern init"));
 }
 
+/// Runs `cmd` to its end, or kills it and fails after `limit` (a hung demo must not hang
+/// the test run).
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} did not end within {limit:?}; killed");
+        }
+    }
+}
+
 #[test]
 fn demo_runs_a_complete_scenario() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["--json", "demo"])
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+    cmd.args(["--json", "demo"]).env("TMPDIR", tmp.path());
+    let out = output_within(cmd, std::time::Duration::from_secs(300));
     let steps = json(&out);
     let texts: Vec<String> = steps
         .as_array()
@@ -122,6 +142,11 @@ fn demo_runs_a_complete_scenario() {
     assert!(all.contains("alice message is delivered"), "{all}");
     assert!(all.contains("alice message is read"), "{all}");
     assert!(all.contains("alice receives from bob"), "{all}");
+    // Presence, then store-and-forward through the relay while bob is offline.
+    assert!(all.contains("alice sees bob away"), "{all}");
+    assert!(all.contains("alice sees bob online again"), "{all}");
+    assert!(all.contains("bob receives through the relay"), "{all}");
+    assert!(all.contains("alice both messages are delivered"), "{all}");
     // Self-cleaning: nothing left in the temporary directory.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{all}");
 }

@@ -950,8 +950,22 @@ mod tests {
         }
         // What a kill during a snapshot leaves: the file before its rename, cut short.
         std::fs::write(path.join("snap.7FFFFFFFFFFFFFFF.generating"), [1, 2, 3]).unwrap();
+        // sled alone (not `open_sled`), waiting out the file lock the dropped database may
+        // still hold for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let refused = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
         assert!(
-            matches!(config.open(), Err(sled::Error::Corruption { .. })),
+            matches!(refused, Err(sled::Error::Corruption { .. })),
             "sled 0.34 takes the unfinished file for its snapshot"
         );
         let db = open_sled(&config).unwrap();

@@ -1371,8 +1371,9 @@ mod tests {
         );
         register(&mut r, T0, &peer(1), &[token(1).hash()]);
         let flooder = peer(200);
-        let _ = deposit(&mut r, T0, &flooder, &peer(1), &token(1), id(0), 1);
-        let _ = deposit(&mut r, T0, &flooder, &peer(1), &token(1), id(1), 1);
+        for n in 0..2 {
+            assert!(deposit(&mut r, T0, &flooder, &peer(1), &token(1), id(n), 1).is_ok());
+        }
         assert_eq!(
             deposit(&mut r, T0, &flooder, &peer(1), &token(1), id(2), 1),
             Err(Refusal::RateLimited)
