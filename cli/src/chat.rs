@@ -150,7 +150,9 @@ impl Drop for Input {
     }
 }
 
-fn spawn_input(name: String) -> Input {
+/// Starts reading lines; with `watch_edits`, the line being edited is reported too (for the
+/// typing indicator; not for a blocked contact, who is never told).
+fn spawn_input(name: String, watch_edits: bool) -> Input {
     let (tx, lines) = mpsc::channel(16);
     let (edit_tx, edits) = mpsc::unbounded_channel();
     // Reads lines until a quit command, the end of input, or the chat is gone. (It must
@@ -173,9 +175,10 @@ fn spawn_input(name: String) -> Input {
     let printer = if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         let editor_printer = reedline::ExternalPrinter::<String>::default();
         let printer = editor_printer.sender();
-        let mut editor = reedline::Reedline::create()
-            .with_external_printer(editor_printer)
-            .with_highlighter(Box::new(EditWatch(edit_tx)));
+        let mut editor = reedline::Reedline::create().with_external_printer(editor_printer);
+        if watch_edits {
+            editor = editor.with_highlighter(Box::new(EditWatch(edit_tx)));
+        }
         let prompt = reedline::DefaultPrompt::new(
             reedline::DefaultPromptSegment::Basic(format!("to {name}")),
             reedline::DefaultPromptSegment::Empty,
@@ -236,7 +239,7 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     }
     client.mark_read(name).await?;
 
-    let mut input = spawn_input(contact.name.clone());
+    let mut input = spawn_input(contact.name.clone(), !contact.blocked);
     let printer = input.printer.clone();
     let mut mine = std::collections::HashSet::new();
     let mut typing = TypingSignal::default();
@@ -244,7 +247,13 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // Edits first: the editor repaints the line once more just before it hands it
+            // over, and that edit must not come after the line (it would say "typing" again).
+            biased;
             _ = tokio::signal::ctrl_c() => break,
+            Some(line) = input.edits.recv() => {
+                tell(&client, &contact.name, typing.edited(Instant::now(), &line)).await;
+            }
             line = input.lines.recv() => match line {
                 None | Some(Line::Eof) => break,
                 Some(Line::Text(line)) => {
@@ -254,9 +263,6 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
                     }
                 }
             },
-            Some(line) = input.edits.recv(), if !contact.blocked => {
-                tell(&client, &contact.name, typing.edited(Instant::now(), &line)).await;
-            }
             _ = ticks.tick() => tell(&client, &contact.name, typing.tick(Instant::now())).await,
             event = events.next() => match event {
                 None => anyhow::bail!("the daemon closed the event stream (it stopped?)"),

@@ -25,7 +25,7 @@ use crate::{
     data_dir::{DataDir, DataDirLock},
     events::{EventBus, now_ms},
     identity::Identity,
-    net::{self, InboundRequest, NetEvent, NetHandle, Proto},
+    net::{self, InboundRequest, NetEvent, NetGroup, NetHandle, Proto, Reader},
     node::NodeError,
     store::Store,
 };
@@ -232,39 +232,60 @@ pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle
 /// Bytes of fetch pages on their way to one peer at most (four full pages): a node fetches
 /// one page at a time, and a peer that never reads must not hold the relay-wide limit alone.
 const FETCH_IN_FLIGHT_PER_PEER: u64 = 4 * 1024 * 1024;
+/// Bytes of fetch pages on their way to the peers of one network at most (an IPv4 /24 or an
+/// IPv6 /48, [`NetGroup`]): identities cost nothing, so without it 16 identities that never
+/// read would hold the relay-wide default (64 MiB); with it that takes four networks.
+const FETCH_IN_FLIGHT_PER_NET: u64 = 16 * 1024 * 1024;
 
-/// What one batch may still answer in fetch pages: the relay-wide limit and the per-peer
-/// one, less what is on its way already and what the batch gave so far. I/O-free.
+/// What one batch may still answer in fetch pages: the relay-wide limit, the per-network
+/// and the per-peer one, less what is on its way already and what the batch gave so far.
+/// I/O-free.
 struct FetchBudget {
     left: u64,
     per_peer: u64,
+    per_net: u64,
     taken: HashMap<PeerId, u64>,
+    taken_net: HashMap<NetGroup, u64>,
+}
+
+/// What is on its way to a request's reader, by peer and by network.
+#[derive(Debug, Clone, Copy)]
+struct Sending {
+    to_peer: u64,
+    to_net: u64,
 }
 
 impl FetchBudget {
-    /// A batch's budget, with `limit` in all and `per_peer` for each peer, while `sending`
-    /// bytes are on their way.
-    fn new(limit: u64, per_peer: u64, sending: u64) -> Self {
+    /// A batch's budget, with `limit` in all, `per_net` for each network and `per_peer` for
+    /// each peer, while `sending` bytes are on their way.
+    fn new(limit: u64, per_net: u64, per_peer: u64, sending: u64) -> Self {
         Self {
             left: limit.saturating_sub(sending),
             per_peer,
+            per_net,
             taken: HashMap::new(),
+            taken_net: HashMap::new(),
         }
     }
 
-    /// What a request of `peer` may use, while `sending_to` bytes are on their way to it.
-    fn for_request(&self, peer: &PeerId, sending_to: u64) -> u64 {
+    /// What a request of `reader` may use, while `sending` is on its way to it.
+    fn for_request(&self, reader: &Reader, sending: Sending) -> u64 {
         let peer_left = self
             .per_peer
-            .saturating_sub(sending_to)
-            .saturating_sub(self.taken.get(peer).copied().unwrap_or(0));
-        self.left.min(peer_left)
+            .saturating_sub(sending.to_peer)
+            .saturating_sub(self.taken.get(&reader.peer).copied().unwrap_or(0));
+        let net_left = self
+            .per_net
+            .saturating_sub(sending.to_net)
+            .saturating_sub(self.taken_net.get(&reader.net).copied().unwrap_or(0));
+        self.left.min(peer_left).min(net_left)
     }
 
-    /// `peer`'s request used `used` bytes (at most what [`Self::for_request`] gave).
-    fn spent(&mut self, peer: PeerId, used: u64) {
+    /// `reader`'s request used `used` bytes (at most what [`Self::for_request`] gave).
+    fn spent(&mut self, reader: Reader, used: u64) {
         self.left = self.left.saturating_sub(used);
-        *self.taken.entry(peer).or_default() += used;
+        *self.taken.entry(reader.peer).or_default() += used;
+        *self.taken_net.entry(reader.net).or_default() += used;
     }
 }
 
@@ -370,18 +391,27 @@ impl MailboxActor {
         // batch gets the rest.
         let mut fetch = FetchBudget::new(
             self.fetch_in_flight,
+            FETCH_IN_FLIGHT_PER_NET,
             FETCH_IN_FLIGHT_PER_PEER,
             self.net.mailbox_bytes_sending(),
         );
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in &batch {
-            let budget = fetch.for_request(&req.peer, self.net.mailbox_bytes_sending_to(&req.peer));
+            let reader = Reader {
+                peer: req.peer,
+                net: req.net,
+            };
+            let sending = Sending {
+                to_peer: self.net.mailbox_bytes_sending_to(&req.peer),
+                to_net: self.net.mailbox_bytes_sending_to_net(&req.net),
+            };
+            let budget = fetch.for_request(&reader, sending);
             self.server.set_fetch_budget(budget);
             let reply = match PeerBytes::new(req.peer.to_bytes()) {
                 Ok(peer) => self.server.handle(now, &peer, &req.bytes),
                 Err(_) => Reply::unavailable(),
             };
-            fetch.spent(req.peer, budget - self.server.fetch_budget());
+            fetch.spent(reader, budget - self.server.fetch_budget());
             if let Some(code) = reply.error {
                 tracing::debug!(peer = %net::short(&req.peer), code = code.as_str(), "mailbox request refused");
             }
@@ -398,7 +428,15 @@ impl MailboxActor {
             }
             let _ = self
                 .net
-                .respond_mailbox(req.id, req.peer, req.channel, reply.bytes)
+                .respond_mailbox(
+                    req.id,
+                    Reader {
+                        peer: req.peer,
+                        net: req.net,
+                    },
+                    req.channel,
+                    reply.bytes,
+                )
                 .await;
         }
         notices.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
@@ -560,20 +598,78 @@ async fn admin_response(
 mod tests {
     use super::*;
 
+    fn reader(net: u8) -> Reader {
+        Reader {
+            peer: PeerId::random(),
+            net: NetGroup::V4([10, 0, net]),
+        }
+    }
+
+    fn sending(to_peer: u64, to_net: u64) -> Sending {
+        Sending { to_peer, to_net }
+    }
+
     #[test]
     fn a_batch_shares_the_fetch_limits_in_all_and_per_peer() {
-        let (a, b) = (PeerId::random(), PeerId::random());
-        // 10 in all, 4 per peer, 3 on their way already (1 of them to a).
-        let mut f = FetchBudget::new(10, 4, 3);
-        assert_eq!(f.for_request(&a, 1), 3);
+        let (a, b) = (reader(1), reader(2));
+        // 10 in all, 4 per peer (networks do not limit here), 3 on their way already (1 of
+        // them to a).
+        let mut f = FetchBudget::new(10, 100, 4, 3);
+        assert_eq!(f.for_request(&a, sending(1, 1)), 3);
         f.spent(a, 3);
-        assert_eq!(f.for_request(&a, 1), 0, "a has 4 on its way and taken");
-        assert_eq!(f.for_request(&b, 0), 4);
+        assert_eq!(
+            f.for_request(&a, sending(1, 1)),
+            0,
+            "a has 4 on its way and taken"
+        );
+        assert_eq!(f.for_request(&b, sending(0, 0)), 4);
         f.spent(b, 2);
-        f.spent(PeerId::random(), 2);
+        f.spent(reader(3), 2);
         // 7 - 3 - 2 - 2 = 0 left in all: b's own room does not matter then.
-        assert_eq!(f.for_request(&b, 0), 0);
+        assert_eq!(f.for_request(&b, sending(0, 0)), 0);
         // Nothing left in all from the start.
-        assert_eq!(FetchBudget::new(10, 4, 12).for_request(&a, 0), 0);
+        assert_eq!(
+            FetchBudget::new(10, 100, 4, 12).for_request(&a, sending(0, 0)),
+            0
+        );
+    }
+
+    #[test]
+    fn peers_of_one_network_share_its_limit() {
+        // 100 in all, 6 per network, 4 per peer.
+        let mut f = FetchBudget::new(100, 6, 4, 0);
+        let (a, b, other) = (reader(1), reader(1), reader(2));
+        assert_eq!(f.for_request(&a, sending(0, 1)), 4);
+        f.spent(a, 4);
+        // b has nothing on its way, but its network has 1 + 4.
+        assert_eq!(f.for_request(&b, sending(0, 1)), 1);
+        f.spent(b, 1);
+        assert_eq!(
+            f.for_request(&reader(1), sending(0, 1)),
+            0,
+            "the network is full"
+        );
+        // Another network is not affected.
+        assert_eq!(f.for_request(&other, sending(0, 0)), 4);
+        // Which network a connection counts for.
+        let net = |a: &str| NetGroup::of(&a.parse().unwrap());
+        assert_eq!(
+            net("/ip4/192.0.2.7/tcp/1"),
+            net("/ip4/192.0.2.200/udp/9/quic-v1")
+        );
+        assert_ne!(net("/ip4/192.0.2.7/tcp/1"), net("/ip4/192.0.3.7/tcp/1"));
+        assert_eq!(
+            net("/ip6/2001:db8:1:2::1/tcp/1"),
+            net("/ip6/2001:db8:1:ffff::9/tcp/1")
+        );
+        assert_ne!(
+            net("/ip6/2001:db8:1::1/tcp/1"),
+            net("/ip6/2001:db8:2::1/tcp/1")
+        );
+        assert_eq!(
+            net("/ip6/::ffff:192.0.2.1/tcp/1"),
+            net("/ip4/192.0.2.9/tcp/1")
+        );
+        assert_eq!(net("/dns4/example.org/tcp/1"), NetGroup::Other);
     }
 }

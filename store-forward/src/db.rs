@@ -48,7 +48,7 @@
 //!   atomic batch never leaves items or prekeys without their mailbox.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     ffi::OsString,
     fs::File,
     path::{Path, PathBuf},
@@ -186,14 +186,16 @@ impl From<Full> for DbError {
 /// segment: a leaf holding a few 60 KiB envelopes or messages) go to files of their own
 /// under `blobs/`, which sled never syncs, nor the directory naming them. `sync` makes up
 /// for both: an `fdatasync` of the log file, then an `fsync` of every blob file not synced
-/// before (sled writes each once, under a new name, and never changes it) and of `blobs/`
-/// when it holds new ones.
+/// before at its present length (sled writes each once, under a new name, and never changes
+/// it after; one still being written is synced again once it grew) and of `blobs/` when it
+/// holds new ones.
 #[derive(Debug)]
 pub struct SledFiles {
     log: File,
     blobs: PathBuf,
-    /// The blob files made durable so far (those still present at the last sync).
-    synced: Mutex<HashSet<OsString>>,
+    /// The blob files made durable so far and their lengths then (those still present at
+    /// the last sync).
+    synced: Mutex<HashMap<OsString, u64>>,
 }
 
 impl SledFiles {
@@ -202,7 +204,7 @@ impl SledFiles {
         Ok(Self {
             log: File::open(path.join("db"))?,
             blobs: path.join("blobs"),
-            synced: Mutex::new(HashSet::new()),
+            synced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -216,21 +218,27 @@ impl SledFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e),
         };
-        let mut present = HashSet::with_capacity(synced.len());
+        let mut present = HashMap::with_capacity(synced.len());
         let mut new = 0;
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            if !synced.contains(&name) {
+            // Removed by sled meanwhile (its page was rewritten): nothing to keep.
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if synced.get(&name) != Some(&len) {
                 match File::open(entry.path()) {
                     Ok(file) => file.sync_all()?,
-                    // Removed by sled meanwhile (its page was rewritten): nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) if gone(&e) => continue,
                     Err(e) => return Err(e),
                 }
                 new += 1;
             }
-            present.insert(name);
+            present.insert(name, len);
         }
         if new > 0 {
             File::open(&self.blobs)?.sync_all()?;
@@ -1321,5 +1329,33 @@ mod tests {
         // The reserve measured again lets writes through once it is lowered.
         db.set_min_free_bytes(0);
         db.put_item(&item(key, 2, 2, 1), &peer(2), &[2]).unwrap();
+    }
+
+    #[test]
+    fn sled_files_sync_each_blob_once_at_each_length() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        create_sled_dir(&path).unwrap();
+        let db = open_sled(&sled::Config::new().path(&path)).unwrap();
+        let files = SledFiles::open(&path).unwrap();
+        // A value over a quarter of sled's segment goes to a blob file of its own.
+        db.insert(b"big", vec![7u8; 300 * 1024]).unwrap();
+        db.flush().unwrap();
+        let first = files.sync().unwrap();
+        assert!(first >= 1, "sled wrote its blob: {first}");
+        assert_eq!(files.sync().unwrap(), 0, "synced once");
+        // A blob still being written when it was synced is synced again once it grew.
+        let blobs = path.join("blobs");
+        std::fs::write(blobs.join("999999"), [1, 2, 3]).unwrap();
+        assert_eq!(files.sync().unwrap(), 1);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(blobs.join("999999"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, &[4, 5]).unwrap();
+        assert_eq!(files.sync().unwrap(), 1);
+        assert_eq!(files.sync().unwrap(), 0);
+        std::fs::remove_file(blobs.join("999999")).unwrap();
+        assert_eq!(files.sync().unwrap(), 0);
     }
 }

@@ -399,26 +399,38 @@ async fn events_stream_as_json_lines_and_resume_with_since() {
             }
         }
     });
-    // `--since 0` replays the log, so the stream sees the connection even if it attaches late.
+    // `--since 0` replays the log, so the stream sees the contact even if it attaches late;
+    // the connection (an event the log does not keep) only live.
     let client = a.client().await;
     let mut sub = client.subscribe(None).await.unwrap();
+    let ticket = b.tern_json(&["id"])["ticket"].as_str().unwrap().to_string();
+    a.tern_json(&["contact", "add", &ticket, "--name", "bob"]);
     a.tern_json(&["dial", &b.tcp_addr()]);
-    let seen = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
+    let (added, connected) = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut added, mut connected) = (None, None);
+        while added.is_none() || connected.is_none() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let v = rx.recv_timeout(left).expect("peerConnected line in time");
-            if v["type"] == "peerConnected" {
-                return v;
+            let v = rx
+                .recv_timeout(left)
+                .expect("contactAdded and peerConnected lines in time");
+            match v["type"].as_str() {
+                Some("contactAdded") => added = Some(v),
+                Some("peerConnected") => connected = Some(v),
+                _ => {}
             }
         }
+        (added.unwrap(), connected.unwrap())
     })
     .await
     .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(seen["peer_id"], b_id.as_str());
-    let seq = seen["seq"].as_u64().unwrap();
+    assert_eq!(added["peer_id"], b_id.as_str());
+    assert_eq!(connected["peer_id"], b_id.as_str());
+    let seq = added["seq"].as_u64().unwrap();
+    let connected_seq = connected["seq"].as_u64().unwrap();
+    assert!(connected_seq > seq, "dialled after the contact was added");
 
     // The typed subscription saw the same event with the same seq.
     let live = loop {
@@ -433,11 +445,24 @@ async fn events_stream_as_json_lines_and_resume_with_since() {
     };
     assert!(matches!(
         live.kind,
-        tern_node::events::EventKind::PeerConnected { .. }
+        tern_node::events::EventKind::ContactAdded { .. }
     ));
 
-    // Resuming from seq-1 replays exactly that event first; seqs are increasing.
+    // Resuming from seq-1 replays exactly that event first; the connection is not replayed
+    // (whatever the log replays next comes after it).
     let mut again = client.subscribe(Some(seq - 1)).await.unwrap();
-    let first = again.next().await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), again.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(first.seq, seq);
+    let mut again = client.subscribe(Some(seq)).await.unwrap();
+    a.tern_json(&["send", "bob", "hi"]);
+    let later = tokio::time::timeout(Duration::from_secs(20), again.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(later.seq > connected_seq, "{later:?} replayed");
 }

@@ -299,7 +299,8 @@ impl ApiClient {
 /// A subscription ends when its reader falls behind: the daemon closes one that lags more than
 /// 1,024 events (`LAGGED`), and the client drops one whose own buffer fills. Either way this
 /// stream subscribes again with `since` = the last `seq` it returned, so the reader sees every
-/// event the daemon's log still holds, once and in order. It ends (`None`) when the daemon
+/// event the daemon's log still holds, once and in order (from the first event it returned:
+/// started without `since`, it knows no position before that). It ends (`None`) when the daemon
 /// refuses to subscribe (it stopped) or when three subscriptions in a row end before giving
 /// an event (a daemon shutting down).
 #[derive(Debug)]

@@ -31,15 +31,16 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("frame of {len} bytes exceeds the limit of {max}"),
         ));
     }
-    // Grown as bytes arrive, not allocated at the announced size: a peer announcing a large
-    // frame on each of many streams and sending nothing more holds no memory for it.
-    let mut buf = Vec::with_capacity(len.min(FIRST_CHUNK));
-    (&mut *io).take(len as u64).read_to_end(&mut buf).await?;
-    if buf.len() < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("frame cut short: {} of {len} bytes", buf.len()),
-        ));
+    // Grown as bytes arrive (doubling, exactly up to `len`), not allocated at the announced
+    // size: a peer announcing a large frame on each of many streams and sending nothing more
+    // holds 8 KiB per stream, and a frame that arrives holds `len` bytes, no more.
+    let mut buf = Vec::new();
+    while buf.len() < len {
+        let start = buf.len();
+        let step = (len - start).min(start.max(FIRST_CHUNK));
+        buf.reserve_exact(step);
+        buf.resize(start + step, 0);
+        io.read_exact(&mut buf[start..]).await?;
     }
     Ok(buf)
 }
@@ -134,7 +135,7 @@ mod tests {
         short.extend_from_slice(b"abc");
         assert!(read_frame(&mut Cursor::new(&short), 1024).await.is_err());
         let mut short = (96u32 * 1024).to_be_bytes().to_vec();
-        short.extend_from_slice(b"abc");
+        short.extend_from_slice(&[7; 20_000]);
         let err = read_frame(&mut Cursor::new(&short), 128 * 1024)
             .await
             .unwrap_err();
@@ -149,7 +150,9 @@ mod tests {
             .unwrap();
         wire.extend_from_slice(b"next");
         let mut cursor = Cursor::new(&wire);
-        assert_eq!(read_frame(&mut cursor, 128 * 1024).await.unwrap(), big);
+        let got = read_frame(&mut cursor, 128 * 1024).await.unwrap();
+        assert_eq!(got, big);
+        assert_eq!(got.capacity(), big.len(), "no spare room kept");
         let mut rest = Vec::new();
         cursor.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"next");

@@ -68,35 +68,102 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 struct MailboxSending {
     total: AtomicU64,
-    per_peer: std::sync::Mutex<HashMap<PeerId, u64>>,
+    per_reader: std::sync::Mutex<ReaderBytes>,
+}
+
+/// Bytes on their way, by peer and by the network the peers connect from.
+#[derive(Debug, Default)]
+struct ReaderBytes {
+    peers: HashMap<PeerId, u64>,
+    nets: HashMap<NetGroup, u64>,
+}
+
+/// Subtracts `size` from `key`'s count, forgetting it at zero.
+fn count_down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: &K, size: u64) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(size);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl MailboxSending {
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, u64>> {
-        self.per_peer
+    fn readers(&self) -> std::sync::MutexGuard<'_, ReaderBytes> {
+        self.per_reader
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn add(&self, peer: PeerId, size: u64) {
+    fn add(&self, reader: Reader, size: u64) {
         self.total.fetch_add(size, Ordering::Relaxed);
-        *self.peers().entry(peer).or_default() += size;
+        let mut r = self.readers();
+        *r.peers.entry(reader.peer).or_default() += size;
+        *r.nets.entry(reader.net).or_default() += size;
     }
 
-    fn sub(&self, peer: PeerId, size: u64) {
+    fn sub(&self, reader: Reader, size: u64) {
         self.total.fetch_sub(size, Ordering::Relaxed);
-        let mut peers = self.peers();
-        if let Some(n) = peers.get_mut(&peer) {
-            *n = n.saturating_sub(size);
-            if *n == 0 {
-                peers.remove(&peer);
-            }
-        }
+        let mut r = self.readers();
+        count_down(&mut r.peers, &reader.peer, size);
+        count_down(&mut r.nets, &reader.net, size);
     }
 
     fn to(&self, peer: &PeerId) -> u64 {
-        self.peers().get(peer).copied().unwrap_or(0)
+        self.readers().peers.get(peer).copied().unwrap_or(0)
     }
+
+    fn to_net(&self, net: &NetGroup) -> u64 {
+        self.readers().nets.get(net).copied().unwrap_or(0)
+    }
+}
+
+/// The network a connection comes from, as far as limits go: its IPv4 /24 or IPv6 /48 (an
+/// attacker's identities cost nothing, its addresses do). Connections without an IP address
+/// of their own share [`NetGroup::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NetGroup {
+    /// The first three bytes of an IPv4 address.
+    V4([u8; 3]),
+    /// The first six bytes of an IPv6 address.
+    V6([u8; 6]),
+    /// No IP address in the connection's address.
+    Other,
+}
+
+impl NetGroup {
+    /// The group of the first IP address in `addr` (for a relayed connection, the relay's).
+    pub fn of(addr: &Multiaddr) -> Self {
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(ip) => {
+                    let [a, b, c, _] = ip.octets();
+                    return NetGroup::V4([a, b, c]);
+                }
+                Protocol::Ip6(ip) => {
+                    let o = ip.octets();
+                    return match ip.to_ipv4_mapped() {
+                        Some(v4) => {
+                            let [a, b, c, _] = v4.octets();
+                            NetGroup::V4([a, b, c])
+                        }
+                        None => NetGroup::V6([o[0], o[1], o[2], o[3], o[4], o[5]]),
+                    };
+                }
+                _ => {}
+            }
+        }
+        NetGroup::Other
+    }
+}
+
+/// Who an answer is on its way to: the peer and the network it connects from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reader {
+    /// The authenticated peer.
+    pub peer: PeerId,
+    /// The network of the connection its request came on.
+    pub net: NetGroup,
 }
 
 /// How often tracked mailbox answers are checked for ones no event came for.
@@ -227,6 +294,8 @@ pub struct InboundRequest {
     pub id: request_response::InboundRequestId,
     /// The authenticated peer (noise) that sent it.
     pub peer: PeerId,
+    /// The network of the connection it came on.
+    pub net: NetGroup,
     /// The raw frame.
     pub bytes: Vec<u8>,
     /// Where the response goes.
@@ -371,7 +440,7 @@ enum Command {
         bytes: Vec<u8>,
         /// Counted in [`NetHandle::mailbox_bytes_sending`] (already, by the caller) until
         /// written or failed: the request, its peer and the answer's size.
-        track: Option<(request_response::InboundRequestId, PeerId, u64)>,
+        track: Option<(request_response::InboundRequestId, Reader, u64)>,
     },
     IsConnected {
         peer: PeerId,
@@ -511,24 +580,24 @@ impl NetHandle {
     pub async fn respond_mailbox(
         &self,
         id: request_response::InboundRequestId,
-        peer: PeerId,
+        reader: Reader,
         channel: request_response::ResponseChannel<Vec<u8>>,
         bytes: Vec<u8>,
     ) -> Result<(), NetError> {
         let size = bytes.len() as u64;
         // Counted from now, so the caller's next look already sees it.
-        self.mailbox_sending.add(peer, size);
+        self.mailbox_sending.add(reader, size);
         let sent = self
             .tx
             .send(Command::Respond {
                 proto: Proto::Mailbox,
                 channel,
                 bytes,
-                track: Some((id, peer, size)),
+                track: Some((id, reader, size)),
             })
             .await;
         if sent.is_err() {
-            self.mailbox_sending.sub(peer, size);
+            self.mailbox_sending.sub(reader, size);
             return Err(NetError::ActorGone);
         }
         Ok(())
@@ -544,6 +613,11 @@ impl NetHandle {
     /// The part of [`Self::mailbox_bytes_sending`] that waits for `peer`.
     pub fn mailbox_bytes_sending_to(&self, peer: &PeerId) -> u64 {
         self.mailbox_sending.to(peer)
+    }
+
+    /// The part of [`Self::mailbox_bytes_sending`] that waits for peers of network `net`.
+    pub fn mailbox_bytes_sending_to_net(&self, net: &NetGroup) -> u64 {
+        self.mailbox_sending.to_net(net)
     }
 
     /// Whether a connection to `peer` is open.
@@ -663,7 +737,7 @@ struct NetActor {
     pending_requests: HashMap<(Proto, request_response::OutboundRequestId), ResponseReply>,
     net_events: broadcast::Sender<NetEvent>,
     /// Tracked mailbox answers not written yet: size and when they were handed over.
-    mailbox_out: HashMap<request_response::InboundRequestId, (PeerId, u64, Instant)>,
+    mailbox_out: HashMap<request_response::InboundRequestId, (Reader, u64, Instant)>,
     mailbox_sending: Arc<MailboxSending>,
     /// When `mailbox_out` was last cleared of entries no event came for.
     mailbox_swept: Instant,
@@ -889,11 +963,11 @@ impl NetActor {
                     .is_none_or(|rr| rr.send_response(channel, bytes).is_err())
                 {
                     tracing::debug!("response not sent: the requester went away");
-                    if let Some((_, peer, size)) = track {
-                        self.mailbox_sending.sub(peer, size);
+                    if let Some((_, reader, size)) = track {
+                        self.mailbox_sending.sub(reader, size);
                     }
-                } else if let Some((id, peer, size)) = track {
-                    self.track_mailbox_answer(id, peer, size);
+                } else if let Some((id, reader, size)) = track {
+                    self.track_mailbox_answer(id, reader, size);
                 }
             }
             Command::IsConnected { peer, reply } => {
@@ -1057,7 +1131,7 @@ impl NetActor {
     fn track_mailbox_answer(
         &mut self,
         id: request_response::InboundRequestId,
-        peer: PeerId,
+        reader: Reader,
         size: u64,
     ) {
         let now = Instant::now();
@@ -1075,15 +1149,15 @@ impl NetActor {
                 self.mailbox_answer_done(id);
             }
         }
-        if let Some((peer, size, _)) = self.mailbox_out.insert(id, (peer, size, now)) {
+        if let Some((reader, size, _)) = self.mailbox_out.insert(id, (reader, size, now)) {
             // An id seen twice (not expected): the first answer's count goes.
-            self.mailbox_sending.sub(peer, size);
+            self.mailbox_sending.sub(reader, size);
         }
     }
 
     fn mailbox_answer_done(&mut self, id: request_response::InboundRequestId) {
-        if let Some((peer, size, _)) = self.mailbox_out.remove(&id) {
-            self.mailbox_sending.sub(peer, size);
+        if let Some((reader, size, _)) = self.mailbox_out.remove(&id) {
+            self.mailbox_sending.sub(reader, size);
         }
     }
 
@@ -1092,13 +1166,13 @@ impl NetActor {
         match event {
             Event::Message {
                 peer,
+                connection_id,
                 message:
                     Message::Request {
                         request_id,
                         request,
                         channel,
                     },
-                ..
             } => {
                 let (sink, queued) = match proto {
                     Proto::Msg => (&self.sinks.msg, &self.inbound_queued[0]),
@@ -1112,9 +1186,15 @@ impl NetActor {
                     );
                     return;
                 };
+                let net = self
+                    .connections
+                    .get(&peer)
+                    .and_then(|c| c.get(&connection_id))
+                    .map_or(NetGroup::Other, NetGroup::of);
                 let item = InboundRequest {
                     id: request_id,
                     peer,
+                    net,
                     bytes: request,
                     channel,
                     _queued: queued,

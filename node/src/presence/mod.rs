@@ -203,6 +203,8 @@ struct Actor {
     seen_table: Table<Seen>,
     /// The last sequence number we published (key [`OWN_SEQ_KEY`]).
     own_seq: Table<u64>,
+    /// Whether storing it failed last time (so the warning is logged once).
+    own_seq_failing: bool,
     known_offline: KnownOffline,
     dirty: HashMap<PeerId, Seen>,
     accepted: u64,
@@ -273,6 +275,7 @@ pub async fn spawn(
         messaging,
         seen_table,
         own_seq,
+        own_seq_failing: false,
         known_offline,
         dirty: HashMap::new(),
         accepted: 0,
@@ -556,8 +559,15 @@ impl Actor {
         };
         let mut nonce = [0u8; 24];
         self.rng.fill_bytes(&mut nonce);
-        if let Err(e) = self.own_seq.insert(OWN_SEQ_KEY, &seq) {
-            tracing::warn!(error = %e, "could not store our presence sequence number");
+        // Best effort (not flushed here: the next flush of anyone, or the stop's, makes it
+        // durable); said once while it keeps failing (a full disk).
+        match self.own_seq.insert(OWN_SEQ_KEY, &seq) {
+            Ok(()) => self.own_seq_failing = false,
+            Err(e) if !self.own_seq_failing => {
+                self.own_seq_failing = true;
+                tracing::warn!(error = %e, "could not store our presence sequence number");
+            }
+            Err(_) => {}
         }
         let frame = wire::seal(&self.signing, &self.me, key, seq, body, nonce);
         match self.net.publish(self.my_topic.clone(), frame).await {

@@ -694,7 +694,22 @@ impl Shared {
             }
             (w.file.clone(), w.seq, w.len >= CHECKPOINT_BYTES)
         };
-        let (file, upto) = if big && self.checkpoint(files)? {
+        let checkpointed = if big {
+            match self.checkpoint(files) {
+                Ok(done) => done,
+                // The checkpoint synced the journal before it failed (applying to sled or
+                // syncing sled): what this flush covers is durable, the store is stopped
+                // (`broken`), and the next open applies the journal.
+                Err(e) if self.synced.load(Ordering::Acquire) >= target => {
+                    tracing::error!(error = %e, "checkpoint failed after the journal was synced");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            false
+        };
+        let (file, upto) = if checkpointed {
             let w = lock(&self.writer);
             (w.file.clone(), w.seq)
         } else {
