@@ -245,18 +245,25 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
     let mut typing = TypingSignal::default();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One Ctrl-C listener for the whole chat: one made anew on each pass would miss a
+    // signal that arrives while a branch runs.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            // Edits first: the editor repaints the line once more just before it hands it
-            // over, and that edit must not come after the line (it would say "typing" again).
+            // Edits first, so a line's own edits are taken before it (the rest, sent just
+            // before it, are dropped when it is handled).
             biased;
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
             Some(line) = input.edits.recv() => {
                 tell(&client, &contact.name, typing.edited(Instant::now(), &line)).await;
             }
             line = input.lines.recv() => match line {
                 None | Some(Line::Eof) => break,
                 Some(Line::Text(line)) => {
+                    // The editor's last edit of this line was sent before it: drop it, so
+                    // it cannot say "typing" again after the line.
+                    while input.edits.try_recv().is_ok() {}
                     tell(&client, &contact.name, typing.entered()).await;
                     if !handle_line(&client, &printer, &contact.name, &line, &mut mine).await {
                         break;

@@ -193,9 +193,11 @@ pub(crate) async fn events(g: &Globals, since: Option<u64>) -> anyhow::Result<()
     let client = connect(g).await?;
     // Resumes after the last event shown if it falls behind (a slow terminal or pipe).
     let mut sub = client.events(since).await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut ctrl_c => return Ok(()),
             next = sub.next() => match next {
                 Some(Ok(event)) => print_event(g, &event)?,
                 Some(Err(e)) => anyhow::bail!("bad event from the daemon: {e}"),

@@ -297,7 +297,9 @@ impl ApiClient {
 /// while the daemon still answers ([`ApiClient::events`]).
 ///
 /// A subscription ends when its reader falls behind: the daemon closes one that lags more than
-/// 1,024 events (`LAGGED`), and the client drops one whose own buffer fills. Either way this
+/// 1,024 events (`LAGGED`), and the client stops one whose own buffer fills (jsonrpsee drops
+/// the notification that did not fit and may pass on a few later ones before it stops, so
+/// a plain [`Subscription`] can have a gap; this stream checks for that after every event). Either way this
 /// stream subscribes again with `since` = the last `seq` it returned, so the reader sees every
 /// event the daemon's log still holds, once and in order (from the first event it returned:
 /// started without `since`, it knows no position before that). It ends (`None`) when the daemon
@@ -320,6 +322,14 @@ impl EventStream<'_> {
         loop {
             match self.sub.next().await {
                 Some(Ok(event)) if self.last.is_some_and(|last| event.seq <= last) => {}
+                // The client's buffer overflowed at some point before now: jsonrpsee then
+                // drops that notification but may still pass on later ones, so this one
+                // may come after a gap. Everything returned so far was received before the
+                // overflow (it was checked each time): resume after it.
+                Some(Ok(_)) if self.sub.close_reason().is_some() => {
+                    tracing::debug!(last = ?self.last, "event subscription lagged; resuming");
+                    self.sub = self.client.subscribe(self.last).await.ok()?;
+                }
                 Some(Ok(event)) => {
                     self.last = Some(event.seq);
                     return Some(Ok(event));
