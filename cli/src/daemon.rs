@@ -39,8 +39,10 @@ pub(crate) fn init_logging(json: bool) {
             tracing_subscriber::EnvFilter::new("warn,tern_node=info,tern=info")
         }),
     );
+    // Colours only on a terminal: a log file or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

@@ -35,8 +35,8 @@ struct Cli {
 enum Command {
     /// Create this node's identity and config (refuses if one exists).
     Init {
-        /// Your display name, shown to contacts.
-        #[arg(long)]
+        /// Your display name, shown to contacts (the rules of contact names).
+        #[arg(long, value_parser = display_name)]
         name: Option<String>,
     },
     /// Show this node's peer id, iroh endpoint id and contact ticket.
@@ -56,7 +56,8 @@ enum Command {
     /// Connect to a peer by multiaddr (optionally ending in /p2p/<peer id>).
     Dial {
         /// The peer's address.
-        address: String,
+        #[arg(value_parser = parse_multiaddr)]
+        address: Multiaddr,
     },
     /// Stream events until interrupted (JSON lines with --json).
     Events {
@@ -122,6 +123,16 @@ struct Globals {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.json && matches!(cli.command, Command::Chat { .. }) {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "`tern chat` is interactive and has no JSON output; for machine-readable \
+                 messages use `tern --json events` and `tern --json send`",
+            )
+            .exit();
+    }
     let dir = match cli
         .data_dir
         .clone()
@@ -170,7 +181,7 @@ async fn run(command: Command, g: Globals) -> anyhow::Result<()> {
         Command::Relay(args) => relay_cmd::run(&g, args).await,
         Command::Status => client_cmds::status(&g).await,
         Command::Peers => client_cmds::peers(&g).await,
-        Command::Dial { address } => client_cmds::dial(&g, &address).await,
+        Command::Dial { address } => client_cmds::dial(&g, &address.to_string()).await,
         Command::Events { since } => client_cmds::events(&g, since).await,
         Command::Contact(cmd) => msg_cmds::contact(&g, cmd).await,
         Command::Send {
@@ -204,4 +215,11 @@ fn parse_api_addr(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("{addr} is not a loopback address"));
     }
     Ok(addr)
+}
+
+/// `--name` of `tern init`: what contacts accept as a name (otherwise they show a
+/// `peer-…` name instead).
+fn display_name(name: &str) -> Result<String, String> {
+    tern_node::messaging::contacts::validate_name(name)?;
+    Ok(name.to_string())
 }

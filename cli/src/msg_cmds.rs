@@ -163,29 +163,49 @@ pub(crate) async fn send(
             WaitFor::Read => ["read"].as_slice(),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        // The newest state a receipt reported, for the message if time runs out.
+        let mut reached: Option<String> = None;
         loop {
-            let next = tokio::time::timeout_at(deadline, sub.next()).await;
-            let event = match next {
-                Err(_) => anyhow::bail!(
-                    "message {id} not {} within {timeout} s; it stays queued and will be retried",
-                    target[0]
-                ),
+            let event = match tokio::time::timeout_at(deadline, sub.next()).await {
+                Err(_) => break,
                 Ok(None) => anyhow::bail!("the daemon closed the event stream"),
                 Ok(Some(e)) => e?,
             };
             match event.kind {
-                EventKind::Receipt { id: rid, state, .. }
-                    if rid == id && target.contains(&state.as_str()) =>
-                {
-                    break;
+                EventKind::Receipt { id: rid, state, .. } if rid == id => {
+                    if target.contains(&state.as_str()) {
+                        reached = Some(state);
+                        break;
+                    }
+                    reached = Some(state);
                 }
                 EventKind::MessageFailed {
                     id: fid, reason, ..
                 } if fid == id => {
-                    anyhow::bail!("message {id} failed: {reason}")
+                    anyhow::bail!("message {id} failed: {}", untrusted_line(&reason))
                 }
                 _ => {}
             }
+        }
+        // Time is up (or the target was seen): the history has the last word, since a
+        // receipt may have come just before the subscription saw it (`--timeout 0`).
+        let now = client
+            .history(to, 100)
+            .await
+            .ok()
+            .and_then(|h| h.into_iter().find(|m| m.id == id).map(|m| m.state));
+        let state = now.or(reached);
+        if !state.as_deref().is_some_and(|s| target.contains(&s)) {
+            let what = match state.as_deref() {
+                Some("delivered") => format!(
+                    "it was delivered; it becomes read when {} reads it",
+                    untrusted_line(to)
+                ),
+                Some("stored") => "a relay holds it until the recipient comes online".to_string(),
+                Some("failed") => "it failed".to_string(),
+                _ => "it stays queued and will be retried".to_string(),
+            };
+            anyhow::bail!("message {id} not {} within {timeout} s; {what}", target[0]);
         }
     }
     g.out.emit(&json!({ "id": id }), || match wait {
@@ -240,17 +260,23 @@ pub(crate) fn history_line(m: &HistoryItem) -> String {
 
 /// `tern history NAME [--limit N]`.
 pub(crate) async fn history(g: &Globals, with: &str, limit: usize) -> anyhow::Result<()> {
-    let items = connect(g).await?.history(with, limit).await?;
+    let client = connect(g).await?;
+    let items = client.history(with, limit).await?;
+    let request = !g.out.json && client.contact_show(with).await?.auto_added;
     g.out.emit(&items, || {
-        if items.is_empty() {
-            format!("no messages with {with} yet")
-        } else {
-            items
-                .iter()
-                .map(history_line)
-                .collect::<Vec<_>>()
-                .join("\n")
+        let mut out = Vec::new();
+        if request {
+            out.push(format!(
+                "({} is a message request: a stranger wrote first and chose that name; \
+                 compare safety numbers before you trust it)",
+                untrusted_line(with)
+            ));
         }
+        if items.is_empty() {
+            out.push(format!("no messages with {} yet", untrusted_line(with)));
+        }
+        out.extend(items.iter().map(history_line));
+        out.join("\n")
     })
 }
 
@@ -274,11 +300,17 @@ pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
                         )
                     })
                     .unwrap_or_default();
-                let unread = if c.unread > 0 {
+                let mut unread = if c.unread > 0 {
                     format!(" [{} unread]", c.unread)
                 } else {
                     String::new()
                 };
+                if c.request {
+                    unread.push_str(" [message request]");
+                }
+                if c.blocked {
+                    unread.push_str(" [blocked]");
+                }
                 format!("{}{unread}  {last}", untrusted_line(&c.name))
             })
             .collect::<Vec<_>>()

@@ -213,6 +213,12 @@ impl Config {
                 self.api_bind
             )));
         }
+        if let Some(name) = &self.name
+            && let Err(why) = crate::messaging::contacts::validate_name(name)
+        {
+            // Contacts would not show it (they fall back to a `peer-…` name).
+            return Err(invalid(format!("name {name:?}: {why}")));
+        }
         for relay in &self.relays {
             if !relay
                 .iter()

@@ -100,7 +100,14 @@ impl ContactTicket {
 
     /// Decodes the text form, checking length, checksum and version.
     pub fn decode(text: &str) -> Result<Self, TicketError> {
-        let text = text.trim();
+        // Spaces and line breaks anywhere are dropped: a ticket pasted from a wrapped line.
+        let joined: String;
+        let text = if text.trim().contains(char::is_whitespace) {
+            joined = text.split_whitespace().collect();
+            joined.as_str()
+        } else {
+            text.trim()
+        };
         if text.len() > MAX_TICKET_LEN {
             return Err(TicketError::TooLong { len: text.len() });
         }
@@ -235,6 +242,10 @@ mod tests {
         assert_eq!(ContactTicket::decode(&format!("  {text}\n")).unwrap(), t);
         // As read from the QR code of `tern id --qr`.
         assert_eq!(ContactTicket::decode(&text.to_uppercase()).unwrap(), t);
+        // Pasted from a wrapped line: breaks and spaces inside are dropped.
+        let (head, tail) = text.split_at(30);
+        let wrapped = format!("{head}\n  {}\r\n{}", &tail[..20], &tail[20..]);
+        assert_eq!(ContactTicket::decode(&wrapped).unwrap(), t);
     }
 
     #[test]

@@ -242,7 +242,7 @@ async fn commands_without_a_daemon_say_so() {
         assert_eq!(out.status.code(), Some(1), "{cmd:?}");
         let err = stderr(&out);
         let expected = format!(
-            "no Tern daemon is running for {}; start one with `tern daemon`",
+            "no Tern daemon is running for {0}; start one with `tern --data-dir {0} daemon`",
             d.path().display()
         );
         assert!(err.contains(&expected), "{cmd:?}: {err}");
@@ -277,8 +277,9 @@ async fn unreachable_dial_is_an_error_and_the_daemon_keeps_running() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("cannot reach"), "{err}");
+    // A malformed address is a usage error.
     let out = a.tern(&["dial", "not-a-multiaddr"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("invalid multiaddr"),
         "{}",

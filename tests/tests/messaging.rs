@@ -431,8 +431,23 @@ async fn bad_sends_are_refused_and_nothing_is_queued() {
     assert!(e.contains("already your contact"), "{e}");
     let own = a.handle.ticket().await.unwrap().encode();
     assert!(a.handle.contact_add(&own, "me").await.is_err());
+    // A third node: "me" stands for ourselves, and a name that differs from a contact's
+    // only in letter case reads as that contact; both are refused.
+    let c = TestNode::spawn("carol").await;
+    let carol = c.handle.ticket().await.unwrap().encode();
+    for (name, why) in [("Me", "reserved"), ("BOB", "already")] {
+        let e = a
+            .handle
+            .contact_add(&carol, name)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{name}: {e}");
+    }
+    a.handle.contact_add(&carol, "carol").await.unwrap();
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
 
 /// A `Deliver` request of an envelope from `from` to `to` (their identities from their

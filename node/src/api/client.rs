@@ -2,7 +2,8 @@
 //!
 //! It finds the daemon through `<data-dir>/api.json`, sends the bearer token on the WebSocket
 //! handshake, and turns "no file" or "connection refused" into [`ClientError::NoDaemon`] with
-//! the message users see: "no Tern daemon is running for <dir>; start one with `tern daemon`".
+//! the message users see: "no Tern daemon is running for <dir>; start one with `tern daemon`"
+//! (with `--data-dir <dir>` in it unless `<dir>` is the default).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,9 +33,19 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No daemon runs for this data directory.
-    #[error("no Tern daemon is running for {}; start one with `tern daemon`", dir.display())]
+    #[error(
+        "no Tern daemon is running for {}; start one with `{}`",
+        dir.display(),
+        start_command(dir)
+    )]
     NoDaemon {
         /// The data directory.
+        dir: PathBuf,
+    },
+    /// The data directory is a file (or something else that is not a directory).
+    #[error("{} is not a directory; --data-dir names a Tern data directory", dir.display())]
+    NotADirectory {
+        /// The path given.
         dir: PathBuf,
     },
     /// The daemon refused the token or origin.
@@ -81,6 +92,11 @@ impl ApiClient {
         let no_daemon = || ClientError::NoDaemon {
             dir: dir.root().to_owned(),
         };
+        if dir.root().exists() && !dir.root().is_dir() {
+            return Err(ClientError::NotADirectory {
+                dir: dir.root().to_owned(),
+            });
+        }
         let file = super::read_api_file(dir).ok_or_else(no_daemon)?;
         match Self::connect_with(&file.url, &file.token).await {
             Err(ClientError::Transport(msg)) if looks_refused(&msg) => Err(no_daemon()),
@@ -348,6 +364,16 @@ impl EventStream<'_> {
     /// The `seq` of the last event returned (or the `since` it started from).
     pub fn last_seq(&self) -> Option<u64> {
         self.last
+    }
+}
+
+/// The command that starts a daemon for `dir`: `--data-dir` is named unless it is the
+/// default directory.
+fn start_command(dir: &std::path::Path) -> String {
+    if DataDir::os_default().is_some_and(|d| d.root() == dir) {
+        "tern daemon".into()
+    } else {
+        format!("tern --data-dir {} daemon", dir.display())
     }
 }
 

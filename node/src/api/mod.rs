@@ -477,6 +477,25 @@ async fn subscribe(
         }
     };
     let since = p.unwrap_or_default().since;
+    // A position this node never reached (another data directory's, or a typo) would wait
+    // silently for events that never come: refuse it.
+    if let Some(since) = since
+        && let Ok(bus) = node.events()
+        && since >= bus.next_seq()
+    {
+        let newest = bus.next_seq().saturating_sub(1);
+        pending
+            .reject(ErrorObjectOwned::owned(
+                jsonrpsee::types::error::INVALID_PARAMS_CODE,
+                format!(
+                    "since {since} is ahead of this node's newest event ({newest}); \
+                     subscribe without since, or with a seq this node gave"
+                ),
+                None::<()>,
+            ))
+            .await;
+        return Ok(());
+    }
     let sub = match node.subscribe(since) {
         Ok(s) => s,
         Err(e) => {

@@ -81,6 +81,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
         return Err(format!("a contact name has 1 to {MAX_NAME_LEN} characters"));
     }
+    if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        return Err(format!(
+            "\"{name}\" is reserved: the history shows your own messages as \"me\""
+        ));
+    }
     if name.trim() != name || name.chars().any(|c| c.is_control() || is_invisible(c)) {
         return Err(
             "a contact name has no leading/trailing spaces, control characters or invisible \
@@ -90,6 +95,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Names no contact may have (in any letter case): `me` is how the history shows our own
+/// messages, so a contact called that would pass its messages off as ours.
+pub const RESERVED_NAMES: &[&str] = &["me"];
 
 /// Bidirectional controls and invisible formatting characters: in a name they could make
 /// it look like another one, or reorder the line it is shown in.
@@ -148,6 +157,11 @@ mod tests {
         assert!(validate_name("b\u{1b}[31mob").is_err());
         assert!(validate_name("bob\u{202e}").is_err());
         assert!(validate_name("b\u{200b}ob").is_err());
+        // Our own messages show as "me": no contact may pass as that.
+        for reserved in ["me", "Me", "ME"] {
+            assert!(validate_name(reserved).is_err(), "{reserved}");
+        }
+        assert!(validate_name("meg").is_ok());
         assert!(validate_name("Zoë 🐦").is_ok());
         assert!(validate_name(&"x".repeat(65)).is_err());
     }

@@ -197,7 +197,7 @@ pub enum MessagingError {
     #[error("message is empty")]
     Empty,
     /// The name is taken.
-    #[error("a contact named {0:?} already exists")]
+    #[error("a contact named {0:?} (or a name that differs only in letter case) already exists")]
     NameTaken(String),
     /// The peer is already a contact.
     #[error("this peer is already your contact {0:?}")]
@@ -264,6 +264,13 @@ pub struct Conversation {
     pub unread: u64,
     /// The newest message, if any.
     pub last: Option<HistoryItem>,
+    /// A message request: a stranger wrote first and we have not added them (their name is
+    /// the one they announced, and may imitate someone's).
+    #[serde(default)]
+    pub request: bool,
+    /// Blocked: nothing new from them is accepted.
+    #[serde(default)]
+    pub blocked: bool,
 }
 
 /// Counters for `status`.
@@ -1302,7 +1309,7 @@ impl Actor {
             if existing.auto_added {
                 // A message request becomes a real contact: rename and keep the bundle.
                 let mut c = existing.clone();
-                if c.name != name && self.db.names.contains(name.as_bytes())? {
+                if self.name_owner(&name)?.is_some_and(|owner| owner != key) {
                     return Err(MessagingError::NameTaken(name));
                 }
                 let old_name = c.name.clone();
@@ -1326,7 +1333,7 @@ impl Actor {
             }
             return Err(MessagingError::AlreadyContact(existing.name));
         }
-        if self.db.names.contains(name.as_bytes())? {
+        if self.name_owner(&name)?.is_some() {
             return Err(MessagingError::NameTaken(name));
         }
         let contact = Contact {
@@ -1740,6 +1747,8 @@ impl Actor {
                 name: c.name.clone(),
                 peer_id: c.peer_id.to_string(),
                 last,
+                request: c.auto_added,
+                blocked: c.blocked,
             });
         }
         out.sort_by(|a, b| {
@@ -2177,7 +2186,7 @@ impl Actor {
                         }
                         Outcome::Rejected(reason) if !reason.is_transient() => {
                             tx.remove(&db.outbox, &key)?;
-                            let why = format!("the recipient refused it: {reason:?}");
+                            let why = refusal_reason(*reason);
                             if item.kind == OutKind::Text
                                 && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
                                     .is_some()
@@ -2774,7 +2783,7 @@ impl Actor {
                 && contact.name.starts_with("peer-")
                 && new_contact.is_none()
                 && validate_name(announced).is_ok()
-                && !self.db.names.contains(announced.as_bytes())?
+                && self.name_owner(announced)?.is_none()
             {
                 renamed_from = Some(std::mem::replace(&mut contact.name, announced.clone()));
             }
@@ -3060,15 +3069,46 @@ impl Actor {
             .filter(|n| validate_name(n).is_ok())
             .map(str::to_string)
             .unwrap_or_else(|| format!("peer-{short}"));
-        if !self.db.names.contains(base.as_bytes())? {
+        if self.name_owner(&base)?.is_none() {
             return Ok(base);
         }
         let alt = format!("{}-{short}", base.chars().take(40).collect::<String>());
-        if !self.db.names.contains(alt.as_bytes())? {
+        if self.name_owner(&alt)?.is_none() {
             return Ok(alt);
         }
         Ok(format!("peer-{peer}"))
     }
+
+    /// The contact whose name is `name` or differs from it only in letter case (`Bob` next
+    /// to `bob` would read as the same person); names are still looked up exactly.
+    fn name_owner(&self, name: &str) -> Result<Option<PeerKey>, MessagingError> {
+        if let Some(key) = self.db.names.get(name.as_bytes())? {
+            return Ok(Some(key));
+        }
+        let folded = name.to_lowercase();
+        Ok(self
+            .db
+            .names
+            .scan_prefix(&[])?
+            .into_iter()
+            .find(|(k, _)| String::from_utf8_lossy(k).to_lowercase() == folded)
+            .map(|(_, key)| key))
+    }
+}
+
+/// What a `messageFailed` says about a permanent refusal, with what the user can do.
+fn refusal_reason(reason: RejectReason) -> String {
+    let advice = match reason {
+        RejectReason::Undecryptable => {
+            ": it could not decrypt it; it no longer has our session (it removed us as a \
+             contact, or lost its data). Remove the contact and add it again from its \
+             ticket to start a new session"
+        }
+        RejectReason::Malformed => ": it could not read it (another Tern version?)",
+        RejectReason::WrongParty => ": it is not the node this was addressed to",
+        _ => "",
+    };
+    format!("the recipient refused it ({reason:?}){advice}")
 }
 
 /// Contacts that are message requests: created by a stranger's first message, not yet
