@@ -444,7 +444,17 @@ async fn bad_sends_are_refused_and_nothing_is_queued() {
             .to_string();
         assert!(e.contains(why), "{name}: {e}");
     }
-    a.handle.contact_add(&carol, "carol").await.unwrap();
+    // Stored in one Unicode form: "José" typed with a combining accent finds her.
+    let stored = a
+        .handle
+        .contact_add(&carol, "Jose\u{301}")
+        .await
+        .unwrap()
+        .name;
+    assert_eq!(stored, "Jos\u{e9}");
+    a.handle.send("Jos\u{e9}", "hola").await.unwrap();
+    a.handle.send("Jose\u{301}", "hola").await.unwrap();
+    assert_eq!(a.handle.history("Jose\u{301}", 10).await.unwrap().len(), 2);
     a.stop().await;
     b.stop().await;
     c.stop().await;

@@ -81,7 +81,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
         return Err(format!("a contact name has 1 to {MAX_NAME_LEN} characters"));
     }
-    if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+    if RESERVED_NAMES.iter().any(|r| *r == fold_name(name)) {
         return Err(format!(
             "\"{name}\" is reserved: the history shows your own messages as \"me\""
         ));
@@ -94,6 +94,20 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A name as it is stored and looked up: Unicode NFC, so `é` typed as one character and as
+/// `e` plus a combining accent are the same name.
+pub fn normalize_name(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization as _;
+    name.nfc().collect()
+}
+
+/// What two names must not share to be told apart: compatibility-normalised (NFKC: `ﬁ`
+/// reads as `fi`, a full-width `Ｂ` as `B`) and in lower case.
+pub fn fold_name(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization as _;
+    name.nfkc().collect::<String>().to_lowercase()
 }
 
 /// Names no contact may have (in any letter case): `me` is how the history shows our own
@@ -162,6 +176,12 @@ mod tests {
             assert!(validate_name(reserved).is_err(), "{reserved}");
         }
         assert!(validate_name("meg").is_ok());
+        assert!(validate_name("\u{ff2d}\u{ff45}").is_err(), "full-width me");
+        // One form, and one folding for collisions.
+        assert_eq!(normalize_name("Jose\u{301}"), "Jos\u{e9}");
+        assert_eq!(fold_name("Jose\u{301}"), fold_name("JOS\u{c9}"));
+        assert_eq!(fold_name("\u{fb01}x"), "fix");
+        assert_ne!(fold_name("bob"), fold_name("bobby"));
         assert!(validate_name("Zoë 🐦").is_ok());
         assert!(validate_name(&"x".repeat(65)).is_err());
     }

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::presence_share::{PresenceNote, PresenceNotes};
 use self::{
-    contacts::{Contact, ContactView, validate_name},
+    contacts::{Contact, ContactView, fold_name, normalize_name, validate_name},
     db::{
         MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, Round,
         SessionRecord, StoredMessage, history_key, peer_id_key,
@@ -1268,6 +1268,11 @@ impl Actor {
     fn contact(&self, name: &str) -> Result<Contact, MessagingError> {
         self.db
             .contact_by_name(name)?
+            .map_or_else(
+                // Stored in NFC: the same name typed in another Unicode form.
+                || self.db.contact_by_name(&normalize_name(name)),
+                |c| Ok(Some(c)),
+            )?
             .ok_or_else(|| MessagingError::UnknownContact(name.to_string()))
     }
 
@@ -1277,6 +1282,7 @@ impl Actor {
         name: String,
         claimed: Option<Vec<u8>>,
     ) -> Result<ContactView, MessagingError> {
+        let name = normalize_name(&name);
         validate_name(&name).map_err(MessagingError::InvalidName)?;
         let ticket = ContactTicket::decode(ticket)
             .map_err(|e| MessagingError::InvalidTicket(e.to_string()))?;
@@ -2778,14 +2784,14 @@ impl Actor {
         // A message request named before its profile arrived gets the announced name.
         let mut renamed_from = None;
         if let Content::Profile { name, addrs } = &content {
-            if let Some(announced) = name
+            if let Some(announced) = name.as_deref().map(normalize_name)
                 && contact.auto_added
                 && contact.name.starts_with("peer-")
                 && new_contact.is_none()
-                && validate_name(announced).is_ok()
-                && self.name_owner(announced)?.is_none()
+                && validate_name(&announced).is_ok()
+                && self.name_owner(&announced)?.is_none()
             {
-                renamed_from = Some(std::mem::replace(&mut contact.name, announced.clone()));
+                renamed_from = Some(std::mem::replace(&mut contact.name, announced));
             }
             contact.announced_name = name.clone();
             let announced: Vec<Multiaddr> = addrs
@@ -3066,8 +3072,8 @@ impl Actor {
     fn free_name(&self, announced: Option<&str>, peer: &PeerId) -> Result<String, MessagingError> {
         let short = crate::net::short(peer);
         let base = announced
+            .map(normalize_name)
             .filter(|n| validate_name(n).is_ok())
-            .map(str::to_string)
             .unwrap_or_else(|| format!("peer-{short}"));
         if self.name_owner(&base)?.is_none() {
             return Ok(base);
@@ -3079,19 +3085,20 @@ impl Actor {
         Ok(format!("peer-{peer}"))
     }
 
-    /// The contact whose name is `name` or differs from it only in letter case (`Bob` next
-    /// to `bob` would read as the same person); names are still looked up exactly.
+    /// The contact whose name is `name` or reads the same ([`fold_name`]: letter case, and
+    /// Unicode forms such as a full-width `Ｂ`; `Bob` next to `bob` would read as the same
+    /// person). Names are still looked up exactly (in NFC).
     fn name_owner(&self, name: &str) -> Result<Option<PeerKey>, MessagingError> {
         if let Some(key) = self.db.names.get(name.as_bytes())? {
             return Ok(Some(key));
         }
-        let folded = name.to_lowercase();
+        let folded = fold_name(name);
         Ok(self
             .db
             .names
             .scan_prefix(&[])?
             .into_iter()
-            .find(|(k, _)| String::from_utf8_lossy(k).to_lowercase() == folded)
+            .find(|(k, _)| fold_name(&String::from_utf8_lossy(k)) == folded)
             .map(|(_, key)| key))
     }
 }
