@@ -20,7 +20,7 @@ pub(crate) struct DaemonArgs {
     #[arg(long = "listen", value_name = "MA", value_parser = crate::parse_multiaddr)]
     listen: Vec<Multiaddr>,
     /// Connect to this relay, a multiaddr ending in /p2p/<peer id> (repeatable).
-    #[arg(long = "relay", value_name = "MA", value_parser = crate::parse_multiaddr)]
+    #[arg(long = "relay", value_name = "MA", value_parser = parse_relay)]
     relays: Vec<Multiaddr>,
     /// Do not discover peers on the local network.
     #[arg(long)]
@@ -31,6 +31,16 @@ pub(crate) struct DaemonArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+/// A `--relay` address: a multiaddr that names the relay's peer id (a usage error otherwise).
+fn parse_relay(s: &str) -> Result<Multiaddr, String> {
+    let addr = crate::parse_multiaddr(s)?;
+    let text = addr.to_string();
+    if text.rsplit('/').nth(1) != Some("p2p") {
+        return Err(format!("relay address {s:?} must end in /p2p/<peer id>"));
+    }
+    Ok(addr)
 }
 
 pub(crate) fn init_logging(json: bool) {

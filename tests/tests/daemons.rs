@@ -321,8 +321,11 @@ async fn relay_without_peer_id_is_a_usage_error() {
         ],
         REFUSED_WITHIN,
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/p2p/"), "{}", stderr(&out));
+    // The flag's value is wrong: a usage error that names the flag, not the config file.
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("/p2p/") && err.contains("--relay"), "{err}");
+    assert!(!err.contains("config.toml"), "{err}");
 }
 
 #[tokio::test]

@@ -166,6 +166,25 @@ pub struct Reader {
     pub net: NetGroup,
 }
 
+/// An error with its causes, `outer: inner: …`, leaving out empty messages (libp2p's
+/// transport errors often say nothing themselves and keep the reason in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        "no reason given".into()
+    } else {
+        parts.join(": ")
+    }
+}
+
 /// How often tracked mailbox answers are checked for ones no event came for.
 const MAILBOX_SWEEP: Duration = Duration::from_secs(10);
 
@@ -772,7 +791,7 @@ pub async fn spawn(
             .listen_on(address.clone())
             .map_err(|e| NetError::Listen {
                 address: address.clone(),
-                message: e.to_string(),
+                message: error_chain(&e),
             })?;
         listeners.insert(id);
     }
@@ -805,7 +824,7 @@ pub async fn spawn(
                 return Err(NetError::Listen {
                     address,
                     message: match reason {
-                        Err(e) => e.to_string(),
+                        Err(e) => error_chain(&e),
                         Ok(()) => "listener closed".into(),
                     },
                 });
@@ -1603,6 +1622,27 @@ pub fn p2p(peer: PeerId) -> Protocol<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_leaves_out_empty_and_repeated_messages() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                Ok(())
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "Cannot assign requested address",
+        ));
+        assert_eq!(error_chain(&e), "Cannot assign requested address");
+    }
 
     #[test]
     fn queued_inbound_bytes_are_bounded_and_given_back_on_drop() {
