@@ -141,6 +141,12 @@ impl RelayHandle {
 /// Starts a relay on `data_dir` (an identity is made on first start).
 pub async fn start(data_dir: DataDir, config: RelayConfig) -> Result<RelayHandle, RelayError> {
     config.validate()?;
+    if config.min_free_disk_mb == 0 {
+        tracing::warn!(
+            "min_free_disk_mb = 0: no disk space is kept in reserve, and sled cannot recover \
+             from a disk that fills up completely; see docs/OPERATOR.md"
+        );
+    }
     let lock = data_dir.lock().map_err(NodeError::from)?;
     let identity = match Identity::load(&data_dir) {
         Ok(i) => i,

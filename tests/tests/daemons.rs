@@ -308,6 +308,24 @@ async fn unreachable_relay_is_reported_and_the_daemon_keeps_running() {
 }
 
 #[tokio::test]
+async fn a_listen_port_in_use_is_refused() {
+    // libp2p listens with SO_REUSEPORT: without a check, a second daemon on alice's port
+    // would start and take part of her connections.
+    let a = TestDaemon::start("alice").await;
+    let taken = a.tcp_addr();
+    let port_part = taken.split("/p2p/").next().unwrap().to_string();
+    let d = TernDir::initialized("bob");
+    let out = d.tern_within(
+        &["daemon", "--no-mdns", "--listen", &port_part],
+        REFUSED_WITHIN,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("already in use"), "{err}");
+    a.tern_json(&["status"]);
+}
+
+#[tokio::test]
 async fn relay_without_peer_id_is_a_usage_error() {
     let d = TernDir::initialized("alice");
     let out = d.tern_within(

@@ -538,7 +538,13 @@ pub(super) async fn deposit(
             match result.map(|b| MbResponse::from_bytes(&b)) {
                 Ok(Ok(MbResponse::Deposited { .. })) => ok = true,
                 Ok(Ok(other)) => {
-                    tracing::debug!(relay = %crate::net::short(&relay), answer = ?other, "deposit refused");
+                    // Shown by default: a full mailbox or relay is why messages to an
+                    // offline contact stay queued (they are kept and tried again).
+                    tracing::info!(
+                        relay = %crate::net::short(&relay),
+                        answer = ?other,
+                        "the recipient's relay refused a deposit; the message stays queued and is tried again"
+                    );
                 }
                 Ok(Err(e)) => tracing::debug!(error = %e, "bad deposit answer"),
                 Err(e) => {

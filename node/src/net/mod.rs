@@ -166,6 +166,44 @@ pub struct Reader {
     pub net: NetGroup,
 }
 
+/// Checks that a listen address with a fixed port is free, by binding it once without port
+/// reuse. libp2p's TCP transport sets `SO_REUSEPORT` on every listening socket (for hole
+/// punching), so a second node or relay given the same port would start without an error
+/// and take part of the first one's connections (clients then fail with "unexpected peer
+/// id"). Port 0 and addresses without an IP and port pass.
+fn port_is_free(address: &Multiaddr) -> Result<(), String> {
+    let mut ip = None;
+    let mut tcp = None;
+    let mut udp = None;
+    for p in address.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) => tcp = Some(port),
+            Protocol::Udp(port) => udp = Some(port),
+            _ => {}
+        }
+    }
+    let in_use = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the address is already in use (another Tern daemon or relay, or another program, \
+             listens there)"
+                .to_string()
+        } else {
+            e.to_string()
+        }
+    };
+    match (ip, tcp, udp) {
+        (Some(ip), Some(port), _) if port != 0 => std::net::TcpListener::bind((ip, port))
+            .map(drop)
+            .map_err(in_use),
+        (Some(ip), _, Some(port)) if port != 0 => std::net::UdpSocket::bind((ip, port))
+            .map(drop)
+            .map_err(in_use),
+        _ => Ok(()),
+    }
+}
+
 /// An error with its causes, `outer: inner: …`, leaving out empty messages (libp2p's
 /// transport errors often say nothing themselves and keep the reason in a source).
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -787,6 +825,12 @@ pub async fn spawn(
         behaviour::build_swarm(identity.keypair().clone(), config, topics.clone(), role)?;
     let mut listeners = HashSet::new();
     for address in &config.listen {
+        if let Err(message) = port_is_free(address) {
+            return Err(NetError::Listen {
+                address: address.clone(),
+                message,
+            });
+        }
         let id = swarm
             .listen_on(address.clone())
             .map_err(|e| NetError::Listen {
@@ -1622,6 +1666,25 @@ pub fn p2p(peer: PeerId) -> Protocol<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fixed_listen_port_in_use_is_refused_before_libp2p_shares_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let e = port_is_free(&addr).unwrap_err();
+        assert!(e.contains("already in use"), "{e}");
+        drop(taken);
+        assert_eq!(port_is_free(&addr), Ok(()));
+        let any: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        assert_eq!(port_is_free(&any), Ok(()));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        let quic: Multiaddr = format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+            .parse()
+            .unwrap();
+        assert!(port_is_free(&quic).is_err());
+    }
 
     #[test]
     fn an_error_chain_leaves_out_empty_and_repeated_messages() {
