@@ -231,7 +231,7 @@ pub(crate) async fn run(g: &Globals, name: &str) -> anyhow::Result<()> {
             "  {} is blocked: nothing from them is shown, and they see no presence",
             contact.name
         ));
-    } else if let Some(p) = client.presence(Some(name)).await?.first() {
+    } else if let Some(p) = client.presence(Some(&contact.name)).await?.first() {
         print(&format!(
             "  {}",
             presence_line(&p.name, &p.state, p.last_seen)

@@ -202,6 +202,9 @@ pub(crate) async fn send(
                     untrusted_line(to)
                 ),
                 Some("stored") => "a relay holds it until the recipient comes online".to_string(),
+                Some("sent") => {
+                    "the recipient's node has it; no delivery receipt has come yet".to_string()
+                }
                 Some("failed") => "it failed".to_string(),
                 _ => "it stays queued and will be retried".to_string(),
             };

@@ -192,10 +192,21 @@ impl Config {
 
     /// Parses TOML text; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
+        // A display name contacts would not accept (they show `peer-…` instead) is not
+        // announced; an older config may hold one, and that is no reason not to start.
+        if let Some(name) = &config.name
+            && let Err(why) = crate::messaging::contacts::validate_name(name)
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "name {name:?} is not announced to contacts: {why}"
+            );
+            config.name = None;
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -213,12 +224,7 @@ impl Config {
                 self.api_bind
             )));
         }
-        if let Some(name) = &self.name
-            && let Err(why) = crate::messaging::contacts::validate_name(name)
-        {
-            // Contacts would not show it (they fall back to a `peer-…` name).
-            return Err(invalid(format!("name {name:?}: {why}")));
-        }
+
         for relay in &self.relays {
             if !relay
                 .iter()
@@ -418,6 +424,12 @@ mod tests {
         assert!(err.to_string().contains("everyone"), "{err}");
         let err = Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 5\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
+        // A display name contacts would not accept is not announced, and does not stop a
+        // start (an older config may hold one).
+        let c = Config::parse(Path::new("c.toml"), "name = \"  me  \"\n").unwrap();
+        assert_eq!(c.name, None);
+        let c = Config::parse(Path::new("c.toml"), "name = \"Bob\"\n").unwrap();
+        assert_eq!(c.name.as_deref(), Some("Bob"));
         // Faster than one frame a second would exceed what contacts accept from an owner.
         let err =
             Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 999\n").unwrap_err();

@@ -373,7 +373,12 @@ fn start_command(dir: &std::path::Path) -> String {
     if DataDir::os_default().is_some_and(|d| d.root() == dir) {
         "tern daemon".into()
     } else {
-        format!("tern --data-dir {} daemon", dir.display())
+        let shown = dir.display().to_string();
+        if shown.contains(char::is_whitespace) {
+            format!("tern --data-dir '{shown}' daemon")
+        } else {
+            format!("tern --data-dir {shown} daemon")
+        }
     }
 }
 

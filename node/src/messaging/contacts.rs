@@ -86,7 +86,18 @@ pub fn validate_name(name: &str) -> Result<(), String> {
             "\"{name}\" is reserved: the history shows your own messages as \"me\""
         ));
     }
-    if name.trim() != name || name.chars().any(|c| c.is_control() || is_invisible(c)) {
+    let chars: Vec<char> = name.chars().collect();
+    let stray_joiner = chars.iter().enumerate().any(|(i, c)| {
+        is_joiner(*c)
+            && (i == 0
+                || i + 1 == chars.len()
+                || is_joiner(chars[i - 1])
+                || is_joiner(chars[i + 1]))
+    });
+    if name.trim() != name
+        || stray_joiner
+        || name.chars().any(|c| c.is_control() || is_invisible(c))
+    {
         return Err(
             "a contact name has no leading/trailing spaces, control characters or invisible \
              formatting characters (bidirectional overrides, zero-width spaces)"
@@ -107,7 +118,10 @@ pub fn normalize_name(name: &str) -> String {
 /// reads as `fi`, a full-width `Ｂ` as `B`) and in lower case.
 pub fn fold_name(name: &str) -> String {
     use unicode_normalization::UnicodeNormalization as _;
-    name.nfkc().collect::<String>().to_lowercase()
+    name.nfkc()
+        .filter(|c| !is_joiner(*c))
+        .collect::<String>()
+        .to_lowercase()
 }
 
 /// Names no contact may have (in any letter case): `me` is how the history shows our own
@@ -117,7 +131,13 @@ pub const RESERVED_NAMES: &[&str] = &["me"];
 /// Bidirectional controls and invisible formatting characters: in a name they could make
 /// it look like another one, or reorder the line it is shown in.
 fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    matches!(c, '\u{061c}' | '\u{200b}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Zero-width non-joiner and joiner: needed inside Persian and Indic names and emoji
+/// sequences (👩‍💻), allowed only between two visible characters.
+fn is_joiner(c: char) -> bool {
+    matches!(c, '\u{200c}' | '\u{200d}')
 }
 
 /// The safety number of two identities: 60 digits in 12 groups of 5, the same on both sides.
@@ -171,6 +191,13 @@ mod tests {
         assert!(validate_name("b\u{1b}[31mob").is_err());
         assert!(validate_name("bob\u{202e}").is_err());
         assert!(validate_name("b\u{200b}ob").is_err());
+        // Joiners inside a word or an emoji sequence are part of the name; stray ones not.
+        assert!(validate_name("\u{1f469}\u{200d}\u{1f4bb}").is_ok());
+        assert!(validate_name("\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}").is_ok());
+        assert!(validate_name("\u{200d}bob").is_err());
+        assert!(validate_name("bob\u{200c}").is_err());
+        assert!(validate_name("b\u{200d}\u{200d}ob").is_err());
+        assert_eq!(fold_name("b\u{200d}ob"), fold_name("bob"));
         // Our own messages show as "me": no contact may pass as that.
         for reserved in ["me", "Me", "ME"] {
             assert!(validate_name(reserved).is_err(), "{reserved}");

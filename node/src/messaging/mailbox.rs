@@ -543,7 +543,7 @@ pub(super) async fn deposit(
                     tracing::info!(
                         relay = %crate::net::short(&relay),
                         answer = ?other,
-                        "the recipient's relay refused a deposit; the message stays queued and is tried again"
+                        "a relay of the recipient refused a deposit (unless another relay took it, the message stays queued and is tried again)"
                     );
                 }
                 Ok(Err(e)) => tracing::debug!(error = %e, "bad deposit answer"),

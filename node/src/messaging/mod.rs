@@ -1273,7 +1273,21 @@ impl Actor {
                 || self.db.contact_by_name(&normalize_name(name)),
                 |c| Ok(Some(c)),
             )?
+            .map_or_else(|| self.contact_by_normalized_scan(name), |c| Ok(Some(c)))?
             .ok_or_else(|| MessagingError::UnknownContact(name.to_string()))
+    }
+
+    /// A contact whose stored name is `name` in another Unicode form: names stored before
+    /// they were kept in NFC may be in any form. A scan, only when the lookups missed.
+    fn contact_by_normalized_scan(&self, name: &str) -> Result<Option<Contact>, MessagingError> {
+        let want = normalize_name(name);
+        for (k, _) in self.db.names.scan_prefix(&[])? {
+            let stored = String::from_utf8_lossy(&k);
+            if normalize_name(&stored) == want {
+                return Ok(self.db.contact_by_name(&stored)?);
+            }
+        }
+        Ok(None)
     }
 
     fn contact_add(

@@ -172,6 +172,7 @@ pub struct Reader {
 /// and take part of the first one's connections (clients then fail with "unexpected peer
 /// id"). Port 0 and addresses without an IP and port pass.
 fn port_is_free(address: &Multiaddr) -> Result<(), String> {
+    use socket2::{Domain, Socket, Type};
     let mut ip = None;
     let mut tcp = None;
     let mut udp = None;
@@ -181,10 +182,35 @@ fn port_is_free(address: &Multiaddr) -> Result<(), String> {
             Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
             Protocol::Tcp(port) => tcp = Some(port),
             Protocol::Udp(port) => udp = Some(port),
+            // A relayed listen address: the port before it is the relay's, not ours.
+            Protocol::P2pCircuit => return Ok(()),
             _ => {}
         }
     }
-    let in_use = |e: std::io::Error| {
+    let port_kind = tcp
+        .map(|p| (p, Type::STREAM))
+        .or(udp.map(|p| (p, Type::DGRAM)));
+    let (Some(ip), Some((port, kind))) = (ip, port_kind) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    // As libp2p opens it: IPv6 sockets IPv6-only (so `0.0.0.0` and `::` on one port do not
+    // collide), address reuse for TCP (a port whose old connections wait in TIME_WAIT is
+    // free), but no port reuse.
+    let addr = std::net::SocketAddr::new(ip, port);
+    let probe = || -> std::io::Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), kind, None)?;
+        if ip.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        if kind == Type::STREAM {
+            socket.set_reuse_address(true)?;
+        }
+        socket.bind(&addr.into())
+    };
+    probe().map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             "the address is already in use (another Tern daemon or relay, or another program, \
              listens there)"
@@ -192,16 +218,7 @@ fn port_is_free(address: &Multiaddr) -> Result<(), String> {
         } else {
             e.to_string()
         }
-    };
-    match (ip, tcp, udp) {
-        (Some(ip), Some(port), _) if port != 0 => std::net::TcpListener::bind((ip, port))
-            .map(drop)
-            .map_err(in_use),
-        (Some(ip), _, Some(port)) if port != 0 => std::net::UdpSocket::bind((ip, port))
-            .map(drop)
-            .map_err(in_use),
-        _ => Ok(()),
-    }
+    })
 }
 
 /// An error with its causes, `outer: inner: …`, leaving out empty messages (libp2p's
@@ -1684,6 +1701,18 @@ mod tests {
             .parse()
             .unwrap();
         assert!(port_is_free(&quic).is_err());
+        // IPv4 taken, IPv6 on the same port is another socket for libp2p (IPv6-only).
+        let v4 = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            let v6: Multiaddr = format!("/ip6/::/tcp/{port}").parse().unwrap();
+            assert_eq!(port_is_free(&v6), Ok(()));
+        }
+        // A relayed address is not ours to probe.
+        let circuit: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p-circuit")
+            .parse()
+            .unwrap();
+        assert_eq!(port_is_free(&circuit), Ok(()));
     }
 
     #[test]

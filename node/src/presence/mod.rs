@@ -365,10 +365,17 @@ impl Actor {
     }
 
     fn query(&self, name: Option<String>) -> Result<Vec<PresenceView>, PresenceError> {
+        // Names are stored in NFC: the same name typed in another Unicode form matches.
+        let want = name
+            .as_deref()
+            .map(crate::messaging::contacts::normalize_name);
         let mut out: Vec<PresenceView> = self
             .contacts
             .iter()
-            .filter(|(_, n)| name.as_ref().is_none_or(|want| *n == want))
+            .filter(|(_, n)| {
+                want.as_ref()
+                    .is_none_or(|w| *n == w || crate::messaging::contacts::normalize_name(n) == *w)
+            })
             .map(|(peer, n)| {
                 let seen = if self.share {
                     self.book.get(peer)
