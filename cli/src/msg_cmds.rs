@@ -189,12 +189,13 @@ pub(crate) async fn send(
         }
         // Time is up (or the target was seen): the history has the last word, since a
         // receipt may have come just before the subscription saw it (`--timeout 0`).
-        let now = client
+        let item = client
             .history(to, 100)
             .await
             .ok()
-            .and_then(|h| h.into_iter().find(|m| m.id == id).map(|m| m.state));
-        let state = now.or(reached);
+            .and_then(|h| h.into_iter().find(|m| m.id == id));
+        let error = item.as_ref().and_then(|m| m.error.clone());
+        let state = item.map(|m| m.state).or(reached);
         if !state.as_deref().is_some_and(|s| target.contains(&s)) {
             let what = match state.as_deref() {
                 Some("delivered") => format!(
@@ -205,7 +206,10 @@ pub(crate) async fn send(
                 Some("sent") => {
                     "the recipient's node has it; no delivery receipt has come yet".to_string()
                 }
-                Some("failed") => "it failed".to_string(),
+                Some("failed") => match error {
+                    Some(why) => format!("it failed: {}", untrusted_line(&why)),
+                    None => "it failed".to_string(),
+                },
                 _ => "it stays queued and will be retried".to_string(),
             };
             anyhow::bail!("message {id} not {} within {timeout} s; {what}", target[0]);

@@ -393,8 +393,8 @@ impl MailboxActor {
 
     async fn handle_batch(&mut self, batch: Vec<InboundRequest>) {
         let now = now_ms() / 1000;
-        // Pages still on their way count against the limits, in all and per peer; this
-        // batch gets the rest.
+        // Pages still on their way count against the limits, in all, per network and per
+        // peer; this batch gets the rest.
         let mut fetch = FetchBudget::new(
             self.fetch_in_flight,
             FETCH_IN_FLIGHT_PER_NET,
@@ -403,10 +403,7 @@ impl MailboxActor {
         );
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in &batch {
-            let reader = Reader {
-                peer: req.peer,
-                net: req.net,
-            };
+            let reader = req.reader();
             let sending = Sending {
                 to_peer: self.net.mailbox_bytes_sending_to(&req.peer),
                 to_net: self.net.mailbox_bytes_sending_to_net(&req.net),
@@ -434,15 +431,7 @@ impl MailboxActor {
             }
             let _ = self
                 .net
-                .respond_mailbox(
-                    req.id,
-                    Reader {
-                        peer: req.peer,
-                        net: req.net,
-                    },
-                    req.channel,
-                    reply.bytes,
-                )
+                .respond_mailbox(req.id, req.reader(), req.channel, reply.bytes)
                 .await;
         }
         notices.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));

@@ -209,7 +209,7 @@ impl SledFiles {
     }
 
     /// Makes durable what sled's flush wrote: call after it. Returns the number of blob
-    /// files synced for the first time.
+    /// files synced (new ones, and ones that grew since their last sync).
     pub fn sync(&self) -> std::io::Result<usize> {
         self.log.sync_data()?;
         let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());

@@ -312,15 +312,15 @@ impl ApiClient {
 /// The events of a daemon, resumed after the last one seen whenever the subscription ends
 /// while the daemon still answers ([`ApiClient::events`]).
 ///
-/// A subscription ends when its reader falls behind: the daemon closes one that lags more than
-/// 1,024 events (`LAGGED`), and the client stops one whose own buffer fills (jsonrpsee drops
-/// the notification that did not fit and may pass on a few later ones before it stops, so
-/// a plain [`Subscription`] can have a gap; this stream checks for that after every event). Either way this
-/// stream subscribes again with `since` = the last `seq` it returned, so the reader sees every
-/// event the daemon's log still holds, once and in order (from the first event it returned:
-/// started without `since`, it knows no position before that). It ends (`None`) when the daemon
-/// refuses to subscribe (it stopped) or when three subscriptions in a row end before giving
-/// an event (a daemon shutting down).
+/// A subscription ends when its reader falls behind: the daemon closes one that lags more
+/// than 1,024 events (`LAGGED`), and the client stops one whose own buffer fills (jsonrpsee
+/// drops the notification that did not fit and may pass on a few later ones before it
+/// stops, so a plain [`Subscription`] can have a gap; this stream checks for that after
+/// every event). Either way this stream subscribes again with `since` = the last `seq` it
+/// returned, so the reader sees every event the daemon's log still holds, once and in order
+/// (from the first event it returned: started without `since`, it knows no position before
+/// that). It ends (`None`) when the daemon refuses to subscribe (it stopped) or when three
+/// subscriptions in a row end before giving an event (a daemon shutting down).
 #[derive(Debug)]
 pub struct EventStream<'a> {
     client: &'a ApiClient,

@@ -75,8 +75,9 @@ impl Contact {
     }
 }
 
-/// Checks a contact name: 1..=64 characters, no control characters, not all digits-looking
-/// ambiguity with hex ids is allowed; leading/trailing space is not.
+/// Checks a contact name: 1..=64 characters, no leading or trailing space, no control,
+/// bidirectional or invisible formatting characters (zero-width joiners only between two
+/// visible characters), and none of [`RESERVED_NAMES`] in any form.
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
         return Err(format!("a contact name has 1 to {MAX_NAME_LEN} characters"));

@@ -268,14 +268,6 @@ impl MessagingDb {
         })
     }
 
-    /// The contact named `name`.
-    pub fn contact_by_name(&self, name: &str) -> Result<Option<Contact>, StoreError> {
-        match self.names.get(name.as_bytes())? {
-            Some(key) => self.contacts.get(&key),
-            None => Ok(None),
-        }
-    }
-
     /// Every contact, sorted by name.
     pub fn contact_list(&self) -> Result<Vec<Contact>, StoreError> {
         let mut all: Vec<Contact> = self

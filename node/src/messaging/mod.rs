@@ -197,7 +197,7 @@ pub enum MessagingError {
     #[error("message is empty")]
     Empty,
     /// The name is taken.
-    #[error("a contact named {0:?} (or a name that differs only in letter case) already exists")]
+    #[error("a contact named {0:?} (or a name that reads the same) already exists")]
     NameTaken(String),
     /// The peer is already a contact.
     #[error("this peer is already your contact {0:?}")]
@@ -1265,29 +1265,32 @@ impl Actor {
         }));
     }
 
+    /// The contact named `name`, typed in any Unicode form: names are stored in NFC, and
+    /// ones stored before that may be in any form.
     fn contact(&self, name: &str) -> Result<Contact, MessagingError> {
-        self.db
-            .contact_by_name(name)?
-            .map_or_else(
-                // Stored in NFC: the same name typed in another Unicode form.
-                || self.db.contact_by_name(&normalize_name(name)),
-                |c| Ok(Some(c)),
-            )?
-            .map_or_else(|| self.contact_by_normalized_scan(name), |c| Ok(Some(c)))?
+        let key = match self.db.names.get(name.as_bytes())? {
+            Some(key) => Some(key),
+            None => {
+                let want = normalize_name(name);
+                self.find_name(|stored| normalize_name(stored) == want)?
+            }
+        };
+        key.map(|k| self.db.contacts.get(&k))
+            .transpose()?
+            .flatten()
             .ok_or_else(|| MessagingError::UnknownContact(name.to_string()))
     }
 
-    /// A contact whose stored name is `name` in another Unicode form: names stored before
-    /// they were kept in NFC may be in any form. A scan, only when the lookups missed.
-    fn contact_by_normalized_scan(&self, name: &str) -> Result<Option<Contact>, MessagingError> {
-        let want = normalize_name(name);
-        for (k, _) in self.db.names.scan_prefix(&[])? {
-            let stored = String::from_utf8_lossy(&k);
-            if normalize_name(&stored) == want {
-                return Ok(self.db.contact_by_name(&stored)?);
-            }
-        }
-        Ok(None)
+    /// The key of the first contact whose stored name `matches` (a scan of every name: for
+    /// when the exact lookup missed).
+    fn find_name(&self, matches: impl Fn(&str) -> bool) -> Result<Option<PeerKey>, MessagingError> {
+        Ok(self
+            .db
+            .names
+            .scan_prefix(&[])?
+            .into_iter()
+            .find(|(k, _)| matches(&String::from_utf8_lossy(k)))
+            .map(|(_, key)| key))
     }
 
     fn contact_add(
@@ -3107,13 +3110,7 @@ impl Actor {
             return Ok(Some(key));
         }
         let folded = fold_name(name);
-        Ok(self
-            .db
-            .names
-            .scan_prefix(&[])?
-            .into_iter()
-            .find(|(k, _)| fold_name(&String::from_utf8_lossy(k)) == folded)
-            .map(|(_, key)| key))
+        self.find_name(|stored| fold_name(stored) == folded)
     }
 }
 

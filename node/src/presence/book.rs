@@ -31,6 +31,10 @@ pub enum Check {
     Fresh,
     /// The very frame we already accepted (another path): ignore, no penalty.
     Duplicate,
+    /// Our own frame coming back: gossipsub never hands a node its own frames while its
+    /// duplicate cache holds them, so this is an old one replayed through us, which
+    /// contacts would refuse as stale and penalise us for forwarding. Ignore, not forward.
+    Own,
     /// Older than what we accepted, by less than [`LATE_MS`]: frames close together can
     /// arrive out of order over two paths; ignore, no penalty for the honest forwarder.
     Late,
@@ -82,6 +86,8 @@ struct Entry {
 pub struct Book {
     entries: HashMap<PeerId, Entry>,
     missed_beats: u32,
+    /// This node: its own frames are never judged as a contact's.
+    own: Option<PeerId>,
 }
 
 impl Book {
@@ -90,6 +96,15 @@ impl Book {
         Self {
             entries: HashMap::new(),
             missed_beats: missed_beats.max(1),
+            own: None,
+        }
+    }
+
+    /// The book of node `me`: frames of `me` are [`Check::Own`].
+    pub fn of_node(missed_beats: u32, me: PeerId) -> Self {
+        Self {
+            own: Some(me),
+            ..Self::new(missed_beats)
         }
     }
 
@@ -132,6 +147,9 @@ impl Book {
     /// fresh. Runs for every frame, also for owners whose body we cannot open (we still
     /// forward their valid frames to other contacts).
     pub fn check(&mut self, now_ms: u64, owner: PeerId, seq: u64) -> Check {
+        if self.own == Some(owner) {
+            return Check::Own;
+        }
         let e = self.entry(owner, now_ms);
         if seq == e.seen.seq && seq != 0 {
             return Check::Duplicate;
@@ -364,6 +382,17 @@ mod tests {
             20_000_000,
             "the clock when ahead"
         );
+    }
+
+    #[test]
+    fn our_own_frames_are_never_judged_as_a_contacts() {
+        let me = peer(9);
+        let mut b = Book::of_node(3, me);
+        // Any seq, fresh or old: ours coming back is ignored, and records nothing.
+        assert_eq!(b.check(1_000, me, 1), Check::Own);
+        assert_eq!(b.check(1_000, me, 100_000), Check::Own);
+        assert!(b.get(&me).is_none());
+        assert_eq!(b.check(1_000, peer(1), 1), Check::Fresh);
     }
 
     #[test]

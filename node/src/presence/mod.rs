@@ -234,7 +234,7 @@ pub async fn spawn(
     let share = config.share == SharePresence::Contacts;
     let own_key = messaging.presence_setup(share).await?;
     let seen_table: Table<Seen> = db.store.table("presence_seen")?;
-    let mut book = Book::new(config.missed_beats);
+    let mut book = Book::of_node(config.missed_beats, me);
     for (k, seen) in seen_table.scan_prefix(&[])? {
         if let Ok(peer) = PeerId::from_bytes(&k) {
             book.restore(peer, seen);
@@ -431,11 +431,8 @@ impl Actor {
                         "malformed"
                     }
                 }),
-                // Our own frame coming back: gossipsub never hands us our own while its
-                // duplicate cache holds them, so this is an old one replayed through us,
-                // which contacts would refuse as stale and penalise us for forwarding.
-                Ok(v) if v.owner == self.me => self.ignore("own"),
                 Ok(v) => match self.book.check(now, v.owner, v.seq) {
+                    Check::Own => self.ignore("own"),
                     Check::Stale => self.reject("stale"),
                     Check::Late => self.ignore("late"),
                     Check::Flood => self.ignore("flood"),
