@@ -786,6 +786,141 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
     b.stop().await;
 }
 
+/// A contact that removed us lost our session: our next messages are refused as
+/// undecryptable, so our node starts a new session by itself and sends them again under
+/// their ids. They arrive once, in order, as a message request, and reach `delivered`.
+#[tokio::test]
+async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    b.add_contact(&a, "alice").await;
+    // Both have sent and received: alice's session is one bob accepted.
+    a.handle.send("bob", "hi bob").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    b.handle.send("alice", "hi alice").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
+        .await;
+    b.handle.contact_remove("alice").await.unwrap();
+    let mut ids = Vec::new();
+    for text in ["still there?", "it's me"] {
+        ids.push(a.handle.send("bob", text).await.unwrap().to_hex());
+    }
+    let h = a
+        .wait_history("bob", LONG, |h| {
+            h.len() == 4 && h[2..].iter().all(|m| m.state == "delivered")
+        })
+        .await;
+    assert_eq!(h[2].id, ids[0]);
+    let contacts = b.handle.contact_list().await.unwrap();
+    assert_eq!(contacts.len(), 1);
+    assert!(contacts[0].auto_added, "a message request");
+    // (Removing a contact keeps the history.)
+    let got = b
+        .wait_history(&contacts[0].name, LONG, |h| h.len() == 4)
+        .await;
+    let texts: Vec<_> = got[2..]
+        .iter()
+        .map(|m| (m.id.as_str(), m.text.as_str()))
+        .collect();
+    assert_eq!(
+        texts,
+        vec![
+            (ids[0].as_str(), "still there?"),
+            (ids[1].as_str(), "it's me")
+        ],
+        "once each, in order, under the ids alice was given"
+    );
+    // Nothing failed on the way, and the new session works both ways.
+    assert!(
+        a.handle
+            .history("bob", 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.state != "failed")
+    );
+    b.handle
+        .send(&contacts[0].name, "back again")
+        .await
+        .unwrap();
+    a.wait_history("bob", LONG, |h| h.len() == 5).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A contact set up again from its identity alone (its prekeys are new) cannot decrypt our
+/// session, nor a new one started from its old ticket: the message fails after one restart
+/// (no loop), with a reason that says what to do; a new ticket makes it work again.
+#[tokio::test]
+async fn a_contact_set_up_again_fails_our_message_after_one_restart() {
+    let mut a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    b.add_contact(&a, "alice").await;
+    a.handle.send("bob", "hi bob").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    b.handle.send("alice", "hi alice").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
+        .await;
+    // Bob keeps his identity and loses everything else.
+    b.stop_keep().await;
+    let root = b.data_dir().root().to_path_buf();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n != "identity.key") {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+    b.start_again().await;
+    a.handle.dial(b.tcp_addr().await).await.unwrap();
+    let id = a
+        .handle
+        .send("bob", "are you there?")
+        .await
+        .unwrap()
+        .to_hex();
+    let reason = a
+        .wait_for("the message failed", |e| match &e.kind {
+            EventKind::MessageFailed {
+                id: fid, reason, ..
+            } if *fid == id => Some(reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(reason.contains("new ticket"), "{reason}");
+    // Nothing is left to try (no loop): alice's outbox is empty, bob refuses nothing more
+    // (the text under the old session, then the new session's profile and the text).
+    eventually("alice's outbox empty", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    let refused = || async {
+        let status = b.handle.status().await.unwrap();
+        status.rejected.get("undecryptable").copied().unwrap_or(0)
+    };
+    let before = refused().await;
+    assert!((2..=4).contains(&before), "{before}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(refused().await, before);
+    assert!(b.handle.contact_list().await.unwrap().is_empty());
+    // With bob's new ticket, it works again.
+    a.handle.contact_remove("bob").await.unwrap();
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "here I am").await.unwrap();
+    a.wait_history("bob", LONG, |h| {
+        h.last()
+            .is_some_and(|m| m.text == "here I am" && m.state == "delivered")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Strangers can start at most `max_message_requests` conversations at once: beyond that
 /// they are refused (`RateLimited`, so they retry), until the user handles a request.
 #[tokio::test]

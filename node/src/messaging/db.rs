@@ -321,6 +321,14 @@ impl MessagingDb {
         Ok(peers)
     }
 
+    /// The history entry of message `id` with `peer`.
+    pub fn message(&self, peer: &PeerKey, id: &MsgId) -> Result<Option<StoredMessage>, StoreError> {
+        match self.index.get(&peer_id_key(peer, id))? {
+            Some(hk) => self.history.get(&hk),
+            None => Ok(None),
+        }
+    }
+
     /// The last `limit` messages with `peer`, oldest first.
     pub fn history_for(
         &self,

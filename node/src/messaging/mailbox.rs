@@ -180,15 +180,22 @@ impl Actor {
         &mut self,
         c: &super::contacts::Contact,
     ) -> Result<(), MessagingError> {
-        if self.config.home_relays.is_empty() || !super::presence_share::eligible(c) {
-            return Ok(());
+        if let Some(content) = self.mailbox_token_content(c) {
+            self.queue(c.key(), vec![(content, OutKind::MailboxToken)])?;
         }
-        let content = Content::MailboxToken {
+        Ok(())
+    }
+
+    /// Our mailbox token and relays, if `c` should hold them (we have home relays, and it
+    /// is a contact that shares in our keys).
+    pub(super) fn mailbox_token_content(&self, c: &super::contacts::Contact) -> Option<Content> {
+        if self.config.home_relays.is_empty() || !super::presence_share::eligible(c) {
+            return None;
+        }
+        Some(Content::MailboxToken {
             token: *self.mailbox_token.expose_bytes(),
             relays: self.config.home_relays.iter().map(|a| a.to_vec()).collect(),
-        };
-        self.queue(c.key(), vec![(content, OutKind::MailboxToken)])?;
-        Ok(())
+        })
     }
 
     /// Makes `count` one-time prekeys (bounded by the pool's cap), persists the pool and

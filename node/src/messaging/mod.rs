@@ -29,7 +29,7 @@ pub mod schedule;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -515,6 +515,15 @@ struct DeliveryResult {
     more: Option<(MsgId, oneshot::Sender<Vec<OutboxItem>>)>,
 }
 
+/// A text queued again under a new session ([`MessagingActor::restart_session`]): its
+/// id, and when it was first queued and expires (a restart extends nothing).
+#[derive(Clone, Copy)]
+struct Again {
+    id: MsgId,
+    created_at: u64,
+    expires_at: u64,
+}
+
 enum Outcome {
     Stored,
     /// Stored and decrypted by the recipient, which said so in its answer.
@@ -596,6 +605,9 @@ struct Actor {
     /// Outgoing envelopes committed in the current batch, removed again if its flush fails
     /// (the sender was told it failed, so it must not go out later).
     undo: Vec<(PeerKey, MsgId, Option<u64>)>,
+    /// Peers that could not decrypt envelopes of a running delivery: a new session starts
+    /// when the attempt ends ([`Self::restart_session`]).
+    restarts: HashSet<PeerKey>,
     /// Envelopes queued in the batch being flushed and in the current one: no delivery
     /// takes them before they are durable.
     not_durable: NotDurable,
@@ -710,6 +722,7 @@ pub fn spawn(
         piggyback: None,
         rejected: Default::default(),
         undo: Vec::new(),
+        restarts: HashSet::new(),
         not_durable: NotDurable::default(),
         reservations: Reservations::default(),
         sent_before_flush: 0,
@@ -1609,17 +1622,33 @@ impl Actor {
         contents: Vec<(Content, OutKind)>,
         may_leave_early: bool,
     ) -> Result<(Vec<MsgId>, bool), MessagingError> {
+        let contents = contents.into_iter().map(|(c, k)| (c, k, None)).collect();
+        self.queue_in(peer, contents, may_leave_early, None)
+    }
+
+    /// [`Self::queue_with`], where a content may be a text queued again under its own id
+    /// ([`Again`]; its history entry stays as it is). With `restart`, a new session is
+    /// started even if one exists (the old one is kept to decrypt what is on its way), and
+    /// the outbox items `restart` names are dropped in the same transaction. Nothing of a
+    /// restart is withdrawn if its flush fails: what it replaces was accepted before.
+    fn queue_in(
+        &mut self,
+        peer: PeerKey,
+        contents: Vec<(Content, OutKind, Option<Again>)>,
+        may_leave_early: bool,
+        restart: Option<&[MsgId]>,
+    ) -> Result<(Vec<MsgId>, bool), MessagingError> {
         let contact = self.db.contacts.get(&peer)?;
         let record = self.db.sessions.get(&peer)?;
         let mut contents = contents;
         // A one-time prekey claimed from the contact's relay, used once, for the first session.
         let mut used_claimed = false;
         let (mut session, mut previous) = match record {
-            Some(mut r) => (
+            Some(mut r) if restart.is_none() => (
                 self.cached_session(&peer, &r.current)?,
                 std::mem::take(&mut r.previous),
             ),
-            None => {
+            old => {
                 let c = contact
                     .as_ref()
                     .ok_or_else(|| MessagingError::UnknownContact(hex_short(&peer)))?;
@@ -1634,8 +1663,15 @@ impl Actor {
                 };
                 let bundle = PrekeyBundle::from_bytes(bundle_bytes)?;
                 let s = Session::initiate(&mut self.rng, &self.keys, &bundle)?;
-                contents.insert(0, (self.profile_content(), OutKind::Profile));
-                (s, Vec::new())
+                contents.insert(0, (self.profile_content(), OutKind::Profile, None));
+                // Sessions replaced by a restart still decrypt what the peer sent under them.
+                let previous = old.map_or_else(Vec::new, |mut r| {
+                    let current = std::mem::take(&mut r.current);
+                    std::iter::once(current)
+                        .chain(std::mem::take(&mut r.previous))
+                        .collect()
+                });
+                (s, previous)
             }
         };
         let now = now_ms();
@@ -1643,9 +1679,20 @@ impl Actor {
         let mut items = Vec::new();
         let mut entries = Vec::new();
         let before = session.sending_position();
-        for (content, kind) in contents {
-            let envelope = self.seal(&mut session, peer, &content)?;
+        for (content, kind, again) in contents {
+            let envelope = self.seal_as(&mut session, peer, &content, again.map(|a| a.id))?;
             let id = envelope.id;
+            if let Some(a) = again {
+                items.push(OutboxItem {
+                    id,
+                    peer,
+                    envelope: envelope.to_bytes(),
+                    kind,
+                    created_at: a.created_at,
+                    expires_at: a.expires_at,
+                });
+                continue;
+            }
             if let Content::Text { text, sent_at } = &content {
                 entries.push(StoredMessage {
                     id,
@@ -1693,6 +1740,9 @@ impl Actor {
             tables.push(&db.send_reserved);
         }
         db.store.transaction(&tables, |tx| {
+            for id in restart.unwrap_or_default() {
+                tx.remove(&db.outbox, &peer_id_key(&peer, id))?;
+            }
             if used_claimed {
                 tx.remove(&db.claimed_prekeys, mailbox::key(&peer))?;
             }
@@ -1711,7 +1761,7 @@ impl Actor {
             Ok(())
         })?;
         self.dirty = true;
-        for item in &items {
+        for item in items.iter().filter(|_| restart.is_none()) {
             let ts = entries
                 .iter()
                 .find(|m| m.id == item.id)
@@ -1731,6 +1781,75 @@ impl Actor {
             self.not_durable.queued(peer, first.id);
         }
         Ok((items.iter().map(|i| i.id).collect(), early))
+    }
+
+    /// Whether a new session with `peer` can start by itself: a contact, not blocked, with
+    /// a prekey bundle (from its ticket, or claimed from its relay).
+    fn may_restart_session(&self, peer: &PeerKey) -> bool {
+        let contact = self.db.contacts.get(peer).ok().flatten();
+        contact.is_some_and(|c| {
+            !c.blocked
+                && (c.bundle.is_some()
+                    || matches!(self.db.claimed_prekeys.get(mailbox::key(peer)), Ok(Some(_))))
+        })
+    }
+
+    /// `peer` could not decrypt envelopes of our session (it removed us as a contact, or lost
+    /// its data) and the attempt that found it is over: starts a new session from its prekey
+    /// bundle and queues again, under it, what was queued for it. Texts keep their ids,
+    /// history entries and expiry; our presence key and mailbox token go as they are now;
+    /// receipts sealed under the old session are dropped (those messages stay `sent` on the
+    /// other side). The new session's first envelopes are prekey messages, which are never
+    /// restarted: a refusal of those fails the texts (no loop).
+    fn restart_session(&mut self, peer: PeerKey) {
+        let r = (|| -> Result<Option<(String, usize)>, MessagingError> {
+            let Some(c) = self.db.contacts.get(&peer)?.filter(|c| !c.blocked) else {
+                return Ok(None);
+            };
+            let mut contents = Vec::new();
+            let mut dropped = Vec::new();
+            for (_, item) in self.db.outbox.scan_prefix(&peer)? {
+                let entry = match item.kind {
+                    OutKind::Text => self.db.message(&peer, &item.id)?,
+                    _ => None,
+                };
+                match entry {
+                    Some(m) => {
+                        let again = Again {
+                            id: item.id,
+                            created_at: item.created_at,
+                            expires_at: item.expires_at,
+                        };
+                        let text = Content::Text {
+                            text: m.text,
+                            sent_at: m.timestamp,
+                        };
+                        contents.push((text, OutKind::Text, Some(again)));
+                    }
+                    None => dropped.push(item.id),
+                }
+            }
+            let texts = contents.len();
+            if let Some(key) = self.presence_key_content(&c)? {
+                contents.push((key, OutKind::PresenceKey, None));
+            }
+            if let Some(token) = self.mailbox_token_content(&c) {
+                contents.push((token, OutKind::MailboxToken, None));
+            }
+            self.queue_in(peer, contents, false, Some(&dropped))?;
+            Ok(Some((c.name, texts)))
+        })();
+        match r {
+            Ok(Some((contact, texts))) => tracing::info!(
+                %contact,
+                texts,
+                "the contact could no longer decrypt our messages (it removed us, or lost its \
+                 data): started a new session; what was queued goes again under it"
+            ),
+            Ok(None) => {}
+            // Still queued under the old session: refused again, it is tried again.
+            Err(e) => tracing::warn!(error = %e, "could not start a new session"),
+        }
     }
 
     fn profile_content(&self) -> Content {
@@ -2167,18 +2286,32 @@ impl Actor {
             more,
         } = res;
         let outcomes = give_up_too_early(&mut self.too_early, &peer, outcomes, Instant::now());
+        let undecryptable =
+            |o: &Outcome| matches!(o, Outcome::Rejected(RejectReason::Undecryptable));
+        let may_restart =
+            outcomes.iter().any(|(_, o)| undecryptable(o)) && self.may_restart_session(&peer);
         let db = &self.db;
         let mut updates = Vec::new();
         let r = db
             .store
             .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
                 let mut changed = Vec::new();
+                let mut restart = false;
                 for (id, outcome) in &outcomes {
                     let key = peer_id_key(&peer, id);
                     let Some(item) = tx.get(&db.outbox, &key)? else {
                         continue;
                     };
                     match outcome {
+                        // The recipient lost our session (it removed us, or its data): the
+                        // envelope stays queued, and goes again under a new session once
+                        // the attempt ends (unless a new one would start the same way).
+                        o if undecryptable(o)
+                            && may_restart
+                            && restart_may_help(&item.envelope) =>
+                        {
+                            restart = true;
+                        }
                         Outcome::Stored => {
                             tx.remove(&db.outbox, &key)?;
                             if item.kind == OutKind::Text
@@ -2230,10 +2363,15 @@ impl Actor {
                         Outcome::Rejected(_) => {}
                     }
                 }
-                Ok(changed)
+                Ok((changed, restart))
             });
         match r {
-            Ok(changed) => updates = changed,
+            Ok((changed, restart)) => {
+                updates = changed;
+                if restart {
+                    self.restarts.insert(peer);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not record delivery results");
                 self.unrecorded
@@ -2276,6 +2414,9 @@ impl Actor {
         }
         if !last {
             return;
+        }
+        if self.restarts.remove(&peer) {
+            self.restart_session(peer);
         }
         // The attempt is over: what next is the schedule's call. (A transient refusal made
         // the attempt stop with a failure.) Answers that could not be recorded make it a
@@ -2520,8 +2661,24 @@ impl Actor {
         peer: PeerKey,
         content: &Content,
     ) -> Result<Envelope, MessagingError> {
-        let random = self.random8();
-        let id = self.ids.next(now_ms(), random);
+        self.seal_as(session, peer, content, None)
+    }
+
+    /// [`Self::seal`] under the id given, if any (a text sent again under a new session).
+    fn seal_as(
+        &mut self,
+        session: &mut Session,
+        peer: PeerKey,
+        content: &Content,
+        id: Option<MsgId>,
+    ) -> Result<Envelope, MessagingError> {
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let random = self.random8();
+                self.ids.next(now_ms(), random)
+            }
+        };
         let ad = Envelope::associated_data(&id, &self.me, &peer);
         let message =
             session.encrypt(&mut self.rng, &Plaintext(content.clone()).to_bytes(), &ad)?;
@@ -3118,9 +3275,9 @@ impl Actor {
 fn refusal_reason(reason: RejectReason) -> String {
     let advice = match reason {
         RejectReason::Undecryptable => {
-            ": it could not decrypt it; it no longer has our session (it removed us as a \
-             contact, or lost its data). Remove the contact and add it again from its \
-             ticket to start a new session"
+            ": it could not decrypt it, not even as the first message of a new session: its \
+             keys are no longer those of its ticket (it was set up again?). Ask it for a new \
+             ticket, then remove the contact and add it again from that ticket"
         }
         RejectReason::Malformed => ": it could not read it (another Tern version?)",
         RejectReason::WrongParty => ": it is not the node this was addressed to",
@@ -3658,6 +3815,22 @@ fn give_up_too_early(
         .collect()
 }
 
+/// Whether a new session could do better than the session an outbox envelope was sealed
+/// in, if the recipient could not decrypt it: yes for a session it had accepted (a normal
+/// message: it has lost that session), and for one started from a one-time prekey it may
+/// have used up since; no for one started from its signed prekey alone, which is how a new
+/// session would start too. So restarts never loop: the second start has no one-time
+/// prekey (it was used once).
+fn restart_may_help(envelope: &[u8]) -> bool {
+    Envelope::from_bytes(envelope)
+        .ok()
+        .and_then(|e| Message::from_bytes(&e.ciphertext).ok())
+        .is_some_and(|m| match m {
+            Message::Normal(_) => true,
+            Message::PreKey(pk) => pk.one_time_prekey_id().is_some(),
+        })
+}
+
 /// The event saying that `id` reached `state`; `labels` are the peer's id and contact name.
 fn receipt_event(id: &MsgId, labels: &(String, String), state: &str) -> EventKind {
     EventKind::Receipt {
@@ -3791,6 +3964,32 @@ fn hex_short(key: &PeerKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_lost_session_or_a_used_one_time_prekey_is_worth_a_restart() {
+        let mut r = crate::crypto::tests::rng(9);
+        let sealed = |session: &mut Session, r: &mut rand_chacha::ChaCha20Rng| {
+            let message = session.encrypt(r, b"hi", b"").unwrap();
+            Envelope {
+                id: MsgId([1; 16]),
+                sender: [2; 32],
+                recipient: [3; 32],
+                ciphertext: message.to_bytes(),
+            }
+            .to_bytes()
+        };
+        // A session the recipient had accepted (normal messages): it lost it.
+        let (mut alice, _bob) = crate::crypto::tests::established(&mut r);
+        assert!(restart_may_help(&sealed(&mut alice, &mut r)));
+        // The first messages of a session started from a one-time prekey (it may be used up).
+        let mut p = crate::crypto::tests::pair(&mut r, true);
+        assert!(restart_may_help(&sealed(&mut p.alice_session, &mut r)));
+        // From the signed prekey alone: a new session would start the same way.
+        let mut p = crate::crypto::tests::pair(&mut r, false);
+        assert!(!restart_may_help(&sealed(&mut p.alice_session, &mut r)));
+        // What does not decode is not sent again.
+        assert!(!restart_may_help(b"garbage"));
+    }
 
     #[tokio::test]
     async fn a_current_thread_runtime_never_flushes_in_place() {

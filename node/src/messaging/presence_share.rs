@@ -153,6 +153,20 @@ impl Actor {
         Ok(())
     }
 
+    /// Our presence key as `c` should hold it now, if it should: what a new session with it
+    /// carries again.
+    pub(super) fn presence_key_content(
+        &self,
+        c: &Contact,
+    ) -> Result<Option<Content>, MessagingError> {
+        Ok(self
+            .own_presence()?
+            .filter(|own| own.shared && eligible(c))
+            .map(|own| Content::PresenceKey {
+                key: Some(own.key.0),
+            }))
+    }
+
     /// Contact `dropped` loses its place (is being removed or blocked): rotate the key for
     /// everyone else.
     pub(super) fn presence_contact_dropped(
