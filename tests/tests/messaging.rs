@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use tern_node::{
     events::EventKind,
-    messaging::wire::{self, MAX_TEXT_BYTES, RejectReason, Response},
+    messaging::{
+        contacts::Contact,
+        db::MessagingDb,
+        wire::{self, MAX_TEXT_BYTES, RejectReason, Response},
+    },
+    store::Store,
 };
 use tern_tests::{TestNode, eventually};
 
@@ -919,6 +924,73 @@ async fn a_contact_set_up_again_fails_our_message_after_one_restart() {
     .await;
     a.stop().await;
     b.stop().await;
+}
+
+/// Opens a stopped node's messaging tables.
+fn open_db(n: &TestNode) -> (Store, MessagingDb) {
+    let store = Store::open(&n.data_dir().db_path()).unwrap();
+    let db = MessagingDb::open(&store).unwrap();
+    (store, db)
+}
+
+/// The contact named `name` in `db`.
+fn contact_named(db: &MessagingDb, name: &str) -> Contact {
+    let list = db.contact_list().unwrap();
+    list.into_iter().find(|c| c.name == name).unwrap()
+}
+
+/// Blocking a contact owes a rotation of the keys it held (our presence key and mailbox
+/// token), written with the block in one transaction. A rotation stopped part-way (a full
+/// disk, a crash) runs again, at the latest at the next start: here the record is left as
+/// such a stop leaves it, and the start replaces the key for the other contacts only.
+#[tokio::test]
+async fn a_key_rotation_owed_for_a_blocked_contact_runs_at_the_next_start() {
+    let mut a = TestNode::spawn("alice").await;
+    let mut b = TestNode::spawn("bob").await;
+    let c = TestNode::spawn("carol").await;
+    a.add_contact(&b, "bob").await;
+    a.add_contact(&c, "carol").await;
+    // Bob holds alice's presence key once her first envelopes arrived.
+    a.handle.send("bob", "hi").await.unwrap();
+    a.wait_history("bob", LONG, |h| all(h, 1, "delivered"))
+        .await;
+    eventually("alice's outbox empty", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    a.stop_keep().await;
+    let (store, db) = open_db(&a);
+    let old_key = db.presence_self.get(b"self").unwrap().unwrap().key;
+    let mut carol = contact_named(&db, "carol");
+    carol.blocked = true;
+    db.contacts.insert(&carol.key(), &carol).unwrap();
+    db.rekey_owed.insert(&carol.key(), &true).unwrap();
+    store.close_blocking().unwrap();
+    drop((store, db));
+
+    a.start_again().await;
+    a.handle.dial(b.tcp_addr().await).await.unwrap();
+    // The new key is queued at the start, and delivered to bob (not to blocked carol).
+    eventually("the new key delivered", LONG, || async {
+        let status = a.handle.status().await.unwrap();
+        (status.outbox == 0).then_some(())
+    })
+    .await;
+    a.stop_keep().await;
+    b.stop_keep().await;
+    let (store, db) = open_db(&a);
+    let new_key = db.presence_self.get(b"self").unwrap().unwrap().key;
+    assert_ne!(new_key, old_key, "rotated");
+    assert!(
+        db.rekey_owed.scan_prefix(&[]).unwrap().is_empty(),
+        "no longer owed"
+    );
+    let alice = contact_named(&open_db(&b).1, "alice");
+    drop((store, db));
+    let (_bstore, bdb) = open_db(&b);
+    let held = bdb.presence_keys.get(&alice.key()).unwrap();
+    assert_eq!(held, Some(new_key), "bob holds the new key");
+    c.stop().await;
 }
 
 /// Strangers can start at most `max_message_requests` conversations at once: beyond that

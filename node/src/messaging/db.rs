@@ -233,6 +233,10 @@ pub struct MessagingDb {
     /// Peer key -> the sending-chain positions reserved ahead (envelopes sealed there may
     /// leave before their flush; a start after a crash skips past them).
     pub send_reserved: Table<super::reserve::Reservation>,
+    /// Peer key of a contact blocked or removed -> whether it held our presence key and
+    /// mailbox token then: a rotation of both is owed until it has run to the end (a full
+    /// disk can stop it part-way; it runs again until it completes).
+    pub rekey_owed: Table<bool>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -265,6 +269,7 @@ impl MessagingDb {
             contact_mailbox: store.table("contact_mailbox")?,
             claimed_prekeys: store.table("claimed_prekeys")?,
             send_reserved: store.table("send_reserved")?,
+            rekey_owed: store.table("rekey_owed")?,
         })
     }
 

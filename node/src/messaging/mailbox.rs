@@ -123,13 +123,14 @@ impl Actor {
             .collect()
     }
 
-    /// Contact `dropped`, which held our token, is being removed or blocked: make a new
-    /// token, send it to every other contact over its session, and revoke the old one at
-    /// our relays (now for those connected, at every later registration for all).
+    /// A contact that held our token (if `was_eligible`) was removed or blocked: make a new
+    /// token, send it to every contact but `dropped` (that one, while it stays blocked or
+    /// gone) over its session, and revoke the old one at our relays (now for those
+    /// connected, at every later registration for all).
     pub(super) fn mailbox_contact_dropped(
         &mut self,
         was_eligible: bool,
-        dropped: &PeerKey,
+        dropped: Option<&PeerKey>,
     ) -> Result<(), MessagingError> {
         if !was_eligible || self.config.home_relays.is_empty() {
             return Ok(());
@@ -154,7 +155,7 @@ impl Actor {
             self.sync_relay(relay);
         }
         let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
-        for peer in self.eligible_contacts(Some(dropped))? {
+        for peer in self.eligible_contacts(dropped)? {
             let content = Content::MailboxToken {
                 token: *self.mailbox_token.expose_bytes(),
                 relays: relays.clone(),

@@ -95,6 +95,8 @@ const BOOKKEEPING_FLUSH: Duration = Duration::from_millis(50);
 /// After a failed flush, how long recorded answers wait before the next attempt (besides
 /// any other write that flushes).
 const FAILED_FLUSH_RETRY: Duration = Duration::from_secs(1);
+/// How long after a failed key rotation (a full disk) the owed rotations run again.
+const REKEY_RETRY: Duration = Duration::from_secs(30);
 /// How long a message may be refused `TooEarly` (the ones before it on its chain never
 /// arrive, for example lost with a relay) before the sender gives it up as failed.
 const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
@@ -636,6 +638,8 @@ struct Actor {
     next_prune: Instant,
     /// When every home relay is next synced (besides on connect and on notices).
     next_relay_sync: Instant,
+    /// When owed key rotations run again after one failed ([`Self::settle_rekeys`]).
+    rekey_retry: Option<Instant>,
     /// Contacts that are message requests (auto-added, not yet accepted).
     message_requests: usize,
     /// Our dialable listen addresses, announced in our profile.
@@ -737,6 +741,7 @@ pub fn spawn(
         too_early: HashMap::new(),
         unrecorded: HashMap::new(),
         next_relay_sync,
+        rekey_retry: None,
         message_requests,
         my_addrs,
         peer_ids: Default::default(),
@@ -908,6 +913,7 @@ impl Actor {
             mut mint,
         } = channels;
         self.reconnect_contacts();
+        self.settle_rekeys();
         // A home relay may have connected before this task subscribed to network events:
         // sync with each now (a sync dials if needed; a later connection syncs again).
         for (relay, _) in self.home_relay_peers() {
@@ -919,6 +925,7 @@ impl Actor {
                 .schedule
                 .next_due()
                 .map_or(self.next_relay_sync, |due| due.min(self.next_relay_sync))
+                .min(self.rekey_retry.unwrap_or(self.next_relay_sync))
                 .min(Instant::now() + Duration::from_secs(3600));
             // While a flush runs, its end starts the next one: no earlier wake-up for it.
             let wake = match (&self.flushing, self.unflushed.deadline()) {
@@ -1015,6 +1022,7 @@ impl Actor {
         if !self.stopping {
             self.prune_seen_if_due();
             self.sync_relays_if_due();
+            self.settle_rekeys_if_due();
             self.start_deliveries();
             self.answer_refills();
         }
@@ -1405,10 +1413,6 @@ impl Actor {
     fn contact_remove(&mut self, name: &str) -> Result<(), MessagingError> {
         let c = self.contact(name)?;
         let key = c.key();
-        // The keys it held are replaced first: if that fails (a full disk), the contact is
-        // still there and removing it again does it all again.
-        self.mailbox_contact_dropped(presence_share::eligible(&c), &key)?;
-        self.presence_contact_dropped(presence_share::eligible(&c), &key)?;
         let queued = self.db.outbox.scan_prefix(&key)?;
         let unread = self.db.unread.scan_prefix(&key)?;
         let db = &self.db;
@@ -1421,8 +1425,11 @@ impl Actor {
                 &db.history,
                 &db.index,
                 &db.unread,
+                &db.rekey_owed,
             ],
             |tx| {
+                // The keys it held are replaced next, until that has run to the end.
+                tx.insert(&db.rekey_owed, &key, &presence_share::eligible(&c))?;
                 tx.remove(&db.contacts, &key)?;
                 tx.remove(&db.names, c.name.as_bytes())?;
                 tx.remove(&db.sessions, &key)?;
@@ -1446,6 +1453,7 @@ impl Actor {
         )?;
         self.schedule.done(&key);
         self.session_cache.borrow_mut().remove(&key);
+        self.settle_rekeys();
         self.db.contact_mailbox.remove(mailbox::key(&key))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
@@ -1461,14 +1469,23 @@ impl Actor {
     fn contact_block(&mut self, name: &str, blocked: bool) -> Result<ContactView, MessagingError> {
         let mut c = self.contact(name)?;
         let was_eligible = presence_share::eligible(&c);
-        if blocked {
-            // The keys it held are replaced before it is marked blocked: if that fails (a
-            // full disk), blocking it again does it all again.
-            self.mailbox_contact_dropped(was_eligible, &c.key())?;
-            self.presence_contact_dropped(was_eligible, &c.key())?;
-        }
+        let key = c.key();
         c.blocked = blocked;
-        self.db.contacts.insert(&c.key(), &c)?;
+        let db = &self.db;
+        db.store
+            .transaction(&[&db.contacts, &db.rekey_owed], |tx| {
+                tx.insert(&db.contacts, &key, &c)?;
+                // Blocked, the keys it held are replaced next, until that has run to the
+                // end. (A rotation still owed when it is unblocked runs, it included.)
+                if blocked && !tx.get(&db.rekey_owed, &key)?.is_some_and(|owed| owed) {
+                    tx.insert(&db.rekey_owed, &key, &was_eligible)?;
+                }
+                Ok(())
+            })?;
+        self.dirty = true;
+        if blocked {
+            self.settle_rekeys();
+        }
         if !blocked {
             // Also for a contact that was not blocked: our current keys again, which repairs
             // one left without them by a block that failed half-way and was not retried.
@@ -1486,6 +1503,46 @@ impl Actor {
             });
         }
         Ok(c.view(self.keys.public()))
+    }
+
+    /// Runs the key rotations owed for contacts blocked or removed
+    /// ([`MessagingDb::rekey_owed`]): each replaces our presence key and mailbox token and
+    /// sends the new ones to the other contacts (to that one too if it has been unblocked
+    /// or added again since). A rotation that fails part-way (a full disk) stays owed and
+    /// runs again [`REKEY_RETRY`] later, and at the next start.
+    fn settle_rekeys(&mut self) {
+        let r = (|| -> Result<(), MessagingError> {
+            for (k, was_eligible) in self.db.rekey_owed.scan_prefix(&[])? {
+                let Ok(key) = PeerKey::try_from(k.as_slice()) else {
+                    self.db.rekey_owed.remove(&k)?;
+                    continue;
+                };
+                let out = self.db.contacts.get(&key)?.is_none_or(|c| c.blocked);
+                let except = out.then_some(&key);
+                self.mailbox_contact_dropped(was_eligible, except)?;
+                self.presence_contact_dropped(was_eligible, except)?;
+                self.db.rekey_owed.remove(&key)?;
+                self.dirty = true;
+            }
+            Ok(())
+        })();
+        self.rekey_retry = match r {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "could not replace the keys a blocked or removed contact held; trying again"
+                );
+                Some(Instant::now() + REKEY_RETRY)
+            }
+        };
+    }
+
+    /// [`Self::settle_rekeys`] once its retry is due.
+    fn settle_rekeys_if_due(&mut self) {
+        if self.rekey_retry.is_some_and(|at| at <= Instant::now()) {
+            self.settle_rekeys();
+        }
     }
 
     /// Remembers the relays and token a contact's ticket named, for deposits.

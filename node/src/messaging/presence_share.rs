@@ -167,12 +167,12 @@ impl Actor {
             }))
     }
 
-    /// Contact `dropped` loses its place (is being removed or blocked): rotate the key for
-    /// everyone else.
+    /// A contact lost its place (was removed or blocked): rotate the key for every contact
+    /// but `dropped` (that one, while it stays blocked or gone).
     pub(super) fn presence_contact_dropped(
         &mut self,
         was_eligible: bool,
-        dropped: &PeerKey,
+        dropped: Option<&PeerKey>,
     ) -> Result<(), MessagingError> {
         self.note_after_flush(PresenceNote::ContactsChanged);
         if was_eligible
@@ -183,7 +183,7 @@ impl Actor {
             // Sealing moves to the new key now that it is stored, also if queuing it for
             // the others fails (then the rotation runs again when the user retries).
             self.note_after_flush(PresenceNote::OwnKey(Some(key.clone())));
-            self.queue_to_all(Some(&key), Some(dropped))?;
+            self.queue_to_all(Some(&key), dropped)?;
         }
         Ok(())
     }
