@@ -797,7 +797,7 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
 #[tokio::test]
 async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
     let a = TestNode::spawn("alice").await;
-    let b = TestNode::spawn("bob").await;
+    let mut b = TestNode::spawn("bob").await;
     a.add_contact(&b, "bob").await;
     b.add_contact(&a, "alice").await;
     // Both have sent and received: alice's session is one bob accepted.
@@ -817,9 +817,18 @@ async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
         })
         .await;
     assert_eq!(h[2].id, ids[0]);
+    // The new session's profile went first: the texts come from "alice", not "peer-…".
+    let from = b
+        .wait_for("the first text again", |e| match &e.kind {
+            EventKind::Message { id, from, .. } if *id == ids[0] => Some(from.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, "alice");
     let contacts = b.handle.contact_list().await.unwrap();
     assert_eq!(contacts.len(), 1);
     assert!(contacts[0].auto_added, "a message request");
+    assert_eq!(contacts[0].name, "alice");
     // (Removing a contact keeps the history.)
     let got = b
         .wait_history(&contacts[0].name, LONG, |h| h.len() == 4)
@@ -909,7 +918,7 @@ async fn a_contact_set_up_again_fails_our_message_after_one_restart() {
         status.rejected.get("undecryptable").copied().unwrap_or(0)
     };
     let before = refused().await;
-    assert!((2..=4).contains(&before), "{before}");
+    assert!(before >= 2, "{before}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(refused().await, before);
     assert!(b.handle.contact_list().await.unwrap().is_empty());

@@ -1452,6 +1452,7 @@ impl Actor {
             },
         )?;
         self.schedule.done(&key);
+        self.restarts.remove(&key);
         self.session_cache.borrow_mut().remove(&key);
         self.settle_rekeys();
         self.db.contact_mailbox.remove(mailbox::key(&key))?;
@@ -1484,6 +1485,7 @@ impl Actor {
             })?;
         self.dirty = true;
         if blocked {
+            self.restarts.remove(&key);
             self.settle_rekeys();
         }
         if !blocked {
@@ -1720,7 +1722,16 @@ impl Actor {
                 };
                 let bundle = PrekeyBundle::from_bytes(bundle_bytes)?;
                 let s = Session::initiate(&mut self.rng, &self.keys, &bundle)?;
-                contents.insert(0, (self.profile_content(), OutKind::Profile, None));
+                // The profile opens the session, so it goes first, also before texts sent
+                // again under their (older) ids: the queue is in id order.
+                let oldest = contents.iter().filter_map(|(.., a)| a.map(|a| a.id)).min();
+                let random = self.random8();
+                let profile = oldest.and_then(|o| o.just_before(random)).map(|id| Again {
+                    id,
+                    created_at: now_ms(),
+                    expires_at: now_ms() + self.config.message_ttl.as_millis() as u64,
+                });
+                contents.insert(0, (self.profile_content(), OutKind::Profile, profile));
                 // Sessions replaced by a restart still decrypt what the peer sent under them.
                 let previous = old.map_or_else(Vec::new, |mut r| {
                     let current = std::mem::take(&mut r.current);
@@ -1833,9 +1844,9 @@ impl Actor {
             // Covered by a durable reservation: due now, its flush runs meanwhile.
             self.sent_before_flush += items.len() as u64;
             self.schedule.enqueue(peer, Instant::now());
-        } else if let Some(first) = items.first() {
+        } else if let Some(first) = items.iter().map(|i| i.id).min() {
             // Due once durable (`flush_done`).
-            self.not_durable.queued(peer, first.id);
+            self.not_durable.queued(peer, first);
         }
         Ok((items.iter().map(|i| i.id).collect(), early))
     }
@@ -1858,55 +1869,48 @@ impl Actor {
     /// receipts sealed under the old session are dropped (those messages stay `sent` on the
     /// other side). The new session's first envelopes are prekey messages, which are never
     /// restarted: a refusal of those fails the texts (no loop).
-    fn restart_session(&mut self, peer: PeerKey) {
-        let r = (|| -> Result<Option<(String, usize)>, MessagingError> {
-            let Some(c) = self.db.contacts.get(&peer)?.filter(|c| !c.blocked) else {
-                return Ok(None);
+    fn restart_session(&mut self, peer: PeerKey) -> Result<(), MessagingError> {
+        let Some(c) = self.db.contacts.get(&peer)?.filter(|c| !c.blocked) else {
+            return Ok(());
+        };
+        let mut contents = Vec::new();
+        let mut dropped = Vec::new();
+        for (_, item) in self.db.outbox.scan_prefix(&peer)? {
+            let entry = match item.kind {
+                OutKind::Text => self.db.message(&peer, &item.id)?,
+                _ => None,
             };
-            let mut contents = Vec::new();
-            let mut dropped = Vec::new();
-            for (_, item) in self.db.outbox.scan_prefix(&peer)? {
-                let entry = match item.kind {
-                    OutKind::Text => self.db.message(&peer, &item.id)?,
-                    _ => None,
-                };
-                match entry {
-                    Some(m) => {
-                        let again = Again {
-                            id: item.id,
-                            created_at: item.created_at,
-                            expires_at: item.expires_at,
-                        };
-                        let text = Content::Text {
-                            text: m.text,
-                            sent_at: m.timestamp,
-                        };
-                        contents.push((text, OutKind::Text, Some(again)));
-                    }
-                    None => dropped.push(item.id),
+            match entry {
+                Some(m) => {
+                    let again = Again {
+                        id: item.id,
+                        created_at: item.created_at,
+                        expires_at: item.expires_at,
+                    };
+                    let text = Content::Text {
+                        text: m.text,
+                        sent_at: m.timestamp,
+                    };
+                    contents.push((text, OutKind::Text, Some(again)));
                 }
+                None => dropped.push(item.id),
             }
-            let texts = contents.len();
-            if let Some(key) = self.presence_key_content(&c)? {
-                contents.push((key, OutKind::PresenceKey, None));
-            }
-            if let Some(token) = self.mailbox_token_content(&c) {
-                contents.push((token, OutKind::MailboxToken, None));
-            }
-            self.queue_in(peer, contents, false, Some(&dropped))?;
-            Ok(Some((c.name, texts)))
-        })();
-        match r {
-            Ok(Some((contact, texts))) => tracing::info!(
-                %contact,
-                texts,
-                "the contact could no longer decrypt our messages (it removed us, or lost its \
-                 data): started a new session; what was queued goes again under it"
-            ),
-            Ok(None) => {}
-            // Still queued under the old session: refused again, it is tried again.
-            Err(e) => tracing::warn!(error = %e, "could not start a new session"),
         }
+        let texts = contents.len();
+        if let Some(key) = self.presence_key_content(&c)? {
+            contents.push((key, OutKind::PresenceKey, None));
+        }
+        if let Some(token) = self.mailbox_token_content(&c) {
+            contents.push((token, OutKind::MailboxToken, None));
+        }
+        self.queue_in(peer, contents, false, Some(&dropped))?;
+        tracing::info!(
+            contact = %c.name,
+            texts,
+            "the contact could no longer decrypt our messages (it removed us, or lost its \
+             data): started a new session; what was queued goes again under it"
+        );
+        Ok(())
     }
 
     fn profile_content(&self) -> Content {
@@ -2399,7 +2403,7 @@ impl Actor {
                         }
                         Outcome::Rejected(reason) if !reason.is_transient() => {
                             tx.remove(&db.outbox, &key)?;
-                            let why = refusal_reason(*reason);
+                            let why = refusal_reason(*reason, !restart_may_help(&item.envelope));
                             if item.kind == OutKind::Text
                                 && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
                                     .is_some()
@@ -2472,8 +2476,14 @@ impl Actor {
         if !last {
             return;
         }
-        if self.restarts.remove(&peer) {
-            self.restart_session(peer);
+        if self.restarts.remove(&peer)
+            && let Err(e) = self.restart_session(peer)
+        {
+            // Still queued under the old session: tried again after the backoff, not at
+            // once (which would loop for as long as the store fails).
+            tracing::warn!(error = %e, "could not start a new session");
+            self.unrecorded
+                .insert(peer, format!("could not start a new session: {e}"));
         }
         // The attempt is over: what next is the schedule's call. (A transient refusal made
         // the attempt stop with a failure.) Answers that could not be recorded make it a
@@ -3329,12 +3339,18 @@ impl Actor {
 }
 
 /// What a `messageFailed` says about a permanent refusal, with what the user can do.
-fn refusal_reason(reason: RejectReason) -> String {
+/// `first_flight`: the envelope started a session (so a new session would not have helped).
+fn refusal_reason(reason: RejectReason, first_flight: bool) -> String {
     let advice = match reason {
-        RejectReason::Undecryptable => {
+        RejectReason::Undecryptable if first_flight => {
             ": it could not decrypt it, not even as the first message of a new session: its \
              keys are no longer those of its ticket (it was set up again?). Ask it for a new \
              ticket, then remove the contact and add it again from that ticket"
+        }
+        RejectReason::Undecryptable => {
+            ": it could not decrypt it; it no longer has our session (it removed us as a \
+             contact, or lost its data). Remove the contact and add it again from its \
+             ticket to start a new session"
         }
         RejectReason::Malformed => ": it could not read it (another Tern version?)",
         RejectReason::WrongParty => ": it is not the node this was addressed to",
@@ -3427,6 +3443,10 @@ async fn deliver(
     let mut outcomes = Vec::new();
     let mut progressed = false;
     let mut failure = known_offline.then(|| "the recipient is offline".to_string());
+    // The recipient could not decrypt our session: what is left is not handed to its
+    // relays (it could not decrypt it there either), but stays queued for the new session
+    // the actor starts.
+    let mut lost_session = false;
     let items = if known_offline { Vec::new() } else { items };
     // The last item taken, while the actor may have more after it: only a full batch says
     // so (a short one emptied the queue; what is queued later gets the next attempt).
@@ -3540,6 +3560,7 @@ async fn deliver(
                     if reason.is_transient() && failure.is_none() {
                         failure = Some(format!("recipient answered {reason:?}"));
                     }
+                    lost_session |= reason == RejectReason::Undecryptable;
                     Outcome::Rejected(reason)
                 }
                 other => {
@@ -3575,7 +3596,7 @@ async fn deliver(
     // The recipient could not be reached: hand what was not delivered to its relays.
     if let (Some(error), Some(mb)) = (&failure, &mailbox) {
         let rest: Vec<OutboxItem> = open.into_values().collect();
-        if !rest.is_empty() && !error.starts_with("recipient answered") {
+        if !rest.is_empty() && !error.starts_with("recipient answered") && !lost_session {
             let n = rest.len();
             let stored = mailbox::deposit(&net, peer_id, mb, rest, now_ms()).await;
             tracing::debug!(
@@ -3758,7 +3779,8 @@ struct NotDurable {
 impl NotDurable {
     /// `id` (and what follows) was queued for `peer` in the current batch.
     fn queued(&mut self, peer: PeerKey, id: MsgId) {
-        self.current.entry(peer).or_insert(id);
+        let first = self.current.entry(peer).or_insert(id);
+        *first = (*first).min(id);
     }
 
     /// The current batch's flush starts (the previous one ended).

@@ -79,6 +79,22 @@ impl MsgId {
         u64::from_be_bytes(b)
     }
 
+    /// An id that sorts just before this one (its millisecond and counter one step back,
+    /// `random` as its tail), or `None` for the very first. For an envelope that must go
+    /// before queued ones whose ids are older than now.
+    pub fn just_before(&self, random: [u8; 8]) -> Option<Self> {
+        let counter = u16::from_be_bytes([self.0[6], self.0[7]]);
+        let (ms, counter) = match counter.checked_sub(1) {
+            Some(c) => (self.millis(), c),
+            None => (self.millis().checked_sub(1)?, u16::MAX),
+        };
+        let mut id = [0u8; 16];
+        id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        id[6..8].copy_from_slice(&counter.to_be_bytes());
+        id[8..].copy_from_slice(&random);
+        Some(Self(id))
+    }
+
     /// Lowercase hex (32 characters), as shown to users and the API.
     pub fn to_hex(&self) -> String {
         data_encoding::HEXLOWER.encode(&self.0)
@@ -420,6 +436,22 @@ impl Plaintext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_just_before_another_sorts_before_it_and_after_anything_older() {
+        let mut ids = MsgIdGen::default();
+        let a = ids.next(1_000, [0xff; 8]);
+        let b = ids.next(1_000, [0; 8]);
+        let c = ids.next(1_001, [0; 8]);
+        // Same millisecond: one counter step back, whatever the tail.
+        let before_b = b.just_before([0xff; 8]).unwrap();
+        assert!(a <= before_b && before_b < b);
+        // A new millisecond: the previous one's last counter.
+        let before_c = c.just_before([0; 8]).unwrap();
+        assert!(b < before_c && before_c < c);
+        assert_eq!(before_c.millis(), 1_000);
+        assert_eq!(MsgId([0; 16]).just_before([1; 8]), None);
+    }
 
     #[test]
     fn ids_are_strictly_increasing_even_within_a_millisecond() {
