@@ -955,7 +955,7 @@ fn contact_named(db: &MessagingDb, name: &str) -> Contact {
 #[tokio::test]
 async fn a_key_rotation_owed_for_a_blocked_contact_runs_at_the_next_start() {
     let mut a = TestNode::spawn("alice").await;
-    let mut b = TestNode::spawn("bob").await;
+    let b = TestNode::spawn("bob").await;
     let c = TestNode::spawn("carol").await;
     a.add_contact(&b, "bob").await;
     a.add_contact(&c, "carol").await;

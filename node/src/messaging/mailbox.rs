@@ -123,14 +123,13 @@ impl Actor {
             .collect()
     }
 
-    /// A contact that held our token (if `was_eligible`) was removed or blocked: make a new
-    /// token, send it to every contact but `dropped` (that one, while it stays blocked or
-    /// gone) over its session, and revoke the old one at our relays (now for those
-    /// connected, at every later registration for all).
+    /// A contact that held our token (if `was_eligible`) was removed or blocked (its record
+    /// says so already): make a new token, send it to every contact eligible now over its
+    /// session, and revoke the old one at our relays (now for those connected, at every
+    /// later registration for all).
     pub(super) fn mailbox_contact_dropped(
         &mut self,
         was_eligible: bool,
-        dropped: Option<&PeerKey>,
     ) -> Result<(), MessagingError> {
         if !was_eligible || self.config.home_relays.is_empty() {
             return Ok(());
@@ -149,21 +148,20 @@ impl Actor {
         self.mailbox_token = token;
         self.dirty = true;
         // Register the new token (and revoke the old) at the relays we are connected to,
-        // also if queuing it for the others fails below (then the whole rotation runs again
-        // when the user retries).
+        // also if queuing it for the others fails below (then the whole rotation runs again:
+        // it stays owed, see `settle_rekeys`).
         for (relay, _) in self.home_relay_peers() {
             self.sync_relay(relay);
         }
         let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
-        for peer in self.eligible_contacts(dropped)? {
+        for peer in self.eligible_contacts()? {
             let content = Content::MailboxToken {
                 token: *self.mailbox_token.expose_bytes(),
                 relays: relays.clone(),
             };
             match self.queue(peer, vec![(content, OutKind::MailboxToken)]) {
                 Ok(_) => {}
-                // Storage (a full disk): the block or removal fails as a whole and is done
-                // again, rotation included, when it is retried.
+                // Storage (a full disk): the rotation fails as a whole and runs again.
                 Err(e) if storage_failure(&e) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not queue the new mailbox token for a contact")

@@ -640,6 +640,8 @@ struct Actor {
     next_relay_sync: Instant,
     /// When owed key rotations run again after one failed ([`Self::settle_rekeys`]).
     rekey_retry: Option<Instant>,
+    /// Marks of owed rotations done in the current batch: cleared once it is durable.
+    settling: Vec<Vec<u8>>,
     /// Contacts that are message requests (auto-added, not yet accepted).
     message_requests: usize,
     /// Our dialable listen addresses, announced in our profile.
@@ -742,6 +744,7 @@ pub fn spawn(
         unrecorded: HashMap::new(),
         next_relay_sync,
         rekey_retry: None,
+        settling: Vec::new(),
         message_requests,
         my_addrs,
         peer_ids: Default::default(),
@@ -1069,6 +1072,7 @@ impl Actor {
             after_flush: std::mem::take(&mut self.after_flush),
             responses: std::mem::take(&mut self.responses),
             undo: std::mem::take(&mut self.undo),
+            settled: std::mem::take(&mut self.settling),
             recorded: self.unflushed.flush_started(),
         });
     }
@@ -1091,10 +1095,15 @@ impl Actor {
                 if self.storage_failed.take().is_some() {
                     tracing::info!("storage works again");
                 }
+                self.rekeys_durable(&batch.settled);
             }
             Err(e) => {
                 tracing::error!(error = %e, "flush failed; nothing is acknowledged");
                 self.undo_batch(&batch.undo);
+                if !batch.settled.is_empty() {
+                    // Their new keys were withdrawn with the batch: rotate again.
+                    self.rekey_retry = Some(Instant::now() + REKEY_RETRY);
+                }
                 self.storage_failed = Some(e.clone());
                 self.unflushed.failed(batch.recorded, Instant::now());
             }
@@ -1137,6 +1146,17 @@ impl Actor {
                 let _ = reply.send(items);
             }
         }
+    }
+
+    /// The rotations owed for `marks` are durable: the marks go (with the next flush).
+    fn rekeys_durable(&mut self, marks: &[Vec<u8>]) {
+        for k in marks {
+            if let Err(e) = self.db.rekey_owed.remove(k) {
+                tracing::warn!(error = %e, "could not clear an owed key rotation; it runs again");
+                self.rekey_retry = Some(Instant::now() + REKEY_RETRY);
+            }
+        }
+        self.dirty |= !marks.is_empty();
     }
 
     /// Removes what this batch queued for sending: its flush failed and the callers were
@@ -1426,10 +1446,18 @@ impl Actor {
                 &db.index,
                 &db.unread,
                 &db.rekey_owed,
+                &db.contact_mailbox,
             ],
             |tx| {
-                // The keys it held are replaced next, until that has run to the end.
-                tx.insert(&db.rekey_owed, &key, &presence_share::eligible(&c))?;
+                // The keys it held are replaced next, until that has run to the end (a
+                // rotation still owed from a block stays owed).
+                let owed = tx.get(&db.rekey_owed, &key)?.unwrap_or(false);
+                tx.insert(
+                    &db.rekey_owed,
+                    &key,
+                    &(owed || presence_share::eligible(&c)),
+                )?;
+                tx.remove(&db.contact_mailbox, mailbox::key(&key))?;
                 tx.remove(&db.contacts, &key)?;
                 tx.remove(&db.names, c.name.as_bytes())?;
                 tx.remove(&db.sessions, &key)?;
@@ -1454,8 +1482,8 @@ impl Actor {
         self.schedule.done(&key);
         self.restarts.remove(&key);
         self.session_cache.borrow_mut().remove(&key);
+        self.rekey_owed_again(&key);
         self.settle_rekeys();
-        self.db.contact_mailbox.remove(mailbox::key(&key))?;
         for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
             self.publish_after_flush(EventKind::MessageFailed {
                 id: item.id.to_hex(),
@@ -1478,14 +1506,16 @@ impl Actor {
                 tx.insert(&db.contacts, &key, &c)?;
                 // Blocked, the keys it held are replaced next, until that has run to the
                 // end. (A rotation still owed when it is unblocked runs, it included.)
-                if blocked && !tx.get(&db.rekey_owed, &key)?.is_some_and(|owed| owed) {
-                    tx.insert(&db.rekey_owed, &key, &was_eligible)?;
+                if blocked {
+                    let owed = tx.get(&db.rekey_owed, &key)?.unwrap_or(false);
+                    tx.insert(&db.rekey_owed, &key, &(owed || was_eligible))?;
                 }
                 Ok(())
             })?;
         self.dirty = true;
         if blocked {
             self.restarts.remove(&key);
+            self.rekey_owed_again(&key);
             self.settle_rekeys();
         }
         if !blocked {
@@ -1507,25 +1537,32 @@ impl Actor {
         Ok(c.view(self.keys.public()))
     }
 
-    /// Runs the key rotations owed for contacts blocked or removed
-    /// ([`MessagingDb::rekey_owed`]): each replaces our presence key and mailbox token and
-    /// sends the new ones to the other contacts (to that one too if it has been unblocked
-    /// or added again since). A rotation that fails part-way (a full disk) stays owed and
-    /// runs again [`REKEY_RETRY`] later, and at the next start.
+    /// Runs the key rotation owed for contacts blocked or removed
+    /// ([`MessagingDb::rekey_owed`]): one rotation of our presence key and mailbox token
+    /// covers every mark, the new keys going to the contacts eligible now (so also to one
+    /// unblocked or added again since). The marks go once the rotation's writes are durable
+    /// ([`Self::flush_done`]). A rotation that fails part-way (a full disk), or whose flush
+    /// fails, stays owed and runs again [`REKEY_RETRY`] later, and at every start.
     fn settle_rekeys(&mut self) {
         let r = (|| -> Result<(), MessagingError> {
-            for (k, was_eligible) in self.db.rekey_owed.scan_prefix(&[])? {
-                let Ok(key) = PeerKey::try_from(k.as_slice()) else {
-                    self.db.rekey_owed.remove(&k)?;
-                    continue;
-                };
-                let out = self.db.contacts.get(&key)?.is_none_or(|c| c.blocked);
-                let except = out.then_some(&key);
-                self.mailbox_contact_dropped(was_eligible, except)?;
-                self.presence_contact_dropped(was_eligible, except)?;
-                self.db.rekey_owed.remove(&key)?;
-                self.dirty = true;
+            let settled = self.flushing.as_ref().map(|f| &f.settled);
+            let owed: Vec<(Vec<u8>, bool)> = self
+                .db
+                .rekey_owed
+                .scan_prefix(&[])?
+                .into_iter()
+                .filter(|(k, _)| {
+                    !self.settling.contains(k) && !settled.is_some_and(|s| s.contains(k))
+                })
+                .collect();
+            if owed.is_empty() {
+                return Ok(());
             }
+            let held = owed.iter().any(|(_, held)| *held);
+            self.mailbox_contact_dropped(held)?;
+            self.presence_contact_dropped(held)?;
+            self.settling.extend(owed.into_iter().map(|(k, _)| k));
+            self.dirty = true;
             Ok(())
         })();
         self.rekey_retry = match r {
@@ -1538,6 +1575,15 @@ impl Actor {
                 Some(Instant::now() + REKEY_RETRY)
             }
         };
+    }
+
+    /// A new rotation is owed for `key` (blocked or removed again): one that covered it and
+    /// is not durable yet no longer clears its mark.
+    fn rekey_owed_again(&mut self, key: &PeerKey) {
+        self.settling.retain(|k| k.as_slice() != key);
+        if let Some(f) = self.flushing.as_mut() {
+            f.settled.retain(|k| k.as_slice() != key);
+        }
     }
 
     /// [`Self::settle_rekeys`] once its retry is due.
@@ -1726,10 +1772,15 @@ impl Actor {
                 // again under their (older) ids: the queue is in id order.
                 let oldest = contents.iter().filter_map(|(.., a)| a.map(|a| a.id)).min();
                 let random = self.random8();
+                let last_expiry = contents
+                    .iter()
+                    .filter_map(|(.., a)| a.map(|a| a.expires_at))
+                    .max();
                 let profile = oldest.and_then(|o| o.just_before(random)).map(|id| Again {
                     id,
                     created_at: now_ms(),
-                    expires_at: now_ms() + self.config.message_ttl.as_millis() as u64,
+                    // No longer than what it opens the way for.
+                    expires_at: last_expiry.unwrap_or_default(),
                 });
                 contents.insert(0, (self.profile_content(), OutKind::Profile, profile));
                 // Sessions replaced by a restart still decrypt what the peer sent under them.
@@ -2403,7 +2454,7 @@ impl Actor {
                         }
                         Outcome::Rejected(reason) if !reason.is_transient() => {
                             tx.remove(&db.outbox, &key)?;
-                            let why = refusal_reason(*reason, !restart_may_help(&item.envelope));
+                            let why = refusal_reason(*reason, first_flight(&item.envelope));
                             if item.kind == OutKind::Text
                                 && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
                                     .is_some()
@@ -3759,6 +3810,8 @@ struct Flushing {
     after_flush: Vec<AfterFlush>,
     responses: Vec<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     undo: Vec<(PeerKey, MsgId, Option<u64>)>,
+    /// Marks of the owed key rotations it makes durable ([`Actor::settle_rekeys`]).
+    settled: Vec<Vec<u8>>,
     /// Whether it covers recorded answers ([`LazyFlush`]).
     recorded: bool,
 }
@@ -3804,12 +3857,13 @@ impl NotDurable {
         Vec::new()
     }
 
-    /// The first of `peer`'s envelopes that is not durable yet, if any.
+    /// The first of `peer`'s envelopes that is not durable yet, if any. Usually the
+    /// flushing batch's, but a session restart queues envelopes under older ids.
     fn first(&self, peer: &PeerKey) -> Option<MsgId> {
-        self.flushing
-            .get(peer)
-            .or_else(|| self.current.get(peer))
-            .copied()
+        match (self.flushing.get(peer), self.current.get(peer)) {
+            (Some(a), Some(b)) => Some(*a.min(b)),
+            (a, b) => a.or(b).copied(),
+        }
     }
 
     /// `items` (`peer`'s queue, in order) without the ones not durable yet.
@@ -3901,13 +3955,22 @@ fn give_up_too_early(
 /// session would start too. So restarts never loop: the second start has no one-time
 /// prekey (it was used once).
 fn restart_may_help(envelope: &[u8]) -> bool {
+    sealed_message(envelope).is_some_and(|m| match m {
+        Message::Normal(_) => true,
+        Message::PreKey(pk) => pk.one_time_prekey_id().is_some(),
+    })
+}
+
+/// Whether an outbox envelope is a session's first flight (a prekey message).
+fn first_flight(envelope: &[u8]) -> bool {
+    matches!(sealed_message(envelope), Some(Message::PreKey(_)))
+}
+
+/// The ratchet message an outbox envelope carries, if it decodes.
+fn sealed_message(envelope: &[u8]) -> Option<Message> {
     Envelope::from_bytes(envelope)
         .ok()
         .and_then(|e| Message::from_bytes(&e.ciphertext).ok())
-        .is_some_and(|m| match m {
-            Message::Normal(_) => true,
-            Message::PreKey(pk) => pk.one_time_prekey_id().is_some(),
-        })
 }
 
 /// The event saying that `id` reached `state`; `labels` are the peer's id and contact name.
@@ -4312,6 +4375,15 @@ mod tests {
         assert_eq!(durable, vec![p, q]);
         assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2, 3, 4, 5, 6]);
         assert_eq!(nd.first(&q), None);
+        // A session restart queues envelopes under older ids, also below those of the
+        // running flush and of earlier ones in its own batch: none of them goes early.
+        nd.queued(p, MsgId([6; 16]));
+        nd.flush_started();
+        nd.queued(p, MsgId([5; 16]));
+        nd.queued(p, MsgId([3; 16]));
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2]);
+        assert_eq!(nd.flush_done(true), vec![p]);
+        assert_eq!(ids(nd.durable_only(&p, queue())), [1, 2]);
     }
 
     #[test]

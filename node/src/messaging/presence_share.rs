@@ -58,8 +58,8 @@ impl Actor {
     }
 
     /// Queues our presence key (or its withdrawal) for `peer`. A storage failure (a full
-    /// disk) is returned, so the operation that rotates keys fails whole and is done again
-    /// when retried; any other failure only concerns that contact and is logged.
+    /// disk) is returned, so the operation that rotates keys fails whole and runs again;
+    /// any other failure only concerns that contact and is logged.
     fn queue_presence_key(
         &mut self,
         peer: PeerKey,
@@ -78,28 +78,19 @@ impl Actor {
         }
     }
 
-    /// The contacts that hold our presence key and mailbox token, but `except` (one about
-    /// to be blocked or removed, whose record does not say so yet).
-    pub(super) fn eligible_contacts(
-        &self,
-        except: Option<&PeerKey>,
-    ) -> Result<Vec<PeerKey>, MessagingError> {
+    /// The contacts that hold our presence key and mailbox token.
+    pub(super) fn eligible_contacts(&self) -> Result<Vec<PeerKey>, MessagingError> {
         Ok(self
             .db
             .contact_list()?
             .iter()
             .filter(|c| eligible(c))
             .map(Contact::key)
-            .filter(|k| Some(k) != except)
             .collect())
     }
 
-    fn queue_to_all(
-        &mut self,
-        key: Option<&PresenceKey>,
-        except: Option<&PeerKey>,
-    ) -> Result<(), MessagingError> {
-        for peer in self.eligible_contacts(except)? {
+    fn queue_to_all(&mut self, key: Option<&PresenceKey>) -> Result<(), MessagingError> {
+        for peer in self.eligible_contacts()? {
             self.queue_presence_key(peer, key)?;
         }
         Ok(())
@@ -128,13 +119,13 @@ impl Actor {
             (Some(own), true) if own.shared => Ok(Some(own.key)),
             (_, true) => {
                 let key = self.new_own_key(true)?;
-                self.queue_to_all(Some(&key), None)?;
+                self.queue_to_all(Some(&key))?;
                 Ok(Some(key))
             }
             (Some(own), false) if own.shared => {
                 // Those who had the old key may not read anything new.
                 self.new_own_key(false)?;
-                self.queue_to_all(None, None)?;
+                self.queue_to_all(None)?;
                 Ok(None)
             }
             (_, false) => Ok(None),
@@ -167,12 +158,11 @@ impl Actor {
             }))
     }
 
-    /// A contact lost its place (was removed or blocked): rotate the key for every contact
-    /// but `dropped` (that one, while it stays blocked or gone).
+    /// A contact that held our key (if `was_eligible`) was removed or blocked (its record
+    /// says so already): rotate the key for the contacts that are eligible now.
     pub(super) fn presence_contact_dropped(
         &mut self,
         was_eligible: bool,
-        dropped: Option<&PeerKey>,
     ) -> Result<(), MessagingError> {
         self.note_after_flush(PresenceNote::ContactsChanged);
         if was_eligible
@@ -181,9 +171,9 @@ impl Actor {
         {
             let key = self.new_own_key(true)?;
             // Sealing moves to the new key now that it is stored, also if queuing it for
-            // the others fails (then the rotation runs again when the user retries).
+            // the others fails (then the rotation runs again: it stays owed).
             self.note_after_flush(PresenceNote::OwnKey(Some(key.clone())));
-            self.queue_to_all(Some(&key), dropped)?;
+            self.queue_to_all(Some(&key))?;
         }
         Ok(())
     }
