@@ -922,7 +922,8 @@ impl Actor {
         for (relay, _) in self.home_relay_peers() {
             self.sync_relay(relay);
         }
-        self.start_deliveries();
+        // Starts the due deliveries, and flushes what the start wrote (an owed rotation).
+        self.finish_batch();
         loop {
             let wake = self
                 .schedule
@@ -1101,7 +1102,8 @@ impl Actor {
                 tracing::error!(error = %e, "flush failed; nothing is acknowledged");
                 self.undo_batch(&batch.undo);
                 if !batch.settled.is_empty() {
-                    // Their new keys were withdrawn with the batch: rotate again.
+                    // Not durable: the rotation stays owed (a failed flush usually leaves
+                    // the store broken for this run; then it runs at the next start).
                     self.rekey_retry = Some(Instant::now() + REKEY_RETRY);
                 }
                 self.storage_failed = Some(e.clone());
@@ -1586,9 +1588,11 @@ impl Actor {
         }
     }
 
-    /// [`Self::settle_rekeys`] once its retry is due.
+    /// [`Self::settle_rekeys`] once its retry is due, unless the store failed a flush
+    /// (then it runs at the next start; a write refused for disk space is retried).
     fn settle_rekeys_if_due(&mut self) {
-        if self.rekey_retry.is_some_and(|at| at <= Instant::now()) {
+        if self.storage_failed.is_none() && self.rekey_retry.is_some_and(|at| at <= Instant::now())
+        {
             self.settle_rekeys();
         }
     }
@@ -1772,15 +1776,16 @@ impl Actor {
                 // again under their (older) ids: the queue is in id order.
                 let oldest = contents.iter().filter_map(|(.., a)| a.map(|a| a.id)).min();
                 let random = self.random8();
+                let fresh = now_ms() + self.config.message_ttl.as_millis() as u64;
                 let last_expiry = contents
                     .iter()
-                    .filter_map(|(.., a)| a.map(|a| a.expires_at))
+                    .map(|(.., a)| a.map_or(fresh, |a| a.expires_at))
                     .max();
                 let profile = oldest.and_then(|o| o.just_before(random)).map(|id| Again {
                     id,
                     created_at: now_ms(),
-                    // No longer than what it opens the way for.
-                    expires_at: last_expiry.unwrap_or_default(),
+                    // As long as what it opens the way for, no longer.
+                    expires_at: last_expiry.unwrap_or(fresh),
                 });
                 contents.insert(0, (self.profile_content(), OutKind::Profile, profile));
                 // Sessions replaced by a restart still decrypt what the peer sent under them.
