@@ -20,8 +20,16 @@ async fn connect(g: &Globals) -> anyhow::Result<ApiClient> {
 
 /// `tern init [--name N]`.
 pub(crate) fn init(g: &Globals, name: Option<String>) -> anyhow::Result<()> {
-    let identity = Identity::create(&g.dir)?;
     let config_path = g.dir.config_path();
+    // A directory holding only an identity (set up again from a kept `identity.key`) is
+    // completed: the identity stays, a config is written.
+    let (identity, created) = match Identity::create(&g.dir) {
+        Ok(identity) => (identity, true),
+        Err(tern_node::identity::IdentityError::AlreadyExists { .. }) if !config_path.exists() => {
+            (Identity::load(&g.dir)?, false)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !config_path.exists() {
         let config = Config {
             name,
@@ -38,8 +46,13 @@ pub(crate) fn init(g: &Globals, name: Option<String>) -> anyhow::Result<()> {
     g.out.emit(
         &json!({ "peer_id": identity.peer_id().to_string(), "ticket": ticket }),
         || {
+            let what = if created {
+                "Created a Tern identity"
+            } else {
+                "Kept the Tern identity found"
+            };
             format!(
-                "Created a Tern identity in {}\npeer id: {}\nStart your node with `tern daemon`, then share the ticket from `tern id`.",
+                "{what} in {}\npeer id: {}\nStart your node with `tern daemon`, then share the ticket from `tern id`.",
                 g.dir.root().display(),
                 identity.peer_id()
             )

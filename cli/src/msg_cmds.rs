@@ -301,7 +301,7 @@ pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
                     .as_ref()
                     .map(|m| {
                         format!(
-                            "{}: {}",
+                            "  {}: {}",
                             untrusted_line(&m.from),
                             untrusted_line(&m.text.chars().take(60).collect::<String>())
                         )
@@ -318,7 +318,7 @@ pub(crate) async fn conversations(g: &Globals) -> anyhow::Result<()> {
                 if c.blocked {
                     unread.push_str(" [blocked]");
                 }
-                format!("{}{unread}  {last}", untrusted_line(&c.name))
+                format!("{}{unread}{last}", untrusted_line(&c.name))
             })
             .collect::<Vec<_>>()
             .join("\n")

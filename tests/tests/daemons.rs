@@ -392,9 +392,30 @@ async fn corrupt_identity_and_config_are_reported_and_left_untouched() {
         id,
         "not overwritten"
     );
+    // `init` completes a directory without a config, but not with a corrupt identity.
     let out = d.tern(&["init"]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("corrupt identity file"));
+    assert_eq!(std::fs::read(data.identity_path()).unwrap(), id);
+}
+
+/// A directory that kept only its `identity.key` (set up again) is completed by `init`:
+/// the identity stays, a config with the name is written. A complete one is refused.
+#[tokio::test]
+async fn init_completes_a_directory_that_holds_only_an_identity() {
+    let d = TernDir::initialized("alice");
+    let data = DataDir::new(d.path());
+    let id = std::fs::read(data.identity_path()).unwrap();
+    let out = d.tern(&["init", "--name", "bob"]);
+    assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("refusing to overwrite"));
+    std::fs::remove_file(data.config_path()).unwrap();
+    let out = d.tern(&["init", "--name", "bob"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Kept the Tern identity"));
+    assert_eq!(std::fs::read(data.identity_path()).unwrap(), id, "kept");
+    let config = std::fs::read_to_string(data.config_path()).unwrap();
+    assert!(config.contains("name = \"bob\""), "{config}");
 }
 
 #[tokio::test]

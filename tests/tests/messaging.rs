@@ -760,7 +760,7 @@ async fn a_flooding_peer_is_rate_limited_and_still_delivers_in_the_end() {
 
 #[tokio::test]
 async fn blocked_contacts_get_nothing_through_until_unblocked() {
-    let a = TestNode::spawn("alice").await;
+    let mut a = TestNode::spawn("alice").await;
     let b = TestNode::spawn("bob").await;
     a.add_contact(&b, "bob").await;
     b.add_contact(&a, "alice").await;
@@ -783,7 +783,26 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
     assert!(h.len() == 1 && h[0].state == "queued", "{h:?}");
     let e = b.handle.send("alice", "hi").await.unwrap_err().to_string();
     assert!(e.contains("blocked"), "{e}");
+    // Removing her would lift the block (her node would start a new session as a
+    // stranger): refused, and she stays blocked.
+    let e = b
+        .handle
+        .contact_remove("alice")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("blocked") && e.contains("unblock"), "{e}");
+    assert!(b.handle.contact_show("alice").await.unwrap().blocked);
+    // Alice is connected again (her retries), with a growing backoff. Unblocking makes
+    // bob's node connect anew, which makes hers retry at once.
+    a.events = a.handle.subscribe(None).unwrap();
     b.handle.contact_block("alice", false).await.unwrap();
+    let bob_id = b.handle.peer_id().to_string();
+    a.wait_for("a new connection from bob", |e| match &e.kind {
+        EventKind::PeerConnected { peer_id, .. } if *peer_id == bob_id => Some(()),
+        _ => None,
+    })
+    .await;
     b.handle.send("alice", "sorry").await.unwrap();
     b.wait_history("alice", LONG, |h| h.iter().any(|m| m.text == "let me in"))
         .await;
@@ -859,6 +878,33 @@ async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
         .await
         .unwrap();
     a.wait_history("bob", LONG, |h| h.len() == 5).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A message request removed before it was answered: the sender's session was never
+/// confirmed, so its next message still starts a session (no restart, no profile first).
+/// The new message request is named as the removed one was, not `peer-…`.
+#[tokio::test]
+async fn a_removed_message_request_that_writes_again_keeps_its_name() {
+    let a = TestNode::spawn("alice").await;
+    let b = TestNode::spawn("bob").await;
+    a.add_contact(&b, "bob").await;
+    a.handle.send("bob", "first").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    b.handle.contact_remove("alice").await.unwrap();
+    a.handle.send("bob", "second").await.unwrap();
+    let contacts = eventually("a new message request", LONG, || async {
+        let contacts = b.handle.contact_list().await.unwrap();
+        (!contacts.is_empty()).then_some(contacts)
+    })
+    .await;
+    assert_eq!(contacts.len(), 1);
+    assert!(contacts[0].auto_added);
+    assert_eq!(contacts[0].name, "alice");
+    assert_eq!(contacts[0].announced_name.as_deref(), Some("alice"));
+    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].text == "second")
+        .await;
     a.stop().await;
     b.stop().await;
 }

@@ -237,6 +237,10 @@ pub struct MessagingDb {
     /// mailbox token then: a rotation of both is owed until it has run to the end (a full
     /// disk can stop it part-way; it runs again until it completes).
     pub rekey_owed: Table<bool>,
+    /// Peer key of a removed contact -> the name it had announced: a message request it
+    /// starts later without a profile first (its session with us was never confirmed, so
+    /// its node does not know it has to announce itself again) is named from it.
+    pub former_names: Table<String>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -270,6 +274,7 @@ impl MessagingDb {
             claimed_prekeys: store.table("claimed_prekeys")?,
             send_reserved: store.table("send_reserved")?,
             rekey_owed: store.table("rekey_owed")?,
+            former_names: store.table("former_names")?,
         })
     }
 

@@ -187,6 +187,12 @@ pub enum MessagingError {
     /// The contact is blocked.
     #[error("{0} is blocked; unblock them first")]
     Blocked(String),
+    /// A blocked contact cannot be removed: removing it would lift the block.
+    #[error(
+        "{0} is blocked; removing them would let them write to you again (as a message \
+         request). They stay in the list as blocked; unblock them first to remove them"
+    )]
+    RemoveBlocked(String),
     /// The text is too long.
     #[error("message too large: {len} bytes, at most {max}")]
     TooLarge {
@@ -1434,6 +1440,11 @@ impl Actor {
 
     fn contact_remove(&mut self, name: &str) -> Result<(), MessagingError> {
         let c = self.contact(name)?;
+        if c.blocked {
+            // The block lives in the contact record, and our node would start a new
+            // session with whoever writes again.
+            return Err(MessagingError::RemoveBlocked(c.name));
+        }
         let key = c.key();
         let queued = self.db.outbox.scan_prefix(&key)?;
         let unread = self.db.unread.scan_prefix(&key)?;
@@ -1449,8 +1460,12 @@ impl Actor {
                 &db.unread,
                 &db.rekey_owed,
                 &db.contact_mailbox,
+                &db.former_names,
             ],
             |tx| {
+                if let Some(announced) = &c.announced_name {
+                    tx.insert(&db.former_names, &key, announced)?;
+                }
                 // The keys it held are replaced next, until that has run to the end (a
                 // rotation still owed from a block stays owed).
                 let owed = tx.get(&db.rekey_owed, &key)?.unwrap_or(false);
@@ -1500,6 +1515,7 @@ impl Actor {
     fn contact_block(&mut self, name: &str, blocked: bool) -> Result<ContactView, MessagingError> {
         let mut c = self.contact(name)?;
         let was_eligible = presence_share::eligible(&c);
+        let was_blocked = c.blocked;
         let key = c.key();
         c.blocked = blocked;
         let db = &self.db;
@@ -1521,10 +1537,13 @@ impl Actor {
             self.settle_rekeys();
         }
         if !blocked {
-            // Also for a contact that was not blocked: our current keys again, which repairs
-            // one left without them by a block that failed half-way and was not retried.
+            // Also for a contact that was not blocked: our current keys again (unblocking
+            // is how a user repairs a contact that lacks them).
             self.presence_contact_added(&c)?;
             self.mailbox_contact_added(&c)?;
+        }
+        if was_blocked && !blocked {
+            self.reconnect(&c);
         }
         if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
             self.schedule.enqueue(c.key(), Instant::now());
@@ -2184,13 +2203,23 @@ impl Actor {
             let addrs = c.addrs.clone();
             let peer = c.peer_id;
             tokio::spawn(async move {
-                for a in addrs {
-                    if net.dial(a.with(crate::net::p2p(peer))).await.is_ok() {
-                        break;
-                    }
-                }
+                dial_any(&net, peer, addrs).await;
             });
         }
+    }
+
+    /// An unblocked contact's node may hold messages for us with a long backoff, and may
+    /// have stayed connected all along (it reconnected after the block closed the
+    /// connection), so it saw no new connection to retry on: close the connection and dial
+    /// it again, which makes its node retry at once.
+    fn reconnect(&self, c: &Contact) {
+        let net = self.net.clone();
+        let addrs = c.addrs.clone();
+        let peer = c.peer_id;
+        tokio::spawn(async move {
+            let _ = net.disconnect(peer).await;
+            dial_any(&net, peer, addrs).await;
+        });
     }
 
     /// Starts an attempt for every peer due; whether it started any.
@@ -2507,7 +2536,10 @@ impl Actor {
             for (id, change) in updates {
                 match change {
                     Ok(state) => progress.push(receipt_event(&id, &labels, state)),
-                    Err(why) => self.publish_failed(&id, &peer, &why),
+                    Err(why) => {
+                        tracing::info!(to = %labels.1, %id, reason = %why, "a message failed");
+                        self.publish_failed(&id, &peer, &why);
+                    }
                 }
             }
             // `sent` and `delivered` of one answer: the second is not held up by the
@@ -3059,7 +3091,9 @@ impl Actor {
             };
             let announced = match &content {
                 Content::Profile { name, .. } => name.clone(),
-                _ => None,
+                // No profile first (a session it started before we removed it): the name
+                // it announced then.
+                _ => self.db.former_names.get(&sender)?,
             };
             let name = self.free_name(announced.as_deref(), &peer)?;
             let c = Contact {
@@ -3964,6 +3998,15 @@ fn restart_may_help(envelope: &[u8]) -> bool {
         Message::Normal(_) => true,
         Message::PreKey(pk) => pk.one_time_prekey_id().is_some(),
     })
+}
+
+/// Dials `peer` at the first of `addrs` that answers.
+async fn dial_any(net: &NetHandle, peer: PeerId, addrs: Vec<Multiaddr>) {
+    for a in addrs {
+        if net.dial(a.with(crate::net::p2p(peer))).await.is_ok() {
+            break;
+        }
+    }
 }
 
 /// Whether an outbox envelope is a session's first flight (a prekey message).
