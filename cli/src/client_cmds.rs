@@ -30,6 +30,9 @@ pub(crate) fn init(g: &Globals, name: Option<String>) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    // Never into the directory of a daemon running there (without a config): the lock
+    // says whether one does, and is held while the config is written.
+    let lock = if created { None } else { Some(g.dir.lock()?) };
     if !config_path.exists() {
         let config = Config {
             name,
@@ -42,6 +45,7 @@ pub(crate) fn init(g: &Globals, name: Option<String>) -> anyhow::Result<()> {
             config_path.display()
         );
     }
+    drop(lock);
     let ticket = tern_node::offline_ticket(&g.dir)?.encode();
     g.out.emit(
         &json!({ "peer_id": identity.peer_id().to_string(), "ticket": ticket }),

@@ -34,7 +34,8 @@ pub(crate) enum ContactCmd {
         /// The contact's name.
         name: String,
     },
-    /// Remove a contact (queued messages to them fail; history is kept).
+    /// Remove a contact (queued messages to them fail; history is kept; a blocked
+    /// contact stays blocked).
     Remove {
         /// The contact's name.
         name: String,

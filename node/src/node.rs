@@ -418,7 +418,8 @@ impl NodeHandle {
         Ok(self.inner.messaging.contact_show(name.to_string()).await?)
     }
 
-    /// Removes a contact (its queued messages fail; history is kept).
+    /// Removes a contact (its queued messages fail; history is kept; a blocked contact
+    /// stays blocked).
     pub async fn contact_remove(&self, name: &str) -> Result<(), NodeError> {
         Ok(self
             .inner

@@ -234,7 +234,7 @@ fn node_error(e: NodeError) -> ErrorObjectOwned {
         NodeError::Messaging(m) => match m {
             M::UnknownContact(_) => codes::UNKNOWN_CONTACT,
             M::TooLarge { .. } | M::Empty => codes::BAD_MESSAGE,
-            M::Blocked(_) | M::RemoveBlocked(_) => codes::BLOCKED,
+            M::Blocked(_) => codes::BLOCKED,
             M::InvalidTicket(_) => codes::INVALID_TICKET,
             M::NameTaken(_) | M::AlreadyContact(_) | M::InvalidName(_) => codes::BAD_CONTACT,
             M::NoSession(_) => codes::NO_SESSION,

@@ -241,6 +241,10 @@ pub struct MessagingDb {
     /// starts later without a profile first (its session with us was never confirmed, so
     /// its node does not know it has to announce itself again) is named from it.
     pub former_names: Table<String>,
+    /// Peer keys of blocked contacts the user removed: they stay blocked (nothing from them
+    /// is accepted, also not as a message request) until added again, which brings the
+    /// contact back blocked.
+    pub blocked_peers: Table<()>,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -275,6 +279,7 @@ impl MessagingDb {
             send_reserved: store.table("send_reserved")?,
             rekey_owed: store.table("rekey_owed")?,
             former_names: store.table("former_names")?,
+            blocked_peers: store.table("blocked_peers")?,
         })
     }
 

@@ -187,12 +187,6 @@ pub enum MessagingError {
     /// The contact is blocked.
     #[error("{0} is blocked; unblock them first")]
     Blocked(String),
-    /// A blocked contact cannot be removed: removing it would lift the block.
-    #[error(
-        "{0} is blocked; removing them would let them write to you again (as a message \
-         request). They stay in the list as blocked; unblock them first to remove them"
-    )]
-    RemoveBlocked(String),
     /// The text is too long.
     #[error("message too large: {len} bytes, at most {max}")]
     TooLarge {
@@ -1408,24 +1402,30 @@ impl Actor {
         if self.name_owner(&name)?.is_some() {
             return Err(MessagingError::NameTaken(name));
         }
+        // A peer blocked and then removed comes back blocked (unblocking is explicit).
+        let blocked = self.db.blocked_peers.contains(&key)?;
         let contact = Contact {
             name,
             peer_id: ticket.peer_id,
             identity: bundle.identity().clone(),
             bundle: Some(bundle_bytes),
             addrs: ticket.addrs.clone(),
-            blocked: false,
+            blocked,
             auto_added: false,
             announced_name: ticket.name.clone(),
             added_at: now_ms(),
         };
-        self.db
-            .store
-            .transaction(&[&self.db.contacts, &self.db.names], |tx| {
-                tx.insert(&self.db.names, contact.name.as_bytes(), &key)?;
-                tx.insert(&self.db.contacts, &key, &contact)?;
+        let db = &self.db;
+        db.store.transaction(
+            &[&db.contacts, &db.names, &db.former_names, &db.blocked_peers],
+            |tx| {
+                tx.insert(&db.names, contact.name.as_bytes(), &key)?;
+                tx.insert(&db.contacts, &key, &contact)?;
+                tx.remove(&db.former_names, &key)?;
+                tx.remove(&db.blocked_peers, &key)?;
                 Ok(())
-            })?;
+            },
+        )?;
         self.publish_after_flush(EventKind::ContactAdded {
             name: contact.name.clone(),
             peer_id: contact.peer_id.to_string(),
@@ -1440,11 +1440,6 @@ impl Actor {
 
     fn contact_remove(&mut self, name: &str) -> Result<(), MessagingError> {
         let c = self.contact(name)?;
-        if c.blocked {
-            // The block lives in the contact record, and our node would start a new
-            // session with whoever writes again.
-            return Err(MessagingError::RemoveBlocked(c.name));
-        }
         let key = c.key();
         let queued = self.db.outbox.scan_prefix(&key)?;
         let unread = self.db.unread.scan_prefix(&key)?;
@@ -1461,10 +1456,23 @@ impl Actor {
                 &db.rekey_owed,
                 &db.contact_mailbox,
                 &db.former_names,
+                &db.blocked_peers,
             ],
             |tx| {
-                if let Some(announced) = &c.announced_name {
-                    tx.insert(&db.former_names, &key, announced)?;
+                // The name it announced, for a message request it may start later (only a
+                // valid one; none clears an older one).
+                match c.announced_name.as_deref().map(normalize_name) {
+                    Some(n) if validate_name(&n).is_ok() => {
+                        tx.insert(&db.former_names, &key, &n)?
+                    }
+                    _ => {
+                        tx.remove(&db.former_names, &key)?;
+                    }
+                }
+                // Removed, a blocked contact stays blocked: the block would go with the
+                // record, and its node would start a new session with us as a stranger.
+                if c.blocked {
+                    tx.insert(&db.blocked_peers, &key, &())?;
                 }
                 // The keys it held are replaced next, until that has run to the end (a
                 // rotation still owed from a block stays owed).
@@ -1543,7 +1551,9 @@ impl Actor {
             self.mailbox_contact_added(&c)?;
         }
         if was_blocked && !blocked {
-            self.reconnect(&c);
+            // Something for it to receive, also when it shares in none of our keys: its
+            // node retries what it queued for us as soon as it hears from us.
+            self.queue(key, vec![(self.profile_content(), OutKind::Profile)])?;
         }
         if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
             self.schedule.enqueue(c.key(), Instant::now());
@@ -2208,20 +2218,6 @@ impl Actor {
         }
     }
 
-    /// An unblocked contact's node may hold messages for us with a long backoff, and may
-    /// have stayed connected all along (it reconnected after the block closed the
-    /// connection), so it saw no new connection to retry on: close the connection and dial
-    /// it again, which makes its node retry at once.
-    fn reconnect(&self, c: &Contact) {
-        let net = self.net.clone();
-        let addrs = c.addrs.clone();
-        let peer = c.peer_id;
-        tokio::spawn(async move {
-            let _ = net.disconnect(peer).await;
-            dial_any(&net, peer, addrs).await;
-        });
-    }
-
     /// Starts an attempt for every peer due; whether it started any.
     fn start_deliveries(&mut self) -> bool {
         let now = Instant::now();
@@ -2413,6 +2409,7 @@ impl Actor {
 
     fn publish_failed(&mut self, id: &MsgId, peer: &PeerKey, reason: &str) {
         let (peer_id, to) = self.peer_labels(peer);
+        tracing::info!(%to, %id, %reason, "a message failed");
         self.publish_after_flush(EventKind::MessageFailed {
             id: id.to_hex(),
             peer_id,
@@ -2536,10 +2533,7 @@ impl Actor {
             for (id, change) in updates {
                 match change {
                     Ok(state) => progress.push(receipt_event(&id, &labels, state)),
-                    Err(why) => {
-                        tracing::info!(to = %labels.1, %id, reason = %why, "a message failed");
-                        self.publish_failed(&id, &peer, &why);
-                    }
+                    Err(why) => self.publish_failed(&id, &peer, &why),
                 }
             }
             // `sent` and `delivered` of one answer: the second is not held up by the
@@ -2877,10 +2871,22 @@ impl Actor {
                 return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
             }
         };
-        if contact.as_ref().is_some_and(|c| c.blocked) {
-            // Dropped without an answer: a blocked peer learns nothing.
-            self.count_rejected("blocked");
-            return Inbound::Drop;
+        let blocked = match &contact {
+            Some(c) => Ok(c.blocked),
+            // A blocked contact the user removed stays blocked.
+            None => self.db.blocked_peers.contains(&sender),
+        };
+        match blocked {
+            Ok(false) => {}
+            Ok(true) => {
+                // Dropped without an answer: a blocked peer learns nothing.
+                self.count_rejected("blocked");
+                return Inbound::Drop;
+            }
+            Err(_) => {
+                self.count_rejected("unavailable");
+                return Inbound::Respond(Response::Rejected(id, RejectReason::Unavailable));
+            }
         }
         match self.db.seen.contains(&peer_id_key(&sender, &id)) {
             Ok(true) => {
@@ -3251,6 +3257,8 @@ impl Actor {
         if new_contact.is_some() {
             self.message_requests += 1;
         }
+        // It reached us: what we queue for it need not wait out a backoff.
+        self.schedule.heard_from(&sender, Instant::now());
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
         let name = contact.name.clone();

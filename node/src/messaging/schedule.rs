@@ -90,6 +90,19 @@ where
         }
     }
 
+    /// An envelope from `peer` was accepted: a queue for it waiting out its backoff is
+    /// tried at once (it can be reached after all: it unblocked us, or its connection
+    /// never dropped, so no reconnect says so). The failure count stays, so a queue that
+    /// keeps failing still backs off further on the timer.
+    pub fn heard_from(&mut self, peer: &P, now: T) {
+        if let Some(s) = self.peers.get_mut(peer)
+            && !s.in_flight
+            && s.due > now
+        {
+            s.due = now;
+        }
+    }
+
     /// Peers due at `now` (not in flight); they are marked in flight.
     pub fn take_due(&mut self, now: T) -> Vec<P> {
         let mut due = Vec::new();
@@ -200,6 +213,31 @@ mod tests {
             .delay(3, 99),
             Duration::from_secs(4)
         );
+    }
+
+    #[test]
+    fn hearing_from_a_peer_ends_its_wait_but_not_its_backoff() {
+        let mut s: Schedule<&str, T> = Schedule::new(RetryPolicy {
+            jitter_permille: 0,
+            ..RetryPolicy::default()
+        });
+        let t = Duration::from_secs;
+        s.enqueue("bob", t(0));
+        s.take_due(t(0));
+        s.failed(&"bob", t(0), 0);
+        s.take_due(t(1));
+        assert_eq!(s.failed(&"bob", t(1), 0), t(2));
+        // Bob writes to us at 2 s (due at 3 s): tried at once.
+        s.heard_from(&"bob", t(2));
+        assert_eq!(s.take_due(t(2)), vec!["bob"]);
+        // In flight: hearing from it again changes nothing; failing again backs off
+        // further (the count was kept).
+        s.heard_from(&"bob", t(2));
+        assert!(s.take_due(t(2)).is_empty());
+        assert_eq!(s.failed(&"bob", t(2), 0), t(4));
+        // Someone we queue nothing for.
+        s.heard_from(&"carol", t(2));
+        assert_eq!(s.take_due(t(6)), vec!["bob"]);
     }
 
     #[test]
