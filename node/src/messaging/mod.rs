@@ -1550,10 +1550,17 @@ impl Actor {
             self.presence_contact_added(&c)?;
             self.mailbox_contact_added(&c)?;
         }
-        if was_blocked && !blocked {
-            // Something for it to receive, also when it shares in none of our keys: its
-            // node retries what it queued for us as soon as it hears from us.
-            self.queue(key, vec![(self.profile_content(), OutKind::Profile)])?;
+        // Something for it to receive, also when it shares in none of our keys: its node
+        // retries what it queued for us as soon as it hears from us. Not to a message
+        // request (a stranger learns nothing of us by being unblocked), nor without a
+        // session (its node then has nothing queued for us under one).
+        if was_blocked
+            && !blocked
+            && !c.auto_added
+            && matches!(self.db.sessions.get(&key), Ok(Some(_)))
+            && let Err(e) = self.queue(key, vec![(self.profile_content(), OutKind::Profile)])
+        {
+            tracing::warn!(error = %e, "could not queue our profile for an unblocked contact");
         }
         if !blocked && !self.db.outbox.scan_prefix_first(&c.key(), 1)?.is_empty() {
             self.schedule.enqueue(c.key(), Instant::now());
@@ -2613,8 +2620,30 @@ impl Actor {
             ..
         } = req;
         match self.accept_inbound(peer, &bytes) {
-            Inbound::Respond(resp) => self.responses.push((channel, resp.to_bytes())),
+            Inbound::Respond(resp) => {
+                if stored_any(&resp) {
+                    self.heard_from(&peer);
+                }
+                self.responses.push((channel, resp.to_bytes()));
+            }
             Inbound::Drop => drop(channel),
+        }
+    }
+
+    /// `peer` reached us directly and we stored what it sent: what we queue for it need not
+    /// wait out a backoff (it unblocked us, or its connection never dropped, so no
+    /// reconnect says so). Not while it refuses ours (its limits or its disk decide then),
+    /// nor for typing or envelopes fetched from a relay (they say nothing of that).
+    fn heard_from(&mut self, peer: &PeerId) {
+        let Some(key) = ed25519_key_bytes_of(peer) else {
+            return;
+        };
+        let refusing = self
+            .last_error
+            .get(&key)
+            .is_some_and(|e| e.starts_with("recipient answered"));
+        if !refusing {
+            self.schedule.heard_from(&key, Instant::now());
         }
     }
 
@@ -3257,8 +3286,7 @@ impl Actor {
         if new_contact.is_some() {
             self.message_requests += 1;
         }
-        // It reached us: what we queue for it need not wait out a backoff.
-        self.schedule.heard_from(&sender, Instant::now());
+
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
         let name = contact.name.clone();
@@ -4006,6 +4034,18 @@ fn restart_may_help(envelope: &[u8]) -> bool {
         Message::Normal(_) => true,
         Message::PreKey(pk) => pk.one_time_prekey_id().is_some(),
     })
+}
+
+/// Whether a response to a direct request stored at least one envelope (typing is
+/// answered `Seen`, refusals `Rejected`).
+fn stored_any(response: &Response) -> bool {
+    let stored =
+        |a: &wire::Answer| matches!(a, wire::Answer::Stored(_) | wire::Answer::Delivered(_));
+    match response {
+        Response::Stored(_) | Response::Delivered(_) => true,
+        Response::Batch(answers) | Response::Receipted(answers, _) => answers.iter().any(stored),
+        Response::Seen(_) | Response::Rejected(..) => false,
+    }
 }
 
 /// Dials `peer` at the first of `addrs` that answers.
