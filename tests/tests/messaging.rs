@@ -791,21 +791,28 @@ async fn blocked_contacts_get_nothing_through_until_unblocked() {
     b.stop().await;
 }
 
-/// A contact that removed us lost our session: our next messages are refused as
-/// undecryptable, so our node starts a new session by itself and sends them again under
-/// their ids. They arrive once, in order, as a message request, and reach `delivered`.
-#[tokio::test]
-async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
+/// Alice and bob, contacts of each other, after one message each way: each holds a
+/// session the other accepted, and bob's message is delivered.
+async fn talking_pair() -> (TestNode, TestNode) {
     let a = TestNode::spawn("alice").await;
-    let mut b = TestNode::spawn("bob").await;
+    let b = TestNode::spawn("bob").await;
     a.add_contact(&b, "bob").await;
     b.add_contact(&a, "alice").await;
-    // Both have sent and received: alice's session is one bob accepted.
     a.handle.send("bob", "hi bob").await.unwrap();
     b.wait_history("alice", LONG, |h| h.len() == 1).await;
     b.handle.send("alice", "hi alice").await.unwrap();
     b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
         .await;
+    (a, b)
+}
+
+/// A contact that removed us lost our session: our next messages are refused as
+/// undecryptable, so our node starts a new session by itself and sends them again under
+/// their ids. They arrive once, in order, as a message request, and reach `delivered`.
+#[tokio::test]
+async fn a_contact_that_removed_us_gets_our_next_messages_in_a_new_session() {
+    // Both have sent and received: alice's session is one bob accepted.
+    let (a, mut b) = talking_pair().await;
     b.handle.contact_remove("alice").await.unwrap();
     let mut ids = Vec::new();
     for text in ["still there?", "it's me"] {
@@ -895,15 +902,7 @@ async fn a_removed_message_request_that_writes_again_keeps_its_name() {
 /// (no loop), with a reason that says what to do; a new ticket makes it work again.
 #[tokio::test]
 async fn a_contact_set_up_again_fails_our_message_after_one_restart() {
-    let mut a = TestNode::spawn("alice").await;
-    let mut b = TestNode::spawn("bob").await;
-    a.add_contact(&b, "bob").await;
-    b.add_contact(&a, "alice").await;
-    a.handle.send("bob", "hi bob").await.unwrap();
-    b.wait_history("alice", LONG, |h| h.len() == 1).await;
-    b.handle.send("alice", "hi alice").await.unwrap();
-    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
-        .await;
+    let (mut a, mut b) = talking_pair().await;
     // Bob keeps his identity and loses everything else.
     b.stop_keep().await;
     let root = b.data_dir().root().to_path_buf();
@@ -1034,15 +1033,7 @@ async fn a_key_rotation_owed_for_a_blocked_contact_runs_at_the_next_start() {
 /// blocked peer. Added again by ticket, it comes back blocked; unblocked, its queue flows.
 #[tokio::test]
 async fn a_removed_blocked_contact_stays_blocked() {
-    let a = TestNode::spawn("alice").await;
-    let b = TestNode::spawn("bob").await;
-    a.add_contact(&b, "bob").await;
-    b.add_contact(&a, "alice").await;
-    a.handle.send("bob", "hi").await.unwrap();
-    b.wait_history("alice", LONG, |h| h.len() == 1).await;
-    b.handle.send("alice", "hi back").await.unwrap();
-    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
-        .await;
+    let (a, b) = talking_pair().await;
     b.handle.contact_block("alice", true).await.unwrap();
     b.handle.contact_remove("alice").await.unwrap();
     a.handle.send("bob", "let me in").await.unwrap();
