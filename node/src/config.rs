@@ -105,7 +105,8 @@ pub enum SharePresence {
 pub struct PresenceConfig {
     /// Who sees our presence: `"contacts"` or `"nobody"`. Default: `"contacts"`.
     pub share: SharePresence,
-    /// Milliseconds between presence heartbeats. Default: 30000; at least 100.
+    /// Milliseconds between presence heartbeats. Default: 30000; at least 1000 (a file's
+    /// 100 - 999, which older versions took, is raised to 1000 with a warning).
     pub heartbeat_ms: u64,
     /// A contact is shown offline after this many missed heartbeats. Default: 3.
     pub missed_beats: u32,
@@ -206,6 +207,17 @@ impl Config {
                 "name {name:?} is not announced to contacts: {why}"
             );
             config.name = None;
+        }
+        // Faster heartbeats (100 - 999 ms, which older versions took) would pass the flood
+        // limit contacts apply: raised to the floor, with a warning, rather than refused.
+        let floor = crate::presence::book::MIN_HEARTBEAT_MS;
+        if (100..floor).contains(&config.presence.heartbeat_ms) {
+            tracing::warn!(
+                path = %path.display(),
+                "presence.heartbeat_ms {} is below {floor}; using {floor}",
+                config.presence.heartbeat_ms
+            );
+            config.presence.heartbeat_ms = floor;
         }
         config.validate(path)?;
         Ok(config)
@@ -430,9 +442,15 @@ mod tests {
         assert_eq!(c.name, None);
         let c = Config::parse(Path::new("c.toml"), "name = \"Bob\"\n").unwrap();
         assert_eq!(c.name.as_deref(), Some("Bob"));
-        // Faster than one frame a second would exceed what contacts accept from an owner.
+        // Faster than one frame a second would exceed what contacts accept from an owner:
+        // an older config's 100 - 999 ms is raised to 1 s (and does not stop a start);
+        // anything below is refused, as it always was.
+        let c = Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 999\n").unwrap();
+        assert_eq!(c.presence.heartbeat_ms, 1000);
+        let c = Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 100\n").unwrap();
+        assert_eq!(c.presence.heartbeat_ms, 1000);
         let err =
-            Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 999\n").unwrap_err();
+            Config::parse(Path::new("c.toml"), "[presence]\nheartbeat_ms = 99\n").unwrap_err();
         assert!(err.to_string().contains("1000..=3600000"), "{err}");
     }
 
