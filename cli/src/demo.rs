@@ -70,14 +70,17 @@ async fn start(name: &'static str, relays: Vec<tern_node::Multiaddr>) -> anyhow:
         .tempdir()
         .context("cannot create a temporary directory")?;
     Identity::create(&DataDir::new(tmp.path().join("node")))?;
-    start_in(name, tmp, relays).await
+    start_in(name, tmp, relays, None).await
 }
 
-/// Starts (or restarts) `name`'s node in `tmp`.
+/// Starts (or restarts) `name`'s node in `tmp`. `since`: the events already in its log
+/// after that seq are waited on too (a restarted node may receive before the demo
+/// subscribes: what its relay held arrives within moments of the start).
 async fn start_in(
     name: &'static str,
     tmp: tempfile::TempDir,
     relays: Vec<tern_node::Multiaddr>,
+    since: Option<u64>,
 ) -> anyhow::Result<DemoNode> {
     let dir = DataDir::new(tmp.path().join("node"));
     let handle = Node::start(NodeOptions {
@@ -94,7 +97,7 @@ async fn start_in(
     })
     .await
     .with_context(|| format!("cannot start {name}'s node"))?;
-    let events = handle.subscribe(None)?;
+    let events = handle.subscribe(since)?;
     Ok(DemoNode {
         name,
         handle,
@@ -111,12 +114,16 @@ async fn wait_for<T>(
 ) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
-        let event = tokio::time::timeout_at(deadline, node.events.live.recv())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("{} did not see {what} within {STEP_TIMEOUT:?}", node.name)
-            })?
-            .with_context(|| format!("{}'s event stream ended", node.name))?;
+        let event = if node.events.backlog.is_empty() {
+            tokio::time::timeout_at(deadline, node.events.live.recv())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("{} did not see {what} within {STEP_TIMEOUT:?}", node.name)
+                })?
+                .with_context(|| format!("{}'s event stream ended", node.name))?
+        } else {
+            node.events.backlog.remove(0)
+        };
         if let Some(v) = pick(&event.kind) {
             return Ok(v);
         }
@@ -374,7 +381,7 @@ pub(crate) async fn run(g: &Globals) -> anyhow::Result<()> {
         "both are 'stored': bob's relay holds them durably (ciphertext only)",
     );
     let DemoNode { _dir: bob_dir, .. } = bob;
-    let mut bob = start_in("bob", bob_dir, vec![relay_addr]).await?;
+    let mut bob = start_in("bob", bob_dir, vec![relay_addr], Some(0)).await?;
     t.say("bob", "comes back online and fetches from his relay");
     let mut got = Vec::new();
     while got.len() < ids.len() {
