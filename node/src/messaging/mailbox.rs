@@ -153,12 +153,8 @@ impl Actor {
         for (relay, _) in self.home_relay_peers() {
             self.sync_relay(relay);
         }
-        let relays: Vec<Vec<u8>> = self.config.home_relays.iter().map(|a| a.to_vec()).collect();
         for peer in self.eligible_contacts()? {
-            let content = Content::MailboxToken {
-                token: *self.mailbox_token.expose_bytes(),
-                relays: relays.clone(),
-            };
+            let content = self.mailbox_token_message();
             match self.queue(peer, vec![(content, OutKind::MailboxToken)]) {
                 Ok(_) => {}
                 // Storage (a full disk): the rotation fails as a whole and runs again.
@@ -191,10 +187,15 @@ impl Actor {
         if self.config.home_relays.is_empty() || !super::presence_share::eligible(c) {
             return None;
         }
-        Some(Content::MailboxToken {
+        Some(self.mailbox_token_message())
+    }
+
+    /// Our current mailbox token and home relays, as a contact gets them.
+    fn mailbox_token_message(&self) -> Content {
+        Content::MailboxToken {
             token: *self.mailbox_token.expose_bytes(),
             relays: self.config.home_relays.iter().map(|a| a.to_vec()).collect(),
-        })
+        }
     }
 
     /// Makes `count` one-time prekeys (bounded by the pool's cap), persists the pool and

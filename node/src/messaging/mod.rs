@@ -508,6 +508,9 @@ struct DeliveryResult {
     /// Receipts the recipient put in its answers.
     receipts: Vec<Envelope>,
     failure: Option<String>,
+    /// The failure is the recipient refusing for now (`RateLimited`, `Unavailable`,
+    /// `TooEarly`): its limits decide when to try again, not hearing from it.
+    refused: bool,
     /// The attempt is over: the schedule decides what comes next.
     last: bool,
     /// Whether any item of the whole attempt was stored (at the peer or a relay).
@@ -1989,7 +1992,8 @@ impl Actor {
             }
         }
         let texts = contents.len();
-        if let Some(key) = self.presence_key_content(&c)? {
+        if let Some(key) = self.presence_key_for(&c)? {
+            let key = Content::PresenceKey { key: Some(key.0) };
             contents.push((key, OutKind::PresenceKey, None));
         }
         if let Some(token) = self.mailbox_token_content(&c) {
@@ -2220,7 +2224,11 @@ impl Actor {
             let addrs = c.addrs.clone();
             let peer = c.peer_id;
             tokio::spawn(async move {
-                dial_any(&net, peer, addrs).await;
+                for a in addrs {
+                    if net.dial(a.with(crate::net::p2p(peer))).await.is_ok() {
+                        break;
+                    }
+                }
             });
         }
     }
@@ -2431,6 +2439,7 @@ impl Actor {
             outcomes,
             receipts,
             failure,
+            refused,
             last,
             progressed,
             more,
@@ -2579,19 +2588,25 @@ impl Actor {
         // failure too: their envelopes are still queued, and sending them again at once
         // would loop for as long as the disk stays full.
         let now = Instant::now();
-        let (failure, progressed) = match self.unrecorded.remove(&peer) {
-            Some(why) => (Some(why), false),
-            None => (failure, progressed),
+        let (failure, progressed, refused) = match self.unrecorded.remove(&peer) {
+            Some(why) => (Some(why), false, false),
+            None => (failure, progressed, refused),
         };
         match failure {
             Some(error) if progressed => {
                 let r = self.rng.next_u32();
                 self.schedule.slow_down(&peer, now, r);
+                if refused {
+                    self.schedule.refused(&peer);
+                }
                 self.last_error.insert(peer, error);
             }
             Some(error) => {
                 let r = self.rng.next_u32();
                 let delay = self.schedule.failed(&peer, now, r);
+                if refused {
+                    self.schedule.refused(&peer);
+                }
                 tracing::debug!(peer = %hex_short(&peer), %error, ?delay, "delivery failed; will retry");
                 self.last_error.insert(peer, error);
             }
@@ -2621,29 +2636,17 @@ impl Actor {
         } = req;
         match self.accept_inbound(peer, &bytes) {
             Inbound::Respond(resp) => {
-                if stored_any(&resp) {
-                    self.heard_from(&peer);
+                // It reached us directly and we stored what it sent: what we queue for it
+                // need not wait out a backoff ([`Schedule::heard_from`]). Not for typing,
+                // nor envelopes fetched from a relay (they say nothing of that).
+                if stored_any(&resp)
+                    && let Some(key) = ed25519_key_bytes_of(&peer)
+                {
+                    self.schedule.heard_from(&key, Instant::now());
                 }
                 self.responses.push((channel, resp.to_bytes()));
             }
             Inbound::Drop => drop(channel),
-        }
-    }
-
-    /// `peer` reached us directly and we stored what it sent: what we queue for it need not
-    /// wait out a backoff (it unblocked us, or its connection never dropped, so no
-    /// reconnect says so). Not while it refuses ours (its limits or its disk decide then),
-    /// nor for typing or envelopes fetched from a relay (they say nothing of that).
-    fn heard_from(&mut self, peer: &PeerId) {
-        let Some(key) = ed25519_key_bytes_of(peer) else {
-            return;
-        };
-        let refusing = self
-            .last_error
-            .get(&key)
-            .is_some_and(|e| e.starts_with("recipient answered"));
-        if !refusing {
-            self.schedule.heard_from(&key, Instant::now());
         }
     }
 
@@ -3286,7 +3289,6 @@ impl Actor {
         if new_contact.is_some() {
             self.message_requests += 1;
         }
-
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
         let name = contact.name.clone();
@@ -3573,6 +3575,8 @@ async fn deliver(
     // relays (it could not decrypt it there either), but stays queued for the new session
     // the actor starts.
     let mut lost_session = false;
+    // The failure is the recipient refusing for now (it is reachable, so no relay).
+    let mut refused = false;
     let items = if known_offline { Vec::new() } else { items };
     // The last item taken, while the actor may have more after it: only a full batch says
     // so (a short one emptied the queue; what is queued later gets the next attempt).
@@ -3606,6 +3610,7 @@ async fn deliver(
                 outcomes: std::mem::take(&mut outcomes),
                 receipts: Vec::new(),
                 failure: None,
+                refused: false,
                 last: false,
                 progressed,
                 more: Some((after, reply)),
@@ -3685,6 +3690,7 @@ async fn deliver(
                 Response::Rejected(_, reason) => {
                     if reason.is_transient() && failure.is_none() {
                         failure = Some(format!("recipient answered {reason:?}"));
+                        refused = true;
                     }
                     lost_session |= reason == RejectReason::Undecryptable;
                     Outcome::Rejected(reason)
@@ -3711,6 +3717,7 @@ async fn deliver(
             outcomes: std::mem::take(&mut outcomes),
             receipts: std::mem::take(&mut receipts),
             failure: None,
+            refused: false,
             last: false,
             progressed,
             more: None,
@@ -3720,9 +3727,9 @@ async fn deliver(
         }
     }
     // The recipient could not be reached: hand what was not delivered to its relays.
-    if let (Some(error), Some(mb)) = (&failure, &mailbox) {
+    if let (Some(_), Some(mb)) = (&failure, &mailbox) {
         let rest: Vec<OutboxItem> = open.into_values().collect();
-        if !rest.is_empty() && !error.starts_with("recipient answered") && !lost_session {
+        if !rest.is_empty() && !refused && !lost_session {
             let n = rest.len();
             let stored = mailbox::deposit(&net, peer_id, mb, rest, now_ms()).await;
             tracing::debug!(
@@ -3743,6 +3750,7 @@ async fn deliver(
         outcomes,
         receipts,
         failure,
+        refused,
         last: true,
         progressed,
         more: None,
@@ -4045,15 +4053,6 @@ fn stored_any(response: &Response) -> bool {
         Response::Stored(_) | Response::Delivered(_) => true,
         Response::Batch(answers) | Response::Receipted(answers, _) => answers.iter().any(stored),
         Response::Seen(_) | Response::Rejected(..) => false,
-    }
-}
-
-/// Dials `peer` at the first of `addrs` that answers.
-async fn dial_any(net: &NetHandle, peer: PeerId, addrs: Vec<Multiaddr>) {
-    for a in addrs {
-        if net.dial(a.with(crate::net::p2p(peer))).await.is_ok() {
-            break;
-        }
     }
 }
 

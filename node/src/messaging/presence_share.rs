@@ -135,27 +135,22 @@ impl Actor {
     /// A contact became eligible (added or unblocked): give it our key.
     pub(super) fn presence_contact_added(&mut self, c: &Contact) -> Result<(), MessagingError> {
         self.note_after_flush(PresenceNote::ContactsChanged);
-        if let Some(own) = self.own_presence()?
-            && own.shared
-            && eligible(c)
-        {
-            self.queue_presence_key(c.key(), Some(&own.key))?;
+        if let Some(key) = self.presence_key_for(c)? {
+            self.queue_presence_key(c.key(), Some(&key))?;
         }
         Ok(())
     }
 
-    /// Our presence key as `c` should hold it now, if it should: what a new session with it
-    /// carries again.
-    pub(super) fn presence_key_content(
+    /// Our presence key, if `c` should hold it now (we share, and it is eligible): what a
+    /// contact added gets, and what a new session with it carries again.
+    pub(super) fn presence_key_for(
         &self,
         c: &Contact,
-    ) -> Result<Option<Content>, MessagingError> {
+    ) -> Result<Option<PresenceKey>, MessagingError> {
         Ok(self
             .own_presence()?
             .filter(|own| own.shared && eligible(c))
-            .map(|own| Content::PresenceKey {
-                key: Some(own.key.0),
-            }))
+            .map(|own| own.key))
     }
 
     /// A contact that held our key (if `was_eligible`) was removed or blocked (its record

@@ -51,6 +51,9 @@ struct PeerState<T> {
     failures: u32,
     due: T,
     in_flight: bool,
+    /// The last attempt ended because the peer refused for now (its limits, its disk):
+    /// hearing from it does not cut the wait short.
+    refused: bool,
 }
 
 /// Which peers' queues are due for an attempt. `T` is the caller's instant type.
@@ -79,6 +82,7 @@ where
             failures: 0,
             due: now,
             in_flight: false,
+            refused: false,
         });
     }
 
@@ -87,19 +91,32 @@ where
         if let Some(s) = self.peers.get_mut(peer) {
             s.failures = 0;
             s.due = now;
+            s.refused = false;
         }
     }
 
     /// An envelope from `peer` was accepted: a queue for it waiting out its backoff is
     /// tried at once (it can be reached after all: it unblocked us, or its connection
-    /// never dropped, so no reconnect says so). The failure count stays, so a queue that
-    /// keeps failing still backs off further on the timer.
+    /// never dropped, so no reconnect says so). Not when the peer itself refused our last
+    /// attempt for now ([`Self::refused`]): its limits decide then, and a chatty peer
+    /// would otherwise make us resend at its pace. The failure count stays, so a queue
+    /// that keeps failing still backs off further on the timer.
     pub fn heard_from(&mut self, peer: &P, now: T) {
         if let Some(s) = self.peers.get_mut(peer)
             && !s.in_flight
+            && !s.refused
             && s.due > now
         {
             s.due = now;
+        }
+    }
+
+    /// The attempt that just [`failed`](Self::failed) or was told to
+    /// [`slow_down`](Self::slow_down) ended with the peer refusing for now (`RateLimited`,
+    /// `Unavailable`, `TooEarly`).
+    pub fn refused(&mut self, peer: &P) {
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.refused = true;
         }
     }
 
@@ -131,6 +148,7 @@ where
             s.failures = 0;
             s.in_flight = false;
             s.due = now;
+            s.refused = false;
         }
     }
 
@@ -141,6 +159,7 @@ where
             Some(s) => {
                 s.failures = s.failures.saturating_add(1);
                 s.in_flight = false;
+                s.refused = false;
                 let delay = policy.delay(s.failures, random);
                 s.due = now + delay;
                 delay
@@ -157,6 +176,7 @@ where
             Some(s) => {
                 s.failures = 1;
                 s.in_flight = false;
+                s.refused = false;
                 let delay = policy.delay(1, random);
                 s.due = now + delay;
                 delay
@@ -238,6 +258,16 @@ mod tests {
         // Someone we queue nothing for.
         s.heard_from(&"carol", t(2));
         assert_eq!(s.take_due(t(6)), vec!["bob"]);
+        // Bob refused that attempt for now (his limits): hearing from him changes nothing,
+        // until an attempt ends otherwise.
+        assert_eq!(s.failed(&"bob", t(6), 0), t(8));
+        s.refused(&"bob");
+        s.heard_from(&"bob", t(7));
+        assert!(s.take_due(t(7)).is_empty());
+        assert_eq!(s.take_due(t(14)), vec!["bob"]);
+        assert_eq!(s.failed(&"bob", t(14), 0), t(16));
+        s.heard_from(&"bob", t(15));
+        assert_eq!(s.take_due(t(15)), vec!["bob"]);
     }
 
     #[test]
