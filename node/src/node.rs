@@ -200,6 +200,9 @@ impl Node {
         .await?;
         let messaging_config = MessagingConfig {
             message_ttl: std::time::Duration::from_secs(config.message_ttl_secs),
+            relay_grace: messaging::relay_grace(std::time::Duration::from_secs(
+                config.message_ttl_secs,
+            )),
             inbound_rate: config.inbound_rate,
             inbound_burst: config.inbound_burst,
             max_message_requests: config.max_message_requests as usize,

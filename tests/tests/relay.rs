@@ -686,3 +686,208 @@ async fn a_request_on_a_protocol_the_peer_does_not_speak_fails_at_once() {
     a.stop().await;
     r.handle.shutdown().await;
 }
+
+/// Alice's history with bob once every text in it is in `state` (and there are `n`).
+async fn all_in(a: &TestNode, n: usize, state: &str) -> Vec<tern_node::messaging::HistoryItem> {
+    a.wait_history("bob", LONG, |h| {
+        h.len() == n && h.iter().all(|m| m.state == state)
+    })
+    .await
+}
+
+/// A text a relay holds for an offline recipient is watched until its receipt comes: one
+/// the recipient fetched reaches `delivered` and stays so; one it never fetched fails, with
+/// a `messageFailed` event, once the relay's hold on it has ended (here with its 20 s
+/// lifetime), instead of staying `stored` for ever.
+#[tokio::test]
+async fn a_relayed_text_never_fetched_fails_once_the_relays_drop_it() {
+    let mut base = RelayConfig::default();
+    base.limits.min_ttl_secs = 1;
+    let r = start_relay_with(tempfile::tempdir().unwrap(), base).await;
+    let raddr = r.addr().await;
+    let a = TestNode::spawn_with("alice", |c| c.message_ttl_secs = 20).await;
+    let mut b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
+    a.add_contact(&b, "bob").await;
+    eventually("bob registered", LONG, || async {
+        (r.metric("tern_relay_mailboxes").await >= 1.0).then_some(())
+    })
+    .await;
+    eventually("alice's outbox drained", LONG, || async {
+        (a.handle.status().await.unwrap().outbox == 0).then_some(())
+    })
+    .await;
+    b.stop_keep().await;
+    let fetched = a
+        .handle
+        .send("bob", "fetched in time")
+        .await
+        .unwrap()
+        .to_hex();
+    all_in(&a, 1, "stored").await;
+    b.start_again().await;
+    all_in(&a, 1, "delivered").await;
+    b.stop_keep().await;
+    let lost = a
+        .handle
+        .send("bob", "never fetched")
+        .await
+        .unwrap()
+        .to_hex();
+    let h = a
+        .wait_history("bob", LONG, |h| h.len() == 2 && h[1].state == "failed")
+        .await;
+    assert_eq!(h[1].id, lost);
+    let why = h[1].error.clone().unwrap_or_default();
+    assert!(why.contains("relays held it"), "{why}");
+    // The first one's hold ended before: its receipt had ended its watch.
+    assert_eq!(
+        (h[0].id.as_str(), h[0].state.as_str()),
+        (fetched.as_str(), "delivered")
+    );
+    let log = a.handle.subscribe(Some(0)).unwrap().backlog;
+    let failed: Vec<&String> = log
+        .iter()
+        .filter_map(|e| match &e.kind {
+            tern_node::events::EventKind::MessageFailed { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![&lost]);
+    // Removing bob fails what his relay holds at once, as it does what is queued.
+    let held = a
+        .handle
+        .send("bob", "held at removal")
+        .await
+        .unwrap()
+        .to_hex();
+    a.wait_history("bob", LONG, |h| h.len() == 3 && h[2].state == "stored")
+        .await;
+    a.handle.contact_remove("bob").await.unwrap();
+    eventually("the held text failed", LONG, || async {
+        let log = a.handle.subscribe(Some(0)).unwrap().backlog;
+        log.iter()
+            .any(|e| {
+                matches!(&e.kind,
+                    tern_node::events::EventKind::MessageFailed { id, reason, .. }
+                        if *id == held && reason == "contact removed")
+            })
+            .then_some(())
+    })
+    .await;
+    a.stop().await;
+    r.handle.shutdown().await;
+}
+
+/// Alice and bob (home relay `r`) have each written and read: both sessions are confirmed.
+/// Then bob stops (alice sees him go offline) and alice sends a text his relay holds.
+/// Returns its id.
+async fn held_for_stopped_bob(a: &mut TestNode, b: &mut TestNode) -> String {
+    b.add_contact(a, "alice").await;
+    a.handle.send("bob", "hi bob").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 1).await;
+    b.handle.send("alice", "hi alice").await.unwrap();
+    b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
+        .await;
+    b.stop_keep().await;
+    wait_presence(a, "offline").await;
+    let held = a
+        .handle
+        .send("bob", "held by the relay")
+        .await
+        .unwrap()
+        .to_hex();
+    a.wait_history("bob", LONG, |h| h.len() == 3 && h[2].state == "stored")
+        .await;
+    held
+}
+
+async fn wait_presence(a: &mut TestNode, want: &str) {
+    a.wait_for(&format!("bob {want}"), |e| match &e.kind {
+        tern_node::events::EventKind::PresenceChanged { name, state, .. }
+            if name == "bob" && state == want =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+}
+
+/// Bob loses his session with alice while stopped (its record deleted, as a restore of old
+/// data would).
+fn forget_alices_session(b: &TestNode) {
+    use tern_node::{messaging::db::MessagingDb, store::Store};
+    let store = Store::open(&b.data_dir().db_path()).unwrap();
+    let db = MessagingDb::open(&store).unwrap();
+    let alice = db.names.get(b"alice").unwrap().unwrap();
+    assert!(db.sessions.remove(&alice).unwrap());
+    store.close_blocking().unwrap();
+}
+
+/// Bob's texts from alice after her greeting, once there are `n`: (id, text).
+async fn texts_after_greetings(b: &TestNode, n: usize) -> Vec<(String, String)> {
+    let from_alice = |h: &[tern_node::messaging::HistoryItem]| -> Vec<(String, String)> {
+        h.iter()
+            .filter(|m| m.from == "alice")
+            .skip(1)
+            .map(|m| (m.id.clone(), m.text.clone()))
+            .collect()
+    };
+    let h = b
+        .wait_history("alice", LONG, |h| from_alice(h).len() == n)
+        .await;
+    from_alice(&h)
+}
+
+/// Bob lost alice's session, so the text his relay held for him cannot be decrypted when he
+/// fetches it. Alice's next text, sent directly, is refused as undecryptable: the new
+/// session she starts carries the held text again too. Both arrive once, in order, and
+/// reach `delivered`.
+#[tokio::test]
+async fn a_text_a_relay_held_goes_again_when_the_recipient_lost_our_session() {
+    let r = start_relay().await;
+    let (mut a, mut b) = pair(&[&r]).await;
+    let held = held_for_stopped_bob(&mut a, &mut b).await;
+    forget_alices_session(&b);
+    b.start_again().await;
+    wait_presence(&mut a, "online").await;
+    let after = a.handle.send("bob", "and after").await.unwrap().to_hex();
+    let texts = texts_after_greetings(&b, 2).await;
+    assert_eq!(
+        texts,
+        vec![
+            (held.clone(), "held by the relay".to_string()),
+            (after, "and after".to_string())
+        ]
+    );
+    a.wait_history("bob", LONG, |h| {
+        h.len() == 4 && h.iter().all(|m| m.from != "me" || m.state == "delivered")
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    r.handle.shutdown().await;
+}
+
+/// Bob lost alice's session and writes to her first: his text starts a new session, and
+/// the text his relay held for him (which he could not decrypt) goes again under it. (Alice
+/// still has bob as offline from his stop: his text, delivered to her directly, tells her
+/// otherwise, so the text goes straight to him.)
+#[tokio::test]
+async fn a_text_a_relay_held_goes_again_when_the_recipient_starts_a_new_session() {
+    let r = start_relay().await;
+    let (mut a, mut b) = pair(&[&r]).await;
+    let held = held_for_stopped_bob(&mut a, &mut b).await;
+    forget_alices_session(&b);
+    b.start_again().await;
+    b.handle.send("alice", "I lost our chat").await.unwrap();
+    let texts = texts_after_greetings(&b, 1).await;
+    assert_eq!(texts, vec![(held, "held by the relay".to_string())]);
+    a.wait_history("bob", LONG, |h| {
+        h.len() == 4 && h[2].state == "delivered" && h[3].text == "I lost our chat"
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    r.handle.shutdown().await;
+}

@@ -245,6 +245,24 @@ pub struct MessagingDb {
     /// is accepted, also not as a message request) until added again, which brings the
     /// contact back blocked.
     pub blocked_peers: Table<()>,
+    /// Peer key + id of a text one of the peer's relays holds (state `stored`) -> until when
+    /// the relays hold it and when it expires: it fails if no receipt comes by a grace after
+    /// the relays drop it, and goes again if the recipient lost the session it was sealed
+    /// under.
+    pub relay_held: Table<RelayHeld>,
+    /// Peer key + id of texts queued again after a relay held them: a relay may still hold
+    /// the older envelope under that id, and then answers the new one as a duplicate, which
+    /// does not count as stored. Pruned once they left the outbox.
+    pub resent: Table<()>,
+}
+
+/// A text a relay holds for its offline recipient ([`MessagingDb::relay_held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayHeld {
+    /// When the last relay that stored it drops it, ms since the epoch (the relays' clock).
+    pub relays_until: u64,
+    /// When the message itself expires, ms since the epoch.
+    pub expires_at: u64,
 }
 
 /// Our presence key and whether our contacts have it.
@@ -280,6 +298,8 @@ impl MessagingDb {
             rekey_owed: store.table("rekey_owed")?,
             former_names: store.table("former_names")?,
             blocked_peers: store.table("blocked_peers")?,
+            relay_held: store.table("relay_held")?,
+            resent: store.table("resent")?,
         })
     }
 

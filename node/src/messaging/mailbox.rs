@@ -14,6 +14,8 @@
 //!   [`MAX_HOME_RELAYS`]); one relay's durable ack is enough for the outbox to let go (state
 //!   `stored`). The recipient deduplicates copies from several relays by message id.
 
+use std::collections::HashSet;
+
 use futures::{StreamExt, stream::FuturesUnordered};
 use libp2p::{Multiaddr, PeerId};
 use rand::{SeedableRng, rngs::StdRng};
@@ -41,6 +43,8 @@ const MAX_REVOKED: usize = 16;
 const PREKEY_LOW: u32 = 25;
 /// ...up to this many.
 const PREKEY_TARGET: u32 = 100;
+/// The longest a relay hold is believed to last, in ms (a relay's limit is 30 days).
+const MAX_HOLD_MS: u64 = 30 * 24 * 3600 * 1000;
 /// How long adding a contact waits for one of its relays to hand out a one-time prekey.
 const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Items per fetched page.
@@ -504,14 +508,21 @@ async fn sync(
 /// to every relay at once, and the next only after they answered, so a relay stores a
 /// session's envelopes in the order they were encrypted (the first one sets the session
 /// up). Stops at the first envelope no relay stored; returns the ids at least one relay
-/// stored durably.
+/// stored durably, each with when the last relay that stored it drops it (ms since the
+/// epoch, the relays' clock, kept within reason of ours).
+///
+/// The ids in `resent` were queued again after a relay held them: a relay still holding
+/// the older envelope answers the new one as a duplicate, which does not count as stored
+/// (that copy is the one the recipient could not decrypt). Such an envelope is skipped,
+/// not stopped at: it stays queued, and the next ones may be stored.
 pub(super) async fn deposit(
     net: &NetHandle,
     recipient: PeerId,
     mailbox: &ContactMailbox,
     items: Vec<OutboxItem>,
+    resent: &HashSet<MsgId>,
     now_ms: u64,
-) -> Vec<MsgId> {
+) -> Vec<(MsgId, u64)> {
     let relays = mailbox.relay_peers();
     let Ok(recipient) = PeerBytes::new(recipient.to_bytes()) else {
         return Vec::new();
@@ -540,10 +551,24 @@ pub(super) async fn deposit(
                 }
             })
             .collect();
-        let mut ok = false;
+        let mut held_until = None;
         while let Some((relay, result)) = answers.next().await {
             match result.map(|b| MbResponse::from_bytes(&b)) {
-                Ok(Ok(MbResponse::Deposited { .. })) => ok = true,
+                Ok(Ok(MbResponse::Deposited {
+                    duplicate,
+                    expires_at,
+                })) if !(duplicate && resent.contains(&item.id)) => {
+                    // A relay's clock may be off: never before now, never past 30 days or
+                    // the text's own expiry, whichever is later.
+                    let until = expires_at
+                        .saturating_mul(1000)
+                        .clamp(now_ms, item.expires_at.max(now_ms + MAX_HOLD_MS));
+                    held_until = Some(held_until.map_or(until, |u: u64| u.max(until)));
+                }
+                Ok(Ok(MbResponse::Deposited { .. })) => tracing::debug!(
+                    relay = %crate::net::short(&relay),
+                    "the relay still holds the older envelope of a text queued again; it stays queued"
+                ),
                 Ok(Ok(other)) => {
                     // Shown by default: a full mailbox or relay is why messages to an
                     // offline contact stay queued (they are kept and tried again).
@@ -559,10 +584,13 @@ pub(super) async fn deposit(
                 }
             }
         }
-        if !ok {
+        let Some(until) = held_until else {
+            if resent.contains(&item.id) {
+                continue;
+            }
             break;
-        }
-        stored.push(item.id);
+        };
+        stored.push((item.id, until));
     }
     stored
 }

@@ -47,8 +47,8 @@ pub use self::presence_share::{PresenceNote, PresenceNotes};
 use self::{
     contacts::{Contact, ContactView, fold_name, normalize_name, validate_name},
     db::{
-        MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, Round,
-        SessionRecord, StoredMessage, history_key, peer_id_key,
+        MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, RelayHeld,
+        Round, SessionRecord, StoredMessage, history_key, peer_id_key,
     },
     ratelimit::TokenBucket,
     reserve::Reservations,
@@ -100,6 +100,10 @@ const REKEY_RETRY: Duration = Duration::from_secs(30);
 /// How long a message may be refused `TooEarly` (the ones before it on its chain never
 /// arrive, for example lost with a relay) before the sender gives it up as failed.
 const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
+/// What the user is told of a text its recipient's relays held and dropped with no receipt
+/// from the recipient ([`MessagingConfig::relay_grace`] later).
+const RELAY_HOLD_ENDED: &str = "the recipient's relays held it until it expired there, and no \
+     receipt came: the recipient did not fetch it in time, or could not decrypt it";
 /// What the user is told of a message given up after [`TOO_EARLY_LIMIT`].
 const TOO_EARLY_GIVEN_UP: &str = "the recipient could not decrypt it for 10 minutes: \
      messages sent before it never reached them (for example lost with a relay)";
@@ -131,10 +135,23 @@ pub struct MessagingConfig {
     pub max_message_requests: usize,
     /// Contacts presence says are offline: their envelopes go straight to their relays.
     pub known_offline: KnownOffline,
+    /// How long after the recipient's relays drop a text they held (`stored`) a receipt may
+    /// still come before the text fails: the recipient may have fetched it just before.
+    /// Default: [`relay_grace`] of the default `message_ttl`, an hour.
+    pub relay_grace: Duration,
 }
 
-/// The peers presence currently shows offline, shared by the presence actor (the only
-/// writer) and messaging (which deposits at relays without trying a direct delivery).
+/// The [`MessagingConfig::relay_grace`] that goes with a message lifetime: 1/168 of it (an
+/// hour for the default 7 days), at most an hour.
+pub fn relay_grace(message_ttl: Duration) -> Duration {
+    (message_ttl / 168).min(Duration::from_secs(3600))
+}
+
+/// The peers presence currently shows offline, shared by the presence actor (which sets
+/// them) and messaging (which deposits at relays without trying a direct delivery, and
+/// clears a peer that just delivered to us directly). Presence sets a peer only when its
+/// state changes, so one cleared that way is set again only after presence has seen it
+/// online and then offline again: until then, a delivery to it tries the direct path first.
 #[derive(Debug, Clone, Default)]
 pub struct KnownOffline(std::sync::Arc<std::sync::RwLock<std::collections::HashSet<PeerId>>>);
 
@@ -174,6 +191,7 @@ impl Default for MessagingConfig {
             relay_sync_interval: Duration::from_secs(24 * 3600),
             max_message_requests: 1_000,
             known_offline: KnownOffline::default(),
+            relay_grace: relay_grace(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -527,14 +545,18 @@ struct Again {
     id: MsgId,
     created_at: u64,
     expires_at: u64,
+    /// A relay holds (or held) an older envelope under this id: a relay that answers this
+    /// one as a duplicate of it did not store it ([`MessagingDb::resent`]).
+    resent: bool,
 }
 
 enum Outcome {
     Stored,
     /// Stored and decrypted by the recipient, which said so in its answer.
     Delivered,
-    /// Deposited at (at least one of) the recipient's relays.
-    Relayed,
+    /// Deposited at (at least one of) the recipient's relays, which hold it until then (ms
+    /// since the epoch).
+    Relayed(u64),
     Rejected(RejectReason),
     /// Given up by this node, with the reason the user is told.
     GaveUp(&'static str),
@@ -639,6 +661,23 @@ struct Actor {
     storage_failed: Option<String>,
     /// When the dedup set is next pruned.
     next_prune: Instant,
+    /// [`MessagingDb::resent`], in memory, by peer.
+    resent: HashMap<PeerKey, HashSet<MsgId>>,
+    /// Contacts that started a new session with us in this batch: the texts their relays
+    /// hold go again under it ([`Self::resend_relay_held`]).
+    resend_held: HashSet<PeerKey>,
+    /// The earliest `relays_until` in `relay_held` (ms since the epoch): texts relays held
+    /// are checked for a missing receipt from then on ([`Self::fail_relay_held_if_due`]).
+    /// `None`: the table is empty.
+    relay_held_due: Option<u64>,
+    /// The peers with texts in `relay_held` (or that had some: a superset, made exact at
+    /// each check), so a receipt from anyone else costs no lookup.
+    relay_held_peers: HashSet<PeerKey>,
+    /// When the check runs again after it could not read or write the store.
+    relay_held_retry: Option<Instant>,
+    /// When this actor started (ms since the epoch): no hold is judged ended before a grace
+    /// after it, so receipts waiting in our own mailbox are fetched first.
+    started_ms: u64,
     /// When every home relay is next synced (besides on connect and on notices).
     next_relay_sync: Instant,
     /// When owed key rotations run again after one failed ([`Self::settle_rekeys`]).
@@ -700,6 +739,13 @@ pub fn spawn(
     }
     let next_relay_sync = Instant::now() + config.relay_sync_interval;
     let message_requests = count_message_requests(&db)?;
+    let (relay_held_due, relay_held_peers) = relay_held_summary(&db.relay_held.scan_prefix(&[])?);
+    let mut resent: HashMap<PeerKey, HashSet<MsgId>> = HashMap::new();
+    for (k, ()) in db.resent.scan_prefix(&[])? {
+        if let Some((peer, id)) = split_peer_id_key(&k) {
+            resent.entry(peer).or_default().insert(id);
+        }
+    }
     let my_addrs = config
         .listen_addrs
         .iter()
@@ -742,6 +788,12 @@ pub fn spawn(
         group_prekeys: None,
         storage_failed: None,
         next_prune: Instant::now(),
+        resent,
+        resend_held: HashSet::new(),
+        relay_held_due,
+        relay_held_peers,
+        relay_held_retry: None,
+        started_ms: now_ms(),
         unflushed: LazyFlush::default(),
         too_early: HashMap::new(),
         unrecorded: HashMap::new(),
@@ -944,6 +996,10 @@ impl Actor {
                 Some(retry) => wake.min(retry),
                 None => wake,
             };
+            let wake = match self.relay_held_check_at() {
+                Some(check) => wake.min(check),
+                None => wake,
+            };
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
@@ -1028,6 +1084,10 @@ impl Actor {
         }
         if !self.stopping {
             self.prune_seen_if_due();
+            for peer in std::mem::take(&mut self.resend_held) {
+                self.resend_relay_held(peer);
+            }
+            self.fail_relay_held_if_due();
             self.sync_relays_if_due();
             self.settle_rekeys_if_due();
             self.start_deliveries();
@@ -1446,8 +1506,9 @@ impl Actor {
         let key = c.key();
         let queued = self.db.outbox.scan_prefix(&key)?;
         let unread = self.db.unread.scan_prefix(&key)?;
+        let held = self.db.relay_held.scan_prefix(&key)?;
         let db = &self.db;
-        db.store.transaction(
+        let held_failed = db.store.transaction(
             &[
                 &db.contacts,
                 &db.names,
@@ -1460,6 +1521,7 @@ impl Actor {
                 &db.contact_mailbox,
                 &db.former_names,
                 &db.blocked_peers,
+                &db.relay_held,
             ],
             |tx| {
                 // The name it announced, for a message request it may start later (only a
@@ -1504,17 +1566,39 @@ impl Actor {
                         )?;
                     }
                 }
-                Ok(())
+                // Texts its relays hold: no receipt for them could be decrypted any more.
+                let mut failed = Vec::new();
+                for (k, _) in &held {
+                    tx.remove(&db.relay_held, k)?;
+                    if let Some((_, id)) = split_peer_id_key(k)
+                        && set_state(
+                            tx,
+                            db,
+                            &key,
+                            &id,
+                            MsgState::Failed("contact removed".into()),
+                        )?
+                        .is_some()
+                    {
+                        failed.push(id);
+                    }
+                }
+                Ok(failed)
             },
         )?;
         self.schedule.done(&key);
         self.restarts.remove(&key);
+        self.relay_held_peers.remove(&key);
         self.session_cache.borrow_mut().remove(&key);
         self.rekey_owed_again(&key);
         self.settle_rekeys();
-        for (_, item) in queued.iter().filter(|(_, i)| i.kind == OutKind::Text) {
+        let texts = queued
+            .iter()
+            .filter(|(_, i)| i.kind == OutKind::Text)
+            .map(|(_, i)| i.id);
+        for id in texts.chain(held_failed) {
             self.publish_after_flush(EventKind::MessageFailed {
-                id: item.id.to_hex(),
+                id: id.to_hex(),
                 peer_id: c.peer_id.to_string(),
                 to: c.name.clone(),
                 reason: "contact removed".into(),
@@ -1822,6 +1906,7 @@ impl Actor {
                     .max();
                 let profile = oldest.and_then(|o| o.just_before(random)).map(|id| Again {
                     id,
+                    resent: false,
                     created_at: now_ms(),
                     // As long as what it opens the way for, no longer.
                     expires_at: last_expiry.unwrap_or(fresh),
@@ -1842,10 +1927,20 @@ impl Actor {
         let mut items = Vec::new();
         let mut entries = Vec::new();
         let before = session.sending_position();
+        // Texts queued again (under their ids): no history entry, no undo, and no longer
+        // watched as held by a relay.
+        let mut again_texts = Vec::new();
+        let mut resent = Vec::new();
         for (content, kind, again) in contents {
             let envelope = self.seal_as(&mut session, peer, &content, again.map(|a| a.id))?;
             let id = envelope.id;
             if let Some(a) = again {
+                if kind == OutKind::Text {
+                    again_texts.push(id);
+                }
+                if a.resent {
+                    resent.push(id);
+                }
                 items.push(OutboxItem {
                     id,
                     peer,
@@ -1902,9 +1997,21 @@ impl Actor {
         if renewal.is_some() {
             tables.push(&db.send_reserved);
         }
+        if !again_texts.is_empty() {
+            tables.push(&db.relay_held);
+        }
+        if !resent.is_empty() {
+            tables.push(&db.resent);
+        }
         db.store.transaction(&tables, |tx| {
             for id in restart.unwrap_or_default() {
                 tx.remove(&db.outbox, &peer_id_key(&peer, id))?;
+            }
+            for id in &again_texts {
+                tx.remove(&db.relay_held, &peer_id_key(&peer, id))?;
+            }
+            for id in &resent {
+                tx.insert(&db.resent, &peer_id_key(&peer, id), &())?;
             }
             if used_claimed {
                 tx.remove(&db.claimed_prekeys, mailbox::key(&peer))?;
@@ -1924,7 +2031,13 @@ impl Actor {
             Ok(())
         })?;
         self.dirty = true;
-        for item in items.iter().filter(|_| restart.is_none()) {
+        if !resent.is_empty() {
+            self.resent.entry(peer).or_default().extend(resent);
+        }
+        for item in items
+            .iter()
+            .filter(|i| restart.is_none() && !again_texts.contains(&i.id))
+        {
             let ts = entries
                 .iter()
                 .find(|m| m.id == item.id)
@@ -1959,7 +2072,8 @@ impl Actor {
 
     /// `peer` could not decrypt envelopes of our session (it removed us as a contact, or lost
     /// its data) and the attempt that found it is over: starts a new session from its prekey
-    /// bundle and queues again, under it, what was queued for it. Texts keep their ids,
+    /// bundle and queues again, under it, what was queued for it and the texts its relays
+    /// hold (sealed under the old session, so as undecryptable). Texts keep their ids,
     /// history entries and expiry; our presence key and mailbox token go as they are now;
     /// receipts sealed under the old session are dropped (those messages stay `sent` on the
     /// other side). The new session's first envelopes are prekey messages, which are never
@@ -1979,6 +2093,7 @@ impl Actor {
                 Some(m) => {
                     let again = Again {
                         id: item.id,
+                        resent: false,
                         created_at: item.created_at,
                         expires_at: item.expires_at,
                     };
@@ -1991,6 +2106,11 @@ impl Actor {
                 None => dropped.push(item.id),
             }
         }
+        // Texts a relay holds for it were sealed under the old session too: if the peer
+        // fetched them, it could not decrypt them.
+        contents.extend(self.relay_held_texts(&peer)?);
+        // Sealed in the order they go (the queue's, by id).
+        contents.sort_by_key(|(.., a)| a.map(|a| a.id));
         let texts = contents.len();
         if let Some(key) = self.presence_key_for(&c)? {
             let key = Content::PresenceKey { key: Some(key.0) };
@@ -2007,6 +2127,66 @@ impl Actor {
              data): started a new session; what was queued goes again under it"
         );
         Ok(())
+    }
+
+    /// The texts `peer`'s relays hold for it (state `stored`, not expired), to be queued
+    /// again under their ids: a peer that has them already answers them as stored.
+    fn relay_held_texts(
+        &self,
+        peer: &PeerKey,
+    ) -> Result<Vec<(Content, OutKind, Option<Again>)>, MessagingError> {
+        let mut texts = Vec::new();
+        if !self.relay_held_peers.contains(peer) {
+            return Ok(texts);
+        }
+        let now = now_ms();
+        for (key, held) in self.db.relay_held.scan_prefix(peer)? {
+            let Some((_, id)) = split_peer_id_key(&key) else {
+                continue;
+            };
+            if held.expires_at <= now {
+                continue;
+            }
+            if let Some(m) = self.db.message(peer, &id)?
+                && m.state == MsgState::Stored
+            {
+                let again = Again {
+                    id,
+                    created_at: m.timestamp,
+                    expires_at: held.expires_at,
+                    resent: true,
+                };
+                let text = Content::Text {
+                    text: m.text,
+                    sent_at: m.timestamp,
+                };
+                texts.push((text, OutKind::Text, Some(again)));
+            }
+        }
+        Ok(texts)
+    }
+
+    /// `peer`, a contact, started a new session with us: it may have lost the one the
+    /// texts its relays hold were sealed under (then it cannot decrypt them). They go again
+    /// under the session it started.
+    fn resend_relay_held(&mut self, peer: PeerKey) {
+        let queued = self.relay_held_texts(&peer).and_then(|texts| {
+            if texts.is_empty() {
+                return Ok(0);
+            }
+            let n = texts.len();
+            self.queue_in(peer, texts, false, None)?;
+            Ok(n)
+        });
+        match queued {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                peer = %hex_short(&peer),
+                texts = n,
+                "the contact started a new session: the texts its relays hold go again under it"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not queue again the texts relays hold"),
+        }
     }
 
     fn profile_content(&self) -> Content {
@@ -2251,12 +2431,14 @@ impl Actor {
                     // Known offline and reachable through relays: skip the direct attempt
                     // (a dial to a vanished host can take many seconds to fail).
                     let offline = mailbox.is_some() && self.config.known_offline.contains(&peer_id);
+                    let resent = self.resent.get(&peer).cloned().unwrap_or_default();
                     tokio::spawn(async move {
                         let target = Target {
                             peer,
                             peer_id,
                             addrs,
                             mailbox,
+                            resent,
                         };
                         let r = deliver(net, target, items, offline, results.clone()).await;
                         let _ = results.send(r).await;
@@ -2451,82 +2633,104 @@ impl Actor {
             outcomes.iter().any(|(_, o)| undecryptable(o)) && self.may_restart_session(&peer);
         let db = &self.db;
         let mut updates = Vec::new();
-        let r = db
-            .store
-            .transaction(&[&db.outbox, &db.history, &db.index], |tx| {
-                let mut changed = Vec::new();
-                let mut restart = false;
-                for (id, outcome) in &outcomes {
-                    let key = peer_id_key(&peer, id);
-                    let Some(item) = tx.get(&db.outbox, &key)? else {
-                        continue;
-                    };
-                    match outcome {
-                        // The recipient lost our session (it removed us, or its data): the
-                        // envelope stays queued, and goes again under a new session once
-                        // the attempt ends (unless a new one would start the same way).
-                        o if undecryptable(o)
-                            && may_restart
-                            && restart_may_help(&item.envelope) =>
+        // Only what the answers write takes part (each table costs a lock and a validation).
+        let mut tables: Vec<&dyn crate::store::AnyTable> = vec![&db.outbox, &db.history, &db.index];
+        if outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Relayed(_)))
+        {
+            tables.push(&db.relay_held);
+        }
+        let r = db.store.transaction(&tables, |tx| {
+            let mut changed = Vec::new();
+            let mut restart = false;
+            let mut held_until = None;
+            for (id, outcome) in &outcomes {
+                let key = peer_id_key(&peer, id);
+                let Some(item) = tx.get(&db.outbox, &key)? else {
+                    continue;
+                };
+                match outcome {
+                    // The recipient lost our session (it removed us, or its data): the
+                    // envelope stays queued, and goes again under a new session once
+                    // the attempt ends (unless a new one would start the same way).
+                    o if undecryptable(o) && may_restart && restart_may_help(&item.envelope) => {
+                        restart = true;
+                    }
+                    Outcome::Stored => {
+                        tx.remove(&db.outbox, &key)?;
+                        if item.kind == OutKind::Text
+                            && set_state(tx, db, &peer, id, MsgState::Sent)?.is_some()
                         {
-                            restart = true;
+                            changed.push((*id, Ok("sent")));
                         }
-                        Outcome::Stored => {
-                            tx.remove(&db.outbox, &key)?;
-                            if item.kind == OutKind::Text
-                                && set_state(tx, db, &peer, id, MsgState::Sent)?.is_some()
-                            {
-                                changed.push((*id, Ok("sent")));
+                    }
+                    Outcome::Delivered => {
+                        tx.remove(&db.outbox, &key)?;
+                        if item.kind == OutKind::Text
+                            && let Some(previous) =
+                                set_state(tx, db, &peer, id, MsgState::Delivered)?
+                        {
+                            for name in progress_names(previous, &MsgState::Delivered) {
+                                changed.push((*id, Ok(name)));
                             }
                         }
-                        Outcome::Delivered => {
-                            tx.remove(&db.outbox, &key)?;
-                            if item.kind == OutKind::Text
-                                && let Some(previous) =
-                                    set_state(tx, db, &peer, id, MsgState::Delivered)?
-                            {
-                                for name in progress_names(previous, &MsgState::Delivered) {
-                                    changed.push((*id, Ok(name)));
-                                }
-                            }
-                        }
-                        Outcome::Relayed => {
-                            // A relay holds it durably: the recipient fetches it later.
-                            tx.remove(&db.outbox, &key)?;
-                            if item.kind == OutKind::Text
-                                && set_state(tx, db, &peer, id, MsgState::Stored)?.is_some()
-                            {
+                    }
+                    Outcome::Relayed(until) => {
+                        // A relay holds it durably: the recipient fetches it later. A
+                        // text is watched until its receipt comes (or the relays drop
+                        // it: it fails then).
+                        tx.remove(&db.outbox, &key)?;
+                        if item.kind == OutKind::Text {
+                            let moved = set_state(tx, db, &peer, id, MsgState::Stored)?;
+                            if moved.is_some() {
                                 changed.push((*id, Ok("stored")));
                             }
-                        }
-                        Outcome::Rejected(reason) if !reason.is_transient() => {
-                            tx.remove(&db.outbox, &key)?;
-                            let why = refusal_reason(*reason, first_flight(&item.envelope));
-                            if item.kind == OutKind::Text
-                                && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
-                                    .is_some()
+                            // (A text queued again was `stored` already.)
+                            if moved.is_some()
+                                || message_state(tx, db, &peer, id)? == Some(MsgState::Stored)
                             {
-                                changed.push((*id, Err(why)));
+                                let held = RelayHeld {
+                                    relays_until: *until,
+                                    expires_at: item.expires_at,
+                                };
+                                tx.insert(&db.relay_held, &key, &held)?;
+                                held_until =
+                                    Some(held_until.map_or(*until, |u: u64| u.min(*until)));
                             }
                         }
-                        Outcome::GaveUp(why) => {
-                            tx.remove(&db.outbox, &key)?;
-                            let why = why.to_string();
-                            if item.kind == OutKind::Text
-                                && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
-                                    .is_some()
-                            {
-                                changed.push((*id, Err(why)));
-                            }
-                        }
-                        Outcome::Rejected(_) => {}
                     }
+                    Outcome::Rejected(reason) if !reason.is_transient() => {
+                        tx.remove(&db.outbox, &key)?;
+                        let why = refusal_reason(*reason, first_flight(&item.envelope));
+                        if item.kind == OutKind::Text
+                            && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
+                                .is_some()
+                        {
+                            changed.push((*id, Err(why)));
+                        }
+                    }
+                    Outcome::GaveUp(why) => {
+                        tx.remove(&db.outbox, &key)?;
+                        let why = why.to_string();
+                        if item.kind == OutKind::Text
+                            && set_state(tx, db, &peer, id, MsgState::Failed(why.clone()))?
+                                .is_some()
+                        {
+                            changed.push((*id, Err(why)));
+                        }
+                    }
+                    Outcome::Rejected(_) => {}
                 }
-                Ok((changed, restart))
-            });
+            }
+            Ok((changed, restart, held_until))
+        });
         match r {
-            Ok((changed, restart)) => {
+            Ok((changed, restart, held_until)) => {
                 updates = changed;
+                if let Some(until) = held_until {
+                    self.relay_held_watch(peer, until);
+                }
                 if restart {
                     self.restarts.insert(peer);
                 }
@@ -2643,6 +2847,10 @@ impl Actor {
                     && let Some(key) = ed25519_key_bytes_of(&peer)
                 {
                     self.schedule.heard_from(&key, Instant::now());
+                    // Whatever presence last said, it is online: no detour through relays.
+                    if self.config.known_offline.contains(&peer) {
+                        self.config.known_offline.set(peer, false);
+                    }
                 }
                 self.responses.push((channel, resp.to_bytes()));
             }
@@ -2725,6 +2933,7 @@ impl Actor {
         let store = self.db.store.clone();
         let owed = self.after_flush.len();
         let requests = self.message_requests;
+        let resend = self.resend_held.clone();
         self.group_prekeys = Some(None);
         let (answers, committed) = store.group(|| self.accept_each(peer, list));
         let prekeys = self.group_prekeys.take().flatten();
@@ -2739,6 +2948,7 @@ impl Actor {
                 self.prekeys = p;
             }
             self.message_requests = requests;
+            self.resend_held = resend;
             for f in self.after_flush.drain(owed..) {
                 f(Err(e.to_string()));
             }
@@ -3119,6 +3329,8 @@ impl Actor {
             Some(p) => Some(p.to_bytes()?.to_vec()),
             None => None,
         };
+        // A contact started a new session with us (it may have lost the old one).
+        let new_session_of_contact = new_identity.is_some() && contact.is_some();
         // A stranger's first message makes a "message request" contact.
         let mut new_contact = None;
         let mut contact = contact;
@@ -3205,6 +3417,11 @@ impl Actor {
                 &db.unread,
             ]);
         }
+        // Relays hold texts of ours (none is watched otherwise: no lookups on the hot path).
+        let watched = !receipt_updates.is_empty() && self.relay_held_peers.contains(&sender);
+        if watched {
+            tables.push(&db.relay_held);
+        }
         if new_contact.is_some() || matches!(content, Content::Profile { .. }) {
             tables.extend([&db.contacts as &dyn crate::store::AnyTable, &db.names]);
         }
@@ -3267,9 +3484,14 @@ impl Actor {
             }
             let mut changed = Vec::new();
             for (rid, state) in &receipt_updates {
-                if owned_outgoing(tx, db, rid, &sender)?
-                    && let Some(previous) = set_state(tx, db, &sender, rid, state.clone())?
-                {
+                if !owned_outgoing(tx, db, rid, &sender)? {
+                    continue;
+                }
+                if watched {
+                    // A text a relay held reached them: its watch ends.
+                    tx.remove(&db.relay_held, &peer_id_key(&sender, rid))?;
+                }
+                if let Some(previous) = set_state(tx, db, &sender, rid, state.clone())? {
                     // Report every state passed, so clients always see sent ->
                     // delivered -> read even when a receipt overtakes the acknowledgement.
                     for name in progress_names(previous, state) {
@@ -3288,6 +3510,9 @@ impl Actor {
         self.dirty = true;
         if new_contact.is_some() {
             self.message_requests += 1;
+        }
+        if new_session_of_contact && self.relay_held_peers.contains(&sender) {
+            self.resend_held.insert(sender);
         }
         // Events follow the flush: an event means the data is durable.
         let events = self.events.clone();
@@ -3381,6 +3606,84 @@ impl Actor {
         );
     }
 
+    /// Watches a text a relay holds for `peer` until `until` (ms since the epoch).
+    fn relay_held_watch(&mut self, peer: PeerKey, until: u64) {
+        self.relay_held_due = Some(self.relay_held_due.map_or(until, |d| d.min(until)));
+        self.relay_held_peers.insert(peer);
+    }
+
+    /// When the hold ending at `until` is judged over: a grace after it, and never sooner
+    /// than a grace after our start (the receipts in our own mailbox come first).
+    fn relay_hold_over_at(&self, until: u64) -> u64 {
+        until
+            .max(self.started_ms)
+            .saturating_add(self.config.relay_grace.as_millis() as u64)
+    }
+
+    /// When the texts relays hold are next checked.
+    fn relay_held_check_at(&self) -> Option<Instant> {
+        if let Some(retry) = self.relay_held_retry {
+            return Some(retry);
+        }
+        let at = self.relay_hold_over_at(self.relay_held_due?);
+        Some(Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())))
+    }
+
+    /// Texts whose relays dropped them ([`MessagingConfig::relay_grace`] ago) with no
+    /// receipt fail: the recipient never fetched them, or could not decrypt them (it lost
+    /// our session). Their watch ends with a receipt ([`Self::commit_inbound`]) or when they
+    /// go again under a new session.
+    fn fail_relay_held_if_due(&mut self) {
+        let now = now_ms();
+        match (self.relay_held_retry, self.relay_held_due) {
+            (Some(retry), _) if Instant::now() < retry => return,
+            (_, Some(due)) if self.relay_hold_over_at(due) <= now => {}
+            _ => return,
+        }
+        self.relay_held_retry = None;
+        let db = &self.db;
+        let checked = db
+            .relay_held
+            .scan_prefix(&[])
+            .map_err(MessagingError::from)
+            .and_then(|all| {
+                let (over, left): (Vec<_>, Vec<_>) = all
+                    .into_iter()
+                    .partition(|(_, h)| self.relay_hold_over_at(h.relays_until) <= now);
+                let failed =
+                    db.store
+                        .transaction(&[&db.relay_held, &db.history, &db.index], |tx| {
+                            let mut failed = Vec::new();
+                            for (key, _) in &over {
+                                tx.remove(&db.relay_held, key)?;
+                                let Some((peer, id)) = split_peer_id_key(key) else {
+                                    continue;
+                                };
+                                let why = MsgState::Failed(RELAY_HOLD_ENDED.to_string());
+                                if set_state(tx, db, &peer, &id, why)?.is_some() {
+                                    failed.push((peer, id));
+                                }
+                            }
+                            Ok(failed)
+                        })?;
+                Ok((failed, !over.is_empty(), left))
+            });
+        match checked {
+            Ok((failed, changed, left)) => {
+                self.dirty |= changed;
+                (self.relay_held_due, self.relay_held_peers) = relay_held_summary(&left);
+                for (peer, id) in failed {
+                    self.publish_failed(&id, &peer, RELAY_HOLD_ENDED);
+                }
+            }
+            Err(e) => {
+                // Not again at once: a full disk would make it spin.
+                tracing::warn!(error = %e, "could not check the texts relays hold");
+                self.relay_held_retry = Some(Instant::now() + REKEY_RETRY);
+            }
+        }
+    }
+
     /// Drops dedup markers older than [`SEEN_RETENTION`] (hourly): a sender gives up on an
     /// envelope after its TTL, so no retry or replay can carry an older id to us.
     fn prune_seen_if_due(&mut self) {
@@ -3389,6 +3692,7 @@ impl Actor {
             return;
         }
         self.next_prune = now + SEEN_PRUNE_INTERVAL;
+        self.prune_resent();
         // Rate limiters outlive disconnects (a reconnect must not refill a burst) but not
         // forever: drop the buckets that are full again, i.e. of peers quiet for a while.
         self.limits.retain(|_, bucket| !bucket.is_full(now));
@@ -3412,6 +3716,30 @@ impl Actor {
         if !old.is_empty() {
             self.dirty = true;
             tracing::debug!(removed = old.len(), "pruned old dedup markers");
+        }
+    }
+
+    /// Forgets the marks of texts queued again ([`MessagingDb::resent`]) that left the
+    /// outbox.
+    fn prune_resent(&mut self) {
+        let db = &self.db;
+        let gone: Vec<(PeerKey, MsgId)> = self
+            .resent
+            .iter()
+            .flat_map(|(p, ids)| ids.iter().map(move |id| (*p, *id)))
+            .filter(|(p, id)| matches!(db.outbox.contains(&peer_id_key(p, id)), Ok(false)))
+            .collect();
+        for (peer, id) in gone {
+            if db.resent.remove(&peer_id_key(&peer, &id)).is_err() {
+                break;
+            }
+            if let Some(ids) = self.resent.get_mut(&peer) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.resent.remove(&peer);
+                }
+            }
+            self.dirty = true;
         }
     }
 
@@ -3485,6 +3813,25 @@ fn refusal_reason(reason: RejectReason, first_flight: bool) -> String {
         _ => "",
     };
     format!("the recipient refused it ({reason:?}){advice}")
+}
+
+/// Contacts that are message requests: created by a stranger's first message, not yet
+/// accepted (added by ticket) or blocked.
+/// The earliest `relays_until` among `held` (`relay_held` entries), and their peers.
+fn relay_held_summary(held: &[(Vec<u8>, RelayHeld)]) -> (Option<u64>, HashSet<PeerKey>) {
+    let due = held.iter().map(|(_, h)| h.relays_until).min();
+    let peers = held
+        .iter()
+        .filter_map(|(k, _)| split_peer_id_key(k).map(|(p, _)| p))
+        .collect();
+    (due, peers)
+}
+
+/// The peer and id of a `peer || id` key.
+fn split_peer_id_key(key: &[u8]) -> Option<(PeerKey, MsgId)> {
+    let peer = PeerKey::try_from(key.get(..32)?).ok()?;
+    let id = <[u8; 16]>::try_from(key.get(32..)?).ok()?;
+    Some((peer, MsgId(id)))
 }
 
 /// Contacts that are message requests: created by a stranger's first message, not yet
@@ -3564,6 +3911,7 @@ async fn deliver(
         peer_id,
         addrs,
         mailbox,
+        resent,
     } = target;
     // What was taken and is not answered yet (handed to the relays if the peer fails us).
     let mut open: std::collections::BTreeMap<MsgId, OutboxItem> =
@@ -3731,7 +4079,7 @@ async fn deliver(
         let rest: Vec<OutboxItem> = open.into_values().collect();
         if !rest.is_empty() && !refused && !lost_session {
             let n = rest.len();
-            let stored = mailbox::deposit(&net, peer_id, mb, rest, now_ms()).await;
+            let stored = mailbox::deposit(&net, peer_id, mb, rest, &resent, now_ms()).await;
             tracing::debug!(
                 deposited = stored.len(),
                 of = n,
@@ -3742,7 +4090,11 @@ async fn deliver(
                 failure = None;
             }
             progressed |= !stored.is_empty();
-            outcomes.extend(stored.into_iter().map(|id| (id, Outcome::Relayed)));
+            outcomes.extend(
+                stored
+                    .into_iter()
+                    .map(|(id, until)| (id, Outcome::Relayed(until))),
+            );
         }
     }
     DeliveryResult {
@@ -3763,6 +4115,8 @@ struct Target {
     peer_id: PeerId,
     addrs: Vec<Multiaddr>,
     mailbox: Option<mailbox::ContactMailbox>,
+    /// Ids a relay may hold an older envelope under ([`Again::resent`]).
+    resent: HashSet<MsgId>,
 }
 
 /// What the answer to one request of a delivery says.
@@ -4123,19 +4477,47 @@ fn set_state(
         return Ok(None);
     };
     let failing = matches!(state, MsgState::Failed(_));
+    let was_failed = matches!(m.state, MsgState::Failed(_));
+    // The recipient's word that it has the message beats our giving up on it (a relay's
+    // hold ended, or an answer was lost before the text expired).
+    let receipt_after_failure =
+        was_failed && m.outgoing && matches!(state, MsgState::Delivered | MsgState::Read);
     // A message the recipient stored (its receipt may have overtaken a lost acknowledgement)
-    // never turns into a failure.
+    // never turns into a failure; one a relay held does, once the relay dropped it.
+    // A text queued again after a relay held it is `stored`: the recipient's answer moves it
+    // on to `sent` (the same rank).
+    let stored_now_sent = m.state == MsgState::Stored && state == MsgState::Sent;
     if m.state == state
-        || (!failing && state.rank() <= m.state.rank())
-        || (failing && m.state.rank() >= MsgState::Sent.rank() && m.outgoing)
-        || matches!(m.state, MsgState::Failed(_))
+        || (!failing && !was_failed && !stored_now_sent && state.rank() <= m.state.rank())
+        || (failing
+            && m.outgoing
+            && m.state.rank() >= MsgState::Sent.rank()
+            && m.state != MsgState::Stored)
+        || (was_failed && !receipt_after_failure)
     {
         return Ok(None);
     }
-    let previous = m.state.rank();
+    let previous = if receipt_after_failure {
+        MsgState::Sent.rank()
+    } else {
+        m.state.rank()
+    };
     m.state = state;
     tx.insert(&db.history, &hk, &m)?;
     Ok(Some(previous))
+}
+
+/// The state of message `id` with `peer`, if there is one.
+fn message_state(
+    tx: &Tx<'_>,
+    db: &MessagingDb,
+    peer: &PeerKey,
+    id: &MsgId,
+) -> Result<Option<MsgState>, TxError> {
+    let Some(hk) = tx.get(&db.index, &peer_id_key(peer, id))? else {
+        return Ok(None);
+    };
+    Ok(tx.get(&db.history, &hk)?.map(|m| m.state))
 }
 
 /// The outgoing states passed when moving from rank `previous` to `state`, in order.
@@ -4512,6 +4894,66 @@ mod tests {
         lazy.recorded(t1);
         lazy.failed(false, t1);
         assert_eq!(lazy.deadline(), Some(t1 + FAILED_FLUSH_RETRY));
+    }
+
+    #[test]
+    fn states_only_move_forward_but_a_relay_hold_can_fail_and_a_receipt_beats_a_failure() {
+        let db = MessagingDb::open(&crate::store::Store::temporary().unwrap()).unwrap();
+        let peer = [3; 32];
+        let put = |n: u8, state: MsgState| {
+            let m = StoredMessage {
+                id: MsgId([n; 16]),
+                peer,
+                outgoing: true,
+                text: format!("m{n}"),
+                timestamp: u64::from(n),
+                state,
+            };
+            let hk = history_key(&peer, m.timestamp, &m.id);
+            db.history.insert(&hk, &m).unwrap();
+            db.index.insert(&peer_id_key(&peer, &m.id), &hk).unwrap();
+        };
+        let set = |n: u8, state: MsgState| {
+            db.store
+                .transaction(&[&db.history, &db.index], |tx| {
+                    set_state(tx, &db, &peer, &MsgId([n; 16]), state.clone())
+                })
+                .unwrap()
+        };
+        let state = |n: u8| db.message(&peer, &MsgId([n; 16])).unwrap().unwrap().state;
+        let failed = || MsgState::Failed("why".into());
+        put(1, MsgState::Sent);
+        put(2, MsgState::Stored);
+        put(3, MsgState::Queued);
+        put(4, MsgState::Delivered);
+        // Stored by the recipient: never a failure, never back.
+        assert_eq!(set(1, failed()), None);
+        assert_eq!(set(1, MsgState::Queued), None);
+        assert_eq!(state(1), MsgState::Sent);
+        // Held by a relay that dropped it: a failure.
+        assert_eq!(set(2, failed()), Some(MsgState::Stored.rank()));
+        assert_eq!(state(2), failed());
+        // A failure stays, unless the recipient says it has the message after all: reported
+        // as from `sent`, so `delivered` (and `read`) are announced.
+        assert_eq!(set(2, MsgState::Sent), None);
+        assert_eq!(set(2, failed()), None);
+        assert_eq!(set(2, MsgState::Read), Some(MsgState::Sent.rank()));
+        assert_eq!(state(2), MsgState::Read);
+        assert_eq!(
+            progress_names(MsgState::Sent.rank(), &MsgState::Read),
+            ["delivered", "read"]
+        );
+        // Queued: fails; then a delivered receipt (its answer was lost) still counts.
+        assert_eq!(set(3, failed()), Some(MsgState::Queued.rank()));
+        assert_eq!(set(3, MsgState::Delivered), Some(MsgState::Sent.rank()));
+        assert_eq!(state(3), MsgState::Delivered);
+        // A text queued again after a relay held it: the recipient's answer moves it on.
+        put(5, MsgState::Stored);
+        assert_eq!(set(5, MsgState::Sent), Some(MsgState::Stored.rank()));
+        assert_eq!(set(5, MsgState::Stored), None);
+        // Forward only.
+        assert_eq!(set(4, MsgState::Sent), None);
+        assert_eq!(set(4, MsgState::Read), Some(MsgState::Delivered.rank()));
     }
 
     #[test]
