@@ -6,7 +6,11 @@ use anyhow::Context as _;
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 use tern_node::{
-    api::client::ApiClient,
+    PeerId,
+    api::{
+        client::{ApiClient, ClientError},
+        codes,
+    },
     events::EventKind,
     messaging::{HistoryItem, contacts::ContactView},
 };
@@ -45,11 +49,14 @@ pub(crate) enum ContactCmd {
         /// The contact's name.
         name: String,
     },
-    /// Unblock a contact.
+    /// Unblock a contact, or a blocked contact you removed (by its peer id).
     Unblock {
-        /// The contact's name.
+        /// The contact's name, or the peer id of a blocked contact you removed (see
+        /// `tern contact blocked`).
         name: String,
     },
+    /// List blocked contacts, and blocked contacts you removed (they stay blocked).
+    Blocked,
 }
 
 /// What `send --wait` waits for.
@@ -127,9 +134,39 @@ pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> 
             let c = client.contact_block(&name, true).await?;
             g.out.emit(&c, || format!("blocked {}", c.name))
         }
-        ContactCmd::Unblock { name } => {
-            let c = client.contact_block(&name, false).await?;
-            g.out.emit(&c, || format!("unblocked {}", c.name))
+        ContactCmd::Unblock { name } => match client.contact_block(&name, false).await {
+            Ok(c) => g.out.emit(&c, || format!("unblocked {}", c.name)),
+            // Not a contact's name: the peer id of a removed blocked contact, perhaps.
+            Err(ClientError::Rpc { code, .. })
+                if code == codes::UNKNOWN_CONTACT && name.parse::<PeerId>().is_ok() =>
+            {
+                client.peer_unblock(&name).await?;
+                g.out.emit(&json!({ "unblocked": name }), || {
+                    format!("unblocked {name}: its messages come in as a message request again")
+                })
+            }
+            Err(e) => Err(e.into()),
+        },
+        ContactCmd::Blocked => {
+            let list = client.blocked_list().await?;
+            g.out.emit(&list, || {
+                if list.is_empty() {
+                    return "no one is blocked".into();
+                }
+                list.iter()
+                    .map(|b| match (&b.name, b.contact) {
+                        (Some(n), true) => format!("{}  {}", untrusted_line(n), b.peer_id),
+                        (name, _) => format!(
+                            "{}  [removed{}]",
+                            b.peer_id,
+                            name.as_deref()
+                                .map(|n| format!(", called itself {}", untrusted_line(n)))
+                                .unwrap_or_default()
+                        ),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
         }
     }
 }

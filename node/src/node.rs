@@ -18,7 +18,9 @@ use crate::{
     identity::{Identity, IdentityError},
     messaging::{
         self, Conversation, HistoryItem, MessagingConfig, MessagingError, MessagingHandle,
-        contacts::ContactView, db::MessagingDb, wire::MsgId,
+        contacts::{BlockedPeer, ContactView},
+        db::MessagingDb,
+        wire::MsgId,
     },
     net::{self, NetError, NetHandle, PeerInfo, RelayStatus},
     presence::{self, PresenceError, PresenceHandle, PresenceParts, PresenceStats, PresenceView},
@@ -438,6 +440,16 @@ impl NodeHandle {
             .messaging
             .contact_block(name.to_string(), blocked)
             .await?)
+    }
+
+    /// Blocked contacts, then blocked contacts the user removed.
+    pub async fn blocked_list(&self) -> Result<Vec<BlockedPeer>, NodeError> {
+        Ok(self.inner.messaging.blocked_list().await?)
+    }
+
+    /// Lifts the block of a blocked contact the user removed.
+    pub async fn peer_unblock(&self, peer: PeerId) -> Result<(), NodeError> {
+        Ok(self.inner.messaging.peer_unblock(peer).await?)
     }
 
     /// Queues a text message; returns its id once durably queued.

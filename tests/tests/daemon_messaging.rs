@@ -124,6 +124,23 @@ async fn daemons_exchange_messages_through_the_cli() {
     let all = a.tern_json(&["presence"]);
     assert_eq!(all[0]["name"], "bob");
     assert_eq!(all[0]["state"], "blocked");
+
+    // Removed, bob stays blocked: listed by peer id, and unblocked by it.
+    let bob = b.peer_id();
+    let blocked = a.tern_json(&["contact", "blocked"]);
+    assert_eq!(
+        blocked,
+        serde_json::json!([{ "peer_id": bob, "name": "bob", "contact": true }])
+    );
+    a.tern_json(&["contact", "remove", "bob"]);
+    let blocked = a.tern_json(&["contact", "blocked"]);
+    assert_eq!(blocked[0]["peer_id"], bob);
+    assert_eq!(blocked[0]["contact"], false);
+    a.tern_json(&["contact", "unblock", &bob]);
+    assert_eq!(a.tern_json(&["contact", "blocked"]), serde_json::json!([]));
+    let out = a.tern(&["contact", "unblock", &bob]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is blocked"), "{}", stderr(&out));
 }
 
 /// The next event of an API subscription, within [`LONG`].

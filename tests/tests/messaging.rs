@@ -8,7 +8,7 @@ use std::time::Duration;
 use tern_node::{
     events::EventKind,
     messaging::{
-        contacts::Contact,
+        contacts::{BlockedPeer, Contact},
         db::MessagingDb,
         wire::{self, MAX_TEXT_BYTES, RejectReason, Response},
     },
@@ -1052,6 +1052,55 @@ async fn a_removed_blocked_contact_stays_blocked() {
     b.handle.contact_block("alice", false).await.unwrap();
     b.wait_history("alice", LONG, |h| h.iter().any(|m| m.text == "let me in"))
         .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The blocked contacts a user removed are listed, and unblocked by peer id: the peer's
+/// next message comes in as a message request, named as it had announced itself.
+#[tokio::test]
+async fn a_removed_blocked_contact_is_listed_and_unblocked_by_peer_id() {
+    use tern_node::{NodeError, messaging::MessagingError as M};
+    let (a, b) = talking_pair().await;
+    let alice = a.handle.peer_id();
+    b.handle.contact_block("alice", true).await.unwrap();
+    let listed = |name: &str, contact| BlockedPeer {
+        peer_id: alice.to_string(),
+        name: Some(name.to_string()),
+        contact,
+    };
+    assert_eq!(
+        b.handle.blocked_list().await.unwrap(),
+        vec![listed("alice", true)]
+    );
+    // A contact is unblocked by name.
+    assert!(matches!(
+        b.handle.peer_unblock(alice).await,
+        Err(NodeError::Messaging(M::StillContact(_)))
+    ));
+    b.handle.contact_remove("alice").await.unwrap();
+    assert_eq!(
+        b.handle.blocked_list().await.unwrap(),
+        vec![listed("alice", false)]
+    );
+    a.handle.send("bob", "let me in").await.unwrap();
+    eventually("bob drops alice's envelopes", LONG, || async {
+        let rejected = b.handle.status().await.unwrap().rejected;
+        (rejected.get("blocked").copied().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    b.handle.peer_unblock(alice).await.unwrap();
+    assert!(b.handle.blocked_list().await.unwrap().is_empty());
+    assert!(matches!(
+        b.handle.peer_unblock(alice).await,
+        Err(NodeError::Messaging(M::NotBlocked(_)))
+    ));
+    let h = b
+        .wait_history("alice", LONG, |h| h.iter().any(|m| m.text == "let me in"))
+        .await;
+    assert_eq!(h.iter().filter(|m| m.text == "let me in").count(), 1);
+    let c = b.handle.contact_show("alice").await.unwrap();
+    assert!(c.auto_added && !c.blocked, "a message request");
     a.stop().await;
     b.stop().await;
 }

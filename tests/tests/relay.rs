@@ -102,12 +102,24 @@ impl TestRelay {
 /// Alice (no relays) and bob (home relays `relays`), alice holding bob's ticket; bob is
 /// registered at every relay.
 async fn pair(relays: &[&TestRelay]) -> (TestNode, TestNode) {
+    pair_with(relays, |_| {}).await
+}
+
+/// [`pair`], both configured by `tweak` too.
+async fn pair_with(
+    relays: &[&TestRelay],
+    tweak: impl Fn(&mut tern_node::Config),
+) -> (TestNode, TestNode) {
     let mut addrs = Vec::new();
     for r in relays {
         addrs.push(r.addr().await);
     }
-    let a = TestNode::spawn("alice").await;
-    let b = TestNode::spawn_with("bob", |c| c.relays = addrs).await;
+    let a = TestNode::spawn_with("alice", &tweak).await;
+    let b = TestNode::spawn_with("bob", |c| {
+        tweak(c);
+        c.relays = addrs;
+    })
+    .await;
     a.add_contact(&b, "bob").await;
     for r in relays {
         eventually("bob registered", LONG, || async {
@@ -697,7 +709,7 @@ async fn all_in(a: &TestNode, n: usize, state: &str) -> Vec<tern_node::messaging
 
 /// A text a relay holds for an offline recipient is watched until its receipt comes: one
 /// the recipient fetched reaches `delivered` and stays so; one it never fetched fails, with
-/// a `messageFailed` event, once the relay's hold on it has ended (here with its 20 s
+/// a `messageFailed` event, once the relay's hold on it has ended (here with its 40 s
 /// lifetime), instead of staying `stored` for ever.
 #[tokio::test]
 async fn a_relayed_text_never_fetched_fails_once_the_relays_drop_it() {
@@ -705,7 +717,7 @@ async fn a_relayed_text_never_fetched_fails_once_the_relays_drop_it() {
     base.limits.min_ttl_secs = 1;
     let r = start_relay_with(tempfile::tempdir().unwrap(), base).await;
     let raddr = r.addr().await;
-    let a = TestNode::spawn_with("alice", |c| c.message_ttl_secs = 20).await;
+    let a = TestNode::spawn_with("alice", |c| c.message_ttl_secs = 40).await;
     let mut b = TestNode::spawn_with("bob", |c| c.relays = vec![raddr]).await;
     a.add_contact(&b, "bob").await;
     eventually("bob registered", LONG, || async {
@@ -778,9 +790,15 @@ async fn a_relayed_text_never_fetched_fails_once_the_relays_drop_it() {
     r.handle.shutdown().await;
 }
 
-/// Alice and bob (home relay `r`) have each written and read: both sessions are confirmed.
-/// Then bob stops (alice sees him go offline) and alice sends a text his relay holds.
-/// Returns its id.
+/// Presence beats every second: a frame lost costs seconds, not the default 90.
+fn beating(c: &mut tern_node::Config) {
+    c.presence.heartbeat_ms = 1000;
+    c.presence.missed_beats = 3;
+}
+
+/// Alice and bob (home relay `r`, presence [`beating`]) have each written and read: both
+/// sessions are confirmed. Then bob stops (alice sees him go offline) and alice sends a
+/// text his relay holds. Returns its id.
 async fn held_for_stopped_bob(a: &mut TestNode, b: &mut TestNode) -> String {
     b.add_contact(a, "alice").await;
     a.handle.send("bob", "hi bob").await.unwrap();
@@ -788,6 +806,7 @@ async fn held_for_stopped_bob(a: &mut TestNode, b: &mut TestNode) -> String {
     b.handle.send("alice", "hi alice").await.unwrap();
     b.wait_history("alice", LONG, |h| h.len() == 2 && h[1].state == "delivered")
         .await;
+    wait_presence(a, "online").await;
     b.stop_keep().await;
     wait_presence(a, "offline").await;
     let held = a
@@ -846,7 +865,7 @@ async fn texts_after_greetings(b: &TestNode, n: usize) -> Vec<(String, String)> 
 #[tokio::test]
 async fn a_text_a_relay_held_goes_again_when_the_recipient_lost_our_session() {
     let r = start_relay().await;
-    let (mut a, mut b) = pair(&[&r]).await;
+    let (mut a, mut b) = pair_with(&[&r], beating).await;
     let held = held_for_stopped_bob(&mut a, &mut b).await;
     forget_alices_session(&b);
     b.start_again().await;
@@ -876,7 +895,7 @@ async fn a_text_a_relay_held_goes_again_when_the_recipient_lost_our_session() {
 #[tokio::test]
 async fn a_text_a_relay_held_goes_again_when_the_recipient_starts_a_new_session() {
     let r = start_relay().await;
-    let (mut a, mut b) = pair(&[&r]).await;
+    let (mut a, mut b) = pair_with(&[&r], beating).await;
     let held = held_for_stopped_bob(&mut a, &mut b).await;
     forget_alices_session(&b);
     b.start_again().await;

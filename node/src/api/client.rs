@@ -21,7 +21,10 @@ use serde_json::Value;
 use crate::{
     data_dir::DataDir,
     events::Event,
-    messaging::{Conversation, HistoryItem, contacts::ContactView},
+    messaging::{
+        Conversation, HistoryItem,
+        contacts::{BlockedPeer, ContactView},
+    },
     net::PeerInfo,
     node::{NodeInfo, NodeStatus},
 };
@@ -219,6 +222,19 @@ impl ApiClient {
             serde_json::json!({ "name": name, "blocked": blocked }),
         )
         .await
+    }
+
+    /// `blockedList`.
+    pub async fn blocked_list(&self) -> Result<Vec<BlockedPeer>, ClientError> {
+        self.call_typed("blockedList", Value::Null).await
+    }
+
+    /// `peerUnblock`.
+    pub async fn peer_unblock(&self, peer_id: &str) -> Result<(), ClientError> {
+        let _: Value = self
+            .call_typed("peerUnblock", serde_json::json!({ "peer_id": peer_id }))
+            .await?;
+        Ok(())
     }
 
     /// `send`; returns the message id.

@@ -232,7 +232,8 @@ fn node_error(e: NodeError) -> ErrorObjectOwned {
     use crate::{messaging::MessagingError as M, net::NetError, presence::PresenceError as P};
     let code = match &e {
         NodeError::Messaging(m) => match m {
-            M::UnknownContact(_) => codes::UNKNOWN_CONTACT,
+            M::UnknownContact(_) | M::NotBlocked(_) => codes::UNKNOWN_CONTACT,
+            M::StillContact(_) => codes::BAD_CONTACT,
             M::TooLarge { .. } | M::Empty => codes::BAD_MESSAGE,
             M::Blocked(_) => codes::BLOCKED,
             M::InvalidTicket(_) => codes::INVALID_TICKET,
@@ -303,6 +304,27 @@ struct BlockParams {
 
 fn yes() -> bool {
     true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerParams {
+    peer_id: PeerIdParam,
+}
+
+/// A peer id given as a string (refused as invalid params if it does not parse).
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct PeerIdParam(libp2p::PeerId);
+
+impl TryFrom<String> for PeerIdParam {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+            .map(PeerIdParam)
+            .map_err(|e| format!("invalid peer id {s:?}: {e}"))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,6 +429,16 @@ fn rpc_module(node: NodeHandle) -> RpcModule<NodeHandle> {
     });
     method(&mut m, "contactBlock", |node, p: BlockParams| async move {
         node.contact_block(&p.name, p.blocked).await
+    });
+    method(
+        &mut m,
+        "blockedList",
+        |node, _: Option<NoParams>| async move { node.blocked_list().await },
+    );
+    method(&mut m, "peerUnblock", |node, p: PeerParams| async move {
+        let PeerIdParam(peer) = p.peer_id;
+        node.peer_unblock(peer).await?;
+        Ok(serde_json::json!({ "unblocked": peer.to_string() }))
     });
     method(&mut m, "send", |node, p: SendParams| async move {
         let id = node.send(&p.to, &p.text).await?;

@@ -54,6 +54,20 @@ pub struct ContactView {
     pub safety_number: String,
 }
 
+/// A blocked peer as the API lists it: a blocked contact, or a blocked contact the user
+/// removed (still blocked, [`crate::messaging::db::MessagingDb::blocked_peers`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedPeer {
+    /// Peer id.
+    pub peer_id: String,
+    /// The contact's name; for a removed one, the name it had announced, if any (chosen by
+    /// that peer, not by the user).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Still a contact (unblocked by name); otherwise removed (unblocked by peer id).
+    pub contact: bool,
+}
+
 impl Contact {
     /// The API view; `own` is this node's identity for the safety number.
     pub fn view(&self, own: &IdentityPublic) -> ContactView {

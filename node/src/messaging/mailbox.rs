@@ -514,7 +514,8 @@ async fn sync(
 /// The ids in `resent` were queued again after a relay held them: a relay still holding
 /// the older envelope answers the new one as a duplicate, which does not count as stored
 /// (that copy is the one the recipient could not decrypt). Such an envelope is skipped,
-/// not stopped at: it stays queued, and the next ones may be stored.
+/// not stopped at: it stays queued, and the next ones may be stored. Any other failure
+/// stops the deposit, as for every envelope.
 pub(super) async fn deposit(
     net: &NetHandle,
     recipient: PeerId,
@@ -552,23 +553,28 @@ pub(super) async fn deposit(
             })
             .collect();
         let mut held_until = None;
+        // A relay holds the older envelope of a text queued again.
+        let mut older_held = false;
         while let Some((relay, result)) = answers.next().await {
             match result.map(|b| MbResponse::from_bytes(&b)) {
                 Ok(Ok(MbResponse::Deposited {
                     duplicate,
                     expires_at,
                 })) if !(duplicate && resent.contains(&item.id)) => {
-                    // A relay's clock may be off: never before now, never past 30 days or
-                    // the text's own expiry, whichever is later.
+                    // A relay's clock may be off: never before the lifetime we asked for,
+                    // never past 30 days or that lifetime, whichever is later.
                     let until = expires_at
                         .saturating_mul(1000)
-                        .clamp(now_ms, item.expires_at.max(now_ms + MAX_HOLD_MS));
+                        .clamp(item.expires_at, item.expires_at.max(now_ms + MAX_HOLD_MS));
                     held_until = Some(held_until.map_or(until, |u: u64| u.max(until)));
                 }
-                Ok(Ok(MbResponse::Deposited { .. })) => tracing::debug!(
-                    relay = %crate::net::short(&relay),
-                    "the relay still holds the older envelope of a text queued again; it stays queued"
-                ),
+                Ok(Ok(MbResponse::Deposited { .. })) => {
+                    older_held = true;
+                    tracing::debug!(
+                        relay = %crate::net::short(&relay),
+                        "the relay still holds the older envelope of a text queued again; it stays queued"
+                    );
+                }
                 Ok(Ok(other)) => {
                     // Shown by default: a full mailbox or relay is why messages to an
                     // offline contact stay queued (they are kept and tried again).
@@ -585,7 +591,7 @@ pub(super) async fn deposit(
             }
         }
         let Some(until) = held_until else {
-            if resent.contains(&item.id) {
+            if older_held {
                 continue;
             }
             break;

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::presence_share::{PresenceNote, PresenceNotes};
 use self::{
-    contacts::{Contact, ContactView, fold_name, normalize_name, validate_name},
+    contacts::{BlockedPeer, Contact, ContactView, fold_name, normalize_name, validate_name},
     db::{
         MAX_PREVIOUS_SESSIONS, MessagingDb, MsgState, OutKind, OutboxItem, PeerKey, RelayHeld,
         Round, SessionRecord, StoredMessage, history_key, peer_id_key,
@@ -205,6 +205,12 @@ pub enum MessagingError {
     /// The contact is blocked.
     #[error("{0} is blocked; unblock them first")]
     Blocked(String),
+    /// No removed contact with that peer id is blocked.
+    #[error("no removed contact with peer id {0} is blocked; see `tern contact blocked`")]
+    NotBlocked(String),
+    /// The peer to unblock by peer id is still a contact.
+    #[error("that peer is your contact {0:?}: unblock it by name")]
+    StillContact(String),
     /// The text is too long.
     #[error("message too large: {len} bytes, at most {max}")]
     TooLarge {
@@ -336,6 +342,13 @@ enum Cmd {
         blocked: bool,
         reply: Reply<ContactView>,
     },
+    BlockedList {
+        reply: Reply<Vec<BlockedPeer>>,
+    },
+    PeerUnblock {
+        peer: PeerId,
+        reply: Reply<()>,
+    },
     Send {
         to: String,
         text: String,
@@ -438,6 +451,17 @@ impl MessagingHandle {
             reply,
         })
         .await
+    }
+
+    /// Blocked contacts, then blocked contacts the user removed.
+    pub async fn blocked_list(&self) -> Result<Vec<BlockedPeer>, MessagingError> {
+        self.call(|reply| Cmd::BlockedList { reply }).await
+    }
+
+    /// Lifts the block of a blocked contact the user removed: its messages are taken as a
+    /// message request again. (A blocked contact is unblocked with [`Self::contact_block`].)
+    pub async fn peer_unblock(&self, peer: PeerId) -> Result<(), MessagingError> {
+        self.call(|reply| Cmd::PeerUnblock { peer, reply }).await
     }
 
     /// Queues a text; returns its id once it is durably queued.
@@ -1291,6 +1315,13 @@ impl Actor {
                 self.recount_message_requests();
                 self.reply_after_flush(reply, r);
             }
+            Cmd::BlockedList { reply } => {
+                let _ = reply.send(self.blocked_list());
+            }
+            Cmd::PeerUnblock { peer, reply } => {
+                let r = self.peer_unblock(&peer);
+                self.reply_after_flush(reply, r);
+            }
             Cmd::Send { to, text, reply } => self.pending_sends.push((to, text, reply)),
             Cmd::History { with, limit, reply } => {
                 let _ = reply.send(self.history(&with, limit));
@@ -1604,6 +1635,49 @@ impl Actor {
                 reason: "contact removed".into(),
             });
         }
+        Ok(())
+    }
+
+    fn blocked_list(&self) -> Result<Vec<BlockedPeer>, MessagingError> {
+        let mut list: Vec<BlockedPeer> = self
+            .db
+            .contact_list()?
+            .into_iter()
+            .filter(|c| c.blocked)
+            .map(|c| BlockedPeer {
+                peer_id: c.peer_id.to_string(),
+                name: Some(c.name),
+                contact: true,
+            })
+            .collect();
+        for (key, ()) in self.db.blocked_peers.scan_prefix(&[])? {
+            let Some(peer_id) = PeerKey::try_from(key.as_slice())
+                .ok()
+                .and_then(|k| peer_id_of_key(&k))
+            else {
+                continue;
+            };
+            list.push(BlockedPeer {
+                peer_id: peer_id.to_string(),
+                name: self.db.former_names.get(&key)?,
+                contact: false,
+            });
+        }
+        Ok(list)
+    }
+
+    fn peer_unblock(&mut self, peer: &PeerId) -> Result<(), MessagingError> {
+        let unknown = || MessagingError::NotBlocked(peer.to_string());
+        let key = ed25519_key_bytes_of(peer).ok_or_else(unknown)?;
+        if let Some(c) = self.db.contacts.get(&key)? {
+            return Err(MessagingError::StillContact(c.name));
+        }
+        if !self.db.blocked_peers.remove(&key)? {
+            return Err(unknown());
+        }
+        self.dirty = true;
+        self.recount_message_requests();
+        tracing::info!(peer = %crate::net::short(peer), "a removed contact is no longer blocked");
         Ok(())
     }
 
@@ -2091,9 +2165,11 @@ impl Actor {
             };
             match entry {
                 Some(m) => {
+                    // A relay may hold its old envelope too (a deposit whose answer was
+                    // lost): a duplicate answer from it does not count.
                     let again = Again {
                         id: item.id,
-                        resent: false,
+                        resent: true,
                         created_at: item.created_at,
                         expires_at: item.expires_at,
                     };
@@ -3635,12 +3711,14 @@ impl Actor {
     /// go again under a new session.
     fn fail_relay_held_if_due(&mut self) {
         let now = now_ms();
-        match (self.relay_held_retry, self.relay_held_due) {
-            (Some(retry), _) if Instant::now() < retry => return,
-            (_, Some(due)) if self.relay_hold_over_at(due) <= now => {}
+        match self.relay_held_retry {
+            Some(retry) if Instant::now() < retry => return,
+            _ => self.relay_held_retry = None,
+        }
+        match self.relay_held_due {
+            Some(due) if self.relay_hold_over_at(due) <= now => {}
             _ => return,
         }
-        self.relay_held_retry = None;
         let db = &self.db;
         let checked = db
             .relay_held
@@ -3815,8 +3893,6 @@ fn refusal_reason(reason: RejectReason, first_flight: bool) -> String {
     format!("the recipient refused it ({reason:?}){advice}")
 }
 
-/// Contacts that are message requests: created by a stranger's first message, not yet
-/// accepted (added by ticket) or blocked.
 /// The earliest `relays_until` among `held` (`relay_held` entries), and their peers.
 fn relay_held_summary(held: &[(Vec<u8>, RelayHeld)]) -> (Option<u64>, HashSet<PeerKey>) {
     let due = held.iter().map(|(_, h)| h.relays_until).min();
