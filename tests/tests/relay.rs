@@ -860,14 +860,15 @@ async fn texts_after_greetings(b: &TestNode, n: usize) -> Vec<(String, String)> 
 
 /// Bob lost alice's session, so the text his relay held for him cannot be decrypted when he
 /// fetches it. Alice's next text, sent directly, is refused as undecryptable: the new
-/// session she starts carries the held text again too. Both arrive once, in order, and
-/// reach `delivered`.
+/// session she starts (on one of bob's one-time prekeys, claimed from his relay) carries
+/// the held text again too. Both arrive once, in order, and reach `delivered`.
 #[tokio::test]
 async fn a_text_a_relay_held_goes_again_when_the_recipient_lost_our_session() {
     let r = start_relay().await;
     let (mut a, mut b) = pair_with(&[&r], beating).await;
     let held = held_for_stopped_bob(&mut a, &mut b).await;
     forget_alices_session(&b);
+    let claimed = r.metric("tern_relay_prekeys_claimed_total").await;
     b.start_again().await;
     wait_presence(&mut a, "online").await;
     let after = a.handle.send("bob", "and after").await.unwrap().to_hex();
@@ -883,6 +884,11 @@ async fn a_text_a_relay_held_goes_again_when_the_recipient_lost_our_session() {
         h.len() == 4 && h.iter().all(|m| m.from != "me" || m.state == "delivered")
     })
     .await;
+    assert_eq!(
+        r.metric("tern_relay_prekeys_claimed_total").await,
+        claimed + 1.0,
+        "the new session started on a fresh one-time prekey"
+    );
     a.stop().await;
     b.stop().await;
     r.handle.shutdown().await;

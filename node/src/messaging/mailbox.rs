@@ -241,6 +241,7 @@ impl Actor {
         &mut self,
         peer: &PeerKey,
         claimed: Option<Vec<u8>>,
+        for_restart: bool,
     ) -> Result<(), MessagingError> {
         let Some(bytes) = claimed else {
             return Ok(());
@@ -255,7 +256,8 @@ impl Actor {
             tracing::warn!("a relay handed out a prekey bundle that does not verify; ignored");
             return Ok(());
         }
-        if self.db.sessions.get(peer)?.is_none() {
+        // For the first session, or the one replacing a session the peer lost.
+        if for_restart || self.db.sessions.get(peer)?.is_none() {
             self.db.claimed_prekeys.insert(key(peer), &bytes)?;
             self.dirty = true;
         }
@@ -612,16 +614,25 @@ pub async fn claim_prekey(
     net: &NetHandle,
     ticket: &crate::ticket::ContactTicket,
 ) -> Option<Vec<u8>> {
-    let token = ticket.mailbox_token?;
-    let recipient = PeerBytes::new(ticket.peer_id.to_bytes()).ok()?;
     let mb = ContactMailbox {
         relays: ticket.relays.iter().map(|a| a.to_vec()).collect(),
-        token,
+        token: ticket.mailbox_token?,
     };
+    claim_from(net, ticket.peer_id, &mb).await
+}
+
+/// Claims one of `owner`'s one-time prekeys from the relays of its mailbox `mb`; `None` when
+/// no relay answers within a few seconds each, or the pool is empty.
+pub(super) async fn claim_from(
+    net: &NetHandle,
+    owner: PeerId,
+    mb: &ContactMailbox,
+) -> Option<Vec<u8>> {
+    let recipient = PeerBytes::new(owner.to_bytes()).ok()?;
     for (relay, addr) in mb.relay_peers() {
         let frame = MbRequest::ClaimPrekey {
             recipient: recipient.clone(),
-            token: MailboxToken::from_bytes(token),
+            token: MailboxToken::from_bytes(mb.token),
         }
         .to_bytes();
         let answer = tokio::time::timeout(

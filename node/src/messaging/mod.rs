@@ -540,6 +540,7 @@ struct Channels {
     relay_pages: mpsc::Receiver<mailbox::RelayPage>,
     sync_done: mpsc::Receiver<(PeerId, bool)>,
     mint: mpsc::Receiver<mailbox::MintRequest>,
+    claims: mpsc::Receiver<(PeerKey, Option<Vec<u8>>)>,
 }
 
 /// What a delivery attempt to a peer produced: sent as each request is answered (`last`
@@ -730,6 +731,13 @@ struct Actor {
     /// Last successful mailbox registration (ms since the epoch) per home relay.
     relay_registered: std::collections::BTreeMap<PeerId, u64>,
     mint_tx: mpsc::Sender<mailbox::MintRequest>,
+    /// Contacts one of whose one-time prekeys is being claimed from their relays, for a
+    /// new session ([`Self::claim_for_restart`]).
+    claiming: HashSet<PeerKey>,
+    /// Of those, the ones whose restart waits for the claim: their attempt stays open (in
+    /// flight for the schedule) until it answers.
+    restart_after_claim: HashSet<PeerKey>,
+    claims_tx: mpsc::Sender<(PeerKey, Option<Vec<u8>>)>,
 }
 
 /// Starts the messaging actor. `inbound` receives `/tern/msg/1` requests from the network.
@@ -751,6 +759,7 @@ pub fn spawn(
     let (relay_pages_tx, relay_pages) = mpsc::channel(4);
     let (sync_done_tx, sync_done) = mpsc::channel(16);
     let (mint_tx, mint) = mpsc::channel(4);
+    let (claims_tx, claims) = mpsc::channel(16);
     let keys = IdentityKeys::from_seed(seed)?;
     let mut rng = StdRng::from_entropy();
     let prekeys = load_or_create_prekeys(&db, &mut rng)?;
@@ -836,6 +845,9 @@ pub fn spawn(
         sync_done_tx,
         relay_registered: Default::default(),
         mint_tx,
+        claiming: HashSet::new(),
+        restart_after_claim: HashSet::new(),
+        claims_tx,
     };
     // Everything queued before a restart is due at once.
     let now = Instant::now();
@@ -853,6 +865,7 @@ pub fn spawn(
             relay_pages,
             sync_done,
             mint,
+            claims,
         },
         shutdown,
     ));
@@ -993,6 +1006,7 @@ impl Actor {
             mut relay_pages,
             mut sync_done,
             mut mint,
+            mut claims,
         } = channels;
         self.reconnect_contacts();
         self.settle_rekeys();
@@ -1042,6 +1056,7 @@ impl Actor {
                 Some(page) = relay_pages.recv() => self.handle_relay_page(page),
                 Some((relay, registered)) = sync_done.recv() => self.sync_finished(relay, registered),
                 Some(req) = mint.recv() => self.mint_prekeys(req),
+                Some((peer, bundle)) = claims.recv() => self.claim_done(peer, bundle),
                 // Nothing else to do: the writes journaled in the last turns go into sled
                 // now, after their answers and events went out, once their flush ended (sled
                 // never holds what the journal might lose). Yielding first lets the tasks
@@ -1486,7 +1501,7 @@ impl Actor {
                         Ok(())
                     })?;
                 self.store_contact_mailbox(&key, &ticket)?;
-                self.store_claimed(&key, claimed)?;
+                self.store_claimed(&key, claimed, false)?;
                 self.presence_contact_added(&c)?;
                 self.mailbox_contact_added(&c)?;
                 return Ok(c.view(self.keys.public()));
@@ -1526,7 +1541,7 @@ impl Actor {
             auto_added: false,
         });
         self.store_contact_mailbox(&key, &ticket)?;
-        self.store_claimed(&key, claimed)?;
+        self.store_claimed(&key, claimed, false)?;
         self.presence_contact_added(&contact)?;
         self.mailbox_contact_added(&contact)?;
         Ok(contact.view(self.keys.public()))
@@ -2144,6 +2159,57 @@ impl Actor {
         })
     }
 
+    /// Claims one of `peer`'s one-time prekeys from its relays for the session about to
+    /// replace the one it lost (as adding a contact does), unless a claim runs already or
+    /// its relays are unknown. Only for a session it had accepted: a new session's first
+    /// messages refused in turn start the next one from the signed prekey alone, which is
+    /// never restarted (so a peer refusing everything costs one claim, not one per try).
+    fn claim_for_restart(&mut self, peer: PeerKey) {
+        if self.claiming.contains(&peer) {
+            return;
+        }
+        let mb = self
+            .db
+            .contact_mailbox
+            .get(mailbox::key(&peer))
+            .ok()
+            .flatten();
+        let Some((peer_id, mb)) = self.peer_id(&peer).zip(mb) else {
+            return;
+        };
+        self.claiming.insert(peer);
+        let net = self.net.clone();
+        let done = self.claims_tx.clone();
+        tokio::spawn(async move {
+            let bundle = mailbox::claim_from(&net, peer_id, &mb).await;
+            let _ = done.send((peer, bundle)).await;
+        });
+    }
+
+    /// A claim for `peer` answered: the bundle (if one came and verifies) starts the new
+    /// session, and a restart that waited for it runs now.
+    fn claim_done(&mut self, peer: PeerKey, bundle: Option<Vec<u8>>) {
+        self.claiming.remove(&peer);
+        if let Err(e) = self.store_claimed(&peer, bundle, true) {
+            tracing::warn!(error = %e, "could not keep a claimed prekey");
+        }
+        if !self.restart_after_claim.remove(&peer) {
+            return;
+        }
+        let now = Instant::now();
+        match self.restart_session(peer) {
+            // Its envelopes are due once durable.
+            Ok(()) => self.schedule.progressed(&peer, now),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a new session");
+                let r = self.rng.next_u32();
+                self.schedule.failed(&peer, now, r);
+                self.last_error
+                    .insert(peer, format!("could not start a new session: {e}"));
+            }
+        }
+    }
+
     /// `peer` could not decrypt envelopes of our session (it removed us as a contact, or lost
     /// its data) and the attempt that found it is over: starts a new session from its prekey
     /// bundle and queues again, under it, what was queued for it and the texts its relays
@@ -2720,6 +2786,9 @@ impl Actor {
         let r = db.store.transaction(&tables, |tx| {
             let mut changed = Vec::new();
             let mut restart = false;
+            // Refused on an established session (not a first message): a fresh one-time
+            // prekey is worth claiming for the new one.
+            let mut established = false;
             let mut held_until = None;
             for (id, outcome) in &outcomes {
                 let key = peer_id_key(&peer, id);
@@ -2732,6 +2801,8 @@ impl Actor {
                     // the attempt ends (unless a new one would start the same way).
                     o if undecryptable(o) && may_restart && restart_may_help(&item.envelope) => {
                         restart = true;
+                        established |=
+                            matches!(sealed_message(&item.envelope), Some(Message::Normal(_)));
                     }
                     Outcome::Stored => {
                         tx.remove(&db.outbox, &key)?;
@@ -2799,16 +2870,19 @@ impl Actor {
                     Outcome::Rejected(_) => {}
                 }
             }
-            Ok((changed, restart, held_until))
+            Ok((changed, restart, established, held_until))
         });
         match r {
-            Ok((changed, restart, held_until)) => {
+            Ok((changed, restart, established, held_until)) => {
                 updates = changed;
                 if let Some(until) = held_until {
                     self.relay_held_watch(peer, until);
                 }
                 if restart {
                     self.restarts.insert(peer);
+                    if established {
+                        self.claim_for_restart(peer);
+                    }
                 }
             }
             Err(e) => {
@@ -2852,6 +2926,14 @@ impl Actor {
             self.refills.push((peer, after, reply));
         }
         if !last {
+            return;
+        }
+        if self.restarts.contains(&peer) && self.claiming.contains(&peer) {
+            // The new session waits for the contact's fresh one-time prekey (a few seconds
+            // at most); the attempt stays open meanwhile, so nothing more goes under the
+            // old session ([`Self::claim_done`] ends it).
+            self.restarts.remove(&peer);
+            self.restart_after_claim.insert(peer);
             return;
         }
         if self.restarts.remove(&peer)
