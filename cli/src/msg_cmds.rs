@@ -134,19 +134,34 @@ pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> 
             let c = client.contact_block(&name, true).await?;
             g.out.emit(&c, || format!("blocked {}", c.name))
         }
-        ContactCmd::Unblock { name } => match client.contact_block(&name, false).await {
-            Ok(c) => g.out.emit(&c, || format!("unblocked {}", c.name)),
-            // Not a contact's name: the peer id of a removed blocked contact, perhaps.
-            Err(ClientError::Rpc { code, .. })
-                if code == codes::UNKNOWN_CONTACT && name.parse::<PeerId>().is_ok() =>
-            {
+        ContactCmd::Unblock { name } => {
+            // The peer id of a removed blocked contact first: a contact (a message request
+            // names itself) could be called by another peer's id.
+            let removed = name.parse::<PeerId>().is_ok()
+                && client
+                    .blocked_list()
+                    .await?
+                    .iter()
+                    .any(|b| !b.contact && b.peer_id == name);
+            if removed {
                 client.peer_unblock(&name).await?;
-                g.out.emit(&json!({ "unblocked": name }), || {
+                return g.out.emit(&json!({ "unblocked": name }), || {
                     format!("unblocked {name}: its messages come in as a message request again")
-                })
+                });
             }
-            Err(e) => Err(e.into()),
-        },
+            match client.contact_block(&name, false).await {
+                Ok(c) => g.out.emit(&c, || format!("unblocked {}", c.name)),
+                Err(ClientError::Rpc { code, .. })
+                    if code == codes::UNKNOWN_CONTACT && name.parse::<PeerId>().is_ok() =>
+                {
+                    anyhow::bail!(
+                        "no contact is called {name:?}, and no removed contact with that peer id \
+                         is blocked; see `tern contact blocked`"
+                    )
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         ContactCmd::Blocked => {
             let list = client.blocked_list().await?;
             g.out.emit(&list, || {

@@ -234,9 +234,10 @@ impl Actor {
         }
     }
 
-    /// Keeps a bundle claimed from a new contact's relay for the first session, if it is
-    /// genuine (verifies, carries a one-time prekey, belongs to the contact) and no session
-    /// exists yet.
+    /// Keeps a bundle claimed from a contact's relay for the next session it starts, if it
+    /// is genuine (verifies, carries a one-time prekey, belongs to the contact) and that
+    /// session is due: the first one (no session exists yet) or, `for_restart`, the one
+    /// replacing a session the peer lost.
     pub(super) fn store_claimed(
         &mut self,
         peer: &PeerKey,
@@ -246,12 +247,14 @@ impl Actor {
         let Some(bytes) = claimed else {
             return Ok(());
         };
-        let contact = self.db.contacts.get(peer)?;
+        let Some(contact) = self.db.contacts.get(peer)? else {
+            // Removed while the claim ran.
+            return Ok(());
+        };
         let genuine = crate::crypto::PrekeyBundle::from_bytes(&bytes)
             .ok()
             .filter(|b| b.verify().is_ok() && b.one_time_prekey().is_some())
-            .zip(contact)
-            .is_some_and(|(b, contact)| *b.identity() == contact.identity);
+            .is_some_and(|b| *b.identity() == contact.identity);
         if !genuine {
             tracing::warn!("a relay handed out a prekey bundle that does not verify; ignored");
             return Ok(());

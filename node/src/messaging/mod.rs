@@ -563,7 +563,14 @@ struct DeliveryResult {
     more: Option<(MsgId, oneshot::Sender<Vec<OutboxItem>>)>,
 }
 
-/// A text queued again under a new session ([`MessagingActor::restart_session`]): its
+/// How a delivery attempt ended, for the schedule ([`Actor::end_attempt`]).
+struct AttemptEnd {
+    failure: Option<String>,
+    progressed: bool,
+    refused: bool,
+}
+
+/// A text queued again under a new session ([`Actor::restart_session`]): its
 /// id, and when it was first queued and expires (a restart extends nothing).
 #[derive(Clone, Copy)]
 struct Again {
@@ -734,9 +741,9 @@ struct Actor {
     /// Contacts one of whose one-time prekeys is being claimed from their relays, for a
     /// new session ([`Self::claim_for_restart`]).
     claiming: HashSet<PeerKey>,
-    /// Of those, the ones whose restart waits for the claim: their attempt stays open (in
-    /// flight for the schedule) until it answers.
-    restart_after_claim: HashSet<PeerKey>,
+    /// Of those, the ones whose restart waits for the claim, with how their attempt ended:
+    /// it stays open (in flight for the schedule) until the claim answers.
+    restart_after_claim: HashMap<PeerKey, AttemptEnd>,
     claims_tx: mpsc::Sender<(PeerKey, Option<Vec<u8>>)>,
 }
 
@@ -846,7 +853,7 @@ pub fn spawn(
         relay_registered: Default::default(),
         mint_tx,
         claiming: HashSet::new(),
-        restart_after_claim: HashSet::new(),
+        restart_after_claim: HashMap::new(),
         claims_tx,
     };
     // Everything queued before a restart is due at once.
@@ -1568,6 +1575,7 @@ impl Actor {
                 &db.former_names,
                 &db.blocked_peers,
                 &db.relay_held,
+                &db.claimed_prekeys,
             ],
             |tx| {
                 // The name it announced, for a message request it may start later (only a
@@ -1594,6 +1602,7 @@ impl Actor {
                     &(owed || presence_share::eligible(&c)),
                 )?;
                 tx.remove(&db.contact_mailbox, mailbox::key(&key))?;
+                tx.remove(&db.claimed_prekeys, mailbox::key(&key))?;
                 tx.remove(&db.contacts, &key)?;
                 tx.remove(&db.names, c.name.as_bytes())?;
                 tx.remove(&db.sessions, &key)?;
@@ -1634,6 +1643,7 @@ impl Actor {
         )?;
         self.schedule.done(&key);
         self.restarts.remove(&key);
+        self.restart_after_claim.remove(&key);
         self.relay_held_peers.remove(&key);
         self.session_cache.borrow_mut().remove(&key);
         self.rekey_owed_again(&key);
@@ -1691,7 +1701,6 @@ impl Actor {
             return Err(unknown());
         }
         self.dirty = true;
-        self.recount_message_requests();
         tracing::info!(peer = %crate::net::short(peer), "a removed contact is no longer blocked");
         Ok(())
     }
@@ -1717,6 +1726,11 @@ impl Actor {
         self.dirty = true;
         if blocked {
             self.restarts.remove(&key);
+            // An attempt held open for a claimed prekey ends: nothing goes to it now.
+            if self.restart_after_claim.remove(&key).is_some() {
+                let r = self.rng.next_u32();
+                self.schedule.failed(&key, Instant::now(), r);
+            }
             self.rekey_owed_again(&key);
             self.settle_rekeys();
         }
@@ -2165,48 +2179,45 @@ impl Actor {
     /// messages refused in turn start the next one from the signed prekey alone, which is
     /// never restarted (so a peer refusing everything costs one claim, not one per try).
     fn claim_for_restart(&mut self, peer: PeerKey) {
-        if self.claiming.contains(&peer) {
+        // One claim at a time, and none while a claimed bundle waits to be used (a restart
+        // that failed is tried again with it).
+        if self.claiming.contains(&peer)
+            || !matches!(
+                self.db.claimed_prekeys.contains(mailbox::key(&peer)),
+                Ok(false)
+            )
+        {
             return;
         }
-        let mb = self
-            .db
-            .contact_mailbox
-            .get(mailbox::key(&peer))
-            .ok()
-            .flatten();
-        let Some((peer_id, mb)) = self.peer_id(&peer).zip(mb) else {
+        let Some((peer_id, mb)) = self.peer_id(&peer).zip(self.contact_mailbox(&peer)) else {
             return;
         };
         self.claiming.insert(peer);
         let net = self.net.clone();
         let done = self.claims_tx.clone();
         tokio::spawn(async move {
-            let bundle = mailbox::claim_from(&net, peer_id, &mb).await;
+            use futures::FutureExt as _;
+            // Answered whatever happens: the attempt it holds open ends only with it.
+            let claim = std::panic::AssertUnwindSafe(mailbox::claim_from(&net, peer_id, &mb));
+            let bundle = claim.catch_unwind().await.ok().flatten();
             let _ = done.send((peer, bundle)).await;
         });
     }
 
     /// A claim for `peer` answered: the bundle (if one came and verifies) starts the new
     /// session, and a restart that waited for it runs now.
+    /// (Kept only while that restart is still due: a contact removed or blocked meanwhile
+    /// drops it.)
     fn claim_done(&mut self, peer: PeerKey, bundle: Option<Vec<u8>>) {
         self.claiming.remove(&peer);
-        if let Err(e) = self.store_claimed(&peer, bundle, true) {
+        let waiting = self.restart_after_claim.remove(&peer);
+        if (waiting.is_some() || self.restarts.contains(&peer))
+            && let Err(e) = self.store_claimed(&peer, bundle, true)
+        {
             tracing::warn!(error = %e, "could not keep a claimed prekey");
         }
-        if !self.restart_after_claim.remove(&peer) {
-            return;
-        }
-        let now = Instant::now();
-        match self.restart_session(peer) {
-            // Its envelopes are due once durable.
-            Ok(()) => self.schedule.progressed(&peer, now),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not start a new session");
-                let r = self.rng.next_u32();
-                self.schedule.failed(&peer, now, r);
-                self.last_error
-                    .insert(peer, format!("could not start a new session: {e}"));
-            }
+        if let Some(end) = waiting {
+            self.end_attempt(peer, true, end);
         }
     }
 
@@ -2216,8 +2227,11 @@ impl Actor {
     /// hold (sealed under the old session, so as undecryptable). Texts keep their ids,
     /// history entries and expiry; our presence key and mailbox token go as they are now;
     /// receipts sealed under the old session are dropped (those messages stay `sent` on the
-    /// other side). The new session's first envelopes are prekey messages, which are never
-    /// restarted: a refusal of those fails the texts (no loop).
+    /// other side). The new session starts on a one-time prekey claimed from the peer's
+    /// relays when there is one ([`Self::claim_for_restart`]), else from the ticket's signed
+    /// prekey. Its first envelopes are prekey messages: a refusal of one started on a claimed
+    /// prekey restarts once more, without a claim, and a refusal of one started from the
+    /// signed prekey alone fails the texts (no loop).
     fn restart_session(&mut self, peer: PeerKey) -> Result<(), MessagingError> {
         let Some(c) = self.db.contacts.get(&peer)?.filter(|c| !c.blocked) else {
             return Ok(());
@@ -2555,6 +2569,15 @@ impl Actor {
         }
     }
 
+    /// The relays and token of `peer`'s mailbox, if known (and readable).
+    fn contact_mailbox(&self, peer: &PeerKey) -> Option<mailbox::ContactMailbox> {
+        self.db
+            .contact_mailbox
+            .get(mailbox::key(peer))
+            .ok()
+            .flatten()
+    }
+
     /// Starts an attempt for every peer due; whether it started any.
     fn start_deliveries(&mut self) -> bool {
         let now = Instant::now();
@@ -2564,12 +2587,7 @@ impl Actor {
                 Ok(Some((peer_id, addrs, items))) => {
                     let net = self.net.clone();
                     let results = self.results_tx.clone();
-                    let mailbox = self
-                        .db
-                        .contact_mailbox
-                        .get(mailbox::key(&peer))
-                        .ok()
-                        .flatten();
+                    let mailbox = self.contact_mailbox(&peer);
                     // Known offline and reachable through relays: skip the direct attempt
                     // (a dial to a vanished host can take many seconds to fail).
                     let offline = mailbox.is_some() && self.config.known_offline.contains(&peer_id);
@@ -2928,17 +2946,27 @@ impl Actor {
         if !last {
             return;
         }
+        let end = AttemptEnd {
+            failure,
+            progressed,
+            refused,
+        };
         if self.restarts.contains(&peer) && self.claiming.contains(&peer) {
             // The new session waits for the contact's fresh one-time prekey (a few seconds
             // at most); the attempt stays open meanwhile, so nothing more goes under the
             // old session ([`Self::claim_done`] ends it).
             self.restarts.remove(&peer);
-            self.restart_after_claim.insert(peer);
+            self.restart_after_claim.insert(peer, end);
             return;
         }
-        if self.restarts.remove(&peer)
-            && let Err(e) = self.restart_session(peer)
-        {
+        let restart = self.restarts.remove(&peer);
+        self.end_attempt(peer, restart, end);
+    }
+
+    /// Ends a delivery attempt: starts the new session it found due (`restart`), then lets
+    /// the schedule decide what comes next.
+    fn end_attempt(&mut self, peer: PeerKey, restart: bool, end: AttemptEnd) {
+        if restart && let Err(e) = self.restart_session(peer) {
             // Still queued under the old session: tried again after the backoff, not at
             // once (which would loop for as long as the store fails).
             tracing::warn!(error = %e, "could not start a new session");
@@ -2950,6 +2978,11 @@ impl Actor {
         // failure too: their envelopes are still queued, and sending them again at once
         // would loop for as long as the disk stays full.
         let now = Instant::now();
+        let AttemptEnd {
+            failure,
+            progressed,
+            refused,
+        } = end;
         let (failure, progressed, refused) = match self.unrecorded.remove(&peer) {
             Some(why) => (Some(why), false, false),
             None => (failure, progressed, refused),
