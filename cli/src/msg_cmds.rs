@@ -12,7 +12,10 @@ use tern_node::{
         codes,
     },
     events::EventKind,
-    messaging::{HistoryItem, contacts::ContactView},
+    messaging::{
+        HistoryItem,
+        contacts::{BlockedPeer, ContactView},
+    },
 };
 
 use crate::{
@@ -151,13 +154,25 @@ pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> 
             }
             match client.contact_block(&name, false).await {
                 Ok(c) => g.out.emit(&c, || format!("unblocked {}", c.name)),
-                Err(ClientError::Rpc { code, .. })
-                    if code == codes::UNKNOWN_CONTACT && name.parse::<PeerId>().is_ok() =>
+                Err(e) if matches!(&e, ClientError::Rpc { code, .. } if *code == codes::UNKNOWN_CONTACT) =>
                 {
-                    anyhow::bail!(
-                        "no contact is called {name:?}, and no removed contact with that peer id \
-                         is blocked; see `tern contact blocked`"
-                    )
+                    // A removed blocked contact listed under the name it had announced?
+                    let list = client.blocked_list().await?;
+                    let named = |b: &&BlockedPeer| !b.contact && b.name.as_deref() == Some(&*name);
+                    if let Some(b) = list.iter().find(named) {
+                        anyhow::bail!(
+                            "{name:?} is no contact: it was removed while blocked; unblock it \
+                             by its peer id: tern contact unblock {}",
+                            b.peer_id
+                        )
+                    }
+                    if name.parse::<PeerId>().is_ok() {
+                        anyhow::bail!(
+                            "no contact is called {name:?}, and no removed contact with that \
+                             peer id is blocked; see `tern contact blocked`"
+                        )
+                    }
+                    Err(e.into())
                 }
                 Err(e) => Err(e.into()),
             }

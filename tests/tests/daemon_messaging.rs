@@ -136,6 +136,13 @@ async fn daemons_exchange_messages_through_the_cli() {
     let blocked = a.tern_json(&["contact", "blocked"]);
     assert_eq!(blocked[0]["peer_id"], bob);
     assert_eq!(blocked[0]["contact"], false);
+    let out = a.tern(&["contact", "unblock", "bob"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("tern contact unblock {bob}")),
+        "{}",
+        stderr(&out)
+    );
     a.tern_json(&["contact", "unblock", &bob]);
     assert_eq!(a.tern_json(&["contact", "blocked"]), serde_json::json!([]));
     let out = a.tern(&["contact", "unblock", &bob]);

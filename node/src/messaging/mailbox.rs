@@ -528,13 +528,16 @@ pub(super) async fn deposit(
     items: Vec<OutboxItem>,
     resent: &HashSet<MsgId>,
     now_ms: u64,
-) -> Vec<(MsgId, u64)> {
+) -> Deposited {
     let relays = mailbox.relay_peers();
+    let mut done = Deposited {
+        stored: Vec::new(),
+        token_refused: false,
+    };
     let Ok(recipient) = PeerBytes::new(recipient.to_bytes()) else {
-        return Vec::new();
+        return done;
     };
     let token = MailboxToken::from_bytes(mailbox.token);
-    let mut stored = Vec::new();
     for item in items {
         let ttl = item.expires_at.saturating_sub(now_ms) / 1000;
         let frame = MbRequest::Deposit {
@@ -560,6 +563,8 @@ pub(super) async fn deposit(
         let mut held_until = None;
         // A relay holds the older envelope of a text queued again.
         let mut older_held = false;
+        // Relays that refused our token.
+        let mut unauthorized = 0;
         while let Some((relay, result)) = answers.next().await {
             match result.map(|b| MbResponse::from_bytes(&b)) {
                 Ok(Ok(MbResponse::Deposited {
@@ -578,6 +583,16 @@ pub(super) async fn deposit(
                     tracing::debug!(
                         relay = %crate::net::short(&relay),
                         "the relay still holds the older envelope of a text queued again; it stays queued"
+                    );
+                }
+                Ok(Ok(MbResponse::Error {
+                    code: tern_store_forward::ErrorCode::Unauthorized,
+                    ..
+                })) => {
+                    unauthorized += 1;
+                    tracing::info!(
+                        relay = %crate::net::short(&relay),
+                        "a relay of the recipient refuses our token for it (it removed or blocked us, or moved its mailbox)"
                     );
                 }
                 Ok(Ok(other)) => {
@@ -599,11 +614,20 @@ pub(super) async fn deposit(
             if older_held {
                 continue;
             }
+            done.token_refused = unauthorized > 0 && unauthorized == relays.len();
             break;
         };
-        stored.push((item.id, until));
+        done.stored.push((item.id, until));
     }
-    stored
+    done
+}
+
+/// What [`deposit`] did.
+pub(super) struct Deposited {
+    /// The ids at least one relay stored, each with when the last of them drops it.
+    pub stored: Vec<(MsgId, u64)>,
+    /// Every relay refused our token for the envelope the deposit stopped at.
+    pub token_refused: bool,
 }
 
 /// The `contact_mailbox` key of a contact.

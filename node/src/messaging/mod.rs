@@ -104,6 +104,10 @@ const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
 /// from the recipient ([`MessagingConfig::relay_grace`] later).
 const RELAY_HOLD_ENDED: &str = "the recipient's relays held it until it expired there, and no \
      receipt came: the recipient did not fetch it in time, or could not decrypt it";
+/// What the user is told of a text a relay held when its recipient was removed: it fails
+/// (no receipt of theirs could be decrypted any more), but the relay may still hand it over.
+const REMOVED_WHILE_HELD: &str =
+    "contact removed (its relays may still hand it over, but no receipt can come back)";
 /// What the user is told of a message given up after [`TOO_EARLY_LIMIT`].
 const TOO_EARLY_GIVEN_UP: &str = "the recipient could not decrypt it for 10 minutes: \
      messages sent before it never reached them (for example lost with a relay)";
@@ -556,6 +560,9 @@ struct DeliveryResult {
     refused: bool,
     /// The attempt is over: the schedule decides what comes next.
     last: bool,
+    /// Every relay of the recipient refused our token: it revoked it (it removed or blocked
+    /// us) or moved its mailbox, so whatever presence says, it should be tried directly.
+    token_refused: bool,
     /// Whether any item of the whole attempt was stored (at the peer or a relay).
     progressed: bool,
     /// The attempt runs low: the next queued items after this id, please (none: the queue
@@ -693,6 +700,8 @@ struct Actor {
     storage_failed: Option<String>,
     /// When the dedup set is next pruned.
     next_prune: Instant,
+    /// Peers with an open connection (from the network's events).
+    connected: HashSet<PeerId>,
     /// [`MessagingDb::resent`], in memory, by peer.
     resent: HashMap<PeerKey, HashSet<MsgId>>,
     /// Contacts that started a new session with us in this batch: the texts their relays
@@ -828,6 +837,7 @@ pub fn spawn(
         group_prekeys: None,
         storage_failed: None,
         next_prune: Instant::now(),
+        connected: HashSet::new(),
         resent,
         resend_held: HashSet::new(),
         relay_held_due,
@@ -1631,7 +1641,7 @@ impl Actor {
                             db,
                             &key,
                             &id,
-                            MsgState::Failed("contact removed".into()),
+                            MsgState::Failed(REMOVED_WHILE_HELD.into()),
                         )?
                         .is_some()
                     {
@@ -1651,13 +1661,14 @@ impl Actor {
         let texts = queued
             .iter()
             .filter(|(_, i)| i.kind == OutKind::Text)
-            .map(|(_, i)| i.id);
-        for id in texts.chain(held_failed) {
+            .map(|(_, i)| (i.id, "contact removed"));
+        let held = held_failed.into_iter().map(|id| (id, REMOVED_WHILE_HELD));
+        for (id, reason) in texts.chain(held) {
             self.publish_after_flush(EventKind::MessageFailed {
                 id: id.to_hex(),
                 peer_id: c.peer_id.to_string(),
                 to: c.name.clone(),
-                reason: "contact removed".into(),
+                reason: reason.into(),
             });
         }
         Ok(())
@@ -2505,6 +2516,7 @@ impl Actor {
     fn handle_net_event(&mut self, ev: Result<NetEvent, broadcast::error::RecvError>) {
         match ev {
             Ok(NetEvent::Connected(peer)) => {
+                self.connected.insert(peer);
                 if let Some(key) = ed25519_key_bytes_of(&peer) {
                     self.schedule.reachable(&key, Instant::now());
                 }
@@ -2529,7 +2541,10 @@ impl Actor {
             Ok(NetEvent::ListenAddrs(addrs)) => {
                 self.my_addrs = addrs.into_iter().filter(is_dialable).collect();
             }
-            Ok(NetEvent::Disconnected(_) | NetEvent::Subscribed { .. }) => {}
+            Ok(NetEvent::Disconnected(peer)) => {
+                self.connected.remove(&peer);
+            }
+            Ok(NetEvent::Subscribed { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::debug!(n, "missed network events; retrying every queue and relay");
                 let now = Instant::now();
@@ -2590,7 +2605,11 @@ impl Actor {
                     let mailbox = self.contact_mailbox(&peer);
                     // Known offline and reachable through relays: skip the direct attempt
                     // (a dial to a vanished host can take many seconds to fail).
-                    let offline = mailbox.is_some() && self.config.known_offline.contains(&peer_id);
+                    // (Connected, it is not: presence can be wrong, for example about a
+                    // contact that replaced its presence key when it removed us.)
+                    let offline = mailbox.is_some()
+                        && self.config.known_offline.contains(&peer_id)
+                        && !self.connected.contains(&peer_id);
                     let resent = self.resent.get(&peer).cloned().unwrap_or_default();
                     tokio::spawn(async move {
                         let target = Target {
@@ -2783,9 +2802,15 @@ impl Actor {
             failure,
             refused,
             last,
+            token_refused,
             progressed,
             more,
         } = res;
+        if token_refused && let Some(peer_id) = self.peer_id(&peer) {
+            // Not known to be offline any more: the next attempt tries it directly (where
+            // a recipient that dropped our session says so, and a new one starts).
+            self.config.known_offline.set(peer_id, false);
+        }
         let outcomes = give_up_too_early(&mut self.too_early, &peer, outcomes, Instant::now());
         let undecryptable =
             |o: &Outcome| matches!(o, Outcome::Rejected(RejectReason::Undecryptable));
@@ -4151,6 +4176,7 @@ async fn deliver(
                 failure: None,
                 refused: false,
                 last: false,
+                token_refused: false,
                 progressed,
                 more: Some((after, reply)),
             };
@@ -4258,6 +4284,7 @@ async fn deliver(
             failure: None,
             refused: false,
             last: false,
+            token_refused: false,
             progressed,
             more: None,
         };
@@ -4266,11 +4293,22 @@ async fn deliver(
         }
     }
     // The recipient could not be reached: hand what was not delivered to its relays.
+    let mut token_refused = false;
     if let (Some(_), Some(mb)) = (&failure, &mailbox) {
         let rest: Vec<OutboxItem> = open.into_values().collect();
         if !rest.is_empty() && !refused && !lost_session {
             let n = rest.len();
-            let stored = mailbox::deposit(&net, peer_id, mb, rest, &resent, now_ms()).await;
+            let deposited = mailbox::deposit(&net, peer_id, mb, rest, &resent, now_ms()).await;
+            let stored = deposited.stored;
+            if deposited.token_refused {
+                token_refused = true;
+                failure = Some(
+                    "the recipient's relays no longer take our messages for it (it removed or \
+                     blocked us, or moved its mailbox): they wait until it can be reached \
+                     directly"
+                        .into(),
+                );
+            }
             tracing::debug!(
                 deposited = stored.len(),
                 of = n,
@@ -4295,6 +4333,7 @@ async fn deliver(
         failure,
         refused,
         last: true,
+        token_refused,
         progressed,
         more: None,
     }
