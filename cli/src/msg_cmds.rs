@@ -159,11 +159,16 @@ pub(crate) async fn contact(g: &Globals, cmd: ContactCmd) -> anyhow::Result<()> 
                     // A removed blocked contact listed under the name it had announced?
                     let list = client.blocked_list().await?;
                     let named = |b: &&BlockedPeer| !b.contact && b.name.as_deref() == Some(&*name);
-                    if let Some(b) = list.iter().find(named) {
+                    let ids: Vec<&str> = list
+                        .iter()
+                        .filter(named)
+                        .map(|b| b.peer_id.as_str())
+                        .collect();
+                    if !ids.is_empty() {
                         anyhow::bail!(
-                            "{name:?} is no contact: it was removed while blocked; unblock it \
-                             by its peer id: tern contact unblock {}",
-                            b.peer_id
+                            "{name:?} is no contact: a peer that called itself so was removed \
+                             while blocked; unblock it by its peer id: tern contact unblock {}",
+                            ids.join(" (or) ")
                         )
                     }
                     if name.parse::<PeerId>().is_ok() {

@@ -563,10 +563,12 @@ pub(super) async fn deposit(
         let mut held_until = None;
         // A relay holds the older envelope of a text queued again.
         let mut older_held = false;
-        // Relays that refused our token.
-        let mut unauthorized = 0;
+        // Relays that answered, and of those the ones that refused our token.
+        let (mut answered, mut unauthorized) = (0, 0);
         while let Some((relay, result)) = answers.next().await {
-            match result.map(|b| MbResponse::from_bytes(&b)) {
+            let result = result.map(|b| MbResponse::from_bytes(&b));
+            answered += usize::from(matches!(result, Ok(Ok(_))));
+            match result {
                 Ok(Ok(MbResponse::Deposited {
                     duplicate,
                     expires_at,
@@ -590,7 +592,7 @@ pub(super) async fn deposit(
                     ..
                 })) => {
                     unauthorized += 1;
-                    tracing::info!(
+                    tracing::debug!(
                         relay = %crate::net::short(&relay),
                         "a relay of the recipient refuses our token for it (it removed or blocked us, or moved its mailbox)"
                     );
@@ -614,7 +616,7 @@ pub(super) async fn deposit(
             if older_held {
                 continue;
             }
-            done.token_refused = unauthorized > 0 && unauthorized == relays.len();
+            done.token_refused = unauthorized > 0 && unauthorized == answered;
             break;
         };
         done.stored.push((item.id, until));
@@ -626,7 +628,7 @@ pub(super) async fn deposit(
 pub(super) struct Deposited {
     /// The ids at least one relay stored, each with when the last of them drops it.
     pub stored: Vec<(MsgId, u64)>,
-    /// Every relay refused our token for the envelope the deposit stopped at.
+    /// Every relay that answered refused our token for the envelope the deposit stopped at.
     pub token_refused: bool,
 }
 

@@ -700,8 +700,9 @@ struct Actor {
     storage_failed: Option<String>,
     /// When the dedup set is next pruned.
     next_prune: Instant,
-    /// Peers with an open connection (from the network's events).
-    connected: HashSet<PeerId>,
+    /// Peers whose relays refused our token in the last attempt: the next one tries them
+    /// directly even if presence shows them offline.
+    try_direct: HashSet<PeerKey>,
     /// [`MessagingDb::resent`], in memory, by peer.
     resent: HashMap<PeerKey, HashSet<MsgId>>,
     /// Contacts that started a new session with us in this batch: the texts their relays
@@ -837,7 +838,7 @@ pub fn spawn(
         group_prekeys: None,
         storage_failed: None,
         next_prune: Instant::now(),
-        connected: HashSet::new(),
+        try_direct: HashSet::new(),
         resent,
         resend_held: HashSet::new(),
         relay_held_due,
@@ -1739,6 +1740,7 @@ impl Actor {
             self.restarts.remove(&key);
             // An attempt held open for a claimed prekey ends: nothing goes to it now.
             if self.restart_after_claim.remove(&key).is_some() {
+                self.unrecorded.remove(&key);
                 let r = self.rng.next_u32();
                 self.schedule.failed(&key, Instant::now(), r);
             }
@@ -2516,7 +2518,6 @@ impl Actor {
     fn handle_net_event(&mut self, ev: Result<NetEvent, broadcast::error::RecvError>) {
         match ev {
             Ok(NetEvent::Connected(peer)) => {
-                self.connected.insert(peer);
                 if let Some(key) = ed25519_key_bytes_of(&peer) {
                     self.schedule.reachable(&key, Instant::now());
                 }
@@ -2541,10 +2542,7 @@ impl Actor {
             Ok(NetEvent::ListenAddrs(addrs)) => {
                 self.my_addrs = addrs.into_iter().filter(is_dialable).collect();
             }
-            Ok(NetEvent::Disconnected(peer)) => {
-                self.connected.remove(&peer);
-            }
-            Ok(NetEvent::Subscribed { .. }) => {}
+            Ok(NetEvent::Disconnected(_) | NetEvent::Subscribed { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::debug!(n, "missed network events; retrying every queue and relay");
                 let now = Instant::now();
@@ -2605,13 +2603,19 @@ impl Actor {
                     let mailbox = self.contact_mailbox(&peer);
                     // Known offline and reachable through relays: skip the direct attempt
                     // (a dial to a vanished host can take many seconds to fail).
-                    // (Connected, it is not: presence can be wrong, for example about a
-                    // contact that replaced its presence key when it removed us.)
-                    let offline = mailbox.is_some()
-                        && self.config.known_offline.contains(&peer_id)
-                        && !self.connected.contains(&peer_id);
+                    // Presence can be wrong, for example about a contact that replaced its
+                    // presence key when it removed us: not when a connection to it is open,
+                    // nor on the attempt after its relays refused our token.
+                    let try_direct = self.try_direct.remove(&peer);
+                    let presence_offline = !try_direct
+                        && mailbox
+                            .as_ref()
+                            .is_some_and(|m| !m.relay_peers().is_empty())
+                        && self.config.known_offline.contains(&peer_id);
                     let resent = self.resent.get(&peer).cloned().unwrap_or_default();
                     tokio::spawn(async move {
+                        let offline =
+                            presence_offline && !net.is_connected(peer_id).await.unwrap_or(false);
                         let target = Target {
                             peer,
                             peer_id,
@@ -2806,10 +2810,10 @@ impl Actor {
             progressed,
             more,
         } = res;
-        if token_refused && let Some(peer_id) = self.peer_id(&peer) {
-            // Not known to be offline any more: the next attempt tries it directly (where
-            // a recipient that dropped our session says so, and a new one starts).
-            self.config.known_offline.set(peer_id, false);
+        if token_refused {
+            // The next attempt tries it directly, whatever presence says (where a recipient
+            // that dropped our session says so, and a new one starts).
+            self.try_direct.insert(peer);
         }
         let outcomes = give_up_too_early(&mut self.too_early, &peer, outcomes, Instant::now());
         let undecryptable =
@@ -4302,12 +4306,13 @@ async fn deliver(
             let stored = deposited.stored;
             if deposited.token_refused {
                 token_refused = true;
-                failure = Some(
-                    "the recipient's relays no longer take our messages for it (it removed or \
-                     blocked us, or moved its mailbox): they wait until it can be reached \
-                     directly"
-                        .into(),
-                );
+                let relays = "the recipient's relays no longer take our messages for it (it \
+                     removed or blocked us, moved its mailbox, or has not been back for months): \
+                     they wait until it can be reached directly";
+                failure = Some(match failure {
+                    Some(direct) if !known_offline => format!("{direct}; {relays}"),
+                    _ => relays.to_string(),
+                });
             }
             tracing::debug!(
                 deposited = stored.len(),

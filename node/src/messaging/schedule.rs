@@ -86,9 +86,12 @@ where
         });
     }
 
-    /// `peer` became reachable (connected): retry at once, forgetting the backoff.
+    /// `peer` became reachable (connected): retry at once, forgetting the backoff. Not
+    /// while an attempt runs: its own connection says nothing new, and how it ends decides.
     pub fn reachable(&mut self, peer: &P, now: T) {
-        if let Some(s) = self.peers.get_mut(peer) {
+        if let Some(s) = self.peers.get_mut(peer)
+            && !s.in_flight
+        {
             s.failures = 0;
             s.due = now;
             s.refused = false;
@@ -313,6 +316,27 @@ mod tests {
         s.done(&"bob");
         assert!(s.is_empty());
         assert_eq!(s.next_due(), None);
+    }
+
+    #[test]
+    fn a_connection_during_an_attempt_does_not_forget_the_backoff() {
+        let mut s: Schedule<&str, T> = Schedule::new(RetryPolicy {
+            jitter_permille: 0,
+            ..RetryPolicy::default()
+        });
+        let t0 = Duration::ZERO;
+        s.enqueue("bob", t0);
+        s.take_due(t0);
+        s.failed(&"bob", t0, 0);
+        let t1 = Duration::from_secs(1);
+        assert_eq!(s.take_due(t1), vec!["bob"]);
+        // The attempt's own dial connects: nothing new, the backoff grows on.
+        s.reachable(&"bob", t1);
+        assert_eq!(s.failed(&"bob", t1, 0), Duration::from_secs(2));
+        // A connection between attempts still makes it due at once, backoff forgotten.
+        s.reachable(&"bob", t1);
+        assert_eq!(s.take_due(t1), vec!["bob"]);
+        assert_eq!(s.failed(&"bob", t1, 0), Duration::from_secs(1));
     }
 
     #[test]
