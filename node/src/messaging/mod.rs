@@ -104,6 +104,9 @@ const TOO_EARLY_LIMIT: Duration = Duration::from_secs(600);
 /// from the recipient ([`MessagingConfig::relay_grace`] later).
 const RELAY_HOLD_ENDED: &str = "the recipient's relays held it until it expired there, and no \
      receipt came: the recipient did not fetch it in time, or could not decrypt it";
+/// How long after its start a node waits at least before it judges a relay's hold on one
+/// of its texts over: time to fetch the receipts waiting in its own mailbox.
+const START_SETTLE: Duration = Duration::from_secs(60);
 /// What the user is told of a text a relay held when its recipient was removed: it fails
 /// (no receipt of theirs could be decrypted any more), but the relay may still hand it over.
 const REMOVED_WHILE_HELD: &str =
@@ -3833,10 +3836,14 @@ impl Actor {
     }
 
     /// When the hold ending at `until` is judged over: a grace after it, and never sooner
-    /// than a grace after our start (the receipts in our own mailbox come first).
+    /// than a grace after [`START_SETTLE`] past our start (the receipts waiting in our own
+    /// mailbox come first, also with a short message lifetime, whose grace is short).
     fn relay_hold_over_at(&self, until: u64) -> u64 {
+        let settled = self
+            .started_ms
+            .saturating_add(START_SETTLE.as_millis() as u64);
         until
-            .max(self.started_ms)
+            .max(settled)
             .saturating_add(self.config.relay_grace.as_millis() as u64)
     }
 
