@@ -1083,6 +1083,11 @@ async fn a_removed_blocked_contact_is_listed_and_unblocked_by_peer_id() {
         b.handle.blocked_list().await.unwrap(),
         vec![listed("alice", false)]
     );
+    // The removed contact's history is kept, and read by its peer id.
+    let kept = b.handle.history(&alice.to_string(), 10).await.unwrap();
+    let texts: Vec<&str> = kept.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["hi bob", "hi alice"]);
+    assert!(b.handle.history("12D3KooWnobody", 10).await.is_err());
     a.handle.send("bob", "let me in").await.unwrap();
     eventually("bob drops alice's envelopes", LONG, || async {
         let rejected = b.handle.status().await.unwrap().rejected;

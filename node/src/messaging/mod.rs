@@ -2375,12 +2375,28 @@ impl Actor {
     }
 
     fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryItem>, MessagingError> {
-        let c = self.contact(with)?;
+        let (key, label) = match self.contact(with) {
+            Ok(c) => (c.key(), c.name),
+            // A removed contact's history is kept: read by its peer id.
+            Err(MessagingError::UnknownContact(_)) => {
+                let key = with
+                    .parse::<PeerId>()
+                    .ok()
+                    .and_then(|p| ed25519_key_bytes_of(&p))
+                    .ok_or_else(|| MessagingError::UnknownContact(with.to_string()))?;
+                let kept = self.db.history_for(&key, limit)?;
+                if kept.is_empty() {
+                    return Err(MessagingError::UnknownContact(with.to_string()));
+                }
+                (key, with.to_string())
+            }
+            Err(e) => return Err(e),
+        };
         Ok(self
             .db
-            .history_for(&c.key(), limit)?
+            .history_for(&key, limit)?
             .iter()
-            .map(|m| history_item(m, &c.name))
+            .map(|m| history_item(m, &label))
             .collect())
     }
 
