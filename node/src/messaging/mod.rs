@@ -2260,21 +2260,8 @@ impl Actor {
                 _ => None,
             };
             match entry {
-                Some(m) => {
-                    // A relay may hold its old envelope too (a deposit whose answer was
-                    // lost): a duplicate answer from it does not count.
-                    let again = Again {
-                        id: item.id,
-                        resent: true,
-                        created_at: item.created_at,
-                        expires_at: item.expires_at,
-                    };
-                    let text = Content::Text {
-                        text: m.text,
-                        sent_at: m.timestamp,
-                    };
-                    contents.push((text, OutKind::Text, Some(again)));
-                }
+                // (A relay may hold its old envelope too: a deposit whose answer was lost.)
+                Some(m) => contents.push(text_again(m, item.created_at, item.expires_at)),
                 None => dropped.push(item.id),
             }
         }
@@ -2322,17 +2309,8 @@ impl Actor {
             if let Some(m) = self.db.message(peer, &id)?
                 && m.state == MsgState::Stored
             {
-                let again = Again {
-                    id,
-                    created_at: m.timestamp,
-                    expires_at: held.expires_at,
-                    resent: true,
-                };
-                let text = Content::Text {
-                    text: m.text,
-                    sent_at: m.timestamp,
-                };
-                texts.push((text, OutKind::Text, Some(again)));
+                let created_at = m.timestamp;
+                texts.push(text_again(m, created_at, held.expires_at));
             }
         }
         Ok(texts)
@@ -2375,29 +2353,25 @@ impl Actor {
     }
 
     fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryItem>, MessagingError> {
-        let (key, label) = match self.contact(with) {
-            Ok(c) => (c.key(), c.name),
+        let (entries, label) = match self.contact(with) {
+            Ok(c) => (self.db.history_for(&c.key(), limit)?, c.name),
             // A removed contact's history is kept: read by its peer id.
             Err(MessagingError::UnknownContact(_)) => {
+                let unknown = || MessagingError::UnknownContact(with.to_string());
                 let key = with
                     .parse::<PeerId>()
                     .ok()
                     .and_then(|p| ed25519_key_bytes_of(&p))
-                    .ok_or_else(|| MessagingError::UnknownContact(with.to_string()))?;
+                    .ok_or_else(unknown)?;
                 let kept = self.db.history_for(&key, limit)?;
                 if kept.is_empty() {
-                    return Err(MessagingError::UnknownContact(with.to_string()));
+                    return Err(unknown());
                 }
-                (key, with.to_string())
+                (kept, with.to_string())
             }
             Err(e) => return Err(e),
         };
-        Ok(self
-            .db
-            .history_for(&key, limit)?
-            .iter()
-            .map(|m| history_item(m, &label))
-            .collect())
+        Ok(entries.iter().map(|m| history_item(m, &label)).collect())
     }
 
     fn conversations(&self) -> Result<Vec<Conversation>, MessagingError> {
@@ -4058,6 +4032,26 @@ fn refusal_reason(reason: RejectReason, first_flight: bool) -> String {
         _ => "",
     };
     format!("the recipient refused it ({reason:?}){advice}")
+}
+
+/// A text of ours queued again under its id ([`Again`]), marked `resent`: a relay may hold
+/// an older envelope under that id.
+fn text_again(
+    m: StoredMessage,
+    created_at: u64,
+    expires_at: u64,
+) -> (Content, OutKind, Option<Again>) {
+    let again = Again {
+        id: m.id,
+        created_at,
+        expires_at,
+        resent: true,
+    };
+    let text = Content::Text {
+        text: m.text,
+        sent_at: m.timestamp,
+    };
+    (text, OutKind::Text, Some(again))
 }
 
 /// The earliest `relays_until` among `held` (`relay_held` entries), and their peers.
